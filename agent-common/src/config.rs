@@ -1,0 +1,46 @@
+//! The one global the agent fills in before loading the programs.
+
+/// `LoupeConfig::filter` bits: which selection maps the programs consult.
+pub const FILTER_PID: u32 = 1 << 0;
+pub const FILTER_CGROUP: u32 = 1 << 1;
+pub const FILTER_NETNS: u32 = 1 << 2;
+
+/// How many undecidable payload events a connection first seen mid-stream gets before the
+/// classifier gives up on it (a connection seen from its start is decided on its first payload).
+pub const MIDSTREAM_CLASSIFY_ATTEMPTS: u8 = 8;
+
+/// Field offsets in kernel structs, read from the running kernel's BTF by the agent (aya has no
+/// CO-RE relocations for Rust programs). u16 is enough: these fields sit near the struct starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// struct sock_common
+    pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_dport: u16,
+    pub skc_num: u16,
+    pub skc_family: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    pub skc_net: u16,
+    /// struct net -> ns (struct ns_common) -> inum, summed.
+    pub net_ns_inum: u16,
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoupeConfig {
+    /// The agent's own tgid: never captured.
+    pub agent_tgid: u32,
+    /// Payload bytes copied per event, at most `event::MAX_PAYLOAD`.
+    pub capture_bytes: u32,
+    /// `FILTER_*` bits.
+    pub filter: u32,
+    /// `conn::proto_bit` of each protocol a parser wants; 0 captures every TCP connection
+    /// (the `capture --all-protocols` debugging view).
+    pub protocols: u32,
+    pub offsets: KernelOffsets,
+}
+const _: () = assert!(core::mem::size_of::<LoupeConfig>() == 40);

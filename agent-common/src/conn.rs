@@ -1,0 +1,58 @@
+//! Per-connection state the kernel keeps, keyed by `struct sock *`.
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+pub const ROLE_UNKNOWN: u8 = 0;
+/// This side called connect().
+pub const ROLE_CLIENT: u8 = 1;
+/// This side was accepted from a listening socket.
+pub const ROLE_SERVER: u8 = 2;
+
+pub const PROTO_UNKNOWN: u8 = 0;
+pub const PROTO_HTTP1: u8 = 1;
+pub const PROTO_HTTP2: u8 = 2;
+
+/// Bit in `LoupeConfig::protocols` for a `PROTO_*` value.
+pub const fn proto_bit(proto: u8) -> u32 {
+    1 << proto
+}
+
+/// `ConnState::status`
+pub const STATUS_UNCLASSIFIED: u8 = 0;
+pub const STATUS_CAPTURED: u8 = 1;
+/// No parser wants this connection, or it is filtered out: its I/O costs one map lookup.
+pub const STATUS_IGNORED: u8 = 2;
+
+/// Addresses in network byte order; IPv4 uses the first 4 bytes of each array. Ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<ConnTuple>() == 40);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnState {
+    /// Monotonic ns when the kernel first saw the socket: tells apart reuses of one `struct sock *`.
+    pub generation: u64,
+    pub tuple: ConnTuple,
+    /// Next stream offset per direction (`DIR_SEND`, `DIR_RECV`).
+    pub seq: [u64; 2],
+    pub role: u8,
+    pub protocol: u8,
+    pub status: u8,
+    /// Payload events seen that the classifier could not decide on.
+    pub attempts: u8,
+    /// `event::FLAG_MIDSTREAM` when first seen on I/O rather than on connect/accept.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<ConnState>() == 72);

@@ -1,0 +1,45 @@
+//! Indices of the kernel's per-CPU counters (`maps::COUNTERS`). Drops and their reasons: nothing
+//! the programs fail to do goes uncounted. Indices are explicit and never reused.
+
+/// A ring buffer reservation failed: the reader is behind. The event is lost.
+pub const RINGBUF_FULL: u32 = 0;
+/// The per-thread syscall argument map was full: that syscall's payload is lost.
+pub const ARGS_MAP_FULL: u32 = 1;
+/// The connection map was full: the socket's I/O is lost until an entry frees.
+pub const CONN_MAP_FULL: u32 = 2;
+/// bpf_probe_read_user failed on an iovec or payload: the event carries no payload.
+pub const READ_USER_FAILED: u32 = 3;
+/// bpf_probe_read_kernel failed on a socket field: the socket is skipped.
+pub const READ_KERNEL_FAILED: u32 = 4;
+/// Bytes moved with no user buffer in sight (sendfile, splice, io_uring): count-only event.
+pub const NO_SYSCALL_ARGS: u32 = 5;
+/// More iovecs than the programs walk (`MAX_IOV`): payload truncated there.
+pub const IOV_LIMIT: u32 = 6;
+/// The scratch buffer could not be reached (should never happen).
+pub const SCRATCH_MISSING: u32 = 7;
+/// Not drops: volume, for the metrics view.
+pub const EVENTS_EMITTED: u32 = 8;
+pub const CONNS_IGNORED: u32 = 9;
+pub const PAYLOAD_TRUNCATED: u32 = 10;
+
+pub const NUM_COUNTERS: u32 = 11;
+
+/// Names for display, indexed by counter.
+pub const NAMES: [&str; NUM_COUNTERS as usize] = [
+    "ringbuf_full",
+    "args_map_full",
+    "conn_map_full",
+    "read_user_failed",
+    "read_kernel_failed",
+    "no_syscall_args",
+    "iov_limit",
+    "scratch_missing",
+    "events_emitted",
+    "conns_ignored",
+    "payload_truncated",
+];
+
+/// Which counters are losses (as opposed to volume).
+pub const fn is_drop(counter: u32) -> bool {
+    counter < EVENTS_EMITTED
+}

@@ -1,0 +1,89 @@
+//! Records written to the ring buffer. Every record starts with an [`EventHeader`]; the kind ids
+//! are explicit and never reused, so an old agent reading a newer kernel object can skip what it
+//! does not know.
+
+use crate::conn::ConnTuple;
+
+/// Bumped whenever a record's layout changes.
+pub const EVENT_VERSION: u16 = 1;
+
+pub const KIND_DATA: u16 = 1;
+pub const KIND_CLOSE: u16 = 2;
+
+/// Largest payload prefix one event can carry. The runtime cap (`LoupeConfig::capture_bytes`) is
+/// at most this. A power of two: the kernel side bounds offsets by masking with `MAX_PAYLOAD - 1`.
+pub const MAX_PAYLOAD: usize = 8192;
+/// Default runtime cap: enough for the request line and headers of nearly all HTTP traffic.
+pub const DEFAULT_CAPTURE_BYTES: u32 = 4096;
+
+pub const DIR_SEND: u8 = 0;
+pub const DIR_RECV: u8 = 1;
+
+/// `DataEvent::flags`
+pub const FLAG_TRUNCATED: u8 = 1 << 0;
+/// The bytes moved without a user buffer the programs could see (sendfile, splice, io_uring) or
+/// the copy failed: only the byte count is known.
+pub const FLAG_NO_PAYLOAD: u8 = 1 << 1;
+/// The connection existed before the agent saw its first I/O (opened before the agent started,
+/// or its state was evicted): the stream starts mid-way and the role came from /proc.
+pub const FLAG_MIDSTREAM: u8 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u16,
+    pub version: u16,
+    /// Length of the whole record, header and payload included.
+    pub len: u32,
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+    /// tgid << 32 | tid, as `bpf_get_current_pid_tgid` gives it.
+    pub pid_tgid: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
+
+/// One send or receive on a TCP socket, followed by `captured` payload bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// The kernel's `struct sock *`; with `conn_gen` it names one connection (the pointer alone is
+    /// reused once the socket is freed).
+    pub sk: u64,
+    pub conn_gen: u64,
+    pub tuple: ConnTuple,
+    /// Offset in this direction's byte stream of the first byte this event moved.
+    pub seq: u64,
+    /// Bytes the syscall (or one message of a sendmmsg/recvmmsg) moved.
+    pub bytes: u32,
+    /// Payload bytes that follow this struct in the record: min(bytes, capture cap).
+    pub captured: u32,
+    pub comm: [u8; 16],
+    pub direction: u8,
+    /// `conn::ROLE_*`
+    pub role: u8,
+    /// `conn::PROTO_*` as the kernel classified the connection.
+    pub protocol: u8,
+    /// `syscall::SYS_*`: which syscall family moved the bytes.
+    pub syscall: u8,
+    pub flags: u8,
+    pub _pad: [u8; 3],
+}
+pub const DATA_EVENT_SIZE: usize = core::mem::size_of::<DataEvent>();
+const _: () = assert!(DATA_EVENT_SIZE == 120);
+
+/// The connection reached TCP_CLOSE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CloseEvent {
+    pub header: EventHeader,
+    pub sk: u64,
+    pub conn_gen: u64,
+    pub tuple: ConnTuple,
+    /// Bytes seen in each direction (`DIR_SEND`, `DIR_RECV`) over the connection's life.
+    pub seq: [u64; 2],
+    pub role: u8,
+    pub _pad: [u8; 7],
+}
+pub const CLOSE_EVENT_SIZE: usize = core::mem::size_of::<CloseEvent>();
+const _: () = assert!(CLOSE_EVENT_SIZE == 104);

@@ -1,0 +1,7 @@
+pub mod bounds;
+pub mod classify;
+pub mod count;
+pub mod emit;
+pub mod filter;
+pub mod payload;
+pub mod sock;

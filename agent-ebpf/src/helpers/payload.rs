@@ -1,0 +1,131 @@
+//! Copying the user buffer of the syscall in flight into the scratch payload.
+
+use agent_common::{
+    counters,
+    event::{FLAG_NO_PAYLOAD, MAX_PAYLOAD},
+    syscall::{
+        ActiveCall, MMSGHDR_SIZE, MSGHDR_IOV_OFFSET, MSGHDR_IOVLEN_OFFSET, SHAPE_BUF, SHAPE_IOV,
+        SHAPE_MMSG, SHAPE_MSG, SYS_NONE,
+    },
+};
+use aya_ebpf::helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw};
+
+use crate::{
+    helpers::{
+        bounds::{clamp, opaque},
+        count::count,
+    },
+    maps::ACTIVE_CALLS,
+};
+
+/// iovecs walked per message; the rest of a longer vector is not captured (counted).
+const MAX_IOV: u64 = 16;
+const MASK: u64 = MAX_PAYLOAD as u64 - 1;
+
+pub struct Copied {
+    pub captured: u32,
+    pub flags: u8,
+    pub syscall: u8,
+}
+
+/// Copies up to `want` bytes of the current thread's in-flight syscall buffer into `dst`
+/// (2 * MAX_PAYLOAD bytes). sendmmsg/recvmmsg advance to their next message on each call.
+#[inline(always)]
+pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
+    let Some(call) = ACTIVE_CALLS.get_ptr_mut(&pid_tgid) else {
+        count(counters::NO_SYSCALL_ARGS);
+        return Copied {
+            captured: 0,
+            flags: FLAG_NO_PAYLOAD,
+            syscall: SYS_NONE,
+        };
+    };
+    // SAFETY: pointer from a successful lookup, valid for this program run.
+    let call: &mut ActiveCall = unsafe { &mut *call };
+    let syscall = call.syscall;
+    let result = match call.shape {
+        SHAPE_BUF => read_into(dst, 0, want, call.ptr).map(|()| want),
+        SHAPE_IOV => copy_iov(dst, call.ptr, call.len, want),
+        SHAPE_MSG => copy_msg(dst, call.ptr, want),
+        SHAPE_MMSG => {
+            let index = call.msg_index as u64;
+            call.msg_index += 1;
+            if index >= call.len {
+                Err(())
+            } else {
+                copy_msg(dst, call.ptr + index * MMSGHDR_SIZE, want)
+            }
+        }
+        _ => Err(()),
+    };
+    match result {
+        Ok(n) => Copied {
+            captured: n as u32,
+            flags: 0,
+            syscall,
+        },
+        Err(()) => {
+            count(counters::READ_USER_FAILED);
+            Copied {
+                captured: 0,
+                flags: FLAG_NO_PAYLOAD,
+                syscall,
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn copy_msg(dst: *mut u8, msg: u64, want: u64) -> Result<u64, ()> {
+    // SAFETY: user reads through the fault-tolerant helper.
+    let iov: u64 =
+        unsafe { bpf_probe_read_user((msg + MSGHDR_IOV_OFFSET) as *const u64) }.map_err(|_| ())?;
+    let iovlen: u64 = unsafe { bpf_probe_read_user((msg + MSGHDR_IOVLEN_OFFSET) as *const u64) }
+        .map_err(|_| ())?;
+    copy_iov(dst, iov, iovlen, want)
+}
+
+/// Copies iovecs in order until `want` bytes; returns how many were copied.
+#[inline(always)]
+fn copy_iov(dst: *mut u8, iov: u64, iovcnt: u64, want: u64) -> Result<u64, ()> {
+    let mut off: u64 = 0;
+    let mut i: u64 = 0;
+    while i < MAX_IOV {
+        if i >= iovcnt || off >= want {
+            return Ok(off);
+        }
+        // SAFETY: user read through the fault-tolerant helper; struct iovec is {base, len}.
+        let vec: [u64; 2] =
+            unsafe { bpf_probe_read_user((iov + i * 16) as *const [u64; 2]) }.map_err(|_| ())?;
+        let remaining = want - off;
+        let n = if vec[1] < remaining {
+            vec[1]
+        } else {
+            remaining
+        };
+        if n > 0 {
+            read_into(dst, off, n, vec[0])?;
+            off += n;
+        }
+        i += 1;
+    }
+    if i < iovcnt && off < want {
+        count(counters::IOV_LIMIT);
+    }
+    Ok(off)
+}
+
+/// Reads `len` user bytes at `src` into `dst[off..]`, with off < MAX_PAYLOAD and len <= MAX_PAYLOAD
+/// made visible to the verifier.
+#[inline(always)]
+fn read_into(dst: *mut u8, off: u64, len: u64, src: u64) -> Result<(), ()> {
+    let off = opaque(off) & MASK;
+    let len = clamp(len, MAX_PAYLOAD as u64);
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: dst has 2 * MAX_PAYLOAD bytes, off < MAX_PAYLOAD and len <= MAX_PAYLOAD; the helper
+    // tolerates any user address.
+    let ret = unsafe { read_user_raw(dst.add(off as usize).cast(), len as u32, src as *const _) };
+    if ret < 0 { Err(()) } else { Ok(()) }
+}

@@ -1,0 +1,77 @@
+//! Every map and global of the kernel side. Sizes here are defaults; the loader resizes EVENTS,
+//! CONNS and ACTIVE_CALLS from the configuration.
+
+use agent_common::{
+    config::LoupeConfig,
+    conn::ConnState,
+    counters::NUM_COUNTERS,
+    event::{DataEvent, MAX_PAYLOAD},
+    syscall::ActiveCall,
+};
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+/// Filled in by the agent at load time (offsets from BTF, own pid, capture cap, filters).
+#[unsafe(no_mangle)]
+pub static LOUPE_CONFIG: Global<LoupeConfig> = Global::new(LoupeConfig {
+    agent_tgid: 0,
+    capture_bytes: 0,
+    filter: 0,
+    protocols: 0,
+    offsets: agent_common::config::KernelOffsets {
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        skc_net: 0,
+        net_ns_inum: 0,
+        _pad: [0; 3],
+    },
+});
+
+/// DataEvent and CloseEvent records -> the agent's reader. One ring for all CPUs so that events
+/// of one connection keep their order.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+/// struct sock * -> ConnState. Written by the lifecycle and I/O programs, deleted on TCP_CLOSE.
+/// LRU: a socket closed while the agent was not looking must not leak an entry.
+#[map]
+pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// pid_tgid -> arguments of the socket syscall in flight on that thread. Written at sys_enter,
+/// read by the sock tracepoints inside the syscall, deleted at sys_exit. LRU for threads that die
+/// inside a syscall.
+#[map]
+pub static ACTIVE_CALLS: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// counters::* -> count, per CPU; the agent sums the CPUs.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// Selected processes (tgid), cgroups (v2 id) and network namespaces (inode): consulted only
+/// when the matching `config::FILTER_*` bit is set.
+#[map]
+pub static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
+#[map]
+pub static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
+
+/// Where an event is assembled before it is copied to the ring: ring reservations must have a
+/// constant size, and payloads do not. Twice MAX_PAYLOAD so that "offset < MAX, length <= MAX"
+/// is provably inside the buffer for the verifier (it bounds each register, not their sum).
+#[repr(C)]
+pub struct Scratch {
+    pub event: DataEvent,
+    pub payload: [u8; 2 * MAX_PAYLOAD],
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

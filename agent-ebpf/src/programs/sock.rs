@@ -1,0 +1,313 @@
+//! sock:sock_send_length / sock:sock_recv_length: the heart of capture. They fire inside the
+//! syscall, after the transfer, with the `struct sock *` and the byte count, which ties the
+//! saved syscall arguments to a connection. sock:inet_sock_set_state gives the lifecycle.
+
+use agent_common::{
+    config::{LoupeConfig, MIDSTREAM_CLASSIFY_ATTEMPTS},
+    conn::{
+        AF_INET, AF_INET6, ConnState, ConnTuple, IPPROTO_TCP, PROTO_UNKNOWN, ROLE_CLIENT,
+        ROLE_SERVER, ROLE_UNKNOWN, STATUS_CAPTURED, STATUS_IGNORED, STATUS_UNCLASSIFIED, proto_bit,
+    },
+    counters,
+    event::{
+        CLOSE_EVENT_SIZE, CloseEvent, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION,
+        EventHeader, FLAG_MIDSTREAM, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_PAYLOAD,
+    },
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    helpers::{
+        classify::classify,
+        count::count,
+        emit::{emit, emit_data},
+        filter::process_selected,
+        payload::copy_from_call,
+        sock::{read_tuple, track},
+    },
+    maps::{CONNS, LOUPE_CONFIG, SCRATCH},
+};
+
+const MSG_PEEK: i32 = 2;
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+
+/// Field offsets of the sock_{send,recv}_length record (tracefs format file).
+mod len_tp {
+    pub const SK: usize = 8;
+    pub const FAMILY: usize = 16;
+    pub const PROTOCOL: usize = 18;
+    pub const RET: usize = 20;
+    pub const FLAGS: usize = 24;
+}
+
+/// Field offsets of the inet_sock_set_state record.
+mod state_tp {
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+}
+
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: usize) -> Result<T, ()> {
+    // SAFETY: reads inside the tracepoint record.
+    unsafe { ctx.read_at::<T>(offset) }.map_err(|_| ())
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let _ = on_sock_io(&ctx, DIR_SEND);
+    0
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = on_sock_io(&ctx, DIR_RECV);
+    0
+}
+
+#[inline(always)]
+fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
+    let cfg = LOUPE_CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_selected(&cfg, pid_tgid) {
+        return Ok(());
+    }
+    let protocol: u16 = field(ctx, len_tp::PROTOCOL)?;
+    let family: u16 = field(ctx, len_tp::FAMILY)?;
+    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        return Ok(());
+    }
+    let ret: i32 = field(ctx, len_tp::RET)?;
+    if ret <= 0 {
+        return Ok(());
+    }
+    // A peek is read again by the real recv: capturing both would duplicate the bytes.
+    if direction == DIR_RECV && field::<i32>(ctx, len_tp::FLAGS)? & MSG_PEEK != 0 {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, len_tp::SK)?;
+
+    let conn = match CONNS.get_ptr_mut(&sk) {
+        Some(conn) => conn,
+        None => track_midstream(&cfg, sk)?,
+    };
+    // SAFETY: pointer from a successful lookup/insert, valid for this program run.
+    let conn: &mut ConnState = unsafe { &mut *conn };
+    if conn.status == STATUS_IGNORED {
+        return Ok(());
+    }
+    let bytes = ret as u32;
+    let seq = if direction == DIR_SEND {
+        conn.seq[0]
+    } else {
+        conn.seq[1]
+    };
+    // Advanced even if the event is dropped below: the agent then sees the gap instead of
+    // silently splicing two unrelated parts of the stream.
+    if direction == DIR_SEND {
+        conn.seq[0] = seq + bytes as u64;
+    } else {
+        conn.seq[1] = seq + bytes as u64;
+    }
+
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        count(counters::SCRATCH_MISSING);
+        return Err(());
+    };
+    let cap = if cfg.capture_bytes as usize > MAX_PAYLOAD {
+        MAX_PAYLOAD as u32
+    } else {
+        cfg.capture_bytes
+    };
+    let want = if bytes < cap { bytes } else { cap };
+    // SAFETY: per-CPU scratch; the programs are not re-entered on one CPU.
+    let payload = unsafe { core::ptr::addr_of_mut!((*scratch).payload) }.cast::<u8>();
+    let copied = copy_from_call(pid_tgid, payload, want as u64);
+
+    if conn.status == STATUS_UNCLASSIFIED && !decide(&cfg, conn, payload, copied.captured) {
+        return Ok(());
+    }
+
+    let mut flags = copied.flags | conn.flags;
+    if copied.captured < bytes {
+        flags |= FLAG_TRUNCATED;
+        count(counters::PAYLOAD_TRUNCATED);
+    }
+    // SAFETY: as above.
+    let event = unsafe { &mut (*scratch).event };
+    event.header = EventHeader {
+        kind: KIND_DATA,
+        version: EVENT_VERSION,
+        len: DATA_EVENT_SIZE as u32 + copied.captured,
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid_tgid,
+    };
+    event.sk = sk;
+    event.conn_gen = conn.generation;
+    event.tuple = conn.tuple;
+    event.seq = seq;
+    event.bytes = bytes;
+    event.captured = copied.captured;
+    event.comm = bpf_get_current_comm().unwrap_or_default();
+    event.direction = direction;
+    event.role = conn.role;
+    event.protocol = conn.protocol;
+    event.syscall = copied.syscall;
+    event.flags = flags;
+    emit_data(scratch, copied.captured);
+    Ok(())
+}
+
+/// Classifies on the first payload. Returns whether this event should be emitted.
+#[inline(always)]
+fn decide(cfg: &LoupeConfig, conn: &mut ConnState, payload: *const u8, captured: u32) -> bool {
+    let proto = if captured >= 4 {
+        // SAFETY: at least 4 bytes were just written to the payload buffer.
+        classify(unsafe { core::ptr::read_unaligned(payload.cast::<u32>()) })
+    } else {
+        PROTO_UNKNOWN
+    };
+    if cfg.protocols == 0 {
+        // Capture-everything mode: keep the label if there is one.
+        conn.protocol = proto;
+        conn.status = STATUS_CAPTURED;
+        return true;
+    }
+    if proto != PROTO_UNKNOWN && cfg.protocols & proto_bit(proto) != 0 {
+        conn.protocol = proto;
+        conn.status = STATUS_CAPTURED;
+        return true;
+    }
+    // A connection joined mid-stream may be inside a body: give it a few more payloads to show a
+    // message start. One seen from its start is decided now.
+    conn.attempts = conn.attempts.saturating_add(1);
+    let midstream = conn.flags & FLAG_MIDSTREAM != 0;
+    if proto != PROTO_UNKNOWN || !midstream || conn.attempts >= MIDSTREAM_CLASSIFY_ATTEMPTS {
+        conn.status = STATUS_IGNORED;
+        count(counters::CONNS_IGNORED);
+    }
+    false
+}
+
+/// First I/O on a socket the lifecycle tracepoint never showed us (opened before the agent
+/// started, or its entry was evicted): the tuple comes from the socket itself, the role from
+/// /proc in userspace.
+#[inline(always)]
+fn track_midstream(cfg: &LoupeConfig, sk: u64) -> Result<*mut ConnState, ()> {
+    let Ok(tuple) = read_tuple(cfg, sk) else {
+        count(counters::READ_KERNEL_FAILED);
+        return Err(());
+    };
+    track(cfg, sk, tuple, ROLE_UNKNOWN, FLAG_MIDSTREAM).ok_or(())
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = on_set_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_set_state(ctx: &TracePointContext) -> Result<(), ()> {
+    if field::<u16>(ctx, state_tp::PROTOCOL)? != IPPROTO_TCP {
+        return Ok(());
+    }
+    let old: i32 = field(ctx, state_tp::OLDSTATE)?;
+    let new: i32 = field(ctx, state_tp::NEWSTATE)?;
+    let sk: u64 = field(ctx, state_tp::SKADDR)?;
+    let role = match (old, new) {
+        // connect(): runs in the connecting thread.
+        (TCP_CLOSE, TCP_SYN_SENT) => ROLE_CLIENT,
+        // The child socket of a listener, created in softirq when the handshake's ACK arrives.
+        (TCP_LISTEN, TCP_SYN_RECV) => ROLE_SERVER,
+        // connect() picks the source port after entering SYN_SENT: take the final tuple here.
+        (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+            if let Some(conn) = CONNS.get_ptr_mut(&sk) {
+                let tuple = state_tuple(ctx)?;
+                // SAFETY: pointer from a successful lookup, valid for this program run.
+                unsafe { (*conn).tuple = tuple };
+            }
+            return Ok(());
+        }
+        (_, TCP_CLOSE) => return on_close(sk),
+        _ => return Ok(()),
+    };
+    let cfg = LOUPE_CONFIG.load();
+    if role == ROLE_CLIENT && !process_selected(&cfg, bpf_get_current_pid_tgid()) {
+        return Ok(());
+    }
+    let tuple = state_tuple(ctx)?;
+    track(&cfg, sk, tuple, role, 0);
+    Ok(())
+}
+
+#[inline(always)]
+fn state_tuple(ctx: &TracePointContext) -> Result<ConnTuple, ()> {
+    let family: u16 = field(ctx, state_tp::FAMILY)?;
+    let mut tuple = ConnTuple {
+        family,
+        sport: field(ctx, state_tp::SPORT)?,
+        dport: field(ctx, state_tp::DPORT)?,
+        ..ConnTuple::default()
+    };
+    if family == AF_INET {
+        let s: [u8; 4] = field(ctx, state_tp::SADDR)?;
+        let d: [u8; 4] = field(ctx, state_tp::DADDR)?;
+        tuple.saddr[..4].copy_from_slice(&s);
+        tuple.daddr[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        tuple.saddr = field(ctx, state_tp::SADDR_V6)?;
+        tuple.daddr = field(ctx, state_tp::DADDR_V6)?;
+    } else {
+        return Err(());
+    }
+    Ok(tuple)
+}
+
+#[inline(always)]
+fn on_close(sk: u64) -> Result<(), ()> {
+    // SAFETY: map lookup of a plain key; the value is copied out before the delete.
+    let Some(conn) = (unsafe { CONNS.get(&sk) }).copied() else {
+        return Ok(());
+    };
+    let _ = CONNS.remove(&sk);
+    if conn.status != STATUS_CAPTURED {
+        return Ok(());
+    }
+    let event = CloseEvent {
+        header: EventHeader {
+            kind: KIND_CLOSE,
+            version: EVENT_VERSION,
+            len: CLOSE_EVENT_SIZE as u32,
+            // SAFETY: helper without arguments.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            pid_tgid: bpf_get_current_pid_tgid(),
+        },
+        sk,
+        conn_gen: conn.generation,
+        tuple: conn.tuple,
+        seq: conn.seq,
+        role: conn.role,
+        _pad: [0; 7],
+    };
+    emit(&event);
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! sys_enter_* save the user buffer of each socket-capable syscall; sys_exit_* forget it. The
+//! bytes themselves are read by the sock tracepoints, which fire inside the syscall once the
+//! kernel knows the socket and the byte count.
+
+use agent_common::syscall::*;
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
+
+use crate::{
+    helpers::{count::count, filter::process_selected},
+    maps::{ACTIVE_CALLS, LOUPE_CONFIG},
+};
+
+/// Offsets of syscall arguments 1 and 2 in a sys_enter_* record (argument 0, the fd, is at 16).
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: reads inside the tracepoint record.
+    unsafe { ctx.read_at::<u64>(offset) }.unwrap_or(0)
+}
+
+/// `ptr_arg` is the buffer/iovec/msghdr argument; `len_arg` its count (0 when the shape has none).
+#[inline(always)]
+fn on_enter(
+    ctx: &TracePointContext,
+    syscall: u8,
+    shape: u8,
+    ptr_arg: usize,
+    len_arg: usize,
+) -> u32 {
+    let cfg = LOUPE_CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_selected(&cfg, pid_tgid) {
+        return 0;
+    }
+    let call = ActiveCall {
+        ptr: arg(ctx, ptr_arg),
+        len: if len_arg == 0 { 0 } else { arg(ctx, len_arg) },
+        syscall,
+        shape,
+        _pad: [0; 2],
+        msg_index: 0,
+    };
+    if ACTIVE_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+        count(agent_common::counters::ARGS_MAP_FULL);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_exit() -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Cheaper than filtering first: a delete of an absent key is one hash probe.
+    let _ = ACTIVE_CALLS.remove(&pid_tgid);
+    0
+}
+
+macro_rules! enter {
+    ($name:ident, $sys:expr, $shape:expr, $ptr:expr, $len:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            on_enter(&ctx, $sys, $shape, $ptr, $len)
+        }
+    };
+}
+
+macro_rules! exit {
+    ($name:ident) => {
+        #[tracepoint]
+        pub fn $name(_ctx: TracePointContext) -> u32 {
+            on_exit()
+        }
+    };
+}
+
+// read(fd, buf, count), write(fd, buf, count)
+enter!(sys_enter_read, SYS_READ, SHAPE_BUF, ARG1, ARG2);
+enter!(sys_enter_write, SYS_WRITE, SHAPE_BUF, ARG1, ARG2);
+// readv(fd, iov, iovcnt), writev(fd, iov, iovcnt)
+enter!(sys_enter_readv, SYS_READV, SHAPE_IOV, ARG1, ARG2);
+enter!(sys_enter_writev, SYS_WRITEV, SHAPE_IOV, ARG1, ARG2);
+// recvfrom(fd, buf, len, ...), sendto(fd, buf, len, ...): also recv() and send() on x86_64
+enter!(sys_enter_recvfrom, SYS_RECVFROM, SHAPE_BUF, ARG1, ARG2);
+enter!(sys_enter_sendto, SYS_SENDTO, SHAPE_BUF, ARG1, ARG2);
+// recvmsg(fd, msg, flags), sendmsg(fd, msg, flags)
+enter!(sys_enter_recvmsg, SYS_RECVMSG, SHAPE_MSG, ARG1, 0);
+enter!(sys_enter_sendmsg, SYS_SENDMSG, SHAPE_MSG, ARG1, 0);
+// recvmmsg(fd, msgvec, vlen, ...), sendmmsg(fd, msgvec, vlen, flags)
+enter!(sys_enter_recvmmsg, SYS_RECVMMSG, SHAPE_MMSG, ARG1, ARG2);
+enter!(sys_enter_sendmmsg, SYS_SENDMMSG, SHAPE_MMSG, ARG1, ARG2);
+
+exit!(sys_exit_read);
+exit!(sys_exit_write);
+exit!(sys_exit_readv);
+exit!(sys_exit_writev);
+exit!(sys_exit_recvfrom);
+exit!(sys_exit_sendto);
+exit!(sys_exit_recvmsg);
+exit!(sys_exit_sendmsg);
+exit!(sys_exit_recvmmsg);
+exit!(sys_exit_sendmmsg);

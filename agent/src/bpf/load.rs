@@ -1,0 +1,336 @@
+//! Loading the embedded kernel object, attaching it, and the handles the rest of the agent uses.
+
+use std::path::Path;
+
+use agent_common::{
+    config::{FILTER_CGROUP, FILTER_NETNS, FILTER_PID, LoupeConfig},
+    counters::NUM_COUNTERS,
+    maps,
+};
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+
+use super::{btf::Btf, tracefs};
+
+/// The kernel programs, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/loupe"));
+
+/// What the agent needs to be told by its configuration to load the programs.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    pub capture_bytes: u32,
+    /// `conn::proto_bit`s of the protocols parsers want; 0 captures every TCP connection.
+    pub protocols: u32,
+    pub pids: Vec<u32>,
+    /// cgroup v2 ids (the inode of the cgroup directory).
+    pub cgroups: Vec<u64>,
+    /// network namespace inodes.
+    pub netns: Vec<u32>,
+    pub ring_buffer_bytes: u32,
+    pub max_connections: u32,
+}
+
+struct Hook {
+    program: &'static str,
+    category: &'static str,
+    /// Without a required hook capture is wrong, not just partial: the agent refuses to start.
+    required: bool,
+    /// What the user loses when an optional hook is missing.
+    loss: &'static str,
+}
+
+const fn hook(
+    program: &'static str,
+    category: &'static str,
+    required: bool,
+    loss: &'static str,
+) -> Hook {
+    Hook {
+        program,
+        category,
+        required,
+        loss,
+    }
+}
+
+/// Every program and where it attaches; the program name is also the tracepoint name.
+const HOOKS: &[Hook] = &[
+    hook("sock_send_length", "sock", true, ""),
+    hook("sock_recv_length", "sock", true, ""),
+    hook(
+        "inet_sock_set_state",
+        "sock",
+        false,
+        "roles come from /proc for every connection; closes are found by idle eviction",
+    ),
+    hook("sys_enter_read", "syscalls", true, ""),
+    hook("sys_exit_read", "syscalls", true, ""),
+    hook("sys_enter_write", "syscalls", true, ""),
+    hook("sys_exit_write", "syscalls", true, ""),
+    hook("sys_enter_readv", "syscalls", false, "payloads of readv()"),
+    hook("sys_exit_readv", "syscalls", false, "payloads of readv()"),
+    hook(
+        "sys_enter_writev",
+        "syscalls",
+        false,
+        "payloads of writev()",
+    ),
+    hook("sys_exit_writev", "syscalls", false, "payloads of writev()"),
+    hook(
+        "sys_enter_recvfrom",
+        "syscalls",
+        false,
+        "payloads of recv()/recvfrom()",
+    ),
+    hook(
+        "sys_exit_recvfrom",
+        "syscalls",
+        false,
+        "payloads of recv()/recvfrom()",
+    ),
+    hook(
+        "sys_enter_sendto",
+        "syscalls",
+        false,
+        "payloads of send()/sendto()",
+    ),
+    hook(
+        "sys_exit_sendto",
+        "syscalls",
+        false,
+        "payloads of send()/sendto()",
+    ),
+    hook(
+        "sys_enter_recvmsg",
+        "syscalls",
+        false,
+        "payloads of recvmsg()",
+    ),
+    hook(
+        "sys_exit_recvmsg",
+        "syscalls",
+        false,
+        "payloads of recvmsg()",
+    ),
+    hook(
+        "sys_enter_sendmsg",
+        "syscalls",
+        false,
+        "payloads of sendmsg()",
+    ),
+    hook(
+        "sys_exit_sendmsg",
+        "syscalls",
+        false,
+        "payloads of sendmsg()",
+    ),
+    hook(
+        "sys_enter_recvmmsg",
+        "syscalls",
+        false,
+        "payloads of recvmmsg()",
+    ),
+    hook(
+        "sys_exit_recvmmsg",
+        "syscalls",
+        false,
+        "payloads of recvmmsg()",
+    ),
+    hook(
+        "sys_enter_sendmmsg",
+        "syscalls",
+        false,
+        "payloads of sendmmsg()",
+    ),
+    hook(
+        "sys_exit_sendmmsg",
+        "syscalls",
+        false,
+        "payloads of sendmmsg()",
+    ),
+];
+
+/// The loaded programs. Dropping it detaches everything.
+pub struct Probe {
+    ebpf: Ebpf,
+    /// What is missing, in words for the log.
+    pub degraded: Vec<String>,
+    pub attached: usize,
+}
+
+impl Probe {
+    pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
+        check_privileges()?;
+        let tracefs = tracefs::ensure_mounted()?;
+        let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+        let btf_bytes = std::fs::read(btf_path).with_context(|| {
+            format!(
+                "cannot read {}: Loupe needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                btf_path.display()
+            )
+        })?;
+        let offsets = Btf::parse(&btf_bytes)
+            .and_then(|btf| btf.kernel_offsets())
+            .context("reading socket field offsets from the kernel's BTF")?;
+
+        let mut filter = 0;
+        if !opts.pids.is_empty() {
+            filter |= FILTER_PID;
+        }
+        if !opts.cgroups.is_empty() {
+            filter |= FILTER_CGROUP;
+        }
+        if !opts.netns.is_empty() {
+            filter |= FILTER_NETNS;
+        }
+        let config = LoupeConfig {
+            agent_tgid: std::process::id(),
+            capture_bytes: opts.capture_bytes,
+            filter,
+            protocols: opts.protocols,
+            offsets,
+        };
+        let mut loader = EbpfLoader::new();
+        loader.override_global(maps::CONFIG, &config, true);
+        if opts.ring_buffer_bytes > 0 {
+            loader.map_max_entries(maps::EVENTS, opts.ring_buffer_bytes);
+        }
+        if opts.max_connections > 0 {
+            loader.map_max_entries(maps::CONNS, opts.max_connections);
+        }
+        let mut ebpf = loader.load(OBJECT).context(
+            "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF and ring buffers (5.8+)",
+        )?;
+
+        let mut degraded = Vec::new();
+        let mut attached = 0;
+        for hook in HOOKS {
+            match attach(&mut ebpf, &tracefs, hook) {
+                Ok(()) => attached += 1,
+                Err(err) if hook.required => {
+                    return Err(err.context(format!(
+                        "required tracepoint {}:{} could not be attached",
+                        hook.category, hook.program
+                    )));
+                }
+                Err(err) => degraded.push(format!(
+                    "{}:{} unavailable ({err:#}): no {}",
+                    hook.category, hook.program, hook.loss
+                )),
+            }
+        }
+
+        let mut probe = Self {
+            ebpf,
+            degraded,
+            attached,
+        };
+        probe.fill_filters(opts)?;
+        Ok(probe)
+    }
+
+    fn fill_filters(&mut self, opts: &LoadOptions) -> anyhow::Result<()> {
+        let mut pids: HashMap<_, u32, u8> = HashMap::try_from(self.map_mut(maps::PID_FILTER)?)?;
+        for pid in &opts.pids {
+            pids.insert(pid, 1, 0)?;
+        }
+        let mut cgroups: HashMap<_, u64, u8> =
+            HashMap::try_from(self.map_mut(maps::CGROUP_FILTER)?)?;
+        for id in &opts.cgroups {
+            cgroups.insert(id, 1, 0)?;
+        }
+        let mut netns: HashMap<_, u32, u8> = HashMap::try_from(self.map_mut(maps::NETNS_FILTER)?)?;
+        for ino in &opts.netns {
+            netns.insert(ino, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .with_context(|| format!("kernel object has no map {name}"))
+    }
+
+    /// The ring buffer of events; can be taken once.
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .context("the events ring buffer was already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// A handle on the kernel's per-CPU counters; can be taken once.
+    pub fn take_counters(&mut self) -> anyhow::Result<KernelCounters> {
+        let map = self
+            .ebpf
+            .take_map(maps::COUNTERS)
+            .context("the counters map was already taken")?;
+        Ok(KernelCounters {
+            map: PerCpuArray::try_from(map)?,
+        })
+    }
+}
+
+/// The kernel-side counters (`agent_common::counters`), summed over CPUs.
+pub struct KernelCounters {
+    map: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    pub fn read(&self) -> [u64; NUM_COUNTERS as usize] {
+        let mut out = [0; NUM_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.map.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, tracefs: &Path, hook: &Hook) -> anyhow::Result<()> {
+    if !tracefs::has_tracepoint(tracefs, hook.category, hook.program) {
+        bail!("this kernel has no such tracepoint");
+    }
+    let program: &mut TracePoint = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("kernel object has no program {}", hook.program))?
+        .try_into()?;
+    program
+        .load()
+        .with_context(|| format!("the verifier rejected {}", hook.program))?;
+    program.attach(hook.category, hook.program)?;
+    Ok(())
+}
+
+fn check_privileges() -> anyhow::Result<()> {
+    // SAFETY: plain syscall without arguments.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 && !has_capability(CAP_BPF) {
+        bail!(
+            "Loupe must run as root (or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH): \
+             try `sudo loupe` or `cargo xtask run`"
+        );
+    }
+    Ok(())
+}
+
+const CAP_BPF: u32 = 39;
+
+/// Reads the effective capability set from /proc/self/status.
+fn has_capability(cap: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << cap) != 0)
+}

@@ -1,0 +1,339 @@
+//! The connection table: every connection the kernel reports, its identity and one reassembled
+//! stream per direction. Bounded in connections and in bytes per stream; closed connections
+//! leave when their consumer is done, idle ones are evicted; every eviction is counted.
+
+pub mod stream;
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use crate::decode::{CloseEvent, ConnKey, DataEvent, Direction, Role};
+pub use stream::{Pushed, Segment, Stream, StreamStats};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// Captured bytes held per direction before the oldest become gaps.
+    pub max_buffered_per_stream: usize,
+    /// A connection with no event for this long is evicted.
+    pub idle_timeout_ns: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 65_536,
+            max_buffered_per_stream: 256 * 1024,
+            idle_timeout_ns: 300 * 1_000_000_000,
+        }
+    }
+}
+
+/// What the table knows about a connection besides its bytes.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub key: ConnKey,
+    pub pid: u32,
+    pub comm: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub role: Role,
+    pub protocol: u8,
+    /// First seen mid-stream: opened before the agent was looking.
+    pub midstream: bool,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    pub info: ConnInfo,
+    pub streams: [Stream; 2],
+    pub last_seen_ns: u64,
+    pub closed: bool,
+}
+
+impl Connection {
+    pub fn stream_mut(&mut self, dir: Direction) -> &mut Stream {
+        &mut self.streams[dir.index()]
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TableStats {
+    pub opened: u64,
+    pub closed: u64,
+    pub evicted_idle: u64,
+    /// Events dropped because the table was at `max_connections`.
+    pub rejected_full: u64,
+    /// Summed over the streams of connections that have left the table.
+    pub streams: StreamStats,
+}
+
+/// Resolves the role of a connection the kernel saw only mid-stream.
+pub trait RoleResolver {
+    fn resolve(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) -> Role;
+}
+
+/// For tests and when /proc is not wanted.
+pub struct NoResolver;
+
+impl RoleResolver for NoResolver {
+    fn resolve(&mut self, _: u32, _: SocketAddr, _: SocketAddr) -> Role {
+        Role::Unknown
+    }
+}
+
+pub struct ConnTable {
+    conns: HashMap<ConnKey, Connection>,
+    limits: Limits,
+    stats: TableStats,
+}
+
+impl ConnTable {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            conns: HashMap::new(),
+            limits,
+            stats: TableStats::default(),
+        }
+    }
+
+    /// Adds a data event to its connection's stream. Returns None when the table is full.
+    pub fn ingest(
+        &mut self,
+        ev: DataEvent,
+        resolver: &mut dyn RoleResolver,
+    ) -> Option<(&mut Connection, Pushed)> {
+        let full = self.conns.len() >= self.limits.max_connections;
+        let cap = self.limits.max_buffered_per_stream;
+        let conn = match self.conns.entry(ev.conn) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                if full {
+                    self.stats.rejected_full += 1;
+                    return None;
+                }
+                self.stats.opened += 1;
+                let role = match ev.role {
+                    Role::Unknown => resolver.resolve(ev.pid, ev.local, ev.remote),
+                    known => known,
+                };
+                e.insert(Connection {
+                    info: ConnInfo {
+                        key: ev.conn,
+                        pid: ev.pid,
+                        comm: ev.comm.clone(),
+                        local: ev.local,
+                        remote: ev.remote,
+                        role,
+                        protocol: ev.protocol,
+                        midstream: ev.midstream,
+                    },
+                    streams: [Stream::new(cap), Stream::new(cap)],
+                    last_seen_ns: ev.ts_ns,
+                    closed: false,
+                })
+            }
+        };
+        conn.last_seen_ns = conn.last_seen_ns.max(ev.ts_ns);
+        let pushed = conn.streams[ev.direction.index()].push(ev.seq, ev.bytes, ev.payload);
+        Some((conn, pushed))
+    }
+
+    /// Marks a connection closed; returns it if the table knew it.
+    pub fn close(&mut self, ev: &CloseEvent) -> Option<&mut Connection> {
+        let conn = self.conns.get_mut(&ev.conn)?;
+        conn.closed = true;
+        conn.last_seen_ns = conn.last_seen_ns.max(ev.ts_ns);
+        Some(conn)
+    }
+
+    /// Removes a connection (closed and consumed).
+    pub fn remove(&mut self, key: &ConnKey) -> Option<Connection> {
+        let conn = self.conns.remove(key)?;
+        if conn.closed {
+            self.stats.closed += 1;
+        }
+        self.account(&conn);
+        Some(conn)
+    }
+
+    /// Evicts connections idle since before `now_ns - idle_timeout`; returns them so a consumer
+    /// can finish what they hold.
+    pub fn evict_idle(&mut self, now_ns: u64) -> Vec<Connection> {
+        let deadline = now_ns.saturating_sub(self.limits.idle_timeout_ns);
+        let idle: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.last_seen_ns < deadline)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::with_capacity(idle.len());
+        for key in idle {
+            if let Some(conn) = self.conns.remove(&key) {
+                self.stats.evicted_idle += 1;
+                self.account(&conn);
+                out.push(conn);
+            }
+        }
+        out
+    }
+
+    fn account(&mut self, conn: &Connection) {
+        for s in &conn.streams {
+            let t = &mut self.stats.streams;
+            t.lost_bytes += s.stats.lost_bytes;
+            t.uncaptured_bytes += s.stats.uncaptured_bytes;
+            t.overflow_bytes += s.stats.overflow_bytes;
+            t.stale_events += s.stats.stale_events;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    pub fn stats(&self) -> TableStats {
+        self.stats
+    }
+
+    pub fn keys(&self) -> Vec<ConnKey> {
+        self.conns.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn ev(sk: u64, dir: Direction, seq: u64, data: &str, ts: u64) -> DataEvent {
+        DataEvent {
+            ts_ns: ts,
+            pid: 1,
+            tid: 1,
+            comm: "t".into(),
+            conn: ConnKey { sk, generation: 1 },
+            local: "127.0.0.1:80".parse().unwrap(),
+            remote: "127.0.0.1:5000".parse().unwrap(),
+            direction: dir,
+            role: Role::Unknown,
+            protocol: 0,
+            syscall: 1,
+            seq,
+            bytes: data.len() as u32,
+            payload: Bytes::copy_from_slice(data.as_bytes()),
+            truncated: false,
+            no_payload: false,
+            midstream: true,
+        }
+    }
+
+    struct AlwaysServer;
+    impl RoleResolver for AlwaysServer {
+        fn resolve(&mut self, _: u32, _: SocketAddr, _: SocketAddr) -> Role {
+            Role::Server
+        }
+    }
+
+    #[test]
+    fn directions_are_reassembled_separately() {
+        let mut t = ConnTable::new(Limits::default());
+        t.ingest(
+            ev(1, Direction::Recv, 0, "GET / HTTP/1.1\r\n", 1),
+            &mut NoResolver,
+        );
+        t.ingest(
+            ev(1, Direction::Send, 0, "HTTP/1.1 200", 2),
+            &mut NoResolver,
+        );
+        let (conn, _) = t
+            .ingest(ev(1, Direction::Recv, 16, "\r\n", 3), &mut NoResolver)
+            .unwrap();
+        let recv: Vec<_> = conn.stream_mut(Direction::Recv).drain().collect();
+        assert_eq!(
+            recv,
+            vec![
+                Segment::Data(Bytes::from_static(b"GET / HTTP/1.1\r\n")),
+                Segment::Data(Bytes::from_static(b"\r\n"))
+            ]
+        );
+        let send: Vec<_> = conn.stream_mut(Direction::Send).drain().collect();
+        assert_eq!(
+            send,
+            vec![Segment::Data(Bytes::from_static(b"HTTP/1.1 200"))]
+        );
+    }
+
+    #[test]
+    fn unknown_roles_are_resolved_once() {
+        let mut t = ConnTable::new(Limits::default());
+        let (conn, _) = t
+            .ingest(ev(1, Direction::Recv, 0, "x", 1), &mut AlwaysServer)
+            .unwrap();
+        assert_eq!(conn.info.role, Role::Server);
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_counts_rejections() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let mut t = ConnTable::new(limits);
+        for sk in 0..5 {
+            t.ingest(ev(sk, Direction::Send, 0, "x", 1), &mut NoResolver);
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.stats().rejected_full, 3);
+        // Existing connections still take data.
+        assert!(
+            t.ingest(ev(0, Direction::Send, 1, "y", 2), &mut NoResolver)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn idle_connections_are_evicted_and_closed_ones_removed() {
+        let limits = Limits {
+            idle_timeout_ns: 100,
+            ..Limits::default()
+        };
+        let mut t = ConnTable::new(limits);
+        t.ingest(ev(1, Direction::Send, 0, "x", 10), &mut NoResolver);
+        t.ingest(ev(2, Direction::Send, 0, "x", 500), &mut NoResolver);
+        let evicted = t.evict_idle(550);
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].info.key.sk, 1);
+        assert_eq!(t.stats().evicted_idle, 1);
+
+        let close = CloseEvent {
+            ts_ns: 600,
+            conn: ConnKey {
+                sk: 2,
+                generation: 1,
+            },
+            local: "127.0.0.1:80".parse().unwrap(),
+            remote: "127.0.0.1:5000".parse().unwrap(),
+            role: Role::Server,
+            totals: [1, 0],
+        };
+        assert!(t.close(&close).is_some());
+        assert!(t.remove(&close.conn).is_some());
+        assert!(t.is_empty());
+        assert_eq!(t.stats().closed, 1);
+    }
+
+    #[test]
+    fn a_reused_socket_pointer_is_a_new_connection() {
+        let mut t = ConnTable::new(Limits::default());
+        t.ingest(ev(1, Direction::Send, 0, "a", 1), &mut NoResolver);
+        let mut again = ev(1, Direction::Send, 0, "b", 2);
+        again.conn.generation = 2;
+        let (_, pushed) = t.ingest(again, &mut NoResolver).unwrap();
+        assert_eq!(pushed, Pushed::Appended { lost: 0 });
+        assert_eq!(t.len(), 2);
+    }
+}

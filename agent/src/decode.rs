@@ -1,0 +1,476 @@
+//! Ring buffer records -> typed events. Pure and bounds-checked: the bytes come from the kernel,
+//! but a version skew or a bug there must yield an error to count, never a panic or garbage.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use agent_common::{
+    conn::{AF_INET, AF_INET6, ROLE_CLIENT, ROLE_SERVER},
+    event::{
+        CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
+        FLAG_NO_PAYLOAD, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_PAYLOAD,
+    },
+};
+use bytes::Bytes;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {got} bytes is shorter than its {need}-byte header")]
+    Short { need: usize, got: usize },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u16),
+    #[error("event version {0} is not the agent's {EVENT_VERSION}")]
+    Version(u16),
+    #[error("record says {claimed} bytes but holds {got}")]
+    Length { claimed: usize, got: usize },
+    #[error(
+        "payload of {captured} bytes exceeds the {bytes} the syscall moved or the {MAX_PAYLOAD}-byte cap"
+    )]
+    Payload { captured: usize, bytes: usize },
+    #[error("unknown address family {0}")]
+    Family(u16),
+    #[error("unknown direction {0}")]
+    Direction(u8),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Send,
+    Recv,
+}
+
+impl Direction {
+    pub fn index(self) -> usize {
+        match self {
+            Direction::Send => 0,
+            Direction::Recv => 1,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Send => "send",
+            Direction::Recv => "recv",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Client,
+    Server,
+    Unknown,
+}
+
+impl Role {
+    fn from_wire(v: u8) -> Self {
+        match v {
+            ROLE_CLIENT => Role::Client,
+            ROLE_SERVER => Role::Server,
+            _ => Role::Unknown,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// One connection, as the kernel names it: the socket pointer and the time it was first seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnKey {
+    pub sk: u64,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub conn: ConnKey,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub direction: Direction,
+    pub role: Role,
+    pub protocol: u8,
+    pub syscall: u8,
+    /// Stream offset of the first byte moved.
+    pub seq: u64,
+    /// Bytes moved; `payload.len()` may be smaller (capture cap, or no user buffer).
+    pub bytes: u32,
+    pub payload: Bytes,
+    pub truncated: bool,
+    pub no_payload: bool,
+    pub midstream: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseEvent {
+    pub ts_ns: u64,
+    pub conn: ConnKey,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub role: Role,
+    /// Stream lengths at close, indexed by `Direction::index`.
+    pub totals: [u64; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Data(DataEvent),
+    Close(CloseEvent),
+}
+
+/// A little cursor over native-endian fields; every read is checked.
+struct Fields<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn take<const N: usize>(&mut self) -> [u8; N] {
+        // Callers check the record length against the fixed struct size first, so this cannot
+        // run past the end; fall back to zeros rather than panic if that ever changes.
+        let out = self
+            .buf
+            .get(self.pos..self.pos + N)
+            .and_then(|s| s.try_into().ok())
+            .unwrap_or([0; N]);
+        self.pos += N;
+        out
+    }
+    fn u8(&mut self) -> u8 {
+        self.take::<1>()[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_ne_bytes(self.take())
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_ne_bytes(self.take())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_ne_bytes(self.take())
+    }
+    fn skip(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+struct Header {
+    kind: u16,
+    len: usize,
+    ts_ns: u64,
+    pid_tgid: u64,
+}
+
+fn header(f: &mut Fields<'_>) -> Result<Header, DecodeError> {
+    let got = f.buf.len();
+    if got < 24 {
+        return Err(DecodeError::Short { need: 24, got });
+    }
+    let kind = f.u16();
+    let version = f.u16();
+    if version != EVENT_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let len = f.u32() as usize;
+    Ok(Header {
+        kind,
+        len,
+        ts_ns: f.u64(),
+        pid_tgid: f.u64(),
+    })
+}
+
+/// `ConnTuple` -> (local, remote).
+fn tuple(f: &mut Fields<'_>) -> Result<(SocketAddr, SocketAddr), DecodeError> {
+    let saddr: [u8; 16] = f.take();
+    let daddr: [u8; 16] = f.take();
+    let sport = f.u16();
+    let dport = f.u16();
+    let family = f.u16();
+    f.skip(2);
+    let ip = |a: [u8; 16]| -> Result<IpAddr, DecodeError> {
+        match family {
+            AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
+            AF_INET6 => {
+                let v6 = Ipv6Addr::from(a);
+                // Dual-stack sockets talking to IPv4 peers: show the IPv4 address.
+                Ok(v6
+                    .to_ipv4_mapped()
+                    .map(IpAddr::V4)
+                    .unwrap_or(IpAddr::V6(v6)))
+            }
+            other => Err(DecodeError::Family(other)),
+        }
+    };
+    Ok((
+        SocketAddr::new(ip(saddr)?, sport),
+        SocketAddr::new(ip(daddr)?, dport),
+    ))
+}
+
+pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
+    let mut f = Fields { buf, pos: 0 };
+    let h = header(&mut f)?;
+    let (need, kind) = match h.kind {
+        KIND_DATA => (DATA_EVENT_SIZE, KIND_DATA),
+        KIND_CLOSE => (CLOSE_EVENT_SIZE, KIND_CLOSE),
+        other => return Err(DecodeError::UnknownKind(other)),
+    };
+    if buf.len() < need {
+        return Err(DecodeError::Short {
+            need,
+            got: buf.len(),
+        });
+    }
+    // The ring may pad records; the header's length is the truth, and must fit.
+    if h.len < need || h.len > buf.len() {
+        return Err(DecodeError::Length {
+            claimed: h.len,
+            got: buf.len(),
+        });
+    }
+    let pid = (h.pid_tgid >> 32) as u32;
+    let tid = h.pid_tgid as u32;
+    let conn = ConnKey {
+        sk: f.u64(),
+        generation: f.u64(),
+    };
+    let (local, remote) = tuple(&mut f)?;
+    if kind == KIND_CLOSE {
+        let totals = [f.u64(), f.u64()];
+        let role = Role::from_wire(f.u8());
+        return Ok(Event::Close(CloseEvent {
+            ts_ns: h.ts_ns,
+            conn,
+            local,
+            remote,
+            role,
+            totals,
+        }));
+    }
+    let seq = f.u64();
+    let bytes = f.u32();
+    let captured = f.u32() as usize;
+    let comm_raw: [u8; 16] = f.take();
+    let direction = match f.u8() {
+        DIR_SEND => Direction::Send,
+        DIR_RECV => Direction::Recv,
+        other => return Err(DecodeError::Direction(other)),
+    };
+    let role = Role::from_wire(f.u8());
+    let protocol = f.u8();
+    let syscall = f.u8();
+    let flags = f.u8();
+    if captured > bytes as usize || captured > MAX_PAYLOAD || need + captured != h.len {
+        return Err(DecodeError::Payload {
+            captured,
+            bytes: bytes as usize,
+        });
+    }
+    let comm_len = comm_raw
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(comm_raw.len());
+    Ok(Event::Data(DataEvent {
+        ts_ns: h.ts_ns,
+        pid,
+        tid,
+        comm: String::from_utf8_lossy(&comm_raw[..comm_len]).into_owned(),
+        conn,
+        local,
+        remote,
+        direction,
+        role,
+        protocol,
+        syscall,
+        seq,
+        bytes,
+        payload: Bytes::copy_from_slice(&buf[need..need + captured]),
+        truncated: flags & FLAG_TRUNCATED != 0,
+        no_payload: flags & FLAG_NO_PAYLOAD != 0,
+        midstream: flags & FLAG_MIDSTREAM != 0,
+    }))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use agent_common::{conn::ConnTuple, event as wire};
+
+    fn as_bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: test-only view of a repr(C) plain-data struct.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    }
+
+    /// A data record as the kernel writes it.
+    pub(crate) fn data_record(seq: u64, bytes: u32, payload: &[u8], dir: u8, flags: u8) -> Vec<u8> {
+        let mut tuple = ConnTuple {
+            family: AF_INET,
+            sport: 8080,
+            dport: 40000,
+            ..Default::default()
+        };
+        tuple.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        tuple.daddr[..4].copy_from_slice(&[127, 0, 0, 2]);
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"server");
+        let ev = wire::DataEvent {
+            header: wire::EventHeader {
+                kind: KIND_DATA,
+                version: EVENT_VERSION,
+                len: (DATA_EVENT_SIZE + payload.len()) as u32,
+                ts_ns: 1_000,
+                pid_tgid: (42 << 32) | 43,
+            },
+            sk: 0xffff_8880_0000_1000,
+            conn_gen: 7,
+            tuple,
+            seq,
+            bytes,
+            captured: payload.len() as u32,
+            comm,
+            direction: dir,
+            role: ROLE_SERVER,
+            protocol: 1,
+            syscall: 2,
+            flags,
+            _pad: [0; 3],
+        };
+        let mut out = as_bytes(&ev).to_vec();
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn decodes_a_data_record() {
+        let rec = data_record(10, 5, b"hello", DIR_RECV, FLAG_MIDSTREAM);
+        let Event::Data(ev) = decode(&rec).unwrap() else {
+            panic!("not data")
+        };
+        assert_eq!((ev.pid, ev.tid), (42, 43));
+        assert_eq!(ev.comm, "server");
+        assert_eq!(ev.local, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(ev.remote, "127.0.0.2:40000".parse().unwrap());
+        assert_eq!(ev.direction, Direction::Recv);
+        assert_eq!(ev.role, Role::Server);
+        assert_eq!((ev.seq, ev.bytes), (10, 5));
+        assert_eq!(&ev.payload[..], b"hello");
+        assert!(ev.midstream && !ev.truncated && !ev.no_payload);
+    }
+
+    #[test]
+    fn decodes_ipv6_and_unmaps_ipv4_mapped_addresses() {
+        let mut rec = data_record(0, 1, b"x", DIR_SEND, 0);
+        let mut tuple = ConnTuple {
+            family: AF_INET6,
+            sport: 1,
+            dport: 2,
+            ..Default::default()
+        };
+        tuple.saddr = Ipv6Addr::LOCALHOST.octets();
+        tuple.daddr = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets();
+        rec[40..80].copy_from_slice(as_bytes(&tuple));
+        let Event::Data(ev) = decode(&rec).unwrap() else {
+            panic!("not data")
+        };
+        assert_eq!(ev.local, "[::1]:1".parse().unwrap());
+        assert_eq!(ev.remote, "10.0.0.1:2".parse().unwrap());
+    }
+
+    #[test]
+    fn decodes_a_close_record() {
+        let ev = wire::CloseEvent {
+            header: wire::EventHeader {
+                kind: KIND_CLOSE,
+                version: EVENT_VERSION,
+                len: CLOSE_EVENT_SIZE as u32,
+                ts_ns: 5,
+                pid_tgid: 0,
+            },
+            sk: 1,
+            conn_gen: 2,
+            tuple: ConnTuple {
+                family: AF_INET,
+                ..Default::default()
+            },
+            seq: [100, 200],
+            role: ROLE_CLIENT,
+            _pad: [0; 7],
+        };
+        let Event::Close(c) = decode(as_bytes(&ev)).unwrap() else {
+            panic!("not close")
+        };
+        assert_eq!(
+            c.conn,
+            ConnKey {
+                sk: 1,
+                generation: 2
+            }
+        );
+        assert_eq!(c.totals, [100, 200]);
+        assert_eq!(c.role, Role::Client);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let rec = data_record(0, 5, b"hello", DIR_SEND, 0);
+        for len in 0..rec.len() {
+            assert!(
+                decode(&rec[..len]).is_err(),
+                "prefix of {len} bytes decoded"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_records_are_rejected() {
+        let mut unknown = data_record(0, 1, b"x", DIR_SEND, 0);
+        unknown[0] = 99;
+        assert_eq!(decode(&unknown), Err(DecodeError::UnknownKind(99)));
+
+        let mut version = data_record(0, 1, b"x", DIR_SEND, 0);
+        version[2] = 9;
+        assert_eq!(decode(&version), Err(DecodeError::Version(9)));
+
+        // More captured than moved.
+        let over = data_record(0, 1, b"xyz", DIR_SEND, 0);
+        assert!(matches!(decode(&over), Err(DecodeError::Payload { .. })));
+
+        let mut dir = data_record(0, 1, b"x", 7, 0);
+        dir[112] = 7;
+        assert_eq!(decode(&dir), Err(DecodeError::Direction(7)));
+
+        let mut family = data_record(0, 1, b"x", DIR_SEND, 0);
+        family[76] = 1;
+        family[77] = 0;
+        assert_eq!(decode(&family), Err(DecodeError::Family(1)));
+
+        // Header length larger than the record.
+        let mut len = data_record(0, 1, b"x", DIR_SEND, 0);
+        len[4..8].copy_from_slice(&500u32.to_ne_bytes());
+        assert!(matches!(decode(&len), Err(DecodeError::Length { .. })));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A cheap deterministic generator: enough to walk many header/length combinations.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let base = data_record(0, 4, b"abcd", DIR_SEND, 0);
+        for _ in 0..20_000 {
+            let mut rec = base.clone();
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let i = (x as usize) % rec.len();
+                rec[i] = (x >> 32) as u8;
+            }
+            let _ = decode(&rec);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Loupe's userspace agent, as a pipeline of stages:
+//! `bpf` (load, attach) -> `reader` (ring buffer -> channel) -> `decode` -> `conn` (table,
+//! reassembly) -> a sink (`capture` today). See docs/ARCHITECTURE.md.
+
+pub mod bpf;
+pub mod capture;
+pub mod cli;
+pub mod clock;
+pub mod conn;
+pub mod decode;
+pub mod metrics;
+pub mod pipeline;
+pub mod procfs;
+pub mod reader;

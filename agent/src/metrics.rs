@@ -1,0 +1,197 @@
+//! Self-telemetry: every drop the agent knows of, kernel and userspace, by stage and reason.
+//! Rendered as Prometheus text on `--metrics-addr` and as a one-line summary in the log.
+
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use agent_common::counters::{self, NUM_COUNTERS};
+
+use crate::{bpf::load::KernelCounters, conn::TableStats};
+
+/// Counters written by the userspace stages.
+#[derive(Debug, Default)]
+pub struct Userspace {
+    pub events_read: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub channel_full: AtomicU64,
+    pub table: Mutex<TableStats>,
+}
+
+impl Userspace {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+pub struct Metrics {
+    pub user: Arc<Userspace>,
+    kernel: Option<KernelCounters>,
+}
+
+impl Metrics {
+    pub fn new(kernel: Option<KernelCounters>) -> Self {
+        Self {
+            user: Arc::new(Userspace::default()),
+            kernel,
+        }
+    }
+
+    pub fn kernel(&self) -> [u64; NUM_COUNTERS as usize] {
+        self.kernel.as_ref().map(|k| k.read()).unwrap_or_default()
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let kernel = self.kernel();
+        out.push_str("# HELP loupe_kernel_events_total Kernel-side event counters by reason (drops and volume).\n");
+        out.push_str("# TYPE loupe_kernel_events_total counter\n");
+        for (i, value) in kernel.iter().enumerate() {
+            let kind = if counters::is_drop(i as u32) {
+                "drop"
+            } else {
+                "volume"
+            };
+            let _ = writeln!(
+                out,
+                "loupe_kernel_events_total{{reason=\"{}\",kind=\"{kind}\"}} {value}",
+                counters::NAMES[i]
+            );
+        }
+        let u = &self.user;
+        let t = *u.table.lock().unwrap_or_else(|e| e.into_inner());
+        let rows: [(&str, &str, u64); 10] = [
+            (
+                "loupe_events_read_total",
+                "Records read from the ring buffer.",
+                u.events_read.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_decode_errors_total",
+                "Records that failed to decode (dropped).",
+                u.decode_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_channel_full_total",
+                "Events dropped because the pipeline was behind.",
+                u.channel_full.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_conn_table_full_total",
+                "Events dropped because the connection table was full.",
+                t.rejected_full,
+            ),
+            (
+                "loupe_conns_evicted_idle_total",
+                "Connections evicted after the idle timeout.",
+                t.evicted_idle,
+            ),
+            (
+                "loupe_conns_opened_total",
+                "Connections entered in the table.",
+                t.opened,
+            ),
+            (
+                "loupe_stream_lost_bytes_total",
+                "Stream bytes never seen (events lost upstream).",
+                t.streams.lost_bytes,
+            ),
+            (
+                "loupe_stream_uncaptured_bytes_total",
+                "Stream bytes moved beyond the capture cap or without a user buffer.",
+                t.streams.uncaptured_bytes,
+            ),
+            (
+                "loupe_stream_overflow_bytes_total",
+                "Captured bytes dropped at the per-stream buffer cap.",
+                t.streams.overflow_bytes,
+            ),
+            (
+                "loupe_stream_stale_events_total",
+                "Events whose bytes were already in the stream.",
+                t.streams.stale_events,
+            ),
+        ];
+        for (name, help, value) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        out
+    }
+
+    /// One line for the log: volume and every non-zero drop.
+    pub fn summary(&self) -> String {
+        let kernel = self.kernel();
+        let u = &self.user;
+        let mut line = format!(
+            "events={} conns={}",
+            kernel[counters::EVENTS_EMITTED as usize],
+            u.table.lock().map(|t| t.opened).unwrap_or_default()
+        );
+        let mut drops = Vec::new();
+        for (i, v) in kernel.iter().enumerate() {
+            if counters::is_drop(i as u32) && *v > 0 {
+                drops.push(format!("kernel.{}={v}", counters::NAMES[i]));
+            }
+        }
+        for (name, v) in [
+            ("decode_errors", u.decode_errors.load(Ordering::Relaxed)),
+            ("channel_full", u.channel_full.load(Ordering::Relaxed)),
+        ] {
+            if v > 0 {
+                drops.push(format!("user.{name}={v}"));
+            }
+        }
+        if drops.is_empty() {
+            line.push_str(" drops=none");
+        } else {
+            let _ = write!(line, " drops: {}", drops.join(" "));
+        }
+        line
+    }
+}
+
+/// Serves `render()` over plain HTTP/1.1. Deliberately minimal (one GET, Connection: close):
+/// it runs inside the agent, whose own traffic the kernel programs skip.
+pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on --metrics-addr {addr}: {e}; pick a free address or leave the flag out"
+        )
+    })?;
+    tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let mut seen = 0;
+            // Read until the end of the request head (or the buffer is full: answer anyway).
+            while seen < buf.len() {
+                match sock.read(&mut buf[seen..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen += n,
+                }
+                if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let body = metrics.render();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,87 @@
+//! The consumer side: events -> connection table -> a sink that gets each connection's new
+//! stream segments. Also owns periodic idle eviction.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    clock,
+    conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segment},
+    decode::{CloseEvent, DataEvent, Direction, Event},
+    metrics::Userspace,
+};
+
+/// Where reassembled streams go.
+pub trait Sink {
+    /// A data event was added to `conn`'s stream in `dir`; `segments` is what it made available
+    /// (a leading gap if bytes were lost before it).
+    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>);
+    fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>);
+    fn flush(&mut self) {}
+}
+
+pub async fn run<S: Sink>(
+    mut rx: mpsc::Receiver<Event>,
+    limits: Limits,
+    mut resolver: impl RoleResolver,
+    sink: &mut S,
+    stats: Arc<Userspace>,
+) {
+    let mut table = ConnTable::new(limits);
+    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                handle(&mut table, event, &mut resolver, sink);
+            }
+            _ = sweep.tick() => {
+                for conn in table.evict_idle(clock::monotonic_ns()) {
+                    finish(conn, None, sink);
+                }
+                sink.flush();
+            }
+        }
+        if let Ok(mut t) = stats.table.lock() {
+            *t = table.stats();
+        }
+    }
+    sink.flush();
+}
+
+fn handle<S: Sink>(
+    table: &mut ConnTable,
+    event: Event,
+    resolver: &mut dyn RoleResolver,
+    sink: &mut S,
+) {
+    match event {
+        Event::Data(mut ev) => {
+            let dir = ev.direction;
+            // The sink sees the payload through the stream; keep the event light.
+            let payload = std::mem::take(&mut ev.payload);
+            let meta = ev.clone();
+            ev.payload = payload;
+            if let Some((conn, _)) = table.ingest(ev, resolver) {
+                let segments: Vec<Segment> = conn.stream_mut(dir).drain().collect();
+                sink.data(&conn.info, &meta, dir, segments);
+            }
+        }
+        Event::Close(close) => {
+            if table.close(&close).is_some()
+                && let Some(conn) = table.remove(&close.conn)
+            {
+                finish(conn, Some(&close), sink);
+            }
+        }
+    }
+}
+
+fn finish<S: Sink>(mut conn: Connection, close: Option<&CloseEvent>, sink: &mut S) {
+    for dir in [Direction::Send, Direction::Recv] {
+        let rest: Vec<Segment> = conn.stream_mut(dir).drain().collect();
+        debug_assert!(rest.is_empty(), "sinks drain on every event");
+    }
+    sink.closed(&conn.info, close);
+}

@@ -1,0 +1,116 @@
+//! What the kernel programs cannot tell, read from /proc: the role of a connection that was open
+//! before the agent started (no connect/accept was seen), from the listening sockets of the
+//! process's network namespace.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use crate::{conn::RoleResolver, decode::Role};
+
+const TCP_LISTEN: u8 = 0x0a;
+
+/// Listening sockets in the text of /proc/PID/net/tcp or tcp6.
+pub fn parse_listeners(text: &str) -> HashSet<SocketAddr> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let local = cols.nth(1)?;
+            let state = u8::from_str_radix(cols.nth(1)?, 16).ok()?;
+            (state == TCP_LISTEN).then(|| parse_addr(local)).flatten()
+        })
+        .collect()
+}
+
+/// "0100007F:1F90" or the 32-hex-digit IPv6 form; each 32-bit word is in host byte order.
+fn parse_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let v = u32::from_str_radix(ip.get(i * 8..i * 8 + 8)?, 16).ok()?;
+        Some(v.to_ne_bytes())
+    };
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut o = [0u8; 16];
+            for i in 0..4 {
+                o[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = Ipv6Addr::from(o);
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Whether `local` is served by one of `listeners` (exact address or a wildcard bind).
+pub fn is_server_side(listeners: &HashSet<SocketAddr>, local: SocketAddr) -> bool {
+    listeners
+        .iter()
+        .any(|l| l.port() == local.port() && (l.ip() == local.ip() || l.ip().is_unspecified()))
+}
+
+/// Reads /proc/PID/net/tcp{,6} per lookup: only connections seen mid-stream (open before the
+/// agent started) need it, so it is rare.
+pub struct ProcRoles;
+
+impl RoleResolver for ProcRoles {
+    fn resolve(&mut self, pid: u32, local: SocketAddr, _remote: SocketAddr) -> Role {
+        let mut listeners = HashSet::new();
+        let mut read_any = false;
+        for file in ["tcp", "tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+                read_any = true;
+                listeners.extend(parse_listeners(&text));
+            }
+        }
+        match (read_any, is_server_side(&listeners, local)) {
+            (false, _) => Role::Unknown,
+            (true, true) => Role::Server,
+            (true, false) => Role::Client,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0
+   1: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 3 1 0000000000000000 20 4 30 10 -1
+";
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1F91 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 100 0 0 10 0
+";
+
+    #[test]
+    fn finds_listeners_in_both_families() {
+        let mut l = parse_listeners(TCP);
+        assert_eq!(l.len(), 2);
+        assert!(l.contains(&"127.0.0.1:8080".parse().unwrap()));
+        assert!(l.contains(&"0.0.0.0:80".parse().unwrap()));
+        l.extend(parse_listeners(TCP6));
+        assert!(l.contains(&"[::1]:8081".parse().unwrap()));
+    }
+
+    #[test]
+    fn server_side_means_a_listener_on_the_local_port() {
+        let l = parse_listeners(TCP);
+        assert!(is_server_side(&l, "127.0.0.1:8080".parse().unwrap()));
+        assert!(is_server_side(&l, "10.1.2.3:80".parse().unwrap()));
+        assert!(!is_server_side(&l, "127.0.0.1:50000".parse().unwrap()));
+    }
+
+    #[test]
+    fn garbage_lines_are_skipped() {
+        assert!(parse_listeners("header\nnot a line\n 0: zz:zz 0 0A\n").is_empty());
+    }
+}
