@@ -56,25 +56,58 @@ pub fn is_server_side(listeners: &HashSet<SocketAddr>, local: SocketAddr) -> boo
         .any(|l| l.port() == local.port() && (l.ip() == local.ip() || l.ip().is_unspecified()))
 }
 
+/// The role of the socket `local` <-> `remote`: a listener on the local port makes it the server
+/// side, one on the remote end (same namespace) the client side. Without either (the listener
+/// has closed), the side on an ephemeral port is the client, if only one is.
+pub fn role_of(
+    listeners: &HashSet<SocketAddr>,
+    ephemeral: (u16, u16),
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Role {
+    if is_server_side(listeners, local) {
+        return Role::Server;
+    }
+    if is_server_side(listeners, remote) {
+        return Role::Client;
+    }
+    let in_range = |p: u16| (ephemeral.0..=ephemeral.1).contains(&p);
+    match (in_range(local.port()), in_range(remote.port())) {
+        (true, false) => Role::Client,
+        (false, true) => Role::Server,
+        _ => Role::Unknown,
+    }
+}
+
+/// "32768\t60999" from /proc/sys/net/ipv4/ip_local_port_range.
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(|v| v.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
 /// Reads /proc/PID/net/tcp{,6} per lookup: only connections seen mid-stream (open before the
 /// agent started) need it, so it is rare.
 pub struct ProcRoles;
 
 impl RoleResolver for ProcRoles {
-    fn resolve(&mut self, pid: u32, local: SocketAddr, _remote: SocketAddr) -> Role {
+    fn resolve(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) -> Role {
         let mut listeners = HashSet::new();
-        let mut read_any = false;
         for file in ["tcp", "tcp6"] {
             if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
-                read_any = true;
                 listeners.extend(parse_listeners(&text));
             }
         }
-        match (read_any, is_server_side(&listeners, local)) {
-            (false, _) => Role::Unknown,
-            (true, true) => Role::Server,
-            (true, false) => Role::Client,
-        }
+        let ephemeral = std::fs::read_to_string(format!(
+            "/proc/{pid}/root/proc/sys/net/ipv4/ip_local_port_range"
+        ))
+        .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
+        .ok()
+        .and_then(|t| parse_port_range(&t))
+        .unwrap_or((32768, 60999));
+        role_of(&listeners, ephemeral, local, remote)
     }
 }
 
@@ -107,6 +140,41 @@ mod tests {
         assert!(is_server_side(&l, "127.0.0.1:8080".parse().unwrap()));
         assert!(is_server_side(&l, "10.1.2.3:80".parse().unwrap()));
         assert!(!is_server_side(&l, "127.0.0.1:50000".parse().unwrap()));
+    }
+
+    #[test]
+    fn roles_from_listeners_then_from_ephemeral_ports() {
+        let l = parse_listeners(TCP);
+        let eph = (32768, 60999);
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            role_of(&l, eph, a("127.0.0.1:8080"), a("127.0.0.1:50000")),
+            Role::Server
+        );
+        assert_eq!(
+            role_of(&l, eph, a("127.0.0.1:50000"), a("127.0.0.1:8080")),
+            Role::Client
+        );
+        let none = HashSet::new();
+        assert_eq!(
+            role_of(&none, eph, a("10.0.0.1:40000"), a("10.0.0.2:5432")),
+            Role::Client
+        );
+        assert_eq!(
+            role_of(&none, eph, a("10.0.0.1:5432"), a("10.0.0.2:40000")),
+            Role::Server
+        );
+        assert_eq!(
+            role_of(&none, eph, a("10.0.0.1:40000"), a("10.0.0.2:40001")),
+            Role::Unknown
+        );
+    }
+
+    #[test]
+    fn parses_the_ephemeral_port_range() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("bad"), None);
+        assert_eq!(parse_port_range("9 1"), None);
     }
 
     #[test]

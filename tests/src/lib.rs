@@ -1,1 +1,314 @@
+//! Harness for the privileged end-to-end tests: start the real `loupe` binary, drive real
+//! sockets, stop the agent (it drains the ring buffer on SIGINT) and inspect what it printed.
 
+use std::{
+    collections::BTreeMap,
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+pub mod sockets;
+
+/// Whether this test may run. Without root (or without the kernel features) it is skipped
+/// locally but fails under CI=true: CI must never pass by skipping the tests that matter.
+pub fn privileged() -> bool {
+    // SAFETY: plain syscall without arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    let btf = std::path::Path::new("/sys/kernel/btf/vmlinux").exists();
+    if root && btf {
+        return true;
+    }
+    let why = if root {
+        "the kernel has no BTF"
+    } else {
+        "not running as root"
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged test cannot run under CI: {why}");
+    }
+    eprintln!("skipping privileged test: {why} (run `cargo xtask test`)");
+    false
+}
+
+pub fn loupe_bin() -> PathBuf {
+    std::env::var_os("LOUPE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/loupe"
+            ))
+        })
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DataLine {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub conn: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub role: String,
+    pub protocol: String,
+    pub direction: String,
+    pub syscall: String,
+    pub seq: u64,
+    pub bytes: u32,
+    pub captured: usize,
+    pub truncated: bool,
+    pub no_payload: bool,
+    pub midstream: bool,
+    pub lost_before: u64,
+    pub payload_b64: String,
+}
+
+impl DataLine {
+    pub fn payload(&self) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.payload_b64)
+            .expect("valid base64")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CloseLine {
+    pub conn: String,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub totals: Option<[u64; 2]>,
+}
+
+/// Everything one agent run printed.
+#[derive(Debug, Default)]
+pub struct Captured {
+    pub data: Vec<DataLine>,
+    pub closes: Vec<CloseLine>,
+    pub stderr: String,
+}
+
+impl Captured {
+    /// Events of the socket whose local end is `local` and peer is `remote`.
+    pub fn of(&self, local: SocketAddr, remote: SocketAddr) -> Vec<&DataLine> {
+        self.data
+            .iter()
+            .filter(|d| d.local == local && d.remote == remote)
+            .collect()
+    }
+
+    /// The reassembled stream one socket sent or received, checked for continuity: each event
+    /// must start where the previous one ended, and no bytes may be missing inside it.
+    pub fn stream(&self, local: SocketAddr, remote: SocketAddr, direction: &str) -> Vec<u8> {
+        let mut events: Vec<&DataLine> = self
+            .of(local, remote)
+            .into_iter()
+            .filter(|d| d.direction == direction)
+            .collect();
+        events.sort_by_key(|d| d.seq);
+        let mut out = Vec::new();
+        let mut next: Option<u64> = None;
+        for ev in events {
+            if let Some(n) = next {
+                assert_eq!(
+                    ev.seq, n,
+                    "{direction} stream of {local}<->{remote} has a hole before seq {}",
+                    ev.seq
+                );
+            }
+            assert_eq!(ev.lost_before, 0, "bytes lost before seq {}", ev.seq);
+            assert!(
+                !ev.truncated && !ev.no_payload,
+                "event at seq {} not fully captured: {ev:?}",
+                ev.seq
+            );
+            out.extend(ev.payload());
+            next = Some(ev.seq + ev.bytes as u64);
+        }
+        out
+    }
+
+    pub fn any_payload_contains(&self, needle: &[u8]) -> bool {
+        self.data.iter().any(|d| contains(&d.payload(), needle))
+    }
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A running `loupe capture --json`.
+pub struct Agent {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr_log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts `loupe capture --json ARGS` and waits until it reports it is attached.
+    pub fn start(args: &[&str]) -> Agent {
+        let mut child = Command::new(loupe_bin())
+            .arg("capture")
+            .arg("--json")
+            .args(args)
+            .env("LOUPE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e} (run `cargo xtask build`)",
+                    loupe_bin().display()
+                )
+            });
+
+        let (out_tx, out_rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if out_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let log2 = log.clone();
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line.contains("ready:") {
+                    let _ = ready_tx.send(());
+                }
+                log2.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if ready_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "loupe exited before it was ready ({status}):\n{}",
+                    log.lock().unwrap()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "loupe not ready after 30 s:\n{}",
+                log.lock().unwrap()
+            );
+        }
+        Agent {
+            child,
+            stdout: out_rx,
+            stderr_log: log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT, wait for the agent to drain and exit, and parse what it printed.
+    pub fn stop(mut self) -> Captured {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("loupe did not stop within 20 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the reader threads see EOF.
+        std::thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr_log.lock().unwrap().clone();
+        assert!(status.success(), "loupe exited with {status}:\n{stderr}");
+        let mut captured = Captured {
+            stderr,
+            ..Default::default()
+        };
+        for line in self.stdout.try_iter() {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line}: {e}"));
+            match v["type"].as_str() {
+                Some("data") => captured
+                    .data
+                    .push(serde_json::from_value(v).expect("data line")),
+                Some("close") => captured
+                    .closes
+                    .push(serde_json::from_value(v).expect("close line")),
+                other => panic!("unknown line type {other:?}: {line}"),
+            }
+        }
+        captured
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Counts of the agent's Prometheus text by metric line prefix.
+pub fn metric(text: &str, line_prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Runs `python3 -c SCRIPT` to completion and returns its stdout (for traffic from another pid).
+pub fn python(script: &str) -> String {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("python3 is installed");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Reads everything from a reader; small helper for HTTP-ish exchanges.
+pub fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = r.read_to_end(&mut v);
+    v
+}
+
+/// Payload bytes that exercise every byte value, deterministic per seed.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Groups events by connection id, for debugging output.
+pub fn by_conn(c: &Captured) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for d in &c.data {
+        *m.entry(d.conn.clone()).or_insert(0) += 1;
+    }
+    m
+}

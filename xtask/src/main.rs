@@ -1,1 +1,286 @@
-fn main() {}
+//! `cargo xtask build|run|test|lint|bench`: the only place that installs things or asks for root.
+//!
+//! A fresh machine has nothing but the stock stable toolchain. The kernel crate needs the
+//! rust-src component (for `-Z build-std=core`) and bpf-linker, which is built here against
+//! rustc's own libLLVM so that no separate LLVM install is needed.
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing, then build the kernel programs and the agent.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the agent as root with ARGS.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Every test: unit tests, then the privileged end-to-end tests (as root).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// rustfmt --check and clippy -D warnings, as CI runs them.
+    Lint,
+    /// Overhead benchmark (not implemented yet).
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    prepend_cargo_bin_to_path();
+    match cli.command {
+        Task::Build { release } => {
+            ensure_toolchain()?;
+            build(release)
+        }
+        Task::Run { release, args } => {
+            ensure_toolchain()?;
+            build(release)?;
+            let bin = root.join("target").join(profile_dir(release)).join("loupe");
+            run_as_root(&bin, &args)
+        }
+        Task::Test { filter } => {
+            ensure_toolchain()?;
+            test(&root, filter.as_deref())
+        }
+        Task::Lint => {
+            ensure_toolchain()?;
+            lint()
+        }
+        Task::Bench => {
+            bail!("`cargo xtask bench` is not implemented yet (tracked in the Benchmark issue)")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+fn profile_dir(release: bool) -> &'static str {
+    if release { "release" } else { "debug" }
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        })
+}
+
+/// `cargo install` puts bpf-linker in $CARGO_HOME/bin, which a non-login shell may not have.
+fn prepend_cargo_bin_to_path() {
+    let bin = cargo_home().join("bin");
+    let mut paths: Vec<PathBuf> =
+        env::split_paths(&env::var_os("PATH").unwrap_or_default()).collect();
+    if !paths.contains(&bin) {
+        paths.insert(0, bin);
+        let joined = env::join_paths(paths).expect("PATH entries are valid");
+        // SAFETY: single-threaded at this point; children inherit it.
+        unsafe { env::set_var("PATH", joined) };
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_toolchain() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("installing the rust-src component (the kernel crate builds core from source)");
+        run(Command::new("rustup").args(["component", "add", "rust-src"]))?;
+    }
+    if Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    install_bpf_linker()
+}
+
+/// Builds bpf-linker against the libLLVM that ships inside the rustc toolchain: LLVM_PREFIX
+/// points at a folder whose lib/libLLVM.so links to it, and an rpath lets the linker find it at
+/// run time.
+fn install_bpf_linker() -> anyhow::Result<()> {
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
+    let libdir = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: reinstall the toolchain with rustup",
+                libdir.display()
+            )
+        })?;
+    let verbose = output(Command::new("rustc").arg("-vV"))?;
+    let major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV does not report an LLVM version")?
+        .to_string();
+
+    let prefix = workspace_root()
+        .join("target")
+        .join("xtask")
+        .join("llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib").join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)?;
+
+    step(&format!(
+        "installing bpf-linker (features llvm-{major}) against rustc's {}; this takes a minute, once",
+        libllvm.display()
+    ));
+    let mut rustflags = OsString::from("-C link-arg=-Wl,-rpath,");
+    rustflags.push(&libdir);
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "^0.13",
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix)
+        .env("RUSTFLAGS", rustflags))?;
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    step(&format!(
+        "building the kernel programs and the agent ({})",
+        profile_dir(release)
+    ));
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--package", "loupe"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|u| u.trim() == "0")
+}
+
+fn run_as_root(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut cmd = if is_root() {
+        Command::new(bin)
+    } else {
+        step("the agent needs root: running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(bin);
+        c
+    };
+    run(cmd.args(args))
+}
+
+fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
+    build(false)?;
+    step("unit tests");
+    let mut unit = Command::new("cargo");
+    unit.args([
+        "test",
+        "--package",
+        "loupe",
+        "--package",
+        "agent-common",
+        "--package",
+        "xtask",
+    ]);
+    if let Some(f) = filter {
+        unit.arg(f);
+    }
+    run(&mut unit)?;
+
+    step("privileged end-to-end tests (real kernel programs, real sockets, one at a time)");
+    let bin = root.join("target").join("debug").join("loupe");
+    let mut e2e = if is_root() {
+        Command::new("cargo")
+    } else {
+        step("they need root: running them through sudo");
+        let mut c = Command::new("sudo");
+        c.args(["-E", "cargo"]);
+        c
+    };
+    e2e.args(["test", "--package", "loupe-tests", "--"]);
+    if let Some(f) = filter {
+        e2e.arg(f);
+    }
+    e2e.args(["--test-threads=1"]).env("LOUPE_BIN", bin);
+    run(&mut e2e)
+}
+
+fn lint() -> anyhow::Result<()> {
+    step("rustfmt --check");
+    run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    step("clippy -D warnings");
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}

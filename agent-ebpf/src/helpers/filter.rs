@@ -13,13 +13,13 @@ pub fn process_selected(cfg: &LoupeConfig, pid_tgid: u64) -> bool {
         return false;
     }
     // SAFETY: map lookups of plain keys.
-    if cfg.filter & FILTER_PID != 0 && unsafe { PID_FILTER.get(&tgid) }.is_none() {
+    if cfg.filter & FILTER_PID != 0 && unsafe { PID_FILTER.get(tgid) }.is_none() {
         return false;
     }
     if cfg.filter & FILTER_CGROUP != 0 {
         // SAFETY: helper without arguments.
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
-        if unsafe { CGROUP_FILTER.get(&cgroup) }.is_none() {
+        if unsafe { CGROUP_FILTER.get(cgroup) }.is_none() {
             return false;
         }
     }

@@ -32,7 +32,7 @@ pub struct Copied {
 /// (2 * MAX_PAYLOAD bytes). sendmmsg/recvmmsg advance to their next message on each call.
 #[inline(always)]
 pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
-    let Some(call) = ACTIVE_CALLS.get_ptr_mut(&pid_tgid) else {
+    let Some(call) = ACTIVE_CALLS.get_ptr_mut(pid_tgid) else {
         count(counters::NO_SYSCALL_ARGS);
         return Copied {
             captured: 0,

@@ -60,7 +60,7 @@ fn netns_excluded(cfg: &LoupeConfig, sk: u64) -> bool {
         return true;
     };
     // SAFETY: map lookup of a plain key.
-    unsafe { NETNS_FILTER.get(&inum) }.is_none()
+    unsafe { NETNS_FILTER.get(inum) }.is_none()
 }
 
 /// Starts tracking a socket; `flags` and `role` say how it was found.
@@ -90,9 +90,9 @@ pub fn track(
         flags,
         _pad: [0; 3],
     };
-    if CONNS.insert(&sk, &state, 0).is_err() {
+    if CONNS.insert(sk, state, 0).is_err() {
         count(counters::CONN_MAP_FULL);
         return None;
     }
-    CONNS.get_ptr_mut(&sk)
+    CONNS.get_ptr_mut(sk)
 }

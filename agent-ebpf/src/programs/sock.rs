@@ -104,7 +104,7 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     }
     let sk: u64 = field(ctx, len_tp::SK)?;
 
-    let conn = match CONNS.get_ptr_mut(&sk) {
+    let conn = match CONNS.get_ptr_mut(sk) {
         Some(conn) => conn,
         None => track_midstream(&cfg, sk)?,
     };
@@ -240,7 +240,7 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), ()> {
         (TCP_LISTEN, TCP_SYN_RECV) => ROLE_SERVER,
         // connect() picks the source port after entering SYN_SENT: take the final tuple here.
         (TCP_SYN_SENT, TCP_ESTABLISHED) => {
-            if let Some(conn) = CONNS.get_ptr_mut(&sk) {
+            if let Some(conn) = CONNS.get_ptr_mut(sk) {
                 let tuple = state_tuple(ctx)?;
                 // SAFETY: pointer from a successful lookup, valid for this program run.
                 unsafe { (*conn).tuple = tuple };
@@ -285,10 +285,10 @@ fn state_tuple(ctx: &TracePointContext) -> Result<ConnTuple, ()> {
 #[inline(always)]
 fn on_close(sk: u64) -> Result<(), ()> {
     // SAFETY: map lookup of a plain key; the value is copied out before the delete.
-    let Some(conn) = (unsafe { CONNS.get(&sk) }).copied() else {
+    let Some(conn) = (unsafe { CONNS.get(sk) }).copied() else {
         return Ok(());
     };
-    let _ = CONNS.remove(&sk);
+    let _ = CONNS.remove(sk);
     if conn.status != STATUS_CAPTURED {
         return Ok(());
     }

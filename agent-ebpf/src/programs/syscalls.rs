@@ -44,7 +44,7 @@ fn on_enter(
         _pad: [0; 2],
         msg_index: 0,
     };
-    if ACTIVE_CALLS.insert(&pid_tgid, &call, 0).is_err() {
+    if ACTIVE_CALLS.insert(pid_tgid, call, 0).is_err() {
         count(agent_common::counters::ARGS_MAP_FULL);
     }
     0
@@ -54,7 +54,7 @@ fn on_enter(
 fn on_exit() -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // Cheaper than filtering first: a delete of an absent key is one hash probe.
-    let _ = ACTIVE_CALLS.remove(&pid_tgid);
+    let _ = ACTIVE_CALLS.remove(pid_tgid);
     0
 }
 

@@ -21,6 +21,10 @@ impl Segment {
             Segment::Gap(n) => *n,
         }
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What pushing one event did.

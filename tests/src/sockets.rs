@@ -1,0 +1,205 @@
+//! Sending and receiving with each syscall family, through libc, so the test knows exactly
+//! which syscall moved the bytes.
+
+use std::os::fd::RawFd;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// write / read
+    ReadWrite,
+    /// writev / readv
+    Vectored,
+    /// send / recv (sendto / recvfrom without an address on x86_64)
+    SendRecv,
+    /// sendto / recvfrom with address arguments
+    SendToRecvFrom,
+    /// sendmsg / recvmsg with several iovecs
+    Msg,
+    /// sendmmsg / recvmmsg with several messages
+    Mmsg,
+}
+
+impl Family {
+    pub const ALL: [Family; 6] = [
+        Family::ReadWrite,
+        Family::Vectored,
+        Family::SendRecv,
+        Family::SendToRecvFrom,
+        Family::Msg,
+        Family::Mmsg,
+    ];
+
+    /// The syscall names the agent reports for (send side, receive side).
+    pub fn syscalls(self) -> (&'static str, &'static str) {
+        match self {
+            Family::ReadWrite => ("write", "read"),
+            Family::Vectored => ("writev", "readv"),
+            Family::SendRecv | Family::SendToRecvFrom => ("sendto", "recvfrom"),
+            Family::Msg => ("sendmsg", "recvmsg"),
+            Family::Mmsg => ("sendmmsg", "recvmmsg"),
+        }
+    }
+}
+
+fn check(ret: isize, what: &str) -> usize {
+    assert!(
+        ret >= 0,
+        "{what} failed: {}",
+        std::io::Error::last_os_error()
+    );
+    ret as usize
+}
+
+fn iovecs(parts: &[&[u8]]) -> Vec<libc::iovec> {
+    parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut _,
+            iov_len: p.len(),
+        })
+        .collect()
+}
+
+/// Sends `parts` with one call of `family` (split into 3 iovecs or messages where the family
+/// takes several), retrying until all is sent.
+pub fn send(fd: RawFd, family: Family, data: &[u8]) {
+    let mut sent = 0;
+    while sent < data.len() {
+        let rest = &data[sent..];
+        let third = rest.len().div_ceil(3);
+        let parts: Vec<&[u8]> = rest.chunks(third.max(1)).collect();
+        // SAFETY: all pointers reference live buffers for the duration of the call.
+        let n = unsafe {
+            match family {
+                Family::ReadWrite => libc::write(fd, rest.as_ptr().cast(), rest.len()),
+                Family::Vectored => {
+                    let v = iovecs(&parts);
+                    libc::writev(fd, v.as_ptr(), v.len() as i32)
+                }
+                Family::SendRecv => libc::send(fd, rest.as_ptr().cast(), rest.len(), 0),
+                Family::SendToRecvFrom => {
+                    libc::sendto(fd, rest.as_ptr().cast(), rest.len(), 0, std::ptr::null(), 0)
+                }
+                Family::Msg => {
+                    let mut v = iovecs(&parts);
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_iov = v.as_mut_ptr();
+                    msg.msg_iovlen = v.len();
+                    libc::sendmsg(fd, &msg, 0)
+                }
+                Family::Mmsg => {
+                    let mut vs: Vec<libc::iovec> = iovecs(&parts);
+                    let mut msgs: Vec<libc::mmsghdr> = vs
+                        .iter_mut()
+                        .map(|v| {
+                            let mut m: libc::mmsghdr = std::mem::zeroed();
+                            m.msg_hdr.msg_iov = v;
+                            m.msg_hdr.msg_iovlen = 1;
+                            m
+                        })
+                        .collect();
+                    let count = libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, 0);
+                    let count = check(count as isize, "sendmmsg");
+                    msgs[..count].iter().map(|m| m.msg_len as isize).sum()
+                }
+            }
+        };
+        sent += check(n, "send");
+    }
+}
+
+/// Receives exactly `len` bytes with `family`, using 3 buffers/messages where it takes several.
+pub fn recv(fd: RawFd, family: Family, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let want = len - out.len();
+        let mut bufs = [
+            vec![0u8; want.div_ceil(3)],
+            vec![0u8; want.div_ceil(3)],
+            vec![0u8; want.div_ceil(3)],
+        ];
+        let single = want;
+        let mut one = vec![0u8; single];
+        // SAFETY: all pointers reference live, large enough buffers for the duration of the call.
+        let got: Vec<u8> = unsafe {
+            match family {
+                Family::ReadWrite => {
+                    let n = check(libc::read(fd, one.as_mut_ptr().cast(), single), "read");
+                    one[..n].to_vec()
+                }
+                Family::SendRecv => {
+                    let n = check(libc::recv(fd, one.as_mut_ptr().cast(), single, 0), "recv");
+                    one[..n].to_vec()
+                }
+                Family::SendToRecvFrom => {
+                    let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+                    let mut alen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                    let n = libc::recvfrom(
+                        fd,
+                        one.as_mut_ptr().cast(),
+                        single,
+                        0,
+                        (&raw mut addr).cast(),
+                        &mut alen,
+                    );
+                    let n = check(n, "recvfrom");
+                    one[..n].to_vec()
+                }
+                Family::Vectored | Family::Msg => {
+                    // Bytes fill the iovecs in order: reassemble them the same way.
+                    let v: Vec<libc::iovec> = bufs
+                        .iter_mut()
+                        .map(|b| libc::iovec {
+                            iov_base: b.as_mut_ptr().cast(),
+                            iov_len: b.len(),
+                        })
+                        .collect();
+                    let n = if family == Family::Vectored {
+                        check(libc::readv(fd, v.as_ptr(), v.len() as i32), "readv")
+                    } else {
+                        let mut msg: libc::msghdr = std::mem::zeroed();
+                        msg.msg_iov = v.as_ptr() as *mut _;
+                        msg.msg_iovlen = v.len();
+                        check(libc::recvmsg(fd, &mut msg, 0), "recvmsg")
+                    };
+                    bufs.concat()[..n].to_vec()
+                }
+                Family::Mmsg => {
+                    let mut vs: Vec<libc::iovec> = bufs
+                        .iter_mut()
+                        .map(|b| libc::iovec {
+                            iov_base: b.as_mut_ptr().cast(),
+                            iov_len: b.len(),
+                        })
+                        .collect();
+                    let mut msgs: Vec<libc::mmsghdr> = vs
+                        .iter_mut()
+                        .map(|v| {
+                            let mut m: libc::mmsghdr = std::mem::zeroed();
+                            m.msg_hdr.msg_iov = v;
+                            m.msg_hdr.msg_iovlen = 1;
+                            m
+                        })
+                        .collect();
+                    // MSG_WAITFORONE: block for the first message only, take what else is there.
+                    let count = libc::recvmmsg(
+                        fd,
+                        msgs.as_mut_ptr(),
+                        msgs.len() as u32,
+                        libc::MSG_WAITFORONE,
+                        std::ptr::null_mut(),
+                    );
+                    let count = check(count as isize, "recvmmsg");
+                    let mut got = Vec::new();
+                    for (i, m) in msgs[..count].iter().enumerate() {
+                        got.extend_from_slice(&bufs[i][..m.msg_len as usize]);
+                    }
+                    got
+                }
+            }
+        };
+        assert!(!got.is_empty(), "peer closed early");
+        out.extend(got);
+    }
+    out
+}

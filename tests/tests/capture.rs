@@ -1,0 +1,364 @@
+//! Privileged: the real kernel programs capture real sockets, byte for byte.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsRawFd as _, unix::net::UnixStream},
+    time::Duration,
+};
+
+use loupe_tests::{
+    Agent, Captured, contains, metric, pattern, privileged, python,
+    sockets::{Family, recv, send},
+};
+
+/// A connected pair over loopback: (client, server).
+fn pair(v6: bool) -> (TcpStream, TcpStream) {
+    let listener =
+        TcpListener::bind(if v6 { "[::1]:0" } else { "127.0.0.1:0" }).expect("bind loopback");
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+/// Writes `data` on `from` and reads exactly as much on `to`.
+fn transfer(from: &mut impl Write, to: &mut impl Read, data: &[u8]) {
+    from.write_all(data).unwrap();
+    let mut buf = vec![0; data.len()];
+    to.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, data);
+}
+
+fn addrs(s: &TcpStream) -> (SocketAddr, SocketAddr) {
+    (s.local_addr().unwrap(), s.peer_addr().unwrap())
+}
+
+/// One request/response exchange with `family`, payloads larger than one iovec but each call
+/// below the capture cap so every byte must come out.
+fn exchange(
+    family: Family,
+    client: &TcpStream,
+    server: &TcpStream,
+    seed: u8,
+) -> (Vec<u8>, Vec<u8>) {
+    let request = pattern(3000, seed);
+    let response = pattern(2500, seed.wrapping_add(1));
+    send(client.as_raw_fd(), family, &request);
+    assert_eq!(recv(server.as_raw_fd(), family, request.len()), request);
+    send(server.as_raw_fd(), family, &response);
+    assert_eq!(recv(client.as_raw_fd(), family, response.len()), response);
+    (request, response)
+}
+
+fn assert_streams(
+    c: &Captured,
+    client: &TcpStream,
+    server: &TcpStream,
+    req: &[u8],
+    resp: &[u8],
+    family: Family,
+) {
+    let (cl, cr) = addrs(client);
+    let (sl, sr) = addrs(server);
+    let what = format!("{family:?} {cl}");
+    assert_eq!(c.stream(cl, cr, "send"), req, "{what}: client send stream");
+    assert_eq!(c.stream(sl, sr, "recv"), req, "{what}: server recv stream");
+    assert_eq!(c.stream(sl, sr, "send"), resp, "{what}: server send stream");
+    assert_eq!(c.stream(cl, cr, "recv"), resp, "{what}: client recv stream");
+
+    let (send_sys, recv_sys) = family.syscalls();
+    let client_events = c.of(cl, cr);
+    assert!(
+        client_events
+            .iter()
+            .all(|e| e.role == "client" && e.pid == std::process::id()),
+        "{what}: {client_events:?}"
+    );
+    assert!(
+        client_events
+            .iter()
+            .filter(|e| e.direction == "send")
+            .all(|e| e.syscall == send_sys),
+        "{what}"
+    );
+    assert!(
+        client_events
+            .iter()
+            .filter(|e| e.direction == "recv")
+            .all(|e| e.syscall == recv_sys),
+        "{what}"
+    );
+    assert!(
+        c.of(sl, sr)
+            .iter()
+            .all(|e| e.role == "server" && !e.midstream),
+        "{what}"
+    );
+}
+
+fn every_syscall_family(v6: bool) {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+    let mut runs = Vec::new();
+    for (i, family) in Family::ALL.into_iter().enumerate() {
+        let (client, server) = pair(v6);
+        let (req, resp) = exchange(family, &client, &server, i as u8 * 2);
+        // A second exchange on the same connection: streams must continue, not restart.
+        let (req2, resp2) = exchange(family, &client, &server, i as u8 * 2 + 1);
+        runs.push((
+            family,
+            client,
+            server,
+            [req, req2].concat(),
+            [resp, resp2].concat(),
+        ));
+    }
+    let captured = agent.stop();
+    for (family, client, server, req, resp) in &runs {
+        assert_streams(&captured, client, server, req, resp, *family);
+    }
+}
+
+#[test]
+fn captures_every_syscall_family_over_ipv4() {
+    every_syscall_family(false);
+}
+
+#[test]
+fn captures_every_syscall_family_over_ipv6() {
+    every_syscall_family(true);
+}
+
+#[test]
+fn payloads_beyond_the_cap_are_truncated_and_marked() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--capture-bytes", "1000"]);
+    let (mut client, mut server) = pair(false);
+    let big = pattern(10_000, 7);
+    client.write_all(&big).unwrap();
+    let mut got = vec![0; big.len()];
+    server.read_exact(&mut got).unwrap();
+    let c = agent.stop();
+    let (cl, cr) = addrs(&client);
+    let sends: Vec<_> = c
+        .of(cl, cr)
+        .into_iter()
+        .filter(|e| e.direction == "send")
+        .collect();
+    assert_eq!(sends.len(), 1, "one write, one event");
+    assert_eq!(sends[0].bytes, 10_000);
+    assert_eq!(sends[0].captured, 1000);
+    assert!(sends[0].truncated);
+    assert_eq!(sends[0].payload(), &big[..1000]);
+    // The receiving side's stream accounts for every byte even where none were captured.
+    let (sl, sr) = addrs(&server);
+    let total: u64 = c
+        .of(sl, sr)
+        .iter()
+        .filter(|e| e.direction == "recv")
+        .map(|e| e.bytes as u64)
+        .sum();
+    assert_eq!(total, 10_000);
+}
+
+#[test]
+fn a_connection_opened_before_the_agent_is_captured_from_its_next_io() {
+    if !privileged() {
+        return;
+    }
+    // The listener stays open, as a real server's does: the role comes from it.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    transfer(&mut client, &mut server, b"before the agent");
+
+    let me = std::process::id().to_string();
+    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+    transfer(&mut client, &mut server, b"after the agent started");
+    transfer(&mut server, &mut client, b"reply");
+    let c = agent.stop();
+
+    let (cl, cr) = addrs(&client);
+    let (sl, sr) = addrs(&server);
+    let client_sends: Vec<_> = c
+        .of(cl, cr)
+        .into_iter()
+        .filter(|e| e.direction == "send")
+        .collect();
+    assert_eq!(client_sends.len(), 1);
+    assert_eq!(client_sends[0].payload(), b"after the agent started");
+    assert!(client_sends[0].midstream, "joined mid-stream");
+    // The role came from /proc: the server side owns the listening port.
+    assert_eq!(client_sends[0].role, "client");
+    assert!(
+        c.of(sl, sr).iter().all(|e| e.role == "server"),
+        "{:?}",
+        c.of(sl, sr)
+    );
+    assert_eq!(c.stream(sl, sr, "send"), b"reply");
+}
+
+#[test]
+fn the_agents_own_traffic_is_never_captured() {
+    if !privileged() {
+        return;
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&["--all-protocols", "--metrics-addr", &addr]);
+    let agent_pid = agent.pid();
+    // Scrape the agent's own metrics endpoint: the agent answers on a TCP socket.
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = TcpStream::connect(&addr) {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: loupe\r\n\r\n")
+                .unwrap();
+            s.read_to_string(&mut body).unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        body.contains("loupe_kernel_events_total"),
+        "metrics answer: {body}"
+    );
+    let c = agent.stop();
+    let me = std::process::id();
+    // Our side of the scrape is captured (so capture works here) ...
+    assert!(
+        c.data.iter().any(|d| d.pid == me
+            && d.remote.port() == port
+            && contains(&d.payload(), b"GET /metrics")),
+        "the test's own request was not captured"
+    );
+    // ... the agent's side is not.
+    let own: Vec<_> = c.data.iter().filter(|d| d.pid == agent_pid).collect();
+    assert!(own.is_empty(), "agent captured itself: {own:?}");
+    // Its socket is the one bound to the metrics port: no event may be on it, whatever the pid.
+    assert!(
+        c.data.iter().all(|d| d.local.port() != port),
+        "the agent's socket was captured"
+    );
+}
+
+#[test]
+fn udp_and_unix_sockets_are_ignored() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+
+    let udp_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp_a
+        .send_to(b"UDP-MARKER-1", udp_b.local_addr().unwrap())
+        .unwrap();
+    let mut buf = [0; 64];
+    udp_b.recv_from(&mut buf).unwrap();
+    let udp6_a = UdpSocket::bind("[::1]:0").unwrap();
+    udp6_a.connect(udp_b.local_addr().unwrap()).ok();
+    let (mut ua, mut ub) = UnixStream::pair().unwrap();
+    transfer(&mut ua, &mut ub, b"UNIX-MARKER-2");
+    // A TCP control in the same run: proves the agent was capturing.
+    let (mut client, mut server) = pair(false);
+    transfer(&mut client, &mut server, b"TCP-MARKER-3");
+
+    let c = agent.stop();
+    assert!(
+        c.any_payload_contains(b"TCP-MARKER-3"),
+        "TCP control missing"
+    );
+    assert!(!c.any_payload_contains(b"UDP-MARKER-1"), "UDP captured");
+    assert!(
+        !c.any_payload_contains(b"UNIX-MARKER-2"),
+        "unix socket captured"
+    );
+}
+
+#[test]
+fn a_pid_filter_excludes_other_processes() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+    python(
+        "import socket\n\
+         l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen()\n\
+         c=socket.create_connection(l.getsockname()); a,_=l.accept()\n\
+         c.sendall(b'OTHER-PROCESS-MARKER'); a.recv(64)\n",
+    );
+    let (mut client, mut server) = pair(false);
+    transfer(&mut client, &mut server, b"SELECTED-PROCESS-MARKER");
+    let c = agent.stop();
+    assert!(c.any_payload_contains(b"SELECTED-PROCESS-MARKER"));
+    assert!(
+        !c.any_payload_contains(b"OTHER-PROCESS-MARKER"),
+        "another process was captured"
+    );
+    assert!(c.data.iter().all(|d| d.pid == std::process::id()));
+}
+
+#[test]
+fn without_all_protocols_only_http_connections_are_captured() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&["--pid", &me, "--metrics-addr", &addr]);
+    let (mut client, mut server) = pair(false);
+    transfer(&mut client, &mut server, b"\x00\x01binary-protocol-MARKER");
+    transfer(
+        &mut client,
+        &mut server,
+        b"more binary after classification",
+    );
+
+    let (mut hc, mut hs) = pair(false);
+    transfer(
+        &mut hc,
+        &mut hs,
+        b"GET /classified HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    transfer(&mut hs, &mut hc, b"HTTP/1.1 204 No Content\r\n\r\n");
+
+    let mut metrics = String::new();
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    s.read_to_string(&mut metrics).unwrap();
+    let c = agent.stop();
+    assert!(c.any_payload_contains(b"GET /classified"));
+    assert!(c.any_payload_contains(b"HTTP/1.1 204"));
+    assert!(
+        !c.any_payload_contains(b"binary"),
+        "unclassified traffic was emitted"
+    );
+    let ignored = metric(
+        &metrics,
+        "loupe_kernel_events_total{reason=\"conns_ignored\"",
+    )
+    .unwrap_or(0);
+    assert!(
+        ignored >= 2,
+        "both ends of the binary connection are ignored in the kernel: {ignored}\n{metrics}"
+    );
+    let (hl, hr) = addrs(&hs);
+    assert!(c.of(hl, hr).iter().all(|e| e.protocol == "http1"));
+}
