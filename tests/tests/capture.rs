@@ -362,3 +362,106 @@ fn without_all_protocols_only_http_connections_are_captured() {
     let (hl, hr) = addrs(&hs);
     assert!(c.of(hl, hr).iter().all(|e| e.protocol == "http1"));
 }
+
+/// A Python one-shot TCP exchange sending `marker`, run with `prefix` (e.g. `ip netns exec NS`).
+fn python_exchange(prefix: &[&str], setup: &str, marker: &str) {
+    let script = format!(
+        "{setup}\nimport socket\n\
+         l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen()\n\
+         c=socket.create_connection(l.getsockname()); a,_=l.accept()\n\
+         c.sendall(b'{marker}'); assert a.recv(64)==b'{marker}'\n"
+    );
+    let mut cmd = std::process::Command::new(prefix.first().copied().unwrap_or("python3"));
+    if !prefix.is_empty() {
+        cmd.args(&prefix[1..]).arg("python3");
+    }
+    let out = cmd.arg("-c").arg(&script).output().expect("run python3");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("iproute2 is installed");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+#[test]
+fn a_netns_filter_selects_sockets_of_one_namespace() {
+    if !privileged() {
+        return;
+    }
+    let ns = format!("loupe-t{}", std::process::id());
+    ip(&["netns", "add", &ns]);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone());
+    ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+
+    let agent = Agent::start(&["--all-protocols", "--netns", &ns]);
+    python_exchange(&["ip", "netns", "exec", &ns], "", "INSIDE-NETNS-MARKER");
+    let (mut client, mut server) = pair(false);
+    transfer(&mut client, &mut server, b"ROOT-NETNS-MARKER");
+    let c = agent.stop();
+    assert!(
+        c.any_payload_contains(b"INSIDE-NETNS-MARKER"),
+        "traffic in the selected namespace missing"
+    );
+    assert!(
+        !c.any_payload_contains(b"ROOT-NETNS-MARKER"),
+        "traffic outside the namespace captured"
+    );
+}
+
+/// Where the cgroup v2 hierarchy is mounted (pure v2 or hybrid).
+fn cgroup2_root() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
+    })
+}
+
+#[test]
+fn a_cgroup_filter_selects_processes_of_one_cgroup() {
+    if !privileged() {
+        return;
+    }
+    let root = cgroup2_root().expect("a cgroup2 hierarchy is mounted");
+    let dir = format!("{root}/loupe-test-{}", std::process::id());
+    std::fs::create_dir(&dir).expect("create a test cgroup");
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+
+    let agent = Agent::start(&["--all-protocols", "--cgroup", &dir]);
+    // The child moves itself into the cgroup before it talks.
+    let setup = format!("import os\nopen('{dir}/cgroup.procs','w').write(str(os.getpid()))");
+    python_exchange(&[], &setup, "IN-CGROUP-MARKER");
+    let (mut client, mut server) = pair(false);
+    transfer(&mut client, &mut server, b"OUTSIDE-CGROUP-MARKER");
+    let c = agent.stop();
+    assert!(
+        c.any_payload_contains(b"IN-CGROUP-MARKER"),
+        "traffic of the selected cgroup missing"
+    );
+    assert!(
+        !c.any_payload_contains(b"OUTSIDE-CGROUP-MARKER"),
+        "traffic outside the cgroup captured"
+    );
+}
