@@ -11,4 +11,6 @@ pub mod decode;
 pub mod metrics;
 pub mod pipeline;
 pub mod procfs;
+pub mod protocol;
 pub mod reader;
+pub mod trace;

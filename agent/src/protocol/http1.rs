@@ -1,0 +1,545 @@
+//! HTTP/1.0 and 1.1 message framing over a reassembled stream (`conn::Segment`s).
+//!
+//! Heads are parsed with httparse. Bodies are skipped by count, not copied, so a body the capture
+//! cap truncated (a gap in the stream) is skipped just the same. When framing is lost (a gap
+//! inside a head or a chunk-size line, garbage), the reader resynchronises on the next thing that
+//! looks like a message start, and says so.
+
+use bytes::{Buf as _, Bytes, BytesMut};
+
+use crate::conn::Segment;
+
+/// Heads larger than this are not HTTP we can parse (or an attack): counted as malformed.
+pub const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 96;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartLine {
+    Request { method: String, target: String },
+    Response { status: u16, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub start: StartLine,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    /// Names as sent; values as bytes (they need not be UTF-8).
+    pub headers: Vec<(String, Bytes)>,
+    /// The head was cut by a gap: headers after the cut are missing.
+    pub truncated: bool,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    }
+
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    }
+
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    pub fn is_request(&self) -> bool {
+        matches!(self.start, StartLine::Request { .. })
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self.start {
+            StartLine::Response { status, .. } => Some(status),
+            StartLine::Request { .. } => None,
+        }
+    }
+
+    pub fn method(&self) -> Option<&str> {
+        match &self.start {
+            StartLine::Request { method, .. } => Some(method),
+            StartLine::Response { .. } => None,
+        }
+    }
+
+    /// Whether the peer will close after this message.
+    pub fn closes(&self) -> bool {
+        if self.minor_version == 0 {
+            !self.has_token("connection", "keep-alive")
+        } else {
+            self.has_token("connection", "close")
+        }
+    }
+}
+
+/// How the body after a head is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadParse {
+    Incomplete,
+    Invalid(&'static str),
+    /// The head and its length in bytes.
+    Parsed(Head, usize),
+}
+
+fn headers_of(raw: &[httparse::Header<'_>]) -> Vec<(String, Bytes)> {
+    raw.iter()
+        .map(|h| (h.name.to_string(), Bytes::copy_from_slice(h.value)))
+        .collect()
+}
+
+/// Parses a request head at the start of `buf`.
+pub fn parse_request(buf: &[u8]) -> HeadParse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
+            Head {
+                start: StartLine::Request {
+                    method: req.method.unwrap_or_default().to_string(),
+                    target: req.path.unwrap_or_default().to_string(),
+                },
+                minor_version: req.version.unwrap_or(1),
+                headers: headers_of(req.headers),
+                truncated: false,
+            },
+            len,
+        ),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            HeadParse::Invalid("head too large")
+        }
+        Ok(httparse::Status::Partial) => HeadParse::Incomplete,
+        Err(_) => HeadParse::Invalid("malformed request head"),
+    }
+}
+
+/// Parses a response head at the start of `buf`.
+pub fn parse_response(buf: &[u8]) -> HeadParse {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
+            Head {
+                start: StartLine::Response {
+                    status: resp.code.unwrap_or_default(),
+                    reason: resp.reason.unwrap_or_default().to_string(),
+                },
+                minor_version: resp.version.unwrap_or(1),
+                headers: headers_of(resp.headers),
+                truncated: false,
+            },
+            len,
+        ),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            HeadParse::Invalid("head too large")
+        }
+        Ok(httparse::Status::Partial) => HeadParse::Incomplete,
+        Err(_) => HeadParse::Invalid("malformed response head"),
+    }
+}
+
+/// Body framing of a message with this head. `request_method` is the method of the request a
+/// response answers (a response to HEAD has no body whatever its headers say).
+pub fn framing(head: &Head, request_method: Option<&str>) -> Framing {
+    if let Some(status) = head.status() {
+        if (100..200).contains(&status) || status == 204 || status == 304 {
+            return Framing::None;
+        }
+        if request_method.is_some_and(|m| m.eq_ignore_ascii_case("HEAD")) {
+            return Framing::None;
+        }
+        if request_method.is_some_and(|m| m.eq_ignore_ascii_case("CONNECT"))
+            && (200..300).contains(&status)
+        {
+            return Framing::UntilClose;
+        }
+    }
+    if head.has_token("transfer-encoding", "chunked") {
+        return Framing::Chunked;
+    }
+    if let Some(len) = head
+        .header_str("content-length")
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        return if len == 0 {
+            Framing::None
+        } else {
+            Framing::Length(len)
+        };
+    }
+    if head.is_request() {
+        Framing::None
+    } else {
+        Framing::UntilClose
+    }
+}
+
+/// Whether `data` starts like an HTTP/1 message of this direction: used to resynchronise.
+fn looks_like_start(data: &[u8], requests: bool) -> bool {
+    if requests {
+        const METHODS: [&[u8]; 9] = [
+            b"GET ",
+            b"POST ",
+            b"PUT ",
+            b"HEAD ",
+            b"DELETE ",
+            b"PATCH ",
+            b"OPTIONS ",
+            b"CONNECT ",
+            b"TRACE ",
+        ];
+        METHODS
+            .iter()
+            .any(|m| data.starts_with(m) || m.starts_with(data))
+    } else {
+        data.starts_with(b"HTTP/1.") || b"HTTP/1.".starts_with(data)
+    }
+}
+
+/// What the reader found, in stream order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A message head; its body (if any) follows.
+    Head { head: Head, framing: Framing },
+    /// The current message ended: `complete` is false when framing was lost and the end is a
+    /// guess (or the connection closed before it).
+    End { complete: bool },
+    /// Bytes that are not HTTP where a message should start: skipped until something that
+    /// looks like a message start.
+    Malformed { reason: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line.
+    Size,
+    /// Inside chunk data.
+    Data(u64),
+    /// The CRLF after chunk data: bytes left to skip.
+    DataEnd(u8),
+    /// Trailer lines after the last chunk, until an empty line.
+    Trailer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    Chunked(Chunk),
+    UntilClose,
+    /// Framing lost: wait for a message start.
+    Resync,
+}
+
+/// Reads one direction of an HTTP/1 connection. Holds at most one head's worth of bytes.
+#[derive(Debug)]
+pub struct MessageReader {
+    requests: bool,
+    state: State,
+    buf: BytesMut,
+}
+
+impl MessageReader {
+    pub fn requests() -> Self {
+        Self {
+            requests: true,
+            state: State::Head,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub fn responses() -> Self {
+        Self {
+            requests: false,
+            state: State::Head,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// A reader for a stream joined mid-way: it waits for a message start.
+    pub fn resyncing(requests: bool) -> Self {
+        Self {
+            requests,
+            state: State::Resync,
+            buf: BytesMut::new(),
+        }
+    }
+
+    pub fn in_message(&self) -> bool {
+        !matches!(self.state, State::Head | State::Resync) || !self.buf.is_empty()
+    }
+
+    /// Feeds one segment. For responses, `request_method` is asked, for each response head, the
+    /// method of the request it answers (HEAD and CONNECT change the framing).
+    pub fn feed(
+        &mut self,
+        seg: Segment,
+        request_method: &mut dyn FnMut(&Head) -> Option<String>,
+        out: &mut Vec<Item>,
+    ) {
+        match seg {
+            Segment::Gap(n) => self.gap(n, out),
+            Segment::Data(data) => self.data(data, request_method, out),
+        }
+    }
+
+    /// The connection closed: ends a message that runs until close, abandons any other.
+    pub fn close(&mut self, out: &mut Vec<Item>) {
+        match self.state {
+            State::UntilClose => out.push(Item::End { complete: true }),
+            State::Body(_) | State::Chunked(_) => out.push(Item::End { complete: false }),
+            State::Head | State::Resync => {}
+        }
+        self.state = State::Head;
+        self.buf.clear();
+    }
+
+    fn gap(&mut self, n: u64, out: &mut Vec<Item>) {
+        match self.state {
+            State::Head if self.buf.is_empty() => self.state = State::Resync,
+            State::Head => {
+                // The head was cut (capture cap or lost event): keep what we have of it.
+                let partial = std::mem::take(&mut self.buf);
+                if let Some(head) = salvage_head(&partial, self.requests) {
+                    out.push(Item::Head {
+                        head,
+                        framing: Framing::None,
+                    });
+                    out.push(Item::End { complete: false });
+                } else {
+                    out.push(Item::Malformed {
+                        reason: "head cut by a capture gap",
+                    });
+                }
+                self.state = State::Resync;
+            }
+            State::Body(remaining) => {
+                if n < remaining {
+                    self.state = State::Body(remaining - n);
+                } else {
+                    out.push(Item::End { complete: true });
+                    // Bytes past the body: the start of the next message was in the gap.
+                    self.state = if n == remaining {
+                        State::Head
+                    } else {
+                        State::Resync
+                    };
+                }
+            }
+            State::Chunked(Chunk::Data(remaining)) if n < remaining => {
+                self.state = State::Chunked(Chunk::Data(remaining - n));
+            }
+            State::Chunked(Chunk::Data(remaining)) if n == remaining => {
+                self.state = State::Chunked(Chunk::DataEnd(2));
+            }
+            State::Chunked(_) => {
+                // A chunk-size line is gone: where the body ends is unknowable.
+                out.push(Item::End { complete: false });
+                self.state = State::Resync;
+            }
+            State::UntilClose | State::Resync => {}
+        }
+    }
+
+    fn data(
+        &mut self,
+        mut data: Bytes,
+        request_method: &mut dyn FnMut(&Head) -> Option<String>,
+        out: &mut Vec<Item>,
+    ) {
+        // Bounded by the bytes fed: every iteration consumes at least one byte or returns.
+        while !data.is_empty() {
+            match self.state {
+                State::Resync => {
+                    let Some(at) =
+                        (0..data.len()).find(|&i| looks_like_start(&data[i..], self.requests))
+                    else {
+                        return;
+                    };
+                    data.advance(at);
+                    self.state = State::Head;
+                }
+                State::Head => {
+                    let (parsed, from_buf) = if self.buf.is_empty() {
+                        (self.parse_head(&data), false)
+                    } else {
+                        self.buf.extend_from_slice(&data);
+                        (self.parse_head(&self.buf.clone()), true)
+                    };
+                    match parsed {
+                        HeadParse::Incomplete => {
+                            if !from_buf {
+                                self.buf.extend_from_slice(&data);
+                            }
+                            return;
+                        }
+                        HeadParse::Invalid(reason) => {
+                            out.push(Item::Malformed { reason });
+                            self.buf.clear();
+                            self.state = State::Resync;
+                            // Skip at least the first byte so resync looks further on.
+                            data.advance(1);
+                        }
+                        HeadParse::Parsed(head, len) => {
+                            let method = if self.requests {
+                                None
+                            } else {
+                                request_method(&head)
+                            };
+                            let framing = framing(&head, method.as_deref());
+                            if from_buf {
+                                // `len` counts from the start of buf, whose tail is `data`.
+                                let consumed_from_data = len - (self.buf.len() - data.len());
+                                data.advance(consumed_from_data);
+                                self.buf.clear();
+                            } else {
+                                data.advance(len);
+                            }
+                            out.push(Item::Head { head, framing });
+                            self.state = match framing {
+                                Framing::None => {
+                                    out.push(Item::End { complete: true });
+                                    State::Head
+                                }
+                                Framing::Length(n) => State::Body(n),
+                                Framing::Chunked => State::Chunked(Chunk::Size),
+                                Framing::UntilClose => State::UntilClose,
+                            };
+                        }
+                    }
+                }
+                State::Body(remaining) => {
+                    let take = remaining.min(data.len() as u64);
+                    data.advance(take as usize);
+                    if take == remaining {
+                        out.push(Item::End { complete: true });
+                        self.state = State::Head;
+                    } else {
+                        self.state = State::Body(remaining - take);
+                    }
+                }
+                State::UntilClose => return,
+                State::Chunked(chunk) => self.chunked(chunk, &mut data, out),
+            }
+        }
+    }
+
+    fn chunked(&mut self, chunk: Chunk, data: &mut Bytes, out: &mut Vec<Item>) {
+        match chunk {
+            Chunk::Size | Chunk::Trailer => {
+                // Lines are short; gather one in buf.
+                let Some(nl) = data.iter().position(|&b| b == b'\n') else {
+                    self.buf.extend_from_slice(data);
+                    data.clear();
+                    if self.buf.len() > 1024 {
+                        out.push(Item::Malformed {
+                            reason: "chunk line too long",
+                        });
+                        out.push(Item::End { complete: false });
+                        self.buf.clear();
+                        self.state = State::Resync;
+                    }
+                    return;
+                };
+                self.buf.extend_from_slice(&data[..nl]);
+                data.advance(nl + 1);
+                let line = std::mem::take(&mut self.buf);
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                if chunk == Chunk::Trailer {
+                    if line.is_empty() {
+                        out.push(Item::End { complete: true });
+                        self.state = State::Head;
+                    }
+                    return;
+                }
+                let size_hex = line.split(|&b| b == b';').next().unwrap_or_default();
+                match std::str::from_utf8(size_hex)
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+                {
+                    Some(0) => self.state = State::Chunked(Chunk::Trailer),
+                    Some(n) => self.state = State::Chunked(Chunk::Data(n)),
+                    None => {
+                        out.push(Item::Malformed {
+                            reason: "bad chunk size",
+                        });
+                        out.push(Item::End { complete: false });
+                        self.state = State::Resync;
+                    }
+                }
+            }
+            Chunk::Data(remaining) => {
+                let take = remaining.min(data.len() as u64);
+                data.advance(take as usize);
+                self.state = State::Chunked(if take == remaining {
+                    Chunk::DataEnd(2)
+                } else {
+                    Chunk::Data(remaining - take)
+                });
+            }
+            Chunk::DataEnd(left) => {
+                // Tolerate a bare LF: skip CR if present, then expect LF.
+                let b = data[0];
+                data.advance(1);
+                self.state = State::Chunked(match (left, b) {
+                    (2, b'\r') => Chunk::DataEnd(1),
+                    (_, b'\n') => Chunk::Size,
+                    _ => {
+                        out.push(Item::Malformed {
+                            reason: "missing CRLF after chunk",
+                        });
+                        out.push(Item::End { complete: false });
+                        self.state = State::Resync;
+                        return;
+                    }
+                });
+            }
+        }
+    }
+
+    fn parse_head(&self, buf: &[u8]) -> HeadParse {
+        if self.requests {
+            parse_request(buf)
+        } else {
+            parse_response(buf)
+        }
+    }
+}
+
+/// A head cut short: parse the complete lines we have, marked truncated.
+fn salvage_head(partial: &[u8], requests: bool) -> Option<Head> {
+    let last_nl = partial.iter().rposition(|&b| b == b'\n')?;
+    let mut whole = partial[..=last_nl].to_vec();
+    whole.extend_from_slice(b"\r\n");
+    let parsed = if requests {
+        parse_request(&whole)
+    } else {
+        parse_response(&whole)
+    };
+    match parsed {
+        HeadParse::Parsed(mut head, _) => {
+            head.truncated = true;
+            Some(head)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,374 @@
+//! Pairs HTTP/1 requests with responses on one connection, first-in first-out (HTTP/1 has no
+//! ids; pipelined responses come back in request order). Pure: timestamps come in with the
+//! segments.
+
+use std::collections::VecDeque;
+
+use crate::{
+    conn::Segment,
+    protocol::http1::{Head, Item, MessageReader},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole response was seen.
+    Complete,
+    /// No response within the timeout.
+    Timeout,
+    /// The connection closed before the response (or its end) came.
+    Closed,
+    /// Framing was lost mid-response (capture gap over a chunk line): the end is a guess.
+    Incomplete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    pub request: Head,
+    pub response: Option<Head>,
+    /// Monotonic ns of the first request byte seen and of the last response byte seen (or when
+    /// the exchange was given up).
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug)]
+struct Pending {
+    request: Head,
+    start_ns: u64,
+    response: Option<Head>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SessionStats {
+    pub malformed: u64,
+    /// Responses with no request to answer (e.g. a connection joined mid-exchange).
+    pub orphan_responses: u64,
+}
+
+/// One HTTP/1 connection seen from one process.
+#[derive(Debug)]
+pub struct Session {
+    requests: MessageReader,
+    responses: MessageReader,
+    pending: VecDeque<Pending>,
+    /// Start of the request message currently being read.
+    request_start_ns: u64,
+    /// The response being read is an interim one (1xx): its end completes nothing.
+    interim: bool,
+    pub stats: SessionStats,
+}
+
+impl Session {
+    /// `midstream`: joined after the connection started; both readers wait for a message start.
+    pub fn new(midstream: bool) -> Self {
+        let (requests, responses) = if midstream {
+            (
+                MessageReader::resyncing(true),
+                MessageReader::resyncing(false),
+            )
+        } else {
+            (MessageReader::requests(), MessageReader::responses())
+        };
+        Self {
+            requests,
+            responses,
+            pending: VecDeque::new(),
+            request_start_ns: 0,
+            interim: false,
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// Bytes of the request direction, moved at `ts_ns`.
+    pub fn on_requests(&mut self, ts_ns: u64, segments: Vec<Segment>) {
+        let mut items = Vec::new();
+        for seg in segments {
+            if !self.requests.in_message() {
+                self.request_start_ns = ts_ns;
+            }
+            self.requests.feed(seg, &mut |_: &Head| None, &mut items);
+            for item in items.drain(..) {
+                match item {
+                    Item::Head { head, .. } => self.pending.push_back(Pending {
+                        request: head,
+                        start_ns: self.request_start_ns,
+                        response: None,
+                    }),
+                    // A pipelined request that follows in the same read starts now.
+                    Item::End { .. } => self.request_start_ns = ts_ns,
+                    Item::Malformed { .. } => self.stats.malformed += 1,
+                }
+            }
+        }
+    }
+
+    /// Bytes of the response direction, moved at `ts_ns`. Returns the exchanges they completed.
+    pub fn on_responses(&mut self, ts_ns: u64, segments: Vec<Segment>) -> Vec<Exchange> {
+        let mut done = Vec::new();
+        let mut items = Vec::new();
+        for seg in segments {
+            // One segment can hold several pipelined responses: the n-th final response head in
+            // it answers the n-th request still waiting.
+            let pending = &self.pending;
+            let mut answered = 0;
+            let mut method = |head: &Head| {
+                let index = answered;
+                if !head.status().is_some_and(|s| (100..200).contains(&s)) {
+                    answered += 1;
+                }
+                pending
+                    .iter()
+                    .filter(|p| p.response.is_none())
+                    .nth(index)
+                    .and_then(|p| p.request.method().map(str::to_string))
+            };
+            self.responses.feed(seg, &mut method, &mut items);
+            for item in items.drain(..) {
+                self.on_response_item(item, ts_ns, &mut done);
+            }
+        }
+        done
+    }
+
+    fn on_response_item(&mut self, item: Item, ts_ns: u64, done: &mut Vec<Exchange>) {
+        match item {
+            Item::Head { head, .. } => {
+                if head.status().is_some_and(|s| (100..200).contains(&s)) {
+                    self.interim = true;
+                    return;
+                }
+                match self.pending.iter_mut().find(|p| p.response.is_none()) {
+                    Some(p) => p.response = Some(head),
+                    None => self.stats.orphan_responses += 1,
+                }
+            }
+            Item::End { complete } => {
+                if std::mem::take(&mut self.interim) {
+                    return;
+                }
+                if self.pending.front().is_some_and(|p| p.response.is_some())
+                    && let Some(p) = self.pending.pop_front()
+                {
+                    done.push(Exchange {
+                        request: p.request,
+                        response: p.response,
+                        start_ns: p.start_ns,
+                        end_ns: ts_ns,
+                        outcome: if complete {
+                            Outcome::Complete
+                        } else {
+                            Outcome::Incomplete
+                        },
+                    });
+                }
+            }
+            Item::Malformed { .. } => self.stats.malformed += 1,
+        }
+    }
+
+    /// Gives up on requests waiting longer than `timeout_ns` for their response.
+    pub fn expire(&mut self, now_ns: u64, timeout_ns: u64) -> Vec<Exchange> {
+        let mut out = Vec::new();
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.response.is_none() && now_ns.saturating_sub(p.start_ns) > timeout_ns)
+        {
+            let p = self.pending.pop_front().expect("checked");
+            out.push(Exchange {
+                request: p.request,
+                response: None,
+                start_ns: p.start_ns,
+                end_ns: now_ns,
+                outcome: Outcome::Timeout,
+            });
+        }
+        out
+    }
+
+    /// The connection closed at `ts_ns`: a response delimited by the close completes, every
+    /// other waiting request ends as closed.
+    pub fn close(&mut self, ts_ns: u64) -> Vec<Exchange> {
+        let mut done = Vec::new();
+        let mut items = Vec::new();
+        self.responses.close(&mut items);
+        for item in items {
+            self.on_response_item(item, ts_ns, &mut done);
+        }
+        for p in self.pending.drain(..) {
+            done.push(Exchange {
+                request: p.request,
+                response: p.response,
+                start_ns: p.start_ns,
+                end_ns: ts_ns,
+                outcome: Outcome::Closed,
+            });
+        }
+        done
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn d(s: &str) -> Vec<Segment> {
+        vec![Segment::Data(Bytes::copy_from_slice(s.as_bytes()))]
+    }
+
+    fn statuses(ex: &[Exchange]) -> Vec<(String, Option<u16>, Outcome, u64, u64)> {
+        ex.iter()
+            .map(|e| {
+                let target = match &e.request.start {
+                    crate::protocol::http1::StartLine::Request { target, .. } => target.clone(),
+                    _ => unreachable!(),
+                };
+                (
+                    target,
+                    e.response.as_ref().and_then(|r| r.status()),
+                    e.outcome,
+                    e.start_ns,
+                    e.end_ns,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keep_alive_requests_pair_in_order_with_their_times() {
+        let mut s = Session::new(false);
+        s.on_requests(10, d("GET /a HTTP/1.1\r\n\r\n"));
+        let ex = s.on_responses(20, d("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        s.on_requests(30, d("GET /b HTTP/1.1\r\n\r\n"));
+        let ex2 = s.on_responses(45, d("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"));
+        assert_eq!(
+            statuses(&ex),
+            [("/a".into(), Some(200), Outcome::Complete, 10, 20)]
+        );
+        assert_eq!(
+            statuses(&ex2),
+            [("/b".into(), Some(404), Outcome::Complete, 30, 45)]
+        );
+    }
+
+    #[test]
+    fn pipelined_requests_get_their_own_responses() {
+        let mut s = Session::new(false);
+        s.on_requests(
+            10,
+            d("GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n"),
+        );
+        let ex = s.on_responses(
+            20,
+            d("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx\
+               HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n\
+               HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
+        );
+        let got: Vec<_> = statuses(&ex)
+            .into_iter()
+            .map(|(t, s, o, _, _)| (t, s, o))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("/1".into(), Some(200), Outcome::Complete),
+                ("/2".into(), Some(200), Outcome::Complete),
+                ("/3".into(), Some(201), Outcome::Complete)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_response_spanning_reads_ends_at_its_last_byte() {
+        let mut s = Session::new(false);
+        s.on_requests(5, d("POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"));
+        assert!(
+            s.on_responses(7, d("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc"))
+                .is_empty()
+        );
+        let ex = s.on_responses(9, d("def"));
+        assert_eq!(
+            statuses(&ex),
+            [("/x".into(), Some(200), Outcome::Complete, 5, 9)]
+        );
+    }
+
+    #[test]
+    fn continue_then_final_response_is_one_exchange() {
+        let mut s = Session::new(false);
+        s.on_requests(
+            1,
+            d("POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"),
+        );
+        assert!(
+            s.on_responses(2, d("HTTP/1.1 100 Continue\r\n\r\n"))
+                .is_empty()
+        );
+        s.on_requests(3, d("ok"));
+        let ex = s.on_responses(4, d("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert_eq!(
+            statuses(&ex),
+            [("/up".into(), Some(200), Outcome::Complete, 1, 4)]
+        );
+    }
+
+    #[test]
+    fn a_response_that_never_comes_times_out() {
+        let mut s = Session::new(false);
+        s.on_requests(1_000, d("GET /slow HTTP/1.1\r\n\r\n"));
+        assert!(s.expire(1_500, 1_000).is_empty());
+        let ex = s.expire(3_000, 1_000);
+        assert_eq!(
+            statuses(&ex),
+            [("/slow".into(), None, Outcome::Timeout, 1_000, 3_000)]
+        );
+        assert_eq!(s.waiting(), 0);
+    }
+
+    #[test]
+    fn a_close_mid_response_ends_the_exchange_as_closed() {
+        let mut s = Session::new(false);
+        s.on_requests(1, d("GET /x HTTP/1.1\r\n\r\n"));
+        s.on_responses(2, d("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"));
+        let ex = s.close(3);
+        assert_eq!(
+            statuses(&ex),
+            [("/x".into(), Some(200), Outcome::Incomplete, 1, 3)]
+        );
+    }
+
+    #[test]
+    fn a_response_until_close_completes_on_close() {
+        let mut s = Session::new(false);
+        s.on_requests(1, d("GET /x HTTP/1.0\r\n\r\n"));
+        s.on_responses(2, d("HTTP/1.0 200 OK\r\n\r\nbody"));
+        let ex = s.close(3);
+        assert_eq!(
+            statuses(&ex),
+            [("/x".into(), Some(200), Outcome::Complete, 1, 3)]
+        );
+    }
+
+    #[test]
+    fn malformed_and_orphan_traffic_is_counted() {
+        let mut s = Session::new(false);
+        assert!(
+            s.on_responses(1, d("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+                .is_empty()
+        );
+        s.on_requests(2, d("\x00\x01\x02garbage\r\n\r\n"));
+        assert_eq!(
+            s.stats,
+            SessionStats {
+                malformed: 1,
+                orphan_responses: 1
+            }
+        );
+    }
+}

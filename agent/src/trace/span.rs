@@ -1,0 +1,479 @@
+//! One span per HTTP exchange, with OpenTelemetry's stable HTTP semantic conventions.
+//!
+//! Trace context rule (docs/ARCHITECTURE.md, "Trace context"):
+//! - SERVER span: if the request carries context, it joins that trace as a child of the carried
+//!   span; otherwise it starts a new trace.
+//! - CLIENT span: if the outgoing request carries context, the application is instrumented and
+//!   already exported a span with the carried span id; the agent's CLIENT span becomes that span's
+//!   child (same trace, fresh span id). The callee's SERVER span is a child of the carried span
+//!   too. No span id is ever exported twice and every parent id is one the application or the
+//!   agent exported. Without context, the CLIENT span starts a new trace.
+
+use std::net::SocketAddr;
+
+use crate::{
+    clock::WallClock,
+    conn::ConnInfo,
+    protocol::http1::Head,
+    trace::{
+        context::{Carried, extract},
+        exchange::{Exchange, Outcome},
+        route::template,
+    },
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub trace_state: String,
+    pub name: String,
+    pub kind: SpanKind,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Vec<(&'static str, Value)>,
+    /// Some(description) when the span's status is ERROR.
+    pub error: Option<String>,
+    /// The process that handled it: the resource.
+    pub pid: u32,
+}
+
+impl SpanRecord {
+    pub fn attr(&self, key: &str) -> Option<&Value> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
+}
+
+/// What may leave the node.
+#[derive(Debug, Clone)]
+pub struct Redaction {
+    /// Replace every query-string value with `REDACTED` (keys stay: they are low-risk and useful).
+    pub query_values: bool,
+}
+
+impl Default for Redaction {
+    fn default() -> Self {
+        Self { query_values: true }
+    }
+}
+
+pub fn redact_query(query: &str, redaction: &Redaction) -> String {
+    if !redaction.query_values {
+        return query.to_string();
+    }
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) => format!("{k}=REDACTED"),
+            None => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+pub trait IdSource {
+    fn trace_id(&mut self) -> [u8; 16];
+    fn span_id(&mut self) -> [u8; 8];
+}
+
+/// Random ids from the thread-local CSPRNG.
+pub struct RandomIds;
+
+impl IdSource for RandomIds {
+    fn trace_id(&mut self) -> [u8; 16] {
+        loop {
+            let id: [u8; 16] = rand::random();
+            if id != [0; 16] {
+                return id;
+            }
+        }
+    }
+    fn span_id(&mut self) -> [u8; 8] {
+        loop {
+            let id: [u8; 8] = rand::random();
+            if id != [0; 8] {
+                return id;
+            }
+        }
+    }
+}
+
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+fn host_and_port(head: &Head) -> Option<(String, Option<u16>)> {
+    let host = head.header_str("host")?;
+    if host.is_empty() {
+        return None;
+    }
+    // [v6]:port, name:port, name
+    if let Some(rest) = host.strip_prefix('[') {
+        let (addr, tail) = rest.split_once(']')?;
+        return Some((
+            addr.to_string(),
+            tail.strip_prefix(':').and_then(|p| p.parse().ok()),
+        ));
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() => Some((h.to_string(), p.parse().ok())),
+        _ => Some((host.to_string(), None)),
+    }
+}
+
+fn ip_str(addr: SocketAddr) -> String {
+    addr.ip().to_string()
+}
+
+/// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
+pub fn build(
+    ex: &Exchange,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+    redaction: &Redaction,
+    ids: &mut dyn IdSource,
+) -> SpanRecord {
+    let req = &ex.request;
+    let method = req.method().unwrap_or("_OTHER");
+    let target = match &req.start {
+        crate::protocol::http1::StartLine::Request { target, .. } => target.as_str(),
+        _ => "",
+    };
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q.split('#').next().unwrap_or(q))),
+        None => (target.split('#').next().unwrap_or(target), None),
+    };
+    let route = template(target);
+    let known = KNOWN_METHODS.contains(&method);
+    let name = if known {
+        format!("{method} {route}")
+    } else {
+        format!("HTTP {route}")
+    };
+
+    let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(16);
+    let s = |v: &str| Value::Str(v.to_string());
+    if known {
+        a.push(("http.request.method", s(method)));
+    } else {
+        a.push(("http.request.method", s("_OTHER")));
+        a.push(("http.request.method_original", s(method)));
+    }
+    a.push(("url.path", s(path)));
+    if let Some(q) = query {
+        a.push(("url.query", Value::Str(redact_query(q, redaction))));
+    }
+    a.push(("url.scheme", s("http")));
+    a.push(("network.protocol.name", s("http")));
+    a.push((
+        "network.protocol.version",
+        s(if req.minor_version == 0 { "1.0" } else { "1.1" }),
+    ));
+    let peer = conn.remote;
+    a.push(("network.peer.address", Value::Str(ip_str(peer))));
+    a.push(("network.peer.port", Value::Int(peer.port().into())));
+    let host = host_and_port(req);
+    match kind {
+        SpanKind::Server => {
+            a.push(("http.route", Value::Str(route.clone())));
+            let (addr, port) = match &host {
+                Some((h, p)) => (h.clone(), p.unwrap_or(conn.local.port())),
+                None => (ip_str(conn.local), conn.local.port()),
+            };
+            a.push(("server.address", Value::Str(addr)));
+            a.push(("server.port", Value::Int(port.into())));
+            let client = req
+                .header_str("x-forwarded-for")
+                .and_then(|v| v.split(',').next())
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| ip_str(peer));
+            a.push(("client.address", Value::Str(client)));
+        }
+        SpanKind::Client => {
+            let (addr, port) = match &host {
+                Some((h, p)) => (h.clone(), p.unwrap_or(peer.port())),
+                None => (ip_str(peer), peer.port()),
+            };
+            a.push(("url.template", Value::Str(route.clone())));
+            let q = query
+                .map(|q| format!("?{}", redact_query(q, redaction)))
+                .unwrap_or_default();
+            let authority = if addr.contains(':') {
+                format!("[{addr}]:{port}")
+            } else {
+                format!("{addr}:{port}")
+            };
+            a.push((
+                "url.full",
+                Value::Str(format!("http://{authority}{path}{q}")),
+            ));
+            a.push(("server.address", Value::Str(addr)));
+            a.push(("server.port", Value::Int(port.into())));
+        }
+    }
+    if let Some(ua) = req.header_str("user-agent") {
+        a.push(("user_agent.original", s(ua)));
+    }
+    let status = ex.response.as_ref().and_then(Head::status);
+    if let Some(code) = status {
+        a.push(("http.response.status_code", Value::Int(code.into())));
+    }
+    let error = match (ex.outcome, status) {
+        (Outcome::Timeout, _) => Some("timeout".to_string()),
+        (Outcome::Closed, None) => Some("connection_closed".to_string()),
+        (Outcome::Closed | Outcome::Incomplete, Some(_)) => Some("response_incomplete".to_string()),
+        (Outcome::Complete, Some(code))
+            if code >= 500 || (kind == SpanKind::Client && code >= 400) =>
+        {
+            Some(code.to_string())
+        }
+        _ => None,
+    };
+    if let Some(e) = &error {
+        a.push(("error.type", Value::Str(e.clone())));
+    }
+
+    let carried: Option<Carried> = extract(req);
+    let (trace_id, parent, trace_state) = match carried {
+        Some(c) => (c.trace_id, Some(c.span_id), c.trace_state),
+        None => (ids.trace_id(), None, String::new()),
+    };
+    SpanRecord {
+        trace_id,
+        span_id: ids.span_id(),
+        parent_span_id: parent,
+        trace_state,
+        name,
+        kind,
+        start_unix_ns: clock.to_unix_ns(ex.start_ns),
+        end_unix_ns: clock.to_unix_ns(ex.end_ns.max(ex.start_ns)),
+        attributes: a,
+        error,
+        pid: conn.pid,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::{ConnKey, Role},
+        protocol::http1::{HeadParse, parse_request, parse_response},
+    };
+
+    struct FixedIds(u8);
+    impl IdSource for FixedIds {
+        fn trace_id(&mut self) -> [u8; 16] {
+            self.0 += 1;
+            [self.0; 16]
+        }
+        fn span_id(&mut self) -> [u8; 8] {
+            self.0 += 1;
+            [self.0; 8]
+        }
+    }
+
+    fn req(raw: &str) -> Head {
+        match parse_request(raw.as_bytes()) {
+            HeadParse::Parsed(h, _) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+    fn resp(raw: &str) -> Head {
+        match parse_response(raw.as_bytes()) {
+            HeadParse::Parsed(h, _) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+    fn conn() -> ConnInfo {
+        ConnInfo {
+            key: ConnKey {
+                sk: 1,
+                generation: 1,
+            },
+            pid: 77,
+            comm: "srv".into(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:50000".parse().unwrap(),
+            role: Role::Server,
+            protocol: 1,
+            midstream: false,
+        }
+    }
+    fn exchange(request: &str, response: Option<&str>, outcome: Outcome) -> Exchange {
+        Exchange {
+            request: req(request),
+            response: response.map(resp),
+            start_ns: 100,
+            end_ns: 300,
+            outcome,
+        }
+    }
+    fn str_attr(s: &SpanRecord, k: &str) -> String {
+        match s.attr(k) {
+            Some(Value::Str(v)) => v.clone(),
+            Some(Value::Int(i)) => i.to_string(),
+            None => String::new(),
+        }
+    }
+
+    #[test]
+    fn server_span_attributes_follow_the_conventions() {
+        let ex = exchange(
+            "GET /users/42?token=s3cret&x=1 HTTP/1.1\r\nHost: api.local:8080\r\nUser-Agent: curl/8\r\nAuthorization: Bearer abc\r\n\r\n",
+            Some("HTTP/1.1 200 OK\r\n\r\n"),
+            Outcome::Complete,
+        );
+        let s = build(
+            &ex,
+            &conn(),
+            SpanKind::Server,
+            &WallClock::new(),
+            &Redaction::default(),
+            &mut FixedIds(0),
+        );
+        assert_eq!(s.name, "GET /users/{id}");
+        assert_eq!(str_attr(&s, "http.request.method"), "GET");
+        assert_eq!(str_attr(&s, "url.path"), "/users/42");
+        assert_eq!(str_attr(&s, "url.query"), "token=REDACTED&x=REDACTED");
+        assert_eq!(str_attr(&s, "http.route"), "/users/{id}");
+        assert_eq!(str_attr(&s, "server.address"), "api.local");
+        assert_eq!(str_attr(&s, "server.port"), "8080");
+        assert_eq!(str_attr(&s, "client.address"), "127.0.0.1");
+        assert_eq!(str_attr(&s, "network.peer.port"), "50000");
+        assert_eq!(str_attr(&s, "network.protocol.version"), "1.1");
+        assert_eq!(str_attr(&s, "user_agent.original"), "curl/8");
+        assert_eq!(str_attr(&s, "http.response.status_code"), "200");
+        assert_eq!(s.error, None);
+        assert!(s.parent_span_id.is_none());
+        let everything = format!("{s:?}");
+        assert!(
+            !everything.contains("s3cret") && !everything.contains("Bearer"),
+            "{everything}"
+        );
+    }
+
+    #[test]
+    fn errors_by_side_and_outcome() {
+        let c = conn();
+        let clock = WallClock::new();
+        let r = Redaction::default();
+        let mut ids = FixedIds(0);
+        let e404 = exchange(
+            "GET / HTTP/1.1\r\n\r\n",
+            Some("HTTP/1.1 404 Not Found\r\n\r\n"),
+            Outcome::Complete,
+        );
+        assert_eq!(
+            build(&e404, &c, SpanKind::Server, &clock, &r, &mut ids).error,
+            None
+        );
+        assert_eq!(
+            build(&e404, &c, SpanKind::Client, &clock, &r, &mut ids)
+                .error
+                .as_deref(),
+            Some("404")
+        );
+        let e503 = exchange(
+            "GET / HTTP/1.1\r\n\r\n",
+            Some("HTTP/1.1 503 Busy\r\n\r\n"),
+            Outcome::Complete,
+        );
+        assert_eq!(
+            build(&e503, &c, SpanKind::Server, &clock, &r, &mut ids)
+                .error
+                .as_deref(),
+            Some("503")
+        );
+        let timeout = exchange("GET / HTTP/1.1\r\n\r\n", None, Outcome::Timeout);
+        assert_eq!(
+            build(&timeout, &c, SpanKind::Server, &clock, &r, &mut ids)
+                .error
+                .as_deref(),
+            Some("timeout")
+        );
+        let closed = exchange(
+            "GET / HTTP/1.1\r\n\r\n",
+            Some("HTTP/1.1 200 OK\r\n\r\n"),
+            Outcome::Closed,
+        );
+        assert_eq!(
+            build(&closed, &c, SpanKind::Server, &clock, &r, &mut ids)
+                .error
+                .as_deref(),
+            Some("response_incomplete")
+        );
+    }
+
+    #[test]
+    fn a_carried_context_makes_the_span_its_child() {
+        let ex = exchange(
+            "GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+            Some("HTTP/1.1 200 OK\r\n\r\n"),
+            Outcome::Complete,
+        );
+        for kind in [SpanKind::Server, SpanKind::Client] {
+            let s = build(
+                &ex,
+                &conn(),
+                kind,
+                &WallClock::new(),
+                &Redaction::default(),
+                &mut FixedIds(0),
+            );
+            assert_eq!(s.trace_id[..2], [0x4b, 0xf9]);
+            assert_eq!(
+                s.parent_span_id,
+                Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+            );
+            assert_ne!(
+                s.span_id,
+                [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
+                "never reuse the carried id"
+            );
+        }
+    }
+
+    #[test]
+    fn client_spans_carry_the_full_url_redacted() {
+        let ex = exchange(
+            "GET /a/1?key=v HTTP/1.1\r\nHost: up.svc:9000\r\n\r\n",
+            Some("HTTP/1.1 200 OK\r\n\r\n"),
+            Outcome::Complete,
+        );
+        let s = build(
+            &ex,
+            &conn(),
+            SpanKind::Client,
+            &WallClock::new(),
+            &Redaction::default(),
+            &mut FixedIds(0),
+        );
+        assert_eq!(
+            str_attr(&s, "url.full"),
+            "http://up.svc:9000/a/1?key=REDACTED"
+        );
+        assert_eq!(str_attr(&s, "server.port"), "9000");
+        assert_eq!(s.name, "GET /a/{id}");
+    }
+}
