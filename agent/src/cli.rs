@@ -20,8 +20,35 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Trace every HTTP service on this host (the default): trees on the terminal, or OTLP
+    /// when an endpoint is configured.
+    Run(RunArgs),
     /// Print one line per captured send/receive (process, 4-tuple, direction, bytes, payload).
     Capture(CaptureArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    /// OTLP base endpoint (like OTEL_EXPORTER_OTLP_ENDPOINT), e.g. http://collector:4318. Setting
+    /// it, or any OTEL_EXPORTER_OTLP_*ENDPOINT variable, turns OTLP export on.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP protocol: grpc or http/protobuf (default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+    /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf).
+    #[arg(long)]
+    pub otlp_protocol: Option<String>,
+    /// Also write every span as a JSON line to this file.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Print trace trees on the terminal even when exporting over OTLP.
+    #[arg(long)]
+    pub console: bool,
+    /// YAML configuration file (service names, redaction).
+    #[arg(long, env = "LOUPE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Seconds a request waits for its response before its span ends with error.type=timeout.
+    #[arg(long, env = "LOUPE_RESPONSE_TIMEOUT", default_value_t = 30)]
+    pub response_timeout: u64,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -90,6 +117,10 @@ pub enum ConfigError {
     RingBuffer(u32),
     #[error("--max-connections must be at least 1")]
     MaxConnections,
+    #[error("unsupported OTLP protocol {0:?}: use grpc or http/protobuf")]
+    Protocol(String),
+    #[error("invalid OTLP endpoint {0:?}: give a URL such as http://localhost:4318")]
+    Endpoint(String),
     #[error("cannot use {path} as a {what}: {err}; give an existing path")]
     Path {
         what: &'static str,
@@ -148,4 +179,57 @@ impl CommonArgs {
             })
             .collect()
     }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Where spans go, from flags and the standard OpenTelemetry variables
+/// (OTEL_TRACES_EXPORTER, OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL).
+pub fn otlp_config(args: &RunArgs) -> Result<Option<crate::export::otlp::OtlpConfig>, ConfigError> {
+    use crate::export::otlp::{OtlpConfig, Protocol};
+    let exporters: Vec<String> = env_nonempty("OTEL_TRACES_EXPORTER")
+        .map(|v| {
+            v.split(',')
+                .map(|e| e.trim().to_ascii_lowercase())
+                .collect()
+        })
+        .unwrap_or_default();
+    let endpoint_env = env_nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let wanted = args.otlp_endpoint.is_some()
+        || (endpoint_env.is_some() && !exporters.iter().any(|e| e == "none"))
+        || exporters.iter().any(|e| e == "otlp");
+    if !wanted {
+        return Ok(None);
+    }
+    for endpoint in args.otlp_endpoint.iter().chain(endpoint_env.iter()) {
+        let ok = (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            && endpoint
+                .split("://")
+                .nth(1)
+                .is_some_and(|rest| !rest.is_empty());
+        if !ok {
+            return Err(ConfigError::Endpoint(endpoint.clone()));
+        }
+    }
+    let protocol = args
+        .otlp_protocol
+        .clone()
+        .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+        .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| "http/protobuf".to_string());
+    let protocol = Protocol::parse(&protocol).ok_or(ConfigError::Protocol(protocol))?;
+    Ok(Some(OtlpConfig {
+        protocol,
+        endpoint: args.otlp_endpoint.clone(),
+    }))
+}
+
+/// Whether trace trees go to the terminal.
+pub fn console_wanted(args: &RunArgs, otlp: bool) -> bool {
+    let listed = env_nonempty("OTEL_TRACES_EXPORTER")
+        .is_some_and(|v| v.split(',').any(|e| e.trim() == "console"));
+    args.console || listed || !otlp
 }

@@ -6,14 +6,22 @@ use clap::Parser as _;
 use loupe::{
     bpf::load::{LoadOptions, Probe},
     capture::{CapturePrinter, Format},
-    cli::{CaptureArgs, Cli, Command, CommonArgs},
+    cli::{CaptureArgs, Cli, Command, CommonArgs, RunArgs, console_wanted, otlp_config},
+    config::FileConfig,
     conn::Limits,
+    decode::Event,
+    export::{ExportConfig, ExportStats, Exporter, host_name},
     metrics::Metrics,
-    pipeline, procfs, reader,
+    pipeline,
+    process::ProcessCache,
+    procfs, reader,
+    trace::span::Redaction,
+    traces::TraceSink,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
+    task::JoinHandle,
 };
 
 fn main() -> ExitCode {
@@ -36,7 +44,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Command::Capture(args)) => capture_command(&cli.common, &args).await,
+            Some(Command::Run(args)) => run_command(&cli.common, &args).await,
+            None => {
+                run_command(
+                    &cli.common,
+                    &RunArgs {
+                        response_timeout: 30,
+                        ..RunArgs::default()
+                    },
+                )
+                .await
+            }
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("loupe: {err:#}");
@@ -45,24 +69,20 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    // Until span export lands, the default view is the capture view.
-    let capture = match cli.command {
-        Some(Command::Capture(args)) => args,
-        None => CaptureArgs::default(),
-    };
-    capture_command(&cli.common, &capture).await
+/// The kernel side and the reader, running; what every command starts with.
+struct Capture {
+    probe: Probe,
+    events: mpsc::Receiver<Event>,
+    metrics: Metrics,
+    stop: watch::Sender<bool>,
+    reader: JoinHandle<anyhow::Result<()>>,
 }
 
-async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Result<()> {
+fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture> {
     common.validate()?;
     let opts = LoadOptions {
         capture_bytes: common.capture_bytes,
-        protocols: if args.all_protocols {
-            0
-        } else {
-            proto_bit(PROTO_HTTP1) | proto_bit(PROTO_HTTP2)
-        },
+        protocols,
         pids: common.pids.clone(),
         cgroups: common.cgroup_ids()?,
         netns: common.netns_inodes()?,
@@ -74,11 +94,20 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         tracing::warn!("degraded: {line}");
     }
     let ring = probe.take_events()?;
-    let metrics = Arc::new(Metrics::new(Some(probe.take_counters()?)));
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (tx, rx) = mpsc::channel(65_536);
+    let metrics = Metrics::new(Some(probe.take_counters()?));
+    let (stop, stop_rx) = watch::channel(false);
+    let (tx, events) = mpsc::channel(65_536);
     let reader = tokio::spawn(reader::run(ring, tx, metrics.user.clone(), stop_rx));
+    Ok(Capture {
+        probe,
+        events,
+        metrics,
+        stop,
+        reader,
+    })
+}
+
+fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) {
     if let Some(addr) = common.metrics_addr {
         let m = metrics.clone();
         tokio::spawn(async move {
@@ -99,6 +128,33 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
             }
         });
     }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = sigterm.recv() => {}
+    }
+    tracing::info!("stopping: draining the ring buffer");
+    Ok(())
+}
+
+async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Result<()> {
+    let protocols = if args.all_protocols {
+        0
+    } else {
+        proto_bit(PROTO_HTTP1) | proto_bit(PROTO_HTTP2)
+    };
+    let Capture {
+        probe,
+        events,
+        metrics,
+        stop,
+        reader,
+    } = start_capture(common, protocols)?;
+    let metrics = Arc::new(metrics);
+    spawn_observability(common, &metrics);
     tracing::info!(
         "ready: {} programs attached, capturing {}",
         probe.attached,
@@ -108,7 +164,6 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
             "HTTP connections"
         }
     );
-
     let limits = Limits {
         max_connections: common.max_connections as usize,
         ..Limits::default()
@@ -121,18 +176,92 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
     let stats = metrics.user.clone();
     let consumer = tokio::spawn(async move {
         let mut sink = CapturePrinter::new(std::io::BufWriter::new(std::io::stdout()), format);
-        pipeline::run(rx, limits, procfs::ProcRoles, &mut sink, stats).await;
+        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
     });
-
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
-    }
-    tracing::info!("stopping: draining the ring buffer");
-    let _ = stop_tx.send(true);
+    wait_for_signal().await?;
+    let _ = stop.send(true);
     reader.await.context("reader task")??;
     consumer.await.context("pipeline task")?;
+    tracing::info!("{}", metrics.summary());
+    drop(probe);
+    Ok(())
+}
+
+async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> {
+    let file = FileConfig::load(args.config.as_deref())?;
+    let otlp = otlp_config(args)?;
+    let console = console_wanted(args, otlp.is_some());
+    let export_cfg = ExportConfig {
+        otlp: otlp.clone(),
+        console,
+        jsonl: args.output.clone(),
+        batch_size: 512,
+        flush_interval: Duration::from_secs(1),
+        queue_capacity: 65_536,
+        host_name: host_name(),
+    };
+    let export_stats = Arc::new(ExportStats::default());
+    // Exporter first: a bad endpoint or output path fails before anything is attached.
+    let exporter = Exporter::spawn(
+        export_cfg,
+        ProcessCache::new(file.service_names.clone()),
+        export_stats.clone(),
+    )?;
+
+    let Capture {
+        probe,
+        events,
+        mut metrics,
+        stop,
+        reader,
+    } = start_capture(common, proto_bit(PROTO_HTTP1) | proto_bit(PROTO_HTTP2))?;
+    let redaction = Redaction {
+        query_values: file.redaction.query_values,
+    };
+    let mut sink = TraceSink::new(
+        exporter.tx.clone(),
+        export_stats.clone(),
+        redaction,
+        args.response_timeout * 1_000_000_000,
+    );
+    metrics.export = Some(export_stats);
+    metrics.traces = Some(sink.stats.clone());
+    let metrics = Arc::new(metrics);
+    spawn_observability(common, &metrics);
+    let Exporter {
+        tx,
+        task: export_task,
+    } = exporter;
+    drop(tx);
+    let destination = match &otlp {
+        Some(o) => format!("OTLP ({:?})", o.protocol),
+        None => "the terminal".to_string(),
+    };
+    tracing::info!(
+        "ready: {} programs attached, tracing HTTP to {destination}",
+        probe.attached
+    );
+
+    let limits = Limits {
+        max_connections: common.max_connections as usize,
+        ..Limits::default()
+    };
+    let stats = metrics.user.clone();
+    let consumer = tokio::spawn(async move {
+        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
+        // Dropping the sink closes the export queue: the exporter flushes and ends.
+        drop(sink);
+    });
+    wait_for_signal().await?;
+    let _ = stop.send(true);
+    reader.await.context("reader task")??;
+    consumer.await.context("pipeline task")?;
+    if tokio::time::timeout(Duration::from_secs(5), export_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("export did not finish within 5 s of shutdown; pending spans were dropped");
+    }
     tracing::info!("{}", metrics.summary());
     drop(probe);
     Ok(())

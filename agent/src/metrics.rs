@@ -11,7 +11,7 @@ use std::{
 
 use agent_common::counters::{self, NUM_COUNTERS};
 
-use crate::{bpf::load::KernelCounters, conn::TableStats};
+use crate::{bpf::load::KernelCounters, conn::TableStats, export::ExportStats, traces::TraceStats};
 
 /// Counters written by the userspace stages.
 #[derive(Debug, Default)]
@@ -31,6 +31,8 @@ impl Userspace {
 pub struct Metrics {
     pub user: Arc<Userspace>,
     kernel: Option<KernelCounters>,
+    pub export: Option<Arc<ExportStats>>,
+    pub traces: Option<Arc<TraceStats>>,
 }
 
 impl Metrics {
@@ -38,6 +40,8 @@ impl Metrics {
         Self {
             user: Arc::new(Userspace::default()),
             kernel,
+            export: None,
+            traces: None,
         }
     }
 
@@ -117,13 +121,72 @@ impl Metrics {
                 t.streams.stale_events,
             ),
         ];
-        for (name, help, value) in rows {
+        for (name, help, value) in rows.into_iter().chain(self.span_rows()) {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
         out
+    }
+
+    fn span_rows(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut rows = Vec::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        if let Some(t) = &self.traces {
+            rows.extend([
+                (
+                    "loupe_http_exchanges_total",
+                    "Request/response exchanges paired.",
+                    get(&t.exchanges),
+                ),
+                (
+                    "loupe_http_malformed_total",
+                    "Stretches of HTTP streams that did not parse (skipped).",
+                    get(&t.malformed),
+                ),
+                (
+                    "loupe_http_orphan_responses_total",
+                    "Responses with no request to pair with.",
+                    get(&t.orphan_responses),
+                ),
+                (
+                    "loupe_http_timeouts_total",
+                    "Requests whose response never came.",
+                    get(&t.timeouts),
+                ),
+                (
+                    "loupe_http_unknown_role_total",
+                    "Connections not traced because their side was unknown.",
+                    get(&t.unknown_role),
+                ),
+            ]);
+        }
+        if let Some(e) = &self.export {
+            rows.extend([
+                (
+                    "loupe_spans_built_total",
+                    "Spans built.",
+                    get(&e.spans_built),
+                ),
+                (
+                    "loupe_spans_exported_total",
+                    "Spans handed to every output.",
+                    get(&e.spans_exported),
+                ),
+                (
+                    "loupe_export_queue_full_total",
+                    "Spans dropped because the export queue was full.",
+                    get(&e.queue_full),
+                ),
+                (
+                    "loupe_export_failed_total",
+                    "Spans the OTLP endpoint did not accept.",
+                    get(&e.export_failed),
+                ),
+            ]);
+        }
+        rows
     }
 
     /// One line for the log: volume and every non-zero drop.
@@ -141,9 +204,16 @@ impl Metrics {
                 drops.push(format!("kernel.{}={v}", counters::NAMES[i]));
             }
         }
+        let export = self.export.as_deref();
+        let get = |c: Option<&AtomicU64>| c.map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
+        if let Some(e) = export {
+            let _ = write!(line, " spans={}", e.spans_built.load(Ordering::Relaxed));
+        }
         for (name, v) in [
             ("decode_errors", u.decode_errors.load(Ordering::Relaxed)),
             ("channel_full", u.channel_full.load(Ordering::Relaxed)),
+            ("export_queue_full", get(export.map(|e| &e.queue_full))),
+            ("export_failed", get(export.map(|e| &e.export_failed))),
         ] {
             if v > 0 {
                 drops.push(format!("user.{name}={v}"));

@@ -18,6 +18,8 @@ pub trait Sink {
     /// (a leading gap if bytes were lost before it).
     fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>);
     fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>);
+    /// Called about once a second with the monotonic time: for timeouts.
+    fn tick(&mut self, _now_ns: u64) {}
     fn flush(&mut self) {}
 }
 
@@ -29,16 +31,22 @@ pub async fn run<S: Sink>(
     stats: Arc<Userspace>,
 ) {
     let mut table = ConnTable::new(limits);
-    let mut sweep = tokio::time::interval(Duration::from_secs(10));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
                 handle(&mut table, event, &mut resolver, sink);
             }
-            _ = sweep.tick() => {
-                for conn in table.evict_idle(clock::monotonic_ns()) {
-                    finish(conn, None, sink);
+            _ = tick.tick() => {
+                let now = clock::monotonic_ns();
+                sink.tick(now);
+                ticks += 1;
+                if ticks.is_multiple_of(10) {
+                    for conn in table.evict_idle(now) {
+                        finish(conn, None, sink);
+                    }
                 }
                 sink.flush();
             }

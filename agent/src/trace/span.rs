@@ -41,6 +41,8 @@ pub struct SpanRecord {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
     pub parent_span_id: Option<[u8; 8]>,
+    /// The parent came from another process (context carried in the request).
+    pub parent_is_remote: bool,
     pub trace_state: String,
     pub name: String,
     pub kind: SpanKind,
@@ -51,6 +53,8 @@ pub struct SpanRecord {
     pub error: Option<String>,
     /// The process that handled it: the resource.
     pub pid: u32,
+    /// Its command name, in case the process is gone before its resource is read.
+    pub comm: String,
 }
 
 impl SpanRecord {
@@ -254,6 +258,7 @@ pub fn build(
     }
 
     let carried: Option<Carried> = extract(req);
+    let parent_is_remote = carried.is_some();
     let (trace_id, parent, trace_state) = match carried {
         Some(c) => (c.trace_id, Some(c.span_id), c.trace_state),
         None => (ids.trace_id(), None, String::new()),
@@ -262,6 +267,7 @@ pub fn build(
         trace_id,
         span_id: ids.span_id(),
         parent_span_id: parent,
+        parent_is_remote,
         trace_state,
         name,
         kind,
@@ -270,6 +276,7 @@ pub fn build(
         attributes: a,
         error,
         pid: conn.pid,
+        comm: conn.comm.clone(),
     }
 }
 

@@ -1,0 +1,83 @@
+//! The YAML configuration file (`--config`, `LOUPE_CONFIG`): what does not fit a flag.
+//!
+//! ```yaml
+//! service_names:            # first match wins; before OTEL_SERVICE_NAME and derived names
+//!   - match: gunicorn       # an executable name, or text in the command line
+//!     name: orders
+//! redaction:
+//!   query_values: true      # replace every query-string value with REDACTED (default)
+//! ```
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::process::ServiceNameRule;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+#[derive(Default)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub service_names: Vec<ServiceNameRule>,
+    #[serde(default)]
+    pub redaction: RedactionConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RedactionConfig {
+    #[serde(default = "yes")]
+    pub query_values: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RedactionConfig {
+    fn default() -> Self {
+        Self { query_values: true }
+    }
+}
+
+impl FileConfig {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read --config {}: {e}; give a readable YAML file",
+                path.display()
+            )
+        })?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("invalid --config {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = FileConfig::parse(
+            "service_names:\n  - match: gunicorn\n    name: orders\nredaction:\n  query_values: false\n",
+        )
+        .unwrap();
+        assert_eq!(c.service_names[0].name, "orders");
+        assert!(!c.redaction.query_values);
+        assert_eq!(FileConfig::parse("{}").unwrap(), FileConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_that_name_them() {
+        let err = FileConfig::parse("redaction:\n  query_value: false\n").unwrap_err();
+        assert!(err.contains("query_value"), "{err}");
+    }
+}

@@ -1,0 +1,200 @@
+//! The export stage: spans go through one bounded queue the agent owns (a full queue is counted,
+//! never silent), are batched, resolved to their process's resource, and handed to every
+//! configured output: the console tree view, a JSON lines file, OTLP.
+
+pub mod console;
+pub mod jsonl;
+pub mod otlp;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    process::{ProcessCache, ProcessInfo},
+    trace::span::SpanRecord,
+};
+
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub spans_built: AtomicU64,
+    pub spans_exported: AtomicU64,
+    /// Dropped because the export queue was full.
+    pub queue_full: AtomicU64,
+    /// Spans in batches the OTLP endpoint did not accept.
+    pub export_failed: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub otlp: Option<otlp::OtlpConfig>,
+    pub console: bool,
+    pub jsonl: Option<PathBuf>,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub queue_capacity: usize,
+    pub host_name: String,
+}
+
+/// A span and the process that made it.
+pub struct Resolved<'a> {
+    pub span: &'a SpanRecord,
+    pub process: &'a ProcessInfo,
+}
+
+/// Handle to the export task.
+pub struct Exporter {
+    pub tx: mpsc::Sender<SpanRecord>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Exporter {
+    pub fn spawn(
+        cfg: ExportConfig,
+        processes: ProcessCache,
+        stats: Arc<ExportStats>,
+    ) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        let otlp = cfg
+            .otlp
+            .as_ref()
+            .map(|o| otlp::OtlpOut::new(o, &cfg.host_name))
+            .transpose()?;
+        let jsonl = cfg
+            .jsonl
+            .as_ref()
+            .map(|p| jsonl::JsonLines::create(p, &cfg.host_name))
+            .transpose()?;
+        let console = cfg
+            .console
+            .then(|| console::ConsoleTree::new(std::io::stdout()));
+        let task = tokio::spawn(run(
+            rx,
+            cfg,
+            processes,
+            stats,
+            Outputs {
+                otlp,
+                jsonl,
+                console,
+            },
+        ));
+        Ok(Self { tx, task })
+    }
+}
+
+/// Hands a span to the export queue; counts it as dropped when the queue is full.
+pub fn offer(tx: &mpsc::Sender<SpanRecord>, stats: &ExportStats, span: SpanRecord) {
+    stats.spans_built.fetch_add(1, Ordering::Relaxed);
+    if tx.try_send(span).is_err() {
+        stats.queue_full.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct Outputs {
+    otlp: Option<otlp::OtlpOut>,
+    jsonl: Option<jsonl::JsonLines>,
+    console: Option<console::ConsoleTree<std::io::Stdout>>,
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<SpanRecord>,
+    cfg: ExportConfig,
+    mut processes: ProcessCache,
+    stats: Arc<ExportStats>,
+    mut out: Outputs,
+) {
+    let mut batch: Vec<SpanRecord> = Vec::with_capacity(cfg.batch_size);
+    let mut tick = tokio::time::interval(cfg.flush_interval);
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            span = rx.recv() => match span {
+                Some(span) => {
+                    batch.push(span);
+                    if batch.len() >= cfg.batch_size {
+                        flush(&mut batch, &mut processes, &stats, &mut out).await;
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                flush(&mut batch, &mut processes, &stats, &mut out).await;
+                if let Some(c) = out.console.as_mut() {
+                    c.print_quiet(Instant::now());
+                }
+                ticks += 1;
+                if ticks.is_multiple_of(60) {
+                    processes.prune();
+                }
+            }
+        }
+    }
+    flush(&mut batch, &mut processes, &stats, &mut out).await;
+    if let Some(c) = out.console.as_mut() {
+        c.print_all();
+    }
+    if let Some(o) = out.otlp.as_mut() {
+        o.shutdown();
+    }
+}
+
+async fn flush(
+    batch: &mut Vec<SpanRecord>,
+    processes: &mut ProcessCache,
+    stats: &ExportStats,
+    out: &mut Outputs,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let spans = std::mem::take(batch);
+    for span in &spans {
+        let process = processes.get(span.pid, &span.comm).clone();
+        let r = Resolved {
+            span,
+            process: &process,
+        };
+        if let Some(j) = out.jsonl.as_mut() {
+            j.write(&r);
+        }
+        if let Some(c) = out.console.as_mut() {
+            c.add(&r);
+        }
+    }
+    if let Some(j) = out.jsonl.as_mut() {
+        j.flush();
+    }
+    let n = spans.len() as u64;
+    match out.otlp.as_mut() {
+        Some(o) => {
+            let failed = o.export(spans, processes).await;
+            stats.export_failed.fetch_add(failed, Ordering::Relaxed);
+            stats
+                .spans_exported
+                .fetch_add(n - failed, Ordering::Relaxed);
+        }
+        None => {
+            stats.spans_exported.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Lowercase hex of an id.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The machine's host name, for `host.name`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".to_string())
+}

@@ -1,0 +1,178 @@
+//! OTLP over gRPC or HTTP/protobuf with opentelemetry-otlp. The exporter reads the standard
+//! `OTEL_EXPORTER_OTLP_*` variables itself (endpoint, traces endpoint, headers, timeout,
+//! compression); flags override endpoint and protocol. One exporter serves every process: the
+//! resource is set per batch, so each process's spans carry its own resource.
+
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use opentelemetry::{
+    InstrumentationScope, KeyValue,
+    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+};
+
+use crate::{
+    process::{ProcessCache, ProcessInfo},
+    trace::span::{SpanKind, SpanRecord, Value},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "grpc" => Some(Protocol::Grpc),
+            "http/protobuf" => Some(Protocol::HttpProtobuf),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    pub protocol: Protocol,
+    /// Base endpoint from `--otlp-endpoint` (as OTEL_EXPORTER_OTLP_ENDPOINT); None leaves the
+    /// standard variables to the exporter.
+    pub endpoint: Option<String>,
+}
+
+pub struct OtlpOut {
+    exporter: opentelemetry_otlp::SpanExporter,
+    scope: InstrumentationScope,
+    host_name: String,
+    errors_logged: u64,
+}
+
+impl OtlpOut {
+    pub fn new(cfg: &OtlpConfig, host_name: &str) -> anyhow::Result<Self> {
+        let exporter = match cfg.protocol {
+            Protocol::Grpc => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+                if let Some(e) = &cfg.endpoint {
+                    b = b.with_endpoint(e.clone());
+                }
+                b.build()
+            }
+            Protocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                if let Some(e) = &cfg.endpoint {
+                    // The flag is a base URL, like OTEL_EXPORTER_OTLP_ENDPOINT.
+                    b = b.with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/')));
+                }
+                b.build()
+            }
+        }
+        .context("configuring the OTLP exporter: check OTEL_EXPORTER_OTLP_* and --otlp-endpoint")?;
+        Ok(Self {
+            exporter,
+            scope: InstrumentationScope::builder("loupe")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+            host_name: host_name.to_string(),
+            errors_logged: 0,
+        })
+    }
+
+    /// Exports `spans` grouped by process; returns how many were not accepted.
+    pub async fn export(&mut self, spans: Vec<SpanRecord>, processes: &mut ProcessCache) -> u64 {
+        let mut by_pid: BTreeMap<u32, Vec<SpanRecord>> = BTreeMap::new();
+        for s in spans {
+            by_pid.entry(s.pid).or_default().push(s);
+        }
+        let mut failed = 0;
+        for (pid, spans) in by_pid {
+            let comm = spans.first().map(|s| s.comm.clone()).unwrap_or_default();
+            let process = processes.get(pid, &comm).clone();
+            self.exporter
+                .set_resource(&resource(&process, &self.host_name));
+            let n = spans.len() as u64;
+            let data: Vec<SpanData> = spans.into_iter().map(|s| self.span_data(s)).collect();
+            if let Err(err) = self.exporter.export(data).await {
+                failed += n;
+                // One line per failure burst, not per batch: the counter has the rest.
+                if self.errors_logged.is_power_of_two() {
+                    tracing::warn!("OTLP export failed ({n} spans dropped): {err}");
+                }
+                self.errors_logged += 1;
+            }
+        }
+        failed
+    }
+
+    fn span_data(&self, s: SpanRecord) -> SpanData {
+        let time = |ns: u64| UNIX_EPOCH + Duration::from_nanos(ns);
+        let trace_state = s.trace_state.parse::<TraceState>().unwrap_or_default();
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from_bytes(s.trace_id),
+                SpanId::from_bytes(s.span_id),
+                TraceFlags::SAMPLED,
+                false,
+                trace_state,
+            ),
+            parent_span_id: s
+                .parent_span_id
+                .map(SpanId::from_bytes)
+                .unwrap_or(SpanId::INVALID),
+            parent_span_is_remote: s.parent_is_remote,
+            span_kind: match s.kind {
+                SpanKind::Server => OtelKind::Server,
+                SpanKind::Client => OtelKind::Client,
+            },
+            name: Cow::Owned(s.name),
+            start_time: time(s.start_unix_ns),
+            end_time: time(s.end_unix_ns),
+            attributes: s
+                .attributes
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::Str(v) => KeyValue::new(k, v),
+                    Value::Int(i) => KeyValue::new(k, i),
+                })
+                .collect(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: match s.error {
+                Some(e) => Status::error(e),
+                None => Status::Unset,
+            },
+            instrumentation_scope: self.scope.clone(),
+        }
+    }
+
+    pub fn shutdown(&mut self) {
+        let _ = self.exporter.shutdown();
+    }
+}
+
+/// The OpenTelemetry resource of a traced process.
+pub fn resource(p: &ProcessInfo, host_name: &str) -> Resource {
+    Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", p.service_name.clone()),
+            KeyValue::new("process.pid", i64::from(p.pid)),
+            KeyValue::new("process.executable.name", p.executable_name.clone()),
+            KeyValue::new("process.command_line", p.command_line.clone()),
+            KeyValue::new("host.name", host_name.to_string()),
+            KeyValue::new("telemetry.sdk.name", "loupe"),
+            KeyValue::new("telemetry.sdk.language", "rust"),
+            KeyValue::new("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
+        ])
+        .build()
+}

@@ -1,0 +1,266 @@
+//! Who handled a span: the OpenTelemetry resource of each traced process, read from /proc once
+//! per process (cached by pid and start time, so a reused pid is a new process).
+
+use std::{collections::HashMap, path::Path};
+
+/// A configured service name: `name` for processes whose executable name equals `matches`, or
+/// whose command line contains it.
+#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
+pub struct ServiceNameRule {
+    #[serde(rename = "match")]
+    pub matches: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub service_name: String,
+    pub executable_name: String,
+    pub command_line: String,
+}
+
+/// The pure part: a service name from what /proc says.
+pub fn service_name(
+    exe: &str,
+    argv: &[String],
+    environ: &[(String, String)],
+    rules: &[ServiceNameRule],
+) -> String {
+    let cmdline = argv.join(" ");
+    if let Some(rule) = rules
+        .iter()
+        .find(|r| r.matches == exe || (!r.matches.is_empty() && cmdline.contains(&r.matches)))
+    {
+        return rule.name.clone();
+    }
+    let env = |k: &str| {
+        environ
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(name) = env("OTEL_SERVICE_NAME").filter(|v| !v.trim().is_empty()) {
+        return name.trim().to_string();
+    }
+    if let Some(name) = env("OTEL_RESOURCE_ATTRIBUTES").and_then(|attrs| {
+        attrs
+            .split(',')
+            .find_map(|kv| kv.trim().strip_prefix("service.name="))
+            .map(str::to_string)
+    }) {
+        return name;
+    }
+    derived_name(exe, argv)
+}
+
+/// Interpreters run something else: name the program, not the interpreter.
+fn derived_name(exe: &str, argv: &[String]) -> String {
+    let stem = |p: &str| {
+        let base = p.rsplit('/').next().unwrap_or(p);
+        base.split('.').next().unwrap_or(base).to_string()
+    };
+    let args: Vec<&str> = argv.iter().skip(1).map(String::as_str).collect();
+    let interpreter = [
+        "python", "node", "ruby", "perl", "php", "java", "bun", "deno",
+    ]
+    .iter()
+    .any(|i| exe.starts_with(i));
+    if interpreter {
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match *a {
+                "-m" => {
+                    return it
+                        .next()
+                        .map(|m| m.to_string())
+                        .unwrap_or_else(|| exe.to_string());
+                }
+                "-jar" => {
+                    return it
+                        .next()
+                        .map(|j| stem(j))
+                        .unwrap_or_else(|| exe.to_string());
+                }
+                "-c" | "-e" => break,
+                // Options with a separate value.
+                "-cp" | "-classpath" | "-X" | "-W" | "--require" | "-r" => {
+                    it.next();
+                }
+                a if a.starts_with('-') => {}
+                a if exe.starts_with("java") => {
+                    return a.rsplit('.').next().unwrap_or(a).to_string();
+                }
+                a => return stem(a),
+            }
+        }
+    }
+    if exe.is_empty() {
+        "unknown_service".to_string()
+    } else {
+        exe.to_string()
+    }
+}
+
+fn read_nul_separated(path: &Path) -> Vec<String> {
+    std::fs::read(path)
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Field 22 of /proc/PID/stat: start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub struct ProcessCache {
+    rules: Vec<ServiceNameRule>,
+    by_pid: HashMap<u32, (Option<u64>, ProcessInfo)>,
+}
+
+impl ProcessCache {
+    pub fn new(rules: Vec<ServiceNameRule>) -> Self {
+        Self {
+            rules,
+            by_pid: HashMap::new(),
+        }
+    }
+
+    /// The process's info; `comm` is the fallback name for a process already gone.
+    pub fn get(&mut self, pid: u32, comm: &str) -> &ProcessInfo {
+        let started = start_time(pid);
+        let stale = self
+            .by_pid
+            .get(&pid)
+            .is_none_or(|(s, _)| started.is_some() && *s != started);
+        if stale {
+            let info = self.read(pid, comm);
+            self.by_pid.insert(pid, (started, info));
+        }
+        &self.by_pid[&pid].1
+    }
+
+    fn read(&self, pid: u32, comm: &str) -> ProcessInfo {
+        let root = Path::new("/proc").join(pid.to_string());
+        let exe = std::fs::read_link(root.join("exe"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| comm.to_string());
+        let argv = read_nul_separated(&root.join("cmdline"));
+        let environ: Vec<(String, String)> = read_nul_separated(&root.join("environ"))
+            .into_iter()
+            .filter(|kv| kv.starts_with("OTEL_"))
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        ProcessInfo {
+            pid,
+            service_name: service_name(&exe, &argv, &environ, &self.rules),
+            executable_name: exe,
+            command_line: argv.join(" "),
+        }
+    }
+
+    /// Forgets processes that no longer exist (called periodically).
+    pub fn prune(&mut self) {
+        self.by_pid
+            .retain(|pid, _| Path::new("/proc").join(pid.to_string()).exists());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_process_own_otel_service_name_wins() {
+        let env = vec![("OTEL_SERVICE_NAME".to_string(), "checkout".to_string())];
+        assert_eq!(
+            service_name("python3.11", &argv("python3 app.py"), &env, &[]),
+            "checkout"
+        );
+        let env = vec![(
+            "OTEL_RESOURCE_ATTRIBUTES".to_string(),
+            "a=b,service.name=cart".to_string(),
+        )];
+        assert_eq!(
+            service_name("node", &argv("node server.js"), &env, &[]),
+            "cart"
+        );
+    }
+
+    #[test]
+    fn configured_rules_override_everything() {
+        let rules = vec![ServiceNameRule {
+            matches: "gunicorn".into(),
+            name: "orders".into(),
+        }];
+        let env = vec![("OTEL_SERVICE_NAME".to_string(), "x".to_string())];
+        assert_eq!(
+            service_name(
+                "python3.11",
+                &argv("/usr/bin/python3 /usr/local/bin/gunicorn app:app"),
+                &env,
+                &rules
+            ),
+            "orders"
+        );
+    }
+
+    #[test]
+    fn derived_from_the_program_an_interpreter_runs() {
+        assert_eq!(
+            service_name(
+                "python3.11",
+                &argv("python3 -u /srv/app/orders.py --port 80"),
+                &[],
+                &[]
+            ),
+            "orders"
+        );
+        assert_eq!(
+            service_name("python3.11", &argv("python3 -m http.server 8080"), &[], &[]),
+            "http.server"
+        );
+        assert_eq!(
+            service_name("node", &argv("node --require x dist/server.js"), &[], &[]),
+            "server"
+        );
+        assert_eq!(
+            service_name(
+                "java",
+                &argv("java -Xmx1g -jar /opt/billing-1.2.jar"),
+                &[],
+                &[]
+            ),
+            "billing-1"
+        );
+        assert_eq!(
+            service_name("java", &argv("java -cp a.jar com.acme.Main"), &[], &[]),
+            "Main"
+        );
+        assert_eq!(
+            service_name("nginx", &argv("nginx: worker process"), &[], &[]),
+            "nginx"
+        );
+        assert_eq!(
+            service_name("python3", &argv("python3 -c print(1)"), &[], &[]),
+            "python3"
+        );
+        assert_eq!(service_name("", &[], &[], &[]), "unknown_service");
+    }
+}
