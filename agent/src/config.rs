@@ -6,6 +6,7 @@
 //!     name: orders
 //! redaction:
 //!   query_values: true      # replace every query-string value with REDACTED (default)
+//!   command_line: true      # mask secrets in process.command_line (default)
 //! ```
 
 use std::path::Path;
@@ -29,6 +30,8 @@ pub struct FileConfig {
 pub struct RedactionConfig {
     #[serde(default = "yes")]
     pub query_values: bool,
+    #[serde(default = "yes")]
+    pub command_line: bool,
 }
 
 fn yes() -> bool {
@@ -37,7 +40,10 @@ fn yes() -> bool {
 
 impl Default for RedactionConfig {
     fn default() -> Self {
-        Self { query_values: true }
+        Self {
+            query_values: true,
+            command_line: true,
+        }
     }
 }
 

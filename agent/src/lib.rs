@@ -16,5 +16,6 @@ pub mod process;
 pub mod procfs;
 pub mod protocol;
 pub mod reader;
+pub mod redact;
 pub mod trace;
 pub mod traces;

@@ -202,11 +202,8 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     };
     let export_stats = Arc::new(ExportStats::default());
     // Exporter first: a bad endpoint or output path fails before anything is attached.
-    let exporter = Exporter::spawn(
-        export_cfg,
-        ProcessCache::new(file.service_names.clone()),
-        export_stats.clone(),
-    )?;
+    let processes = ProcessCache::shared(file.service_names.clone(), file.redaction.command_line);
+    let exporter = Exporter::spawn(export_cfg, processes.clone(), export_stats.clone())?;
 
     let Capture {
         probe,
@@ -223,6 +220,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         export_stats.clone(),
         redaction,
         args.response_timeout * 1_000_000_000,
+        processes,
     );
     metrics.export = Some(export_stats);
     metrics.traces = Some(sink.stats.clone());

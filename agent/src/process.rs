@@ -1,7 +1,18 @@
 //! Who handled a span: the OpenTelemetry resource of each traced process, read from /proc once
 //! per process (cached by pid and start time, so a reused pid is a new process).
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// The cache as the pipeline (which sees a process first) and the exporter share it.
+pub type SharedProcesses = Arc<Mutex<ProcessCache>>;
+
+/// How long the info of an exited process is kept: its last spans may still be queued.
+const KEEP_EXITED: Duration = Duration::from_secs(120);
 
 /// A configured service name: `name` for processes whose executable name equals `matches`, or
 /// whose command line contains it.
@@ -121,31 +132,56 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+struct Entry {
+    started: Option<u64>,
+    info: ProcessInfo,
+    last_used: Instant,
+}
+
 pub struct ProcessCache {
     rules: Vec<ServiceNameRule>,
-    by_pid: HashMap<u32, (Option<u64>, ProcessInfo)>,
+    /// Mask secrets in command lines (`redact::command_line`).
+    redact_command_line: bool,
+    by_pid: HashMap<u32, Entry>,
 }
 
 impl ProcessCache {
     pub fn new(rules: Vec<ServiceNameRule>) -> Self {
         Self {
             rules,
+            redact_command_line: true,
             by_pid: HashMap::new(),
         }
     }
 
-    /// The process's info; `comm` is the fallback name for a process already gone.
+    pub fn shared(rules: Vec<ServiceNameRule>, redact_command_line: bool) -> SharedProcesses {
+        let mut cache = Self::new(rules);
+        cache.redact_command_line = redact_command_line;
+        Arc::new(Mutex::new(cache))
+    }
+
+    /// The process's info; `comm` is the fallback name for a process already gone. Read as
+    /// early as possible (on a connection's first event): short-lived clients exit quickly.
     pub fn get(&mut self, pid: u32, comm: &str) -> &ProcessInfo {
         let started = start_time(pid);
         let stale = self
             .by_pid
             .get(&pid)
-            .is_none_or(|(s, _)| started.is_some() && *s != started);
+            .is_none_or(|e| started.is_some() && e.started != started);
         if stale {
             let info = self.read(pid, comm);
-            self.by_pid.insert(pid, (started, info));
+            self.by_pid.insert(
+                pid,
+                Entry {
+                    started,
+                    info,
+                    last_used: Instant::now(),
+                },
+            );
         }
-        &self.by_pid[&pid].1
+        let entry = self.by_pid.get_mut(&pid).expect("inserted above");
+        entry.last_used = Instant::now();
+        &entry.info
     }
 
     fn read(&self, pid: u32, comm: &str) -> ProcessInfo {
@@ -167,14 +203,19 @@ impl ProcessCache {
             pid,
             service_name: service_name(&exe, &argv, &environ, &self.rules),
             executable_name: exe,
-            command_line: argv.join(" "),
+            command_line: if self.redact_command_line {
+                crate::redact::command_line(&argv)
+            } else {
+                argv.join(" ")
+            },
         }
     }
 
     /// Forgets processes that no longer exist (called periodically).
     pub fn prune(&mut self) {
-        self.by_pid
-            .retain(|pid, _| Path::new("/proc").join(pid.to_string()).exists());
+        self.by_pid.retain(|pid, e| {
+            e.last_used.elapsed() < KEEP_EXITED || Path::new("/proc").join(pid.to_string()).exists()
+        });
     }
 }
 

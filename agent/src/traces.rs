@@ -44,6 +44,7 @@ pub struct TraceSink {
     export_stats: Arc<ExportStats>,
     pub stats: Arc<TraceStats>,
     response_timeout_ns: u64,
+    processes: crate::process::SharedProcesses,
 }
 
 impl TraceSink {
@@ -52,6 +53,7 @@ impl TraceSink {
         export_stats: Arc<ExportStats>,
         redaction: Redaction,
         response_timeout_ns: u64,
+        processes: crate::process::SharedProcesses,
     ) -> Self {
         Self {
             sessions: HashMap::new(),
@@ -62,6 +64,7 @@ impl TraceSink {
             export_stats,
             stats: Arc::new(TraceStats::default()),
             response_timeout_ns,
+            processes,
         }
     }
 
@@ -117,6 +120,12 @@ impl Sink for TraceSink {
                 return;
             }
         };
+        if !self.sessions.contains_key(&conn.key) {
+            // Look the process up now: a short-lived client may be gone by export time.
+            if let Ok(mut p) = self.processes.lock() {
+                p.get(conn.pid, &conn.comm);
+            }
+        }
         let (session, _) = self
             .sessions
             .entry(conn.key)

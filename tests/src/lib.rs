@@ -14,6 +14,7 @@ use std::{
 use base64::Engine as _;
 use serde::Deserialize;
 
+pub mod otlp;
 pub mod sockets;
 
 /// Whether this test may run. Without root (or without the kernel features) it is skipped
@@ -153,10 +154,16 @@ pub struct Agent {
 impl Agent {
     /// Starts `loupe capture --json ARGS` and waits until it reports it is attached.
     pub fn start(args: &[&str]) -> Agent {
+        let mut all = vec!["capture", "--json"];
+        all.extend_from_slice(args);
+        Agent::spawn(&all, &[])
+    }
+
+    /// Starts `loupe ARGS` with extra environment and waits until it reports it is attached.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Agent {
         let mut child = Command::new(loupe_bin())
-            .arg("capture")
-            .arg("--json")
             .args(args)
+            .envs(env.iter().copied())
             .env("LOUPE_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -220,8 +227,31 @@ impl Agent {
         self.child.id()
     }
 
-    /// SIGINT, wait for the agent to drain and exit, and parse what it printed.
-    pub fn stop(mut self) -> Captured {
+    /// SIGINT, wait for the agent to drain and exit, and parse what `capture --json` printed.
+    pub fn stop(self) -> Captured {
+        let (stdout, stderr) = self.stop_raw();
+        let mut captured = Captured {
+            stderr,
+            ..Default::default()
+        };
+        for line in stdout {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line}: {e}"));
+            match v["type"].as_str() {
+                Some("data") => captured
+                    .data
+                    .push(serde_json::from_value(v).expect("data line")),
+                Some("close") => captured
+                    .closes
+                    .push(serde_json::from_value(v).expect("close line")),
+                other => panic!("unknown line type {other:?}: {line}"),
+            }
+        }
+        captured
+    }
+
+    /// SIGINT, wait for the agent to flush and exit; its stdout lines and its log.
+    pub fn stop_raw(mut self) -> (Vec<String>, String) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -239,24 +269,7 @@ impl Agent {
         std::thread::sleep(Duration::from_millis(100));
         let stderr = self.stderr_log.lock().unwrap().clone();
         assert!(status.success(), "loupe exited with {status}:\n{stderr}");
-        let mut captured = Captured {
-            stderr,
-            ..Default::default()
-        };
-        for line in self.stdout.try_iter() {
-            let v: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line}: {e}"));
-            match v["type"].as_str() {
-                Some("data") => captured
-                    .data
-                    .push(serde_json::from_value(v).expect("data line")),
-                Some("close") => captured
-                    .closes
-                    .push(serde_json::from_value(v).expect("close line")),
-                other => panic!("unknown line type {other:?}: {line}"),
-            }
-        }
-        captured
+        (self.stdout.try_iter().collect(), stderr)
     }
 }
 
@@ -311,4 +324,145 @@ pub fn by_conn(c: &Captured) -> BTreeMap<String, usize> {
         *m.entry(d.conn.clone()).or_insert(0) += 1;
     }
     m
+}
+
+/// A cgroup v2 directory for the processes a test traces: the agent selects it with --cgroup, so
+/// nothing else on the machine (the test's own OTLP receiver included) shows up.
+pub struct TestCgroup {
+    pub dir: String,
+}
+
+impl TestCgroup {
+    pub fn new(name: &str) -> TestCgroup {
+        let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
+            })
+            .expect("a cgroup2 hierarchy is mounted");
+        let dir = format!("{root}/loupe-{name}-{}", std::process::id());
+        std::fs::create_dir_all(&dir).expect("create the test cgroup");
+        TestCgroup { dir }
+    }
+
+    /// `program args...`, started inside this cgroup.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec \"$@\"",
+                self.dir
+            ))
+            .arg("sh")
+            .arg(program)
+            .args(args);
+        c
+    }
+
+    /// Runs `program args...` in this cgroup to completion; its stdout.
+    pub fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self
+            .command(program, args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(pids) = std::fs::read_to_string(format!("{}/cgroup.procs", self.dir)) {
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                // SAFETY: signalling processes this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A server process the test started; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts `cmd` and waits until `addr` accepts connections.
+    pub fn start(mut cmd: Command, addr: SocketAddr) -> Server {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the server");
+        let mut server = Server { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = server.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("server exited ({status}): {err}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server on {addr} not up after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child; SIGTERM lets gunicorn and nginx stop their workers.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// tests/ (for apps/ and .venv/).
+pub fn tests_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn venv_bin(name: &str) -> String {
+    let p = tests_dir().join(".venv/bin").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run tests/setup.sh (cargo xtask test does)",
+        p.display()
+    );
+    p.display().to_string()
 }

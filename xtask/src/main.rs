@@ -253,6 +253,9 @@ fn test(root: &Path, filter: Option<&str>) -> anyhow::Result<()> {
     }
     run(&mut unit)?;
 
+    step("installing the servers and clients the end-to-end tests drive (tests/setup.sh)");
+    run(Command::new("bash").arg(root.join("tests").join("setup.sh")))?;
+
     step("privileged end-to-end tests (real kernel programs, real sockets, one at a time)");
     let bin = root.join("target").join("debug").join("loupe");
     let mut e2e = if is_root() {

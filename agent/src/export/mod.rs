@@ -18,7 +18,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
-    process::{ProcessCache, ProcessInfo},
+    process::{ProcessInfo, SharedProcesses},
     trace::span::SpanRecord,
 };
 
@@ -58,7 +58,7 @@ pub struct Exporter {
 impl Exporter {
     pub fn spawn(
         cfg: ExportConfig,
-        processes: ProcessCache,
+        processes: SharedProcesses,
         stats: Arc<ExportStats>,
     ) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
@@ -107,7 +107,7 @@ struct Outputs {
 async fn run(
     mut rx: mpsc::Receiver<SpanRecord>,
     cfg: ExportConfig,
-    mut processes: ProcessCache,
+    processes: SharedProcesses,
     stats: Arc<ExportStats>,
     mut out: Outputs,
 ) {
@@ -120,24 +120,26 @@ async fn run(
                 Some(span) => {
                     batch.push(span);
                     if batch.len() >= cfg.batch_size {
-                        flush(&mut batch, &mut processes, &stats, &mut out).await;
+                        flush(&mut batch, &processes, &stats, &mut out).await;
                     }
                 }
                 None => break,
             },
             _ = tick.tick() => {
-                flush(&mut batch, &mut processes, &stats, &mut out).await;
+                flush(&mut batch, &processes, &stats, &mut out).await;
                 if let Some(c) = out.console.as_mut() {
                     c.print_quiet(Instant::now());
                 }
                 ticks += 1;
-                if ticks.is_multiple_of(60) {
-                    processes.prune();
+                if ticks.is_multiple_of(60)
+                    && let Ok(mut p) = processes.lock()
+                {
+                    p.prune();
                 }
             }
         }
     }
-    flush(&mut batch, &mut processes, &stats, &mut out).await;
+    flush(&mut batch, &processes, &stats, &mut out).await;
     if let Some(c) = out.console.as_mut() {
         c.print_all();
     }
@@ -148,7 +150,7 @@ async fn run(
 
 async fn flush(
     batch: &mut Vec<SpanRecord>,
-    processes: &mut ProcessCache,
+    processes: &SharedProcesses,
     stats: &ExportStats,
     out: &mut Outputs,
 ) {
@@ -157,7 +159,7 @@ async fn flush(
     }
     let spans = std::mem::take(batch);
     for span in &spans {
-        let process = processes.get(span.pid, &span.comm).clone();
+        let process = lookup(processes, span);
         let r = Resolved {
             span,
             process: &process,
@@ -184,6 +186,19 @@ async fn flush(
         None => {
             stats.spans_exported.fetch_add(n, Ordering::Relaxed);
         }
+    }
+}
+
+/// The process of a span (a placeholder built from the span if the cache lock is poisoned).
+pub fn lookup(processes: &SharedProcesses, span: &SpanRecord) -> ProcessInfo {
+    match processes.lock() {
+        Ok(mut p) => p.get(span.pid, &span.comm).clone(),
+        Err(_) => ProcessInfo {
+            pid: span.pid,
+            service_name: span.comm.clone(),
+            executable_name: span.comm.clone(),
+            command_line: String::new(),
+        },
     }
 }
 

@@ -21,7 +21,7 @@ use opentelemetry_sdk::{
 };
 
 use crate::{
-    process::{ProcessCache, ProcessInfo},
+    process::ProcessInfo,
     trace::span::{SpanKind, SpanRecord, Value},
 };
 
@@ -89,15 +89,19 @@ impl OtlpOut {
     }
 
     /// Exports `spans` grouped by process; returns how many were not accepted.
-    pub async fn export(&mut self, spans: Vec<SpanRecord>, processes: &mut ProcessCache) -> u64 {
+    pub async fn export(
+        &mut self,
+        spans: Vec<SpanRecord>,
+        processes: &crate::process::SharedProcesses,
+    ) -> u64 {
         let mut by_pid: BTreeMap<u32, Vec<SpanRecord>> = BTreeMap::new();
         for s in spans {
             by_pid.entry(s.pid).or_default().push(s);
         }
         let mut failed = 0;
-        for (pid, spans) in by_pid {
-            let comm = spans.first().map(|s| s.comm.clone()).unwrap_or_default();
-            let process = processes.get(pid, &comm).clone();
+        for spans in by_pid.into_values() {
+            let Some(first) = spans.first() else { continue };
+            let process = super::lookup(processes, first);
             self.exporter
                 .set_resource(&resource(&process, &self.host_name));
             let n = spans.len() as u64;

@@ -80,17 +80,11 @@ impl Default for Redaction {
 }
 
 pub fn redact_query(query: &str, redaction: &Redaction) -> String {
-    if !redaction.query_values {
-        return query.to_string();
+    if redaction.query_values {
+        crate::redact::query(query)
+    } else {
+        query.to_string()
     }
-    query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) => format!("{k}=REDACTED"),
-            None => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
 }
 
 pub trait IdSource {

@@ -1,0 +1,207 @@
+//! What may leave the node. Secrets travel in headers, query strings and command lines
+//! (`curl -H 'Authorization: …'`, `--password=…`, `https://user:pass@host/?token=…`): each is
+//! masked with `REDACTED` by default. The rules prefer masking too much to leaking.
+
+/// Words that make a header, parameter or flag name secret-bearing.
+const SENSITIVE: [&str; 14] = [
+    "auth",
+    "cookie",
+    "token",
+    "secret",
+    "passw",
+    "pwd",
+    "apikey",
+    "api-key",
+    "api_key",
+    "key",
+    "credential",
+    "session",
+    "signature",
+    "private",
+];
+
+pub const MASK: &str = "REDACTED";
+
+pub fn is_sensitive_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    SENSITIVE.iter().any(|w| lower.contains(w))
+}
+
+/// `a=1&b=2` -> `a=REDACTED&b=REDACTED` (keys stay: low-risk and useful).
+pub fn query(q: &str) -> String {
+    q.split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, _)) => format!("{k}={MASK}"),
+            None => pair.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Masks the userinfo and the query values of a URL inside `s`.
+fn url(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return s.to_string();
+    };
+    let (head, rest) = s.split_at(scheme_end + 3);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{MASK}@{host}"),
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, q)) => {
+            let (q, frag) = q
+                .split_once('#')
+                .map(|(q, f)| (q, format!("#{f}")))
+                .unwrap_or((q, String::new()));
+            format!("{path}?{}{frag}", query(q))
+        }
+        None => tail.to_string(),
+    };
+    format!("{head}{authority}{tail}")
+}
+
+/// One argument on its own: `Name: value` headers, `name=value` pairs and URLs.
+fn arg(a: &str) -> String {
+    // URLs first: their query looks like `name=value` pairs too.
+    if a.contains("://") {
+        return url(a);
+    }
+    if let Some((name, _)) = a.split_once(':')
+        && !name.is_empty()
+        && !name.contains([' ', '/'])
+        && is_sensitive_name(name)
+    {
+        return format!("{name}: {MASK}");
+    }
+    if let Some((name, _)) = a.split_once('=')
+        && is_sensitive_name(name.trim_start_matches('-'))
+    {
+        return format!("{name}={MASK}");
+    }
+    a.to_string()
+}
+
+/// A command line with secret-bearing arguments masked: the rules of `arg`, plus the value after
+/// a sensitive flag (`--password x`, `--token x`) and after `-u`/`--user` (`user:password`).
+pub fn command_line(argv: &[String]) -> String {
+    let mut out = Vec::with_capacity(argv.len());
+    let mut mask_next = false;
+    for a in argv {
+        if mask_next {
+            out.push(MASK.to_string());
+            mask_next = false;
+            continue;
+        }
+        let flag = a.starts_with('-') && !a.contains('=');
+        if flag && (is_sensitive_name(a) || a == "-u" || a == "--user") {
+            mask_next = true;
+        }
+        out.push(arg(a));
+    }
+    out.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// (input argv, secret that must be gone, text that must stay)
+    const TABLE: &[(&[&str], &str, &str)] = &[
+        (
+            &["curl", "-H", "Authorization: Bearer s3cr3t", "http://x/"],
+            "s3cr3t",
+            "Authorization: REDACTED",
+        ),
+        (
+            &["curl", "-H", "Cookie: sid=abc123", "http://x/"],
+            "abc123",
+            "Cookie: REDACTED",
+        ),
+        (
+            &["curl", "-H", "X-Api-Key: k-999", "http://x/"],
+            "k-999",
+            "X-Api-Key: REDACTED",
+        ),
+        (
+            &["curl", "-H", "Proxy-Authorization: Basic Zm9v", "http://x/"],
+            "Zm9v",
+            "Proxy-Authorization",
+        ),
+        (
+            &["curl", "http://x/a?token=t0k&page=2"],
+            "t0k",
+            "http://x/a?token=REDACTED&page=REDACTED",
+        ),
+        (
+            &["curl", "https://bob:hunter2@db/"],
+            "hunter2",
+            "https://REDACTED@db/",
+        ),
+        (
+            &["curl", "-u", "bob:hunter2", "http://x/"],
+            "hunter2",
+            "-u REDACTED",
+        ),
+        (
+            &["app", "--password", "hunter2"],
+            "hunter2",
+            "--password REDACTED",
+        ),
+        (
+            &["app", "--db-password=hunter2"],
+            "hunter2",
+            "--db-password=REDACTED",
+        ),
+        (
+            &["env", "API_TOKEN=abc", "app"],
+            "abc",
+            "API_TOKEN=REDACTED",
+        ),
+        (
+            &["psql", "postgresql://u:pw@h:5432/db?sslpassword=x9"],
+            "pw@",
+            "postgresql://REDACTED@h:5432/db",
+        ),
+    ];
+
+    #[test]
+    fn secrets_in_command_lines_are_masked() {
+        for (input, secret, kept) in TABLE {
+            let got = command_line(&argv(input));
+            assert!(!got.contains(secret), "{input:?} -> {got}");
+            assert!(got.contains(kept), "{input:?} -> {got}, expected {kept}");
+        }
+    }
+
+    #[test]
+    fn ordinary_command_lines_are_unchanged() {
+        for input in [
+            &["nginx:", "worker", "process"][..],
+            &["python3", "-m", "http.server", "8080"],
+            &[
+                "/usr/bin/python3",
+                "/usr/local/bin/gunicorn",
+                "-b",
+                "127.0.0.1:8000",
+                "-w",
+                "2",
+                "app:app",
+            ],
+            &["java", "-Xmx1g", "-jar", "/opt/app.jar"],
+        ] {
+            assert_eq!(command_line(&argv(input)), input.join(" "));
+        }
+    }
+
+    #[test]
+    fn queries_keep_keys_and_lose_values() {
+        assert_eq!(query("a=1&b=&flag"), "a=REDACTED&b=REDACTED&flag");
+    }
+}

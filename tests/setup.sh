@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the real servers and clients the end-to-end tests drive: nginx and curl from Debian,
+# Flask, gunicorn, requests and the OpenTelemetry SDK from PyPI (into tests/.venv). Idempotent:
+# a second run only checks.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+
+need_apt=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The package starts a system nginx on port 80; the tests run their own.
+  systemctl stop nginx >/dev/null 2>&1 || true
+  pkill -x nginx >/dev/null 2>&1 || true
+fi
+
+venv="$here/.venv"
+stamp="$venv/.loupe-requirements"
+if [ ! -f "$stamp" ] || ! cmp -s "$here/apps/requirements.txt" "$stamp"; then
+  echo "setup: python venv with $(tr '\n' ' ' < "$here/apps/requirements.txt")"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/apps/requirements.txt"
+  cp "$here/apps/requirements.txt" "$stamp"
+fi
