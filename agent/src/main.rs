@@ -222,6 +222,9 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         args.response_timeout * 1_000_000_000,
         processes,
     );
+    if let Some(o) = &otlp {
+        sink.exclude(loupe::export::otlp::endpoint_addrs(o));
+    }
     metrics.export = Some(export_stats);
     metrics.traces = Some(sink.stats.clone());
     let metrics = Arc::new(metrics);

@@ -45,9 +45,28 @@ pub struct TraceSink {
     pub stats: Arc<TraceStats>,
     response_timeout_ns: u64,
     processes: crate::process::SharedProcesses,
+    /// The OTLP endpoint's addresses: exports to a collector on this node are HTTP requests too,
+    /// and tracing them would export a span per export, forever.
+    exclude: Vec<std::net::SocketAddr>,
+    excluded: std::collections::HashSet<ConnKey>,
+}
+
+/// Whether a connection is the agent's own export path (seen from the collector's side).
+pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
+    exclude.iter().any(|a| {
+        let matches = |s: std::net::SocketAddr| {
+            s.port() == a.port() && (s.ip() == a.ip() || a.ip().is_unspecified())
+        };
+        matches(conn.local) || matches(conn.remote)
+    })
 }
 
 impl TraceSink {
+    /// Excludes connections to or from these addresses (the OTLP endpoint).
+    pub fn exclude(&mut self, addrs: Vec<std::net::SocketAddr>) {
+        self.exclude = addrs;
+    }
+
     pub fn new(
         out: mpsc::Sender<SpanRecord>,
         export_stats: Arc<ExportStats>,
@@ -65,6 +84,8 @@ impl TraceSink {
             stats: Arc::new(TraceStats::default()),
             response_timeout_ns,
             processes,
+            exclude: Vec::new(),
+            excluded: std::collections::HashSet::new(),
         }
     }
 
@@ -104,7 +125,14 @@ impl TraceSink {
 
 impl Sink for TraceSink {
     fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>) {
-        if conn.protocol != PROTO_HTTP1 {
+        if conn.protocol != PROTO_HTTP1 || self.excluded.contains(&conn.key) {
+            return;
+        }
+        if !self.exclude.is_empty()
+            && !self.sessions.contains_key(&conn.key)
+            && is_excluded(&self.exclude, conn)
+        {
+            self.excluded.insert(conn.key);
             return;
         }
         // Requests arrive on the server side and leave from the client side.
@@ -145,6 +173,7 @@ impl Sink for TraceSink {
     }
 
     fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>) {
+        self.excluded.remove(&conn.key);
         let Some((mut session, info)) = self.sessions.remove(&conn.key) else {
             return;
         };
@@ -174,4 +203,35 @@ impl Sink for TraceSink {
     }
 
     fn flush(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_export_path_is_excluded_from_both_sides() {
+        let conn = |local: &str, remote: &str| ConnInfo {
+            key: ConnKey {
+                sk: 1,
+                generation: 1,
+            },
+            pid: 1,
+            comm: "c".into(),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            role: Role::Server,
+            protocol: PROTO_HTTP1,
+            midstream: false,
+        };
+        let ex = vec!["127.0.0.1:4318".parse().unwrap()];
+        assert!(is_excluded(&ex, &conn("127.0.0.1:4318", "127.0.0.1:50000")));
+        assert!(is_excluded(&ex, &conn("127.0.0.1:50000", "127.0.0.1:4318")));
+        assert!(!is_excluded(
+            &ex,
+            &conn("127.0.0.1:8080", "127.0.0.1:50000")
+        ));
+        let any = vec!["0.0.0.0:4318".parse().unwrap()];
+        assert!(is_excluded(&any, &conn("10.0.0.5:4318", "10.0.0.9:50000")));
+    }
 }

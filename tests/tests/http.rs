@@ -332,6 +332,7 @@ fn an_sdk_instrumented_client_context_is_joined() {
     let sdk_end = sdk["end_unix_ns"].as_u64().unwrap() as i64;
     let start_diff = client_span.start_unix_ns as i64 - sdk_start;
     let end_diff = sdk_end - client_span.end_unix_ns as i64;
+    eprintln!("agent CLIENT span vs SDK span: start +{start_diff} ns, end -{end_diff} ns");
     assert!(
         (0..=1_000_000).contains(&start_diff),
         "start differs by {start_diff} ns"

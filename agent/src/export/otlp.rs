@@ -180,3 +180,37 @@ pub fn resource(p: &ProcessInfo, host_name: &str) -> Resource {
         ])
         .build()
 }
+
+/// The socket addresses the OTLP endpoint resolves to (flag, else the standard variables, else
+/// the default for the protocol), so the pipeline can leave that traffic alone.
+pub fn endpoint_addrs(cfg: &OtlpConfig) -> Vec<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let url = cfg
+        .endpoint
+        .clone()
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .unwrap_or_else(|| match cfg.protocol {
+            Protocol::Grpc => "http://localhost:4317".into(),
+            Protocol::HttpProtobuf => "http://localhost:4318".into(),
+        });
+    let Some(rest) = url.split("://").nth(1) else {
+        return Vec::new();
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
+    let default_port = if url.starts_with("https") { 443 } else { 80 };
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    with_port
+        .to_socket_addrs()
+        .map(|a| a.collect())
+        .unwrap_or_default()
+}
