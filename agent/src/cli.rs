@@ -11,11 +11,15 @@ use clap::{Args, Parser, Subcommand};
     version,
     about = "Distributed traces of uninstrumented services, from eBPF"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub common: CommonArgs,
+    /// `loupe` alone is `loupe run`: its flags work without the subcommand.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,7 +202,13 @@ pub fn otlp_config(args: &RunArgs) -> Result<Option<crate::export::otlp::OtlpCon
         .unwrap_or_default();
     let endpoint_env = env_nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    if let Some(p) = &args.otlp_protocol
+        && Protocol::parse(p).is_none()
+    {
+        return Err(ConfigError::Protocol(p.clone()));
+    }
     let wanted = args.otlp_endpoint.is_some()
+        || args.otlp_protocol.is_some()
         || (endpoint_env.is_some() && !exporters.iter().any(|e| e == "none"))
         || exporters.iter().any(|e| e == "otlp");
     if !wanted {

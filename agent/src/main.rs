@@ -48,16 +48,7 @@ fn main() -> ExitCode {
         match cli.command {
             Some(Command::Capture(args)) => capture_command(&cli.common, &args).await,
             Some(Command::Run(args)) => run_command(&cli.common, &args).await,
-            None => {
-                run_command(
-                    &cli.common,
-                    &RunArgs {
-                        response_timeout: 30,
-                        ..RunArgs::default()
-                    },
-                )
-                .await
-            }
+            None => run_command(&cli.common, &cli.run).await,
         }
     });
     match result {

@@ -246,7 +246,15 @@ fn nginx_and_python_requests_spans_over_otlp_http() {
     let tmp = std::env::temp_dir().join(format!("loupe-nginx-{}", std::process::id()));
     let server = nginx(&cg, &tmp);
     let receiver = Receiver::start();
-    let agent = agent(&cg, &receiver, "http/protobuf", &[]);
+    // Configured the standard way, by environment, and without the `run` subcommand.
+    let ep = endpoint(&receiver, "http/protobuf");
+    let agent = Agent::spawn(
+        &["--cgroup", &cg.dir],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &ep),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ],
+    );
     let script = format!(
         "import requests\ns = requests.Session()\nfor i in range(5):\n    r = s.get('http://{}/users/%d' % i)\n    assert r.status_code == 200\n",
         server.addr
