@@ -1,6 +1,10 @@
 //! Drains the kernel ring buffer on tokio, decodes each record and hands it to the pipeline
 //! through a bounded channel. Nothing is dropped silently: decode failures and a full channel
 //! are counted.
+//!
+//! The kernel programs never wake the reader (a wakeup per record was the largest cost of the
+//! send path, agent-ebpf/src/helpers/emit.rs): a 10 ms timer drains the ring. The fd stays
+//! registered so that a kernel that does signal readiness is served at once.
 
 use std::sync::Arc;
 
@@ -12,6 +16,9 @@ use crate::{
     metrics::Userspace,
 };
 
+/// Longest a record waits in the ring.
+const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 pub async fn run(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<Event>,
@@ -20,6 +27,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open for
     // exactly as long as it is registered.
+    let mut poll = tokio::time::interval(DRAIN_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut fd = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
     loop {
@@ -29,6 +38,7 @@ pub async fn run(
                 drain(guard.get_inner_mut(), &tx, &stats);
                 guard.clear_ready();
             }
+            _ = poll.tick() => drain(fd.get_mut(), &tx, &stats),
             _ = stop.changed() => {
                 // What the kernel wrote before we were told to stop still belongs to the run.
                 drain(fd.get_mut(), &tx, &stats);
