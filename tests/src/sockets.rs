@@ -50,6 +50,19 @@ fn check(ret: isize, what: &str) -> usize {
     ret as usize
 }
 
+/// sendmmsg/recvmmsg headers, one message per iovec (which must outlive them).
+fn one_message_per_iovec(vs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    vs.iter_mut()
+        .map(|v| {
+            // SAFETY: mmsghdr is plain data; all-zero is a valid empty header.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 fn iovecs(parts: &[&[u8]]) -> Vec<libc::iovec> {
     parts
         .iter()
@@ -89,15 +102,7 @@ pub fn send(fd: RawFd, family: Family, data: &[u8]) {
                 }
                 Family::Mmsg => {
                     let mut vs: Vec<libc::iovec> = iovecs(&parts);
-                    let mut msgs: Vec<libc::mmsghdr> = vs
-                        .iter_mut()
-                        .map(|v| {
-                            let mut m: libc::mmsghdr = std::mem::zeroed();
-                            m.msg_hdr.msg_iov = v;
-                            m.msg_hdr.msg_iovlen = 1;
-                            m
-                        })
-                        .collect();
+                    let mut msgs = one_message_per_iovec(&mut vs);
                     let count = libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, 0);
                     let count = check(count as isize, "sendmmsg");
                     msgs[..count].iter().map(|m| m.msg_len as isize).sum()
@@ -172,15 +177,7 @@ pub fn recv(fd: RawFd, family: Family, len: usize) -> Vec<u8> {
                             iov_len: b.len(),
                         })
                         .collect();
-                    let mut msgs: Vec<libc::mmsghdr> = vs
-                        .iter_mut()
-                        .map(|v| {
-                            let mut m: libc::mmsghdr = std::mem::zeroed();
-                            m.msg_hdr.msg_iov = v;
-                            m.msg_hdr.msg_iovlen = 1;
-                            m
-                        })
-                        .collect();
+                    let mut msgs = one_message_per_iovec(&mut vs);
                     // MSG_WAITFORONE: block for the first message only, take what else is there.
                     let count = libc::recvmmsg(
                         fd,

@@ -424,31 +424,13 @@ fn a_netns_filter_selects_sockets_of_one_namespace() {
     );
 }
 
-/// Where the cgroup v2 hierarchy is mounted (pure v2 or hybrid).
-fn cgroup2_root() -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
-    })
-}
-
 #[test]
 fn a_cgroup_filter_selects_processes_of_one_cgroup() {
     if !privileged() {
         return;
     }
-    let root = cgroup2_root().expect("a cgroup2 hierarchy is mounted");
-    let dir = format!("{root}/loupe-test-{}", std::process::id());
-    std::fs::create_dir(&dir).expect("create a test cgroup");
-    struct Cleanup(String);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(dir.clone());
-
+    let cg = loupe_tests::TestCgroup::new("filter");
+    let dir = cg.dir.clone();
     let agent = Agent::start(&["--all-protocols", "--cgroup", &dir]);
     // The child moves itself into the cgroup before it talks.
     let setup = format!("import os\nopen('{dir}/cgroup.procs','w').write(str(os.getpid()))");

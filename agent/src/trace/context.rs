@@ -24,33 +24,23 @@ fn hex_bytes<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// 64- or 128-bit hex trace ids (B3 and Jaeger allow 64), left-padded to 128 bits.
-fn trace_id(s: &str) -> Option<[u8; 16]> {
+/// A non-zero id of N bytes from up to 2N hex digits, left-padded (B3 and Jaeger allow 64-bit
+/// trace ids and unpadded ids).
+fn padded_id<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.trim();
-    let padded;
-    let s = match s.len() {
-        32 => s,
-        1..=31 => {
-            padded = format!("{s:0>32}");
-            &padded
-        }
-        _ => return None,
-    };
-    hex_bytes::<16>(s).filter(|id| id.iter().any(|&b| b != 0))
+    if s.is_empty() || s.len() > N * 2 {
+        return None;
+    }
+    let padded = format!("{s:0>width$}", width = N * 2);
+    hex_bytes::<N>(&padded).filter(|id| id.iter().any(|&b| b != 0))
+}
+
+fn trace_id(s: &str) -> Option<[u8; 16]> {
+    padded_id(s)
 }
 
 fn span_id(s: &str) -> Option<[u8; 8]> {
-    let s = s.trim();
-    let padded;
-    let s = match s.len() {
-        16 => s,
-        1..=15 => {
-            padded = format!("{s:0>16}");
-            &padded
-        }
-        _ => return None,
-    };
-    hex_bytes::<8>(s).filter(|id| id.iter().any(|&b| b != 0))
+    padded_id(s)
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`; future versions may append fields.
