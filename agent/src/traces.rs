@@ -19,8 +19,9 @@ use crate::{
     export::{ExportStats, offer},
     pipeline::Sink,
     trace::{
+        causality::Linker,
         exchange::{Exchange, Session},
-        span::{IdSource, RandomIds, Redaction, SpanKind, SpanRecord, build},
+        span::{RandomIds, Redaction, SpanKind, SpanRecord, build},
     },
 };
 
@@ -39,7 +40,7 @@ pub struct TraceSink {
     sessions: HashMap<ConnKey, (Session, ConnInfo)>,
     clock: WallClock,
     redaction: Redaction,
-    ids: Box<dyn IdSource + Send>,
+    pub linker: Linker,
     out: mpsc::Sender<SpanRecord>,
     export_stats: Arc<ExportStats>,
     pub stats: Arc<TraceStats>,
@@ -78,7 +79,7 @@ impl TraceSink {
             sessions: HashMap::new(),
             clock: WallClock::new(),
             redaction,
-            ids: Box::new(RandomIds),
+            linker: Linker::new(Box::new(RandomIds)),
             out,
             export_stats,
             stats: Arc::new(TraceStats::default()),
@@ -96,14 +97,11 @@ impl TraceSink {
         };
         for ex in done {
             self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-            let span = build(
-                &ex,
-                conn,
-                kind,
-                &self.clock,
-                &self.redaction,
-                self.ids.as_mut(),
-            );
+            if kind == SpanKind::Server {
+                self.linker
+                    .server_end(conn.pid, ex.started.tid, ex.identity.span_id);
+            }
+            let span = build(&ex, conn, kind, &self.clock, &self.redaction);
             offer(&self.out, &self.export_stats, span);
         }
     }
@@ -154,13 +152,23 @@ impl Sink for TraceSink {
                 p.get(conn.pid, &conn.comm);
             }
         }
-        let (session, _) = self
-            .sessions
+        let Self {
+            sessions, linker, ..
+        } = self;
+        let (session, _) = sessions
             .entry(conn.key)
             .or_insert_with(|| (Session::new(conn.midstream), conn.clone()));
         let before = session.stats;
         let done = if dir == requests_dir {
-            session.on_requests(ev.ts_ns, segments);
+            let server = conn.role == Role::Server;
+            let mut assign = |head: &crate::protocol::http1::Head, st| {
+                if server {
+                    linker.server_start(conn, head, st)
+                } else {
+                    linker.client_start(conn, head, st)
+                }
+            };
+            session.on_requests(ev.ts_ns, ev.tid, &mut assign, segments);
             Vec::new()
         } else {
             session.on_responses(ev.ts_ns, segments)
@@ -186,6 +194,7 @@ impl Sink for TraceSink {
     }
 
     fn tick(&mut self, now_ns: u64) {
+        self.linker.expire(now_ns);
         let timeout = self.response_timeout_ns;
         let mut expired = Vec::new();
         for (session, info) in self.sessions.values_mut() {

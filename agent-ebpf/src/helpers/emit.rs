@@ -18,13 +18,17 @@ use crate::{
 
 const BPF_RB_NO_WAKEUP: u64 = 1 << 0;
 
-/// Sends the scratch event and its first `captured` payload bytes.
+/// Sends the scratch event and its first `captured` payload bytes. `first` (the connection's
+/// first event) wakes the reader at once: the agent reads /proc for a new connection's process,
+/// and a short-lived client (curl) may be gone 10 ms later.
 #[inline(always)]
-pub fn emit_data(scratch: *const Scratch, captured: u32) {
+pub fn emit_data(scratch: *const Scratch, captured: u32, first: bool) {
+    // NO_WAKEUP (1) or FORCE_WAKEUP (2), computed without a branch (see the module doc).
+    let flags = BPF_RB_NO_WAKEUP << (first as u64);
     let len = DATA_EVENT_SIZE as u64 + clamp(captured as u64, MAX_PAYLOAD as u64);
     // SAFETY: the event is followed in memory by the payload array; len stays inside Scratch.
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), len as usize) };
-    if EVENTS.output::<[u8]>(record, BPF_RB_NO_WAKEUP).is_err() {
+    if EVENTS.output::<[u8]>(record, flags).is_err() {
         count(counters::RINGBUF_FULL);
     } else {
         count(counters::EVENTS_EMITTED);

@@ -114,6 +114,7 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
         return Ok(());
     }
     let bytes = ret as u32;
+    let first = conn.seq[0] == 0 && conn.seq[1] == 0;
     let seq = if direction == DIR_SEND {
         conn.seq[0]
     } else {
@@ -172,7 +173,7 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     event.protocol = conn.protocol;
     event.syscall = copied.syscall;
     event.flags = flags;
-    emit_data(scratch, copied.captured);
+    emit_data(scratch, copied.captured, first);
     Ok(())
 }
 

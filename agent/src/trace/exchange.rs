@@ -21,8 +21,32 @@ pub enum Outcome {
     Incomplete,
 }
 
+/// Who a span is, decided when its request starts (a callee's SERVER span completes before its
+/// caller's CLIENT span, so identities cannot wait for completion).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The parent came from another process (carried context or a peer's CLIENT span).
+    pub parent_is_remote: bool,
+    pub trace_state: String,
+}
+
+/// Where a request started: what identity assignment needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestStart {
+    /// Thread that read (server side) or wrote (client side) the request's first bytes.
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// 0 for the first request on the connection.
+    pub ordinal: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exchange {
+    pub identity: Identity,
+    pub started: RequestStart,
     pub request: Head,
     pub response: Option<Head>,
     /// Monotonic ns of the first request byte seen and of the last response byte seen (or when
@@ -34,6 +58,8 @@ pub struct Exchange {
 
 #[derive(Debug)]
 struct Pending {
+    identity: Identity,
+    started: RequestStart,
     request: Head,
     start_ns: u64,
     response: Option<Head>,
@@ -56,6 +82,8 @@ pub struct Session {
     request_start_ns: u64,
     /// The response being read is an interim one (1xx): its end completes nothing.
     interim: bool,
+    /// Requests seen on this connection so far.
+    requests_seen: u64,
     pub stats: SessionStats,
 }
 
@@ -76,12 +104,20 @@ impl Session {
             pending: VecDeque::new(),
             request_start_ns: 0,
             interim: false,
+            requests_seen: 0,
             stats: SessionStats::default(),
         }
     }
 
-    /// Bytes of the request direction, moved at `ts_ns`.
-    pub fn on_requests(&mut self, ts_ns: u64, segments: Vec<Segment>) {
+    /// Bytes of the request direction, moved at `ts_ns` by thread `tid`. `assign` gives each new
+    /// request its identity as soon as its head is parsed.
+    pub fn on_requests(
+        &mut self,
+        ts_ns: u64,
+        tid: u32,
+        assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
+        segments: Vec<Segment>,
+    ) {
         let mut items = Vec::new();
         for seg in segments {
             if !self.requests.in_message() {
@@ -90,11 +126,22 @@ impl Session {
             self.requests.feed(seg, &mut |_: &Head| None, &mut items);
             for item in items.drain(..) {
                 match item {
-                    Item::Head { head, .. } => self.pending.push_back(Pending {
-                        request: head,
-                        start_ns: self.request_start_ns,
-                        response: None,
-                    }),
+                    Item::Head { head, .. } => {
+                        let started = RequestStart {
+                            tid,
+                            ts_ns: self.request_start_ns,
+                            ordinal: self.requests_seen,
+                        };
+                        self.requests_seen += 1;
+                        let identity = assign(&head, started);
+                        self.pending.push_back(Pending {
+                            identity,
+                            started,
+                            request: head,
+                            start_ns: self.request_start_ns,
+                            response: None,
+                        })
+                    }
                     // A pipelined request that follows in the same read starts now.
                     Item::End { .. } => self.request_start_ns = ts_ns,
                     Item::Malformed { .. } => self.stats.malformed += 1,
@@ -151,6 +198,8 @@ impl Session {
                     && let Some(p) = self.pending.pop_front()
                 {
                     done.push(Exchange {
+                        identity: p.identity,
+                        started: p.started,
                         request: p.request,
                         response: p.response,
                         start_ns: p.start_ns,
@@ -177,6 +226,8 @@ impl Session {
         {
             let p = self.pending.pop_front().expect("checked");
             out.push(Exchange {
+                identity: p.identity,
+                started: p.started,
                 request: p.request,
                 response: None,
                 start_ns: p.start_ns,
@@ -198,6 +249,8 @@ impl Session {
         }
         for p in self.pending.drain(..) {
             done.push(Exchange {
+                identity: p.identity,
+                started: p.started,
                 request: p.request,
                 response: p.response,
                 start_ns: p.start_ns,
@@ -217,6 +270,16 @@ impl Session {
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    fn assign_fn(_: &Head, _: RequestStart) -> Identity {
+        Identity {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+        }
+    }
 
     fn d(s: &str) -> Vec<Segment> {
         vec![Segment::Data(Bytes::copy_from_slice(s.as_bytes()))]
@@ -243,9 +306,9 @@ mod tests {
     #[test]
     fn keep_alive_requests_pair_in_order_with_their_times() {
         let mut s = Session::new(false);
-        s.on_requests(10, d("GET /a HTTP/1.1\r\n\r\n"));
+        s.on_requests(10, 1, &mut assign_fn, d("GET /a HTTP/1.1\r\n\r\n"));
         let ex = s.on_responses(20, d("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
-        s.on_requests(30, d("GET /b HTTP/1.1\r\n\r\n"));
+        s.on_requests(30, 1, &mut assign_fn, d("GET /b HTTP/1.1\r\n\r\n"));
         let ex2 = s.on_responses(45, d("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"));
         assert_eq!(
             statuses(&ex),
@@ -262,6 +325,8 @@ mod tests {
         let mut s = Session::new(false);
         s.on_requests(
             10,
+            1,
+            &mut assign_fn,
             d("GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n"),
         );
         let ex = s.on_responses(
@@ -287,7 +352,12 @@ mod tests {
     #[test]
     fn a_response_spanning_reads_ends_at_its_last_byte() {
         let mut s = Session::new(false);
-        s.on_requests(5, d("POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"));
+        s.on_requests(
+            5,
+            1,
+            &mut assign_fn,
+            d("POST /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"),
+        );
         assert!(
             s.on_responses(7, d("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc"))
                 .is_empty()
@@ -304,13 +374,15 @@ mod tests {
         let mut s = Session::new(false);
         s.on_requests(
             1,
+            1,
+            &mut assign_fn,
             d("POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"),
         );
         assert!(
             s.on_responses(2, d("HTTP/1.1 100 Continue\r\n\r\n"))
                 .is_empty()
         );
-        s.on_requests(3, d("ok"));
+        s.on_requests(3, 1, &mut assign_fn, d("ok"));
         let ex = s.on_responses(4, d("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
         assert_eq!(
             statuses(&ex),
@@ -321,7 +393,7 @@ mod tests {
     #[test]
     fn a_response_that_never_comes_times_out() {
         let mut s = Session::new(false);
-        s.on_requests(1_000, d("GET /slow HTTP/1.1\r\n\r\n"));
+        s.on_requests(1_000, 1, &mut assign_fn, d("GET /slow HTTP/1.1\r\n\r\n"));
         assert!(s.expire(1_500, 1_000).is_empty());
         let ex = s.expire(3_000, 1_000);
         assert_eq!(
@@ -334,7 +406,7 @@ mod tests {
     #[test]
     fn a_close_mid_response_ends_the_exchange_as_closed() {
         let mut s = Session::new(false);
-        s.on_requests(1, d("GET /x HTTP/1.1\r\n\r\n"));
+        s.on_requests(1, 1, &mut assign_fn, d("GET /x HTTP/1.1\r\n\r\n"));
         s.on_responses(2, d("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"));
         let ex = s.close(3);
         assert_eq!(
@@ -346,7 +418,7 @@ mod tests {
     #[test]
     fn a_response_until_close_completes_on_close() {
         let mut s = Session::new(false);
-        s.on_requests(1, d("GET /x HTTP/1.0\r\n\r\n"));
+        s.on_requests(1, 1, &mut assign_fn, d("GET /x HTTP/1.0\r\n\r\n"));
         s.on_responses(2, d("HTTP/1.0 200 OK\r\n\r\nbody"));
         let ex = s.close(3);
         assert_eq!(
@@ -362,7 +434,7 @@ mod tests {
             s.on_responses(1, d("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
                 .is_empty()
         );
-        s.on_requests(2, d("\x00\x01\x02garbage\r\n\r\n"));
+        s.on_requests(2, 1, &mut assign_fn, d("\x00\x01\x02garbage\r\n\r\n"));
         assert_eq!(
             s.stats,
             SessionStats {

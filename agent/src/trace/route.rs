@@ -2,7 +2,7 @@
 //! `GET /users/43` are one span name and one route.
 
 /// Whether a path segment looks like an identifier rather than a fixed word.
-fn is_id_like(seg: &str) -> bool {
+pub fn is_id_like(seg: &str) -> bool {
     if seg.is_empty() {
         return false;
     }

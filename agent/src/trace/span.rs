@@ -1,13 +1,8 @@
 //! One span per HTTP exchange, with OpenTelemetry's stable HTTP semantic conventions.
 //!
-//! Trace context rule (docs/ARCHITECTURE.md, "Trace context"):
-//! - SERVER span: if the request carries context, it joins that trace as a child of the carried
-//!   span; otherwise it starts a new trace.
-//! - CLIENT span: if the outgoing request carries context, the application is instrumented and
-//!   already exported a span with the carried span id; the agent's CLIENT span becomes that span's
-//!   child (same trace, fresh span id). The callee's SERVER span is a child of the carried span
-//!   too. No span id is ever exported twice and every parent id is one the application or the
-//!   agent exported. Without context, the CLIENT span starts a new trace.
+//! Identity (trace id, span id, parent) is decided when the request starts, by
+//! `trace::causality` (carried context, same-node peer, same thread); this module fills in the
+//! rest.
 
 use std::net::SocketAddr;
 
@@ -16,7 +11,6 @@ use crate::{
     conn::ConnInfo,
     protocol::http1::Head,
     trace::{
-        context::{Carried, extract},
         exchange::{Exchange, Outcome},
         route::template,
     },
@@ -148,7 +142,6 @@ pub fn build(
     kind: SpanKind,
     clock: &WallClock,
     redaction: &Redaction,
-    ids: &mut dyn IdSource,
 ) -> SpanRecord {
     let req = &ex.request;
     let method = req.method().unwrap_or("_OTHER");
@@ -251,18 +244,13 @@ pub fn build(
         a.push(("error.type", Value::Str(e.clone())));
     }
 
-    let carried: Option<Carried> = extract(req);
-    let parent_is_remote = carried.is_some();
-    let (trace_id, parent, trace_state) = match carried {
-        Some(c) => (c.trace_id, Some(c.span_id), c.trace_state),
-        None => (ids.trace_id(), None, String::new()),
-    };
+    let id = &ex.identity;
     SpanRecord {
-        trace_id,
-        span_id: ids.span_id(),
-        parent_span_id: parent,
-        parent_is_remote,
-        trace_state,
+        trace_id: id.trace_id,
+        span_id: id.span_id,
+        parent_span_id: id.parent_span_id,
+        parent_is_remote: id.parent_is_remote,
+        trace_state: id.trace_state.clone(),
         name,
         kind,
         start_unix_ns: clock.to_unix_ns(ex.start_ns),
@@ -281,18 +269,6 @@ mod tests {
         decode::{ConnKey, Role},
         protocol::http1::{HeadParse, parse_request, parse_response},
     };
-
-    struct FixedIds(u8);
-    impl IdSource for FixedIds {
-        fn trace_id(&mut self) -> [u8; 16] {
-            self.0 += 1;
-            [self.0; 16]
-        }
-        fn span_id(&mut self) -> [u8; 8] {
-            self.0 += 1;
-            [self.0; 8]
-        }
-    }
 
     fn req(raw: &str) -> Head {
         match parse_request(raw.as_bytes()) {
@@ -323,6 +299,18 @@ mod tests {
     }
     fn exchange(request: &str, response: Option<&str>, outcome: Outcome) -> Exchange {
         Exchange {
+            identity: crate::trace::exchange::Identity {
+                trace_id: [1; 16],
+                span_id: [2; 8],
+                parent_span_id: None,
+                parent_is_remote: false,
+                trace_state: String::new(),
+            },
+            started: crate::trace::exchange::RequestStart {
+                tid: 1,
+                ts_ns: 100,
+                ordinal: 0,
+            },
             request: req(request),
             response: response.map(resp),
             start_ns: 100,
@@ -351,7 +339,6 @@ mod tests {
             SpanKind::Server,
             &WallClock::new(),
             &Redaction::default(),
-            &mut FixedIds(0),
         );
         assert_eq!(s.name, "GET /users/{id}");
         assert_eq!(str_attr(&s, "http.request.method"), "GET");
@@ -379,18 +366,14 @@ mod tests {
         let c = conn();
         let clock = WallClock::new();
         let r = Redaction::default();
-        let mut ids = FixedIds(0);
         let e404 = exchange(
             "GET / HTTP/1.1\r\n\r\n",
             Some("HTTP/1.1 404 Not Found\r\n\r\n"),
             Outcome::Complete,
         );
+        assert_eq!(build(&e404, &c, SpanKind::Server, &clock, &r).error, None);
         assert_eq!(
-            build(&e404, &c, SpanKind::Server, &clock, &r, &mut ids).error,
-            None
-        );
-        assert_eq!(
-            build(&e404, &c, SpanKind::Client, &clock, &r, &mut ids)
+            build(&e404, &c, SpanKind::Client, &clock, &r)
                 .error
                 .as_deref(),
             Some("404")
@@ -401,14 +384,14 @@ mod tests {
             Outcome::Complete,
         );
         assert_eq!(
-            build(&e503, &c, SpanKind::Server, &clock, &r, &mut ids)
+            build(&e503, &c, SpanKind::Server, &clock, &r)
                 .error
                 .as_deref(),
             Some("503")
         );
         let timeout = exchange("GET / HTTP/1.1\r\n\r\n", None, Outcome::Timeout);
         assert_eq!(
-            build(&timeout, &c, SpanKind::Server, &clock, &r, &mut ids)
+            build(&timeout, &c, SpanKind::Server, &clock, &r)
                 .error
                 .as_deref(),
             Some("timeout")
@@ -419,40 +402,11 @@ mod tests {
             Outcome::Closed,
         );
         assert_eq!(
-            build(&closed, &c, SpanKind::Server, &clock, &r, &mut ids)
+            build(&closed, &c, SpanKind::Server, &clock, &r)
                 .error
                 .as_deref(),
             Some("response_incomplete")
         );
-    }
-
-    #[test]
-    fn a_carried_context_makes_the_span_its_child() {
-        let ex = exchange(
-            "GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
-            Some("HTTP/1.1 200 OK\r\n\r\n"),
-            Outcome::Complete,
-        );
-        for kind in [SpanKind::Server, SpanKind::Client] {
-            let s = build(
-                &ex,
-                &conn(),
-                kind,
-                &WallClock::new(),
-                &Redaction::default(),
-                &mut FixedIds(0),
-            );
-            assert_eq!(s.trace_id[..2], [0x4b, 0xf9]);
-            assert_eq!(
-                s.parent_span_id,
-                Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
-            );
-            assert_ne!(
-                s.span_id,
-                [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7],
-                "never reuse the carried id"
-            );
-        }
     }
 
     #[test]
@@ -468,7 +422,6 @@ mod tests {
             SpanKind::Client,
             &WallClock::new(),
             &Redaction::default(),
-            &mut FixedIds(0),
         );
         assert_eq!(
             str_attr(&s, "url.full"),

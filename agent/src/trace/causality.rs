@@ -1,0 +1,389 @@
+//! Who is whose parent, decided when a request starts, for services that carry no trace ids.
+//!
+//! Rules, first that applies:
+//! 1. The request carries context (W3C, B3, Jaeger): the carried span is the parent.
+//! 2. SERVER side, both ends on this node: the caller's CLIENT exchange on the mirrored
+//!    connection with the same request ordinal is the parent (HTTP/1 answers in order).
+//! 3. CLIENT side: the SERVER exchange this thread is handling is the parent (thread-per-request
+//!    servers). When the thread handles several at once (event loops: nginx, Node.js, asyncio),
+//!    the one whose request target the outgoing request repeats, or shares an id-like path
+//!    segment with, if exactly one does (proxies forward the path; services forward ids).
+//! 4. Otherwise no parent: a new trace. A wrong parent is worse than none; both are counted.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use crate::{
+    conn::ConnInfo,
+    protocol::http1::{Head, StartLine},
+    trace::{
+        context::extract,
+        exchange::{Identity, RequestStart},
+        route::is_id_like,
+        span::IdSource,
+    },
+};
+
+/// CLIENT exchanges wait this long for their callee's SERVER side to show up on this node.
+const PEER_WAIT_NS: u64 = 30_000_000_000;
+/// Bound on CLIENT exchanges waiting for a local callee (most callees are remote).
+const MAX_PEERS: usize = 100_000;
+/// A SERVER exchange still "in flight" after this long is forgotten (its end was missed).
+const IN_FLIGHT_MAX_NS: u64 = 600_000_000_000;
+
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub by_context: AtomicU64,
+    pub by_peer: AtomicU64,
+    pub by_thread: AtomicU64,
+    pub by_target: AtomicU64,
+    /// CLIENT exchanges whose thread handled several requests, none clearly theirs.
+    pub ambiguous: AtomicU64,
+    /// CLIENT exchanges made while their thread handled no request.
+    pub unlinked_clients: AtomicU64,
+    /// SERVER exchanges that start a trace.
+    pub roots: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    target: String,
+    started_ns: u64,
+}
+
+pub struct Linker {
+    ids: Box<dyn IdSource + Send>,
+    /// (pid, tid) -> SERVER exchanges that thread is handling.
+    in_flight: HashMap<(u32, u32), Vec<InFlight>>,
+    /// (client local, client remote, ordinal) -> the CLIENT exchange's identity and start.
+    peers: HashMap<(SocketAddr, SocketAddr, u64), (Identity, u64)>,
+    pub stats: std::sync::Arc<LinkStats>,
+}
+
+fn target(head: &Head) -> &str {
+    match &head.start {
+        StartLine::Request { target, .. } => target,
+        StartLine::Response { .. } => "",
+    }
+}
+
+fn path(target: &str) -> &str {
+    target.split(['?', '#']).next().unwrap_or(target)
+}
+
+/// 2: same path; 1: shares an id-like path segment; 0: unrelated.
+fn affinity(incoming: &str, outgoing: &str) -> u8 {
+    let (inc, out) = (path(incoming), path(outgoing));
+    if inc == out {
+        return 2;
+    }
+    let ids: Vec<&str> = inc.split('/').filter(|s| is_id_like(s)).collect();
+    if out.split('/').any(|s| ids.contains(&s)) {
+        1
+    } else {
+        0
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Linker {
+    pub fn new(ids: Box<dyn IdSource + Send>) -> Self {
+        Self {
+            ids,
+            in_flight: HashMap::new(),
+            peers: HashMap::new(),
+            stats: std::sync::Arc::new(LinkStats::default()),
+        }
+    }
+
+    fn carried(&mut self, head: &Head) -> Option<Identity> {
+        let c = extract(head)?;
+        bump(&self.stats.by_context);
+        Some(Identity {
+            trace_id: c.trace_id,
+            span_id: self.ids.span_id(),
+            parent_span_id: Some(c.span_id),
+            parent_is_remote: true,
+            trace_state: c.trace_state,
+        })
+    }
+
+    fn root(&mut self) -> Identity {
+        Identity {
+            trace_id: self.ids.trace_id(),
+            span_id: self.ids.span_id(),
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+        }
+    }
+
+    fn child_of(&mut self, trace_id: [u8; 16], parent: [u8; 8], remote: bool) -> Identity {
+        Identity {
+            trace_id,
+            span_id: self.ids.span_id(),
+            parent_span_id: Some(parent),
+            parent_is_remote: remote,
+            trace_state: String::new(),
+        }
+    }
+
+    /// A request arrived on the server side of `conn`.
+    pub fn server_start(&mut self, conn: &ConnInfo, head: &Head, st: RequestStart) -> Identity {
+        let peer = if conn.midstream {
+            None
+        } else {
+            self.peers.remove(&(conn.remote, conn.local, st.ordinal))
+        };
+        let identity = if let Some(id) = self.carried(head) {
+            id
+        } else if let Some((caller, _)) = peer {
+            bump(&self.stats.by_peer);
+            self.child_of(caller.trace_id, caller.span_id, true)
+        } else {
+            bump(&self.stats.roots);
+            self.root()
+        };
+        self.in_flight
+            .entry((conn.pid, st.tid))
+            .or_default()
+            .push(InFlight {
+                trace_id: identity.trace_id,
+                span_id: identity.span_id,
+                target: target(head).to_string(),
+                started_ns: st.ts_ns,
+            });
+        identity
+    }
+
+    /// The server-side exchange `span_id`, started on `tid` of `pid`, is over.
+    pub fn server_end(&mut self, pid: u32, tid: u32, span_id: [u8; 8]) {
+        if let Some(list) = self.in_flight.get_mut(&(pid, tid)) {
+            list.retain(|f| f.span_id != span_id);
+            if list.is_empty() {
+                self.in_flight.remove(&(pid, tid));
+            }
+        }
+    }
+
+    /// A request left from the client side of `conn`.
+    pub fn client_start(&mut self, conn: &ConnInfo, head: &Head, st: RequestStart) -> Identity {
+        let identity = if let Some(id) = self.carried(head) {
+            id
+        } else {
+            match self.parent_on_thread(conn.pid, st.tid, target(head)) {
+                Some(p) => self.child_of(p.trace_id, p.span_id, false),
+                None => self.root(),
+            }
+        };
+        if !conn.midstream && self.peers.len() < MAX_PEERS {
+            self.peers.insert(
+                (conn.local, conn.remote, st.ordinal),
+                (identity.clone(), st.ts_ns),
+            );
+        }
+        identity
+    }
+
+    fn parent_on_thread(&mut self, pid: u32, tid: u32, outgoing: &str) -> Option<InFlight> {
+        let Some(list) = self.in_flight.get(&(pid, tid)).filter(|l| !l.is_empty()) else {
+            bump(&self.stats.unlinked_clients);
+            return None;
+        };
+        if let [only] = list.as_slice() {
+            bump(&self.stats.by_thread);
+            return Some(only.clone());
+        }
+        let best = list
+            .iter()
+            .map(|f| affinity(&f.target, outgoing))
+            .max()
+            .unwrap_or(0);
+        let mut matching = list
+            .iter()
+            .filter(|f| best > 0 && affinity(&f.target, outgoing) == best);
+        match (matching.next(), matching.next()) {
+            (Some(one), None) => {
+                bump(&self.stats.by_target);
+                Some(one.clone())
+            }
+            _ => {
+                bump(&self.stats.ambiguous);
+                None
+            }
+        }
+    }
+
+    /// Forgets CLIENT exchanges whose callee never showed up and stale in-flight entries.
+    pub fn expire(&mut self, now_ns: u64) {
+        self.peers
+            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < PEER_WAIT_NS);
+        self.in_flight.retain(|_, list| {
+            list.retain(|f| now_ns.saturating_sub(f.started_ns) < IN_FLIGHT_MAX_NS);
+            !list.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::{ConnKey, Role},
+        protocol::http1::{HeadParse, parse_request},
+    };
+
+    struct Seq(u8);
+    impl IdSource for Seq {
+        fn trace_id(&mut self) -> [u8; 16] {
+            self.0 += 1;
+            [self.0; 16]
+        }
+        fn span_id(&mut self) -> [u8; 8] {
+            self.0 += 1;
+            [self.0; 8]
+        }
+    }
+
+    fn head(raw: &str) -> Head {
+        match parse_request(raw.as_bytes()) {
+            HeadParse::Parsed(h, _) => h,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn conn(pid: u32, local: &str, remote: &str, role: Role) -> ConnInfo {
+        ConnInfo {
+            key: ConnKey {
+                sk: 1,
+                generation: 1,
+            },
+            pid,
+            comm: "x".into(),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            role,
+            protocol: 1,
+            midstream: false,
+        }
+    }
+
+    fn st(tid: u32, ordinal: u64) -> RequestStart {
+        RequestStart {
+            tid,
+            ts_ns: 1,
+            ordinal,
+        }
+    }
+
+    #[test]
+    fn a_chain_on_one_node_is_one_trace() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        // proxy (pid 1) accepts /chain/7 on thread 10, calls service (pid 2) on the same thread.
+        let front = conn(1, "127.0.0.1:80", "127.0.0.1:50000", Role::Server);
+        let s1 = l.server_start(&front, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0));
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let c1 = l.client_start(&up, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0));
+        assert_eq!(
+            (c1.trace_id, c1.parent_span_id),
+            (s1.trace_id, Some(s1.span_id))
+        );
+        // the service sees the mirrored connection.
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let s2 = l.server_start(&svc, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(20, 0));
+        assert_eq!(
+            (s2.trace_id, s2.parent_span_id),
+            (s1.trace_id, Some(c1.span_id))
+        );
+        assert!(s2.parent_is_remote);
+        assert_eq!(l.stats.by_thread.load(Ordering::Relaxed), 1);
+        assert_eq!(l.stats.by_peer.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn ordinals_pair_requests_on_a_keep_alive_connection() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let a = l.client_start(&up, &head("GET /a HTTP/1.1\r\n\r\n"), st(1, 0));
+        let b = l.client_start(&up, &head("GET /b HTTP/1.1\r\n\r\n"), st(1, 1));
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let sb = l.server_start(&svc, &head("GET /b HTTP/1.1\r\n\r\n"), st(2, 1));
+        let sa = l.server_start(&svc, &head("GET /a HTTP/1.1\r\n\r\n"), st(2, 0));
+        assert_eq!(sa.parent_span_id, Some(a.span_id));
+        assert_eq!(sb.parent_span_id, Some(b.span_id));
+    }
+
+    #[test]
+    fn event_loops_link_by_target_or_not_at_all() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let front = conn(1, "127.0.0.1:80", "127.0.0.1:50000", Role::Server);
+        let s7 = l.server_start(&front, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0));
+        let s8 = l.server_start(&front, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 1));
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        // Proxy: same path.
+        let c8 = l.client_start(&up, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 0));
+        assert_eq!(c8.parent_span_id, Some(s8.span_id));
+        // Service forwarding the id in another path.
+        let c7 = l.client_start(&up, &head("GET /leaf/7 HTTP/1.1\r\n\r\n"), st(10, 1));
+        assert_eq!(c7.parent_span_id, Some(s7.span_id));
+        // Nothing in common: no parent rather than a guess.
+        let c = l.client_start(&up, &head("GET /health HTTP/1.1\r\n\r\n"), st(10, 2));
+        assert_eq!(c.parent_span_id, None);
+        assert_eq!(l.stats.ambiguous.load(Ordering::Relaxed), 1);
+        // After the server exchange ends, its thread no longer parents anything.
+        l.server_end(1, 10, s7.span_id);
+        l.server_end(1, 10, s8.span_id);
+        let c = l.client_start(&up, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 3));
+        assert_eq!(c.parent_span_id, None);
+        assert_eq!(l.stats.unlinked_clients.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn carried_context_wins_and_never_reuses_the_carried_id() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let h = head(
+            "GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+        );
+        for id in [
+            l.server_start(
+                &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
+                &h,
+                st(1, 0),
+            ),
+            l.client_start(
+                &conn(1, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
+                &h,
+                st(1, 0),
+            ),
+        ] {
+            assert_eq!(id.trace_id[..2], [0x4b, 0xf9]);
+            assert_eq!(
+                id.parent_span_id,
+                Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+            );
+            assert_ne!(Some(id.span_id), id.parent_span_id);
+        }
+    }
+
+    #[test]
+    fn waiting_state_expires() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let up = conn(1, "127.0.0.1:50001", "192.0.2.1:80", Role::Client);
+        l.client_start(&up, &head("GET / HTTP/1.1\r\n\r\n"), st(1, 0));
+        l.server_start(
+            &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
+            &head("GET / HTTP/1.1\r\n\r\n"),
+            st(1, 0),
+        );
+        l.expire(IN_FLIGHT_MAX_NS + 10);
+        assert!(l.peers.is_empty() && l.in_flight.is_empty());
+    }
+}
