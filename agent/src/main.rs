@@ -218,6 +218,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     }
     metrics.export = Some(export_stats);
     metrics.traces = Some(sink.stats.clone());
+    metrics.links = Some(sink.linker.stats.clone());
     let metrics = Arc::new(metrics);
     spawn_observability(common, &metrics);
     let Exporter {

@@ -33,6 +33,7 @@ pub struct Metrics {
     kernel: Option<KernelCounters>,
     pub export: Option<Arc<ExportStats>>,
     pub traces: Option<Arc<TraceStats>>,
+    pub links: Option<Arc<crate::trace::causality::LinkStats>>,
 }
 
 impl Metrics {
@@ -42,6 +43,7 @@ impl Metrics {
             kernel,
             export: None,
             traces: None,
+            links: None,
         }
     }
 
@@ -159,6 +161,50 @@ impl Metrics {
                     "loupe_http_unknown_role_total",
                     "Connections not traced because their side was unknown.",
                     get(&t.unknown_role),
+                ),
+            ]);
+        }
+        if let Some(l) = &self.links {
+            rows.extend([
+                (
+                    "loupe_link_context_total",
+                    "Spans parented by context carried in headers.",
+                    get(&l.by_context),
+                ),
+                (
+                    "loupe_link_peer_total",
+                    "SERVER spans parented by their caller's CLIENT span on this node.",
+                    get(&l.by_peer),
+                ),
+                (
+                    "loupe_link_peer_late_total",
+                    "...of which the caller's event arrived after the callee's.",
+                    get(&l.by_peer_late),
+                ),
+                (
+                    "loupe_link_thread_total",
+                    "CLIENT spans parented by the request their thread handles.",
+                    get(&l.by_thread),
+                ),
+                (
+                    "loupe_link_target_total",
+                    "CLIENT spans parented by request-target match on an event loop.",
+                    get(&l.by_target),
+                ),
+                (
+                    "loupe_link_ambiguous_total",
+                    "CLIENT spans left without parent: several candidates, none clearly theirs.",
+                    get(&l.ambiguous),
+                ),
+                (
+                    "loupe_link_unlinked_clients_total",
+                    "CLIENT spans made while their thread handled no request.",
+                    get(&l.unlinked_clients),
+                ),
+                (
+                    "loupe_link_roots_total",
+                    "SERVER spans that start a trace.",
+                    get(&l.roots),
                 ),
             ]);
         }

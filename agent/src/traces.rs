@@ -95,8 +95,9 @@ impl TraceSink {
             Role::Server => SpanKind::Server,
             _ => SpanKind::Client,
         };
-        for ex in done {
+        for mut ex in done {
             self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+            self.linker.finalize(&mut ex.identity);
             if kind == SpanKind::Server {
                 self.linker
                     .server_end(conn.pid, ex.started.tid, ex.identity.span_id);

@@ -1,7 +1,9 @@
 //! Who is whose parent, decided when a request starts, for services that carry no trace ids.
 //!
 //! Rules, first that applies:
-//! 1. The request carries context (W3C, B3, Jaeger): the carried span is the parent.
+//! 1. The request carries context (W3C, B3, Jaeger): the carried span is the parent, unless the
+//!    local parent found by rule 2 or 3 received the very same span id (an uninstrumented proxy
+//!    or service forwarded the header unchanged): that local parent is the more precise one.
 //! 2. SERVER side, both ends on this node: the caller's CLIENT exchange on the mirrored
 //!    connection with the same request ordinal is the parent (HTTP/1 answers in order).
 //! 3. CLIENT side: the SERVER exchange this thread is handling is the parent (thread-per-request
@@ -9,6 +11,11 @@
 //!    the one whose request target the outgoing request repeats, or shares an id-like path
 //!    segment with, if exactly one does (proxies forward the path; services forward ids).
 //! 4. Otherwise no parent: a new trace. A wrong parent is worse than none; both are counted.
+//!
+//! Rule 2 races on loopback: the callee can read (and its event reach the agent) before the
+//! caller's send tracepoint fires, which is after sendmsg returns. A SERVER start that finds no
+//! peer waits briefly as an orphan; when the caller's CLIENT start arrives it adopts it, and the
+//! server span is re-parented before export (`adopted`).
 
 use std::{
     collections::HashMap,
@@ -33,11 +40,15 @@ const PEER_WAIT_NS: u64 = 30_000_000_000;
 const MAX_PEERS: usize = 100_000;
 /// A SERVER exchange still "in flight" after this long is forgotten (its end was missed).
 const IN_FLIGHT_MAX_NS: u64 = 600_000_000_000;
+/// How long a SERVER start without a peer waits for its caller's CLIENT start to show up.
+const ORPHAN_WAIT_NS: u64 = 1_000_000_000;
 
 #[derive(Debug, Default)]
 pub struct LinkStats {
     pub by_context: AtomicU64,
     pub by_peer: AtomicU64,
+    /// SERVER exchanges whose caller's event arrived just after theirs (loopback race).
+    pub by_peer_late: AtomicU64,
     pub by_thread: AtomicU64,
     pub by_target: AtomicU64,
     /// CLIENT exchanges whose thread handled several requests, none clearly theirs.
@@ -52,6 +63,7 @@ pub struct LinkStats {
 struct InFlight {
     trace_id: [u8; 16],
     span_id: [u8; 8],
+    carried: Option<[u8; 8]>,
     target: String,
     started_ns: u64,
 }
@@ -62,6 +74,10 @@ pub struct Linker {
     in_flight: HashMap<(u32, u32), Vec<InFlight>>,
     /// (client local, client remote, ordinal) -> the CLIENT exchange's identity and start.
     peers: HashMap<(SocketAddr, SocketAddr, u64), (Identity, u64)>,
+    /// Same key -> a SERVER start that found no peer: (its span id, its start).
+    orphans: HashMap<(SocketAddr, SocketAddr, u64), ([u8; 8], u64)>,
+    /// Server span id -> (trace id, parent span id) adopted after the span started.
+    adopted: HashMap<[u8; 8], ([u8; 16], [u8; 8])>,
     pub stats: std::sync::Arc<LinkStats>,
 }
 
@@ -100,19 +116,21 @@ impl Linker {
             ids,
             in_flight: HashMap::new(),
             peers: HashMap::new(),
+            orphans: HashMap::new(),
+            adopted: HashMap::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
         }
     }
 
     fn carried(&mut self, head: &Head) -> Option<Identity> {
         let c = extract(head)?;
-        bump(&self.stats.by_context);
         Some(Identity {
             trace_id: c.trace_id,
             span_id: self.ids.span_id(),
             parent_span_id: Some(c.span_id),
             parent_is_remote: true,
             trace_state: c.trace_state,
+            carried: Some(c.span_id),
         })
     }
 
@@ -123,16 +141,24 @@ impl Linker {
             parent_span_id: None,
             parent_is_remote: false,
             trace_state: String::new(),
+            carried: None,
         }
     }
 
-    fn child_of(&mut self, trace_id: [u8; 16], parent: [u8; 8], remote: bool) -> Identity {
+    fn child_of(
+        &mut self,
+        trace_id: [u8; 16],
+        parent: [u8; 8],
+        remote: bool,
+        carried: Option<[u8; 8]>,
+    ) -> Identity {
         Identity {
             trace_id,
             span_id: self.ids.span_id(),
             parent_span_id: Some(parent),
             parent_is_remote: remote,
             trace_state: String::new(),
+            carried,
         }
     }
 
@@ -143,14 +169,32 @@ impl Linker {
         } else {
             self.peers.remove(&(conn.remote, conn.local, st.ordinal))
         };
-        let identity = if let Some(id) = self.carried(head) {
-            id
-        } else if let Some((caller, _)) = peer {
-            bump(&self.stats.by_peer);
-            self.child_of(caller.trace_id, caller.span_id, true)
-        } else {
-            bump(&self.stats.roots);
-            self.root()
+        let carried = self.carried(head);
+        let identity = match (carried, peer) {
+            // The caller forwarded the context it received: it is the closer parent.
+            (Some(c), Some((caller, _))) if caller.carried == c.carried => {
+                bump(&self.stats.by_peer);
+                self.child_of(caller.trace_id, caller.span_id, true, c.carried)
+            }
+            (Some(c), _) => {
+                bump(&self.stats.by_context);
+                c
+            }
+            (None, Some((caller, _))) => {
+                bump(&self.stats.by_peer);
+                self.child_of(caller.trace_id, caller.span_id, true, None)
+            }
+            (None, None) => {
+                bump(&self.stats.roots);
+                let root = self.root();
+                if !conn.midstream && self.orphans.len() < MAX_PEERS {
+                    self.orphans.insert(
+                        (conn.remote, conn.local, st.ordinal),
+                        (root.span_id, st.ts_ns),
+                    );
+                }
+                root
+            }
         };
         self.in_flight
             .entry((conn.pid, st.tid))
@@ -158,6 +202,7 @@ impl Linker {
             .push(InFlight {
                 trace_id: identity.trace_id,
                 span_id: identity.span_id,
+                carried: identity.carried,
                 target: target(head).to_string(),
                 started_ns: st.ts_ns,
             });
@@ -176,21 +221,52 @@ impl Linker {
 
     /// A request left from the client side of `conn`.
     pub fn client_start(&mut self, conn: &ConnInfo, head: &Head, st: RequestStart) -> Identity {
-        let identity = if let Some(id) = self.carried(head) {
-            id
-        } else {
-            match self.parent_on_thread(conn.pid, st.tid, target(head)) {
-                Some(p) => self.child_of(p.trace_id, p.span_id, false),
-                None => self.root(),
+        let carried = self.carried(head);
+        let local = self.parent_on_thread(conn.pid, st.tid, target(head));
+        let identity = match (carried, local) {
+            // The header was forwarded unchanged from the request this thread is handling.
+            (Some(c), Some(p)) if p.carried == c.carried => {
+                self.child_of(p.trace_id, p.span_id, false, c.carried)
             }
+            (Some(c), _) => {
+                bump(&self.stats.by_context);
+                c
+            }
+            (None, Some(p)) => self.child_of(p.trace_id, p.span_id, false, None),
+            (None, None) => self.root(),
         };
-        if !conn.midstream && self.peers.len() < MAX_PEERS {
-            self.peers.insert(
-                (conn.local, conn.remote, st.ordinal),
-                (identity.clone(), st.ts_ns),
-            );
+        let key = (conn.local, conn.remote, st.ordinal);
+        if conn.midstream {
+            return identity;
+        }
+        if let Some((server_span, _)) = self.orphans.remove(&key) {
+            self.adopt(server_span, identity.trace_id, identity.span_id);
+        } else if self.peers.len() < MAX_PEERS {
+            self.peers.insert(key, (identity.clone(), st.ts_ns));
         }
         identity
+    }
+
+    /// The callee `server_span` started a trace of its own before its caller showed up: move it
+    /// (and what it is still handling) under the caller.
+    fn adopt(&mut self, server_span: [u8; 8], trace_id: [u8; 16], parent: [u8; 8]) {
+        bump(&self.stats.by_peer_late);
+        self.stats.roots.fetch_sub(1, Ordering::Relaxed);
+        for list in self.in_flight.values_mut() {
+            for f in list.iter_mut().filter(|f| f.span_id == server_span) {
+                f.trace_id = trace_id;
+            }
+        }
+        self.adopted.insert(server_span, (trace_id, parent));
+    }
+
+    /// Applies a late adoption to a finished exchange's identity.
+    pub fn finalize(&mut self, identity: &mut Identity) {
+        if let Some((trace_id, parent)) = self.adopted.remove(&identity.span_id) {
+            identity.trace_id = trace_id;
+            identity.parent_span_id = Some(parent);
+            identity.parent_is_remote = true;
+        }
     }
 
     fn parent_on_thread(&mut self, pid: u32, tid: u32, outgoing: &str) -> Option<InFlight> {
@@ -226,6 +302,12 @@ impl Linker {
     pub fn expire(&mut self, now_ns: u64) {
         self.peers
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < PEER_WAIT_NS);
+        self.orphans
+            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
+        // An adoption whose exchange never finished (evicted) must not pile up.
+        if self.adopted.len() > MAX_PEERS {
+            self.adopted.clear();
+        }
         self.in_flight.retain(|_, list| {
             list.retain(|f| now_ns.saturating_sub(f.started_ns) < IN_FLIGHT_MAX_NS);
             !list.is_empty()
@@ -359,7 +441,7 @@ mod tests {
                 st(1, 0),
             ),
             l.client_start(
-                &conn(1, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
+                &conn(3, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
                 &h,
                 st(1, 0),
             ),
@@ -374,6 +456,79 @@ mod tests {
     }
 
     #[test]
+    fn a_callee_seen_before_its_caller_is_adopted() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let mut s = l.server_start(&svc, &head("GET /x/1 HTTP/1.1\r\n\r\n"), st(20, 0));
+        assert_eq!(s.parent_span_id, None);
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let c = l.client_start(&up, &head("GET /x/1 HTTP/1.1\r\n\r\n"), st(10, 0));
+        // What the callee does next is in the caller's trace...
+        let down = conn(2, "127.0.0.1:50002", "127.0.0.1:9000", Role::Client);
+        let d = l.client_start(&down, &head("GET /y/1 HTTP/1.1\r\n\r\n"), st(20, 0));
+        assert_eq!(
+            (d.trace_id, d.parent_span_id),
+            (c.trace_id, Some(s.span_id))
+        );
+        // ... and so is the callee's own span, once finished.
+        l.finalize(&mut s);
+        assert_eq!(
+            (s.trace_id, s.parent_span_id),
+            (c.trace_id, Some(c.span_id))
+        );
+        assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 1);
+        assert_eq!(l.stats.roots.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_forwarded_header_does_not_flatten_the_tree() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let tp = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+        let h = head(&format!("GET /a/1 HTTP/1.1\r\n{tp}\r\n"));
+        // A proxy receives the SDK client's request and forwards the header verbatim.
+        let s1 = l.server_start(
+            &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
+            &h,
+            st(1, 0),
+        );
+        let c1 = l.client_start(
+            &conn(1, "127.0.0.1:6", "127.0.0.1:81", Role::Client),
+            &h,
+            st(1, 0),
+        );
+        assert_eq!(
+            c1.parent_span_id,
+            Some(s1.span_id),
+            "proxy CLIENT under proxy SERVER"
+        );
+        let s2 = l.server_start(
+            &conn(2, "127.0.0.1:81", "127.0.0.1:6", Role::Server),
+            &h,
+            st(2, 0),
+        );
+        assert_eq!(
+            s2.parent_span_id,
+            Some(c1.span_id),
+            "callee under the proxy's CLIENT"
+        );
+        assert!(
+            [s1.trace_id, c1.trace_id, s2.trace_id]
+                .iter()
+                .all(|t| t[..2] == [0x4b, 0xf9])
+        );
+        // An instrumented service puts its own span in the header: that span is the parent.
+        let own = head(
+            "GET /b/1 HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01\r\n\r\n",
+        );
+        let c2 = l.client_start(
+            &conn(2, "127.0.0.1:7", "127.0.0.1:82", Role::Client),
+            &own,
+            st(2, 0),
+        );
+        assert_eq!(c2.parent_span_id, Some([0x11; 8]));
+    }
+
+    #[test]
     fn waiting_state_expires() {
         let mut l = Linker::new(Box::new(Seq(0)));
         let up = conn(1, "127.0.0.1:50001", "192.0.2.1:80", Role::Client);
@@ -384,6 +539,6 @@ mod tests {
             st(1, 0),
         );
         l.expire(IN_FLIGHT_MAX_NS + 10);
-        assert!(l.peers.is_empty() && l.in_flight.is_empty());
+        assert!(l.peers.is_empty() && l.in_flight.is_empty() && l.orphans.is_empty());
     }
 }

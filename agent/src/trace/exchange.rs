@@ -31,6 +31,8 @@ pub struct Identity {
     /// The parent came from another process (carried context or a peer's CLIENT span).
     pub parent_is_remote: bool,
     pub trace_state: String,
+    /// The span id the request carried in its headers, if any.
+    pub carried: Option<[u8; 8]>,
 }
 
 /// Where a request started: what identity assignment needs to know.
@@ -278,6 +280,7 @@ mod tests {
             parent_span_id: None,
             parent_is_remote: false,
             trace_state: String::new(),
+            carried: None,
         }
     }
 

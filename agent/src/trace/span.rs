@@ -305,6 +305,7 @@ mod tests {
                 parent_span_id: None,
                 parent_is_remote: false,
                 trace_state: String::new(),
+                carried: None,
             },
             started: crate::trace::exchange::RequestStart {
                 tid: 1,
