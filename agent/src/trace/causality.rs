@@ -171,8 +171,13 @@ impl Linker {
         };
         let carried = self.carried(head);
         let identity = match (carried, peer) {
-            // The caller forwarded the context it received: it is the closer parent.
-            (Some(c), Some((caller, _))) if caller.carried == c.carried => {
+            // The caller forwarded the context it received (a proxy: its CLIENT span hangs off a
+            // local parent), so it is the closer parent. When the caller's CLIENT span hangs off
+            // the carried span itself, the caller is instrumented and put its own span in the
+            // header: that span is the parent, as across nodes.
+            (Some(c), Some((caller, _)))
+                if caller.carried == c.carried && caller.parent_span_id != c.carried =>
+            {
                 bump(&self.stats.by_peer);
                 self.child_of(caller.trace_id, caller.span_id, true, c.carried)
             }
