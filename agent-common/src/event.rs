@@ -9,6 +9,7 @@ pub const EVENT_VERSION: u16 = 1;
 
 pub const KIND_DATA: u16 = 1;
 pub const KIND_CLOSE: u16 = 2;
+pub const KIND_FORK: u16 = 3;
 
 /// Largest payload prefix one event can carry. The runtime cap (`LoupeConfig::capture_bytes`) is
 /// at most this. A power of two: the kernel side bounds offsets by masking with `MAX_PAYLOAD - 1`.
@@ -87,3 +88,16 @@ pub struct CloseEvent {
 }
 pub const CLOSE_EVENT_SIZE: usize = core::mem::size_of::<CloseEvent>();
 const _: () = assert!(CLOSE_EVENT_SIZE == 104);
+
+/// A selected process created a thread or process: the creating thread is in the header's
+/// pid_tgid. Lets the agent follow work handed to a new thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    /// Thread id of the new task (its own pid when it is a new process).
+    pub child_tid: u32,
+    pub _pad: u32,
+}
+pub const FORK_EVENT_SIZE: usize = core::mem::size_of::<ForkEvent>();
+const _: () = assert!(FORK_EVENT_SIZE == 32);

@@ -7,7 +7,8 @@ use agent_common::{
     conn::{AF_INET, AF_INET6, ROLE_CLIENT, ROLE_SERVER},
     event::{
         CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
-        FLAG_NO_PAYLOAD, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_PAYLOAD,
+        FLAG_NO_PAYLOAD, FLAG_TRUNCATED, FORK_EVENT_SIZE, KIND_CLOSE, KIND_DATA, KIND_FORK,
+        MAX_PAYLOAD,
     },
 };
 use bytes::Bytes;
@@ -118,10 +119,20 @@ pub struct CloseEvent {
     pub totals: [u64; 2],
 }
 
+/// Thread `parent_tid` of process `pid` created the task `child_tid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub parent_tid: u32,
+    pub child_tid: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Data(DataEvent),
     Close(CloseEvent),
+    Fork(ForkEvent),
 }
 
 /// A little cursor over native-endian fields; every read is checked.
@@ -219,6 +230,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     let (need, kind) = match h.kind {
         KIND_DATA => (DATA_EVENT_SIZE, KIND_DATA),
         KIND_CLOSE => (CLOSE_EVENT_SIZE, KIND_CLOSE),
+        KIND_FORK => (FORK_EVENT_SIZE, KIND_FORK),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if buf.len() < need {
@@ -236,6 +248,14 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     }
     let pid = (h.pid_tgid >> 32) as u32;
     let tid = h.pid_tgid as u32;
+    if kind == KIND_FORK {
+        return Ok(Event::Fork(ForkEvent {
+            ts_ns: h.ts_ns,
+            pid,
+            parent_tid: tid,
+            child_tid: f.u32(),
+        }));
+    }
     let conn = ConnKey {
         sk: f.u64(),
         generation: f.u64(),
@@ -414,6 +434,34 @@ pub(crate) mod tests {
         );
         assert_eq!(c.totals, [100, 200]);
         assert_eq!(c.role, Role::Client);
+    }
+
+    #[test]
+    fn decodes_a_fork_record() {
+        let ev = wire::ForkEvent {
+            header: wire::EventHeader {
+                kind: KIND_FORK,
+                version: EVENT_VERSION,
+                len: FORK_EVENT_SIZE as u32,
+                ts_ns: 9,
+                pid_tgid: (42 << 32) | 43,
+            },
+            child_tid: 44,
+            _pad: 0,
+        };
+        let rec = as_bytes(&ev);
+        assert_eq!(
+            decode(rec),
+            Ok(Event::Fork(ForkEvent {
+                ts_ns: 9,
+                pid: 42,
+                parent_tid: 43,
+                child_tid: 44
+            }))
+        );
+        for len in 0..rec.len() {
+            assert!(decode(&rec[..len]).is_err());
+        }
     }
 
     #[test]

@@ -187,6 +187,11 @@ impl Metrics {
                     get(&l.by_thread),
                 ),
                 (
+                    "loupe_link_thread_creator_total",
+                    "CLIENT spans parented through the thread that created theirs.",
+                    get(&l.by_thread_creator),
+                ),
+                (
                     "loupe_link_target_total",
                     "CLIENT spans parented by request-target match on an event loop.",
                     get(&l.by_target),

@@ -18,6 +18,8 @@ pub trait Sink {
     /// (a leading gap if bytes were lost before it).
     fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>);
     fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>);
+    /// Thread `ev.parent_tid` created `ev.child_tid`.
+    fn fork(&mut self, _ev: &crate::decode::ForkEvent) {}
     /// Called about once a second with the monotonic time: for timeouts.
     fn tick(&mut self, _now_ns: u64) {}
     fn flush(&mut self) {}
@@ -76,6 +78,7 @@ fn handle<S: Sink>(
                 sink.data(&conn.info, &meta, dir, segments);
             }
         }
+        Event::Fork(fork) => sink.fork(&fork),
         Event::Close(close) => {
             if table.close(&close).is_some()
                 && let Some(conn) = table.remove(&close.conn)

@@ -194,6 +194,11 @@ impl Sink for TraceSink {
         self.emit(done, &info);
     }
 
+    fn fork(&mut self, ev: &crate::decode::ForkEvent) {
+        self.linker
+            .thread_created(ev.pid, ev.parent_tid, ev.child_tid, ev.ts_ns);
+    }
+
     fn tick(&mut self, now_ns: u64) {
         self.linker.expire(now_ns);
         let timeout = self.response_timeout_ns;

@@ -1,16 +1,24 @@
 """A thread-per-request HTTP service for the causality scenario (uninstrumented).
 
-    chain_service.py PORT [DOWNSTREAM_BASE_URL=PREFIX ...]
+    chain_service.py PORT [--spawn] [DOWNSTREAM_BASE_URL=PREFIX ...]
 
 GET /<anything>/<id> calls, one after the other, DOWNSTREAM/PREFIX/<id> for each downstream,
-then answers. With no downstream it is a leaf.
+then answers. With no downstream it is a leaf. With --spawn each call runs in a thread the
+handler creates for it (work handed to a new thread).
 """
 import http.server
 import sys
+import threading
 import urllib.request
 
 port = int(sys.argv[1])
-downstreams = [arg.split("=", 1) for arg in sys.argv[2:]]
+spawn = "--spawn" in sys.argv[2:]
+downstreams = [arg.split("=", 1) for arg in sys.argv[2:] if arg != "--spawn"]
+
+
+def fetch(url, out):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        out.append(resp.read().decode())
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -20,8 +28,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         request_id = self.path.rstrip("/").rsplit("/", 1)[-1]
         parts = []
         for base, prefix in downstreams:
-            with urllib.request.urlopen(f"{base}/{prefix}/{request_id}", timeout=10) as resp:
-                parts.append(resp.read().decode())
+            url = f"{base}/{prefix}/{request_id}"
+            if spawn:
+                worker = threading.Thread(target=fetch, args=(url, parts))
+                worker.start()
+                worker.join()
+            else:
+                fetch(url, parts)
         body = (" ".join(parts) or f"leaf {request_id}").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

@@ -2,7 +2,7 @@
 //!
 //!   client -> nginx (event loop, reverse proxy, upstream keep-alive)
 //!          -> svc-a (Python, thread per request)
-//!               -> svc-b (Python, thread per request) -> leaf (Python)
+//!               -> svc-b (Python, thread per request, each call in a new thread) -> leaf
 //!               -> svc-node (Node.js, event loop)     -> leaf
 //!
 //! Every request path carries a ground-truth id, so the test knows the true tree and measures
@@ -57,7 +57,10 @@ fn topology(cg: &TestCgroup) -> Topology {
         cg,
         "svc-b",
         b,
-        &[format!("http://127.0.0.1:{leaf}=leaf")],
+        &[
+            "--spawn".to_string(),
+            format!("http://127.0.0.1:{leaf}=leaf"),
+        ],
     ));
     let js = tests_dir().join("apps/chain_node.js");
     let mut cmd = cg.command(
@@ -208,7 +211,7 @@ const HOPS: [Hop; 11] = [
     ),
     (
         "svc-b in -> leaf",
-        "thread",
+        "new thread",
         ("svc-b", CLIENT, "leaf"),
         ("svc-b", SERVER, "b"),
     ),

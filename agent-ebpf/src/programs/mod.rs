@@ -1,2 +1,3 @@
+pub mod sched;
 pub mod sock;
 pub mod syscalls;

@@ -67,6 +67,12 @@ const HOOKS: &[Hook] = &[
         false,
         "roles come from /proc for every connection; closes are found by idle eviction",
     ),
+    hook(
+        "sched_process_fork",
+        "sched",
+        false,
+        "following requests handed to new threads",
+    ),
     hook("sys_enter_read", "syscalls", true, ""),
     hook("sys_exit_read", "syscalls", true, ""),
     hook("sys_enter_write", "syscalls", true, ""),

@@ -9,7 +9,9 @@
 //! 3. CLIENT side: the SERVER exchange this thread is handling is the parent (thread-per-request
 //!    servers). When the thread handles several at once (event loops: nginx, Node.js, asyncio),
 //!    the one whose request target the outgoing request repeats, or shares an id-like path
-//!    segment with, if exactly one does (proxies forward the path; services forward ids).
+//!    segment with, if exactly one does (proxies forward the path; services forward ids). A thread
+//!    handling nothing follows its creator (up to 5 creations back): a request handed to a new
+//!    thread keeps its parent, provided the request was in flight when the thread was created.
 //! 4. Otherwise no parent: a new trace. A wrong parent is worse than none; both are counted.
 //!
 //! Rule 2 races on loopback: the callee can read (and its event reach the agent) before the
@@ -40,6 +42,11 @@ const PEER_WAIT_NS: u64 = 30_000_000_000;
 const MAX_PEERS: usize = 100_000;
 /// A SERVER exchange still "in flight" after this long is forgotten (its end was missed).
 const IN_FLIGHT_MAX_NS: u64 = 600_000_000_000;
+/// Creations followed back from a thread to the request its ancestor handles.
+const MAX_THREAD_HOPS: usize = 5;
+/// Threads remembered with their creator (pruned by age).
+const MAX_THREADS: usize = 100_000;
+const THREAD_MAX_AGE_NS: u64 = 600_000_000_000;
 /// How long a SERVER start without a peer waits for its caller's CLIENT start to show up.
 const ORPHAN_WAIT_NS: u64 = 1_000_000_000;
 
@@ -51,6 +58,8 @@ pub struct LinkStats {
     pub by_peer_late: AtomicU64,
     pub by_thread: AtomicU64,
     pub by_target: AtomicU64,
+    /// CLIENT spans parented through the thread that created theirs.
+    pub by_thread_creator: AtomicU64,
     /// CLIENT exchanges whose thread handled several requests, none clearly theirs.
     pub ambiguous: AtomicU64,
     /// CLIENT exchanges made while their thread handled no request.
@@ -76,6 +85,8 @@ pub struct Linker {
     peers: HashMap<(SocketAddr, SocketAddr, u64), (Identity, u64)>,
     /// Same key -> a SERVER start that found no peer: (its span id, its start).
     orphans: HashMap<(SocketAddr, SocketAddr, u64), ([u8; 8], u64)>,
+    /// (pid, thread) -> (the thread that created it, when).
+    creators: HashMap<(u32, u32), (u32, u64)>,
     /// Server span id -> (trace id, parent span id) adopted after the span started.
     adopted: HashMap<[u8; 8], ([u8; 16], [u8; 8])>,
     pub stats: std::sync::Arc<LinkStats>,
@@ -117,6 +128,7 @@ impl Linker {
             in_flight: HashMap::new(),
             peers: HashMap::new(),
             orphans: HashMap::new(),
+            creators: HashMap::new(),
             adopted: HashMap::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
         }
@@ -274,8 +286,38 @@ impl Linker {
         }
     }
 
+    /// Thread `parent_tid` of `pid` created `child_tid` at `ts_ns`.
+    pub fn thread_created(&mut self, pid: u32, parent_tid: u32, child_tid: u32, ts_ns: u64) {
+        if parent_tid != child_tid && self.creators.len() < MAX_THREADS {
+            self.creators.insert((pid, child_tid), (parent_tid, ts_ns));
+        }
+    }
+
+    /// The request a thread's creator (or its creator's creator...) was handling when it created
+    /// the thread: one candidate only, or none.
+    fn via_creator(&self, pid: u32, tid: u32) -> Option<InFlight> {
+        let mut tid = tid;
+        for _ in 0..MAX_THREAD_HOPS {
+            let &(creator, created_ns) = self.creators.get(&(pid, tid))?;
+            if let Some(list) = self.in_flight.get(&(pid, creator)) {
+                let before: Vec<&InFlight> =
+                    list.iter().filter(|f| f.started_ns <= created_ns).collect();
+                return match before.as_slice() {
+                    [one] => Some((*one).clone()),
+                    _ => None,
+                };
+            }
+            tid = creator;
+        }
+        None
+    }
+
     fn parent_on_thread(&mut self, pid: u32, tid: u32, outgoing: &str) -> Option<InFlight> {
         let Some(list) = self.in_flight.get(&(pid, tid)).filter(|l| !l.is_empty()) else {
+            if let Some(p) = self.via_creator(pid, tid) {
+                bump(&self.stats.by_thread_creator);
+                return Some(p);
+            }
             bump(&self.stats.unlinked_clients);
             return None;
         };
@@ -309,6 +351,8 @@ impl Linker {
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < PEER_WAIT_NS);
         self.orphans
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
+        self.creators
+            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < THREAD_MAX_AGE_NS);
         // An adoption whose exchange never finished (evicted) must not pile up.
         if self.adopted.len() > MAX_PEERS {
             self.adopted.clear();
@@ -531,6 +575,35 @@ mod tests {
             st(2, 0),
         );
         assert_eq!(c2.parent_span_id, Some([0x11; 8]));
+    }
+
+    #[test]
+    fn work_handed_to_a_new_thread_keeps_its_parent() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let front = conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server);
+        let s = l.server_start(
+            &front,
+            &head("GET /a/1 HTTP/1.1\r\n\r\n"),
+            RequestStart {
+                tid: 10,
+                ts_ns: 100,
+                ordinal: 0,
+            },
+        );
+        // Thread 10 creates 11, which creates 12; 12 makes the call.
+        l.thread_created(1, 10, 11, 150);
+        l.thread_created(1, 11, 12, 160);
+        let up = conn(1, "127.0.0.1:6", "127.0.0.1:81", Role::Client);
+        let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(12, 0));
+        assert_eq!(
+            (c.trace_id, c.parent_span_id),
+            (s.trace_id, Some(s.span_id))
+        );
+        assert_eq!(l.stats.by_thread_creator.load(Ordering::Relaxed), 1);
+        // A thread created before the request arrived (a pool) is not followed.
+        l.thread_created(1, 10, 13, 50);
+        let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(13, 1));
+        assert_eq!(c.parent_span_id, None);
     }
 
     #[test]
