@@ -25,3 +25,12 @@ def chunked():
         for i in range(5):
             yield f"part-{i}\n" * 200
     return Response(body(), mimetype="text/plain")
+
+
+@app.get("/work/<int:item_id>")
+def work(item_id):
+    # A few milliseconds of CPU, like a small real handler (for `cargo xtask bench`).
+    total = 0
+    for i in range(60_000):
+        total += i * item_id % 7
+    return {"id": item_id, "total": total}

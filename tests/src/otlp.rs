@@ -54,6 +54,9 @@ impl ReceivedSpan {
 struct Store {
     spans: Mutex<Vec<ReceivedSpan>>,
     raw: Mutex<Vec<u8>>,
+    /// Count only (benchmarks): keep no spans and no bytes.
+    count_only: bool,
+    counted: std::sync::atomic::AtomicU64,
 }
 
 fn value(v: &Option<AnyValue>) -> String {
@@ -79,6 +82,17 @@ fn hex(b: &[u8]) -> String {
 
 impl Store {
     fn add(&self, req: &ExportTraceServiceRequest, raw: &[u8], transport: &'static str) {
+        if self.count_only {
+            let n: usize = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.counted
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         self.raw.lock().unwrap().extend_from_slice(raw);
         let mut spans = self.spans.lock().unwrap();
         for rs in &req.resource_spans {
@@ -165,12 +179,31 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
+        Self::start_with(Store::default())
+    }
+
+    /// A receiver that only counts spans (for benchmarks: memory stays flat).
+    pub fn start_counting() -> Receiver {
+        Self::start_with(Store {
+            count_only: true,
+            ..Store::default()
+        })
+    }
+
+    /// Spans received so far by a counting receiver.
+    pub fn counted(&self) -> u64 {
+        self.store
+            .counted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn start_with(store: Store) -> Receiver {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let store = Arc::new(Store::default());
+        let store = Arc::new(store);
         let (grpc, http) = rt.block_on(async {
             let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

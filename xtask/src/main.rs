@@ -14,6 +14,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -42,8 +44,19 @@ enum Task {
     },
     /// rustfmt --check and clippy -D warnings, as CI runs them.
     Lint,
-    /// Overhead benchmark (not implemented yet).
-    Bench,
+    /// What Loupe costs a traced service: the same load with and without the agent, alternating
+    /// rounds (nginx over loopback, a Python service), printed as a table.
+    Bench {
+        /// Rounds per side and workload.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per round.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Concurrent connections of the load generator.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,8 +83,23 @@ fn main() -> anyhow::Result<()> {
             ensure_toolchain()?;
             lint()
         }
-        Task::Bench => {
-            bail!("`cargo xtask bench` is not implemented yet (tracked in the Benchmark issue)")
+        Task::Bench {
+            rounds,
+            seconds,
+            connections,
+        } => {
+            ensure_toolchain()?;
+            if !is_root() {
+                bail!("the benchmark loads the agent: run it as root");
+            }
+            bench::bench(
+                &root,
+                &bench::Options {
+                    rounds,
+                    seconds,
+                    connections,
+                },
+            )
         }
     }
 }

@@ -1,0 +1,487 @@
+//! `cargo xtask bench`: what Loupe costs a traced service, measured with and without the agent in
+//! the same run, alternating rounds. Prints a table; asserts nothing.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{run, step};
+
+pub struct Options {
+    pub rounds: usize,
+    pub seconds: u64,
+    pub connections: usize,
+}
+
+struct Workload {
+    name: &'static str,
+    url: String,
+    _server: Guard,
+}
+
+/// Kills a child process (and waits for it) when dropped.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc_kill(self.0.id() as i32, 15) };
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    requests: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct AgentCost {
+    cpu_seconds: f64,
+    rss_mib: f64,
+    kernel_ns: u64,
+    events: u64,
+    drops: u64,
+    spans_exported: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn ensure_tools(root: &Path) -> anyhow::Result<()> {
+    if Command::new("oha").arg("--version").output().is_err() {
+        step("installing the load generator oha from crates.io (once)");
+        run(Command::new("cargo").args(["install", "oha", "--version", "^1.16", "--locked"]))?;
+    }
+    if Command::new("bpftool").arg("version").output().is_err() {
+        step("installing bpftool (kernel program run times)");
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "bpftool"]))?;
+    }
+    run(Command::new("bash").arg(root.join("tests/setup.sh")))
+}
+
+fn nginx(dir: &Path) -> anyhow::Result<Workload> {
+    let port = free_port();
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n\
+           scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let child = Command::new("nginx")
+        .args([
+            "-p",
+            dir.to_str().unwrap(),
+            "-c",
+            dir.join("nginx.conf").to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx")?;
+    wait_port(port)?;
+    Ok(Workload {
+        name: "nginx, tiny response",
+        url: format!("http://127.0.0.1:{port}/"),
+        _server: Guard(child),
+    })
+}
+
+fn python(root: &Path) -> anyhow::Result<Workload> {
+    let port = free_port();
+    let apps = root.join("tests/apps");
+    let child = Command::new(root.join("tests/.venv/bin/gunicorn"))
+        .args([
+            "--chdir",
+            apps.to_str().unwrap(),
+            "-b",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args([
+            "-k",
+            "gthread",
+            "-w",
+            "1",
+            "--threads",
+            "8",
+            "flask_app:app",
+        ])
+        .current_dir(&apps)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting gunicorn")?;
+    wait_port(port)?;
+    Ok(Workload {
+        name: "Python, ~ms of work",
+        url: format!("http://127.0.0.1:{port}/work/7"),
+        _server: Guard(child),
+    })
+}
+
+/// Runs oha; `rate` None saturates with `connections`, Some(q) holds q requests/s.
+fn oha(url: &str, seconds: u64, connections: usize, rate: Option<f64>) -> anyhow::Result<Load> {
+    let mut cmd = Command::new("oha");
+    cmd.args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "-z",
+        &format!("{seconds}s"),
+    ])
+    .args(["-c", &connections.to_string()]);
+    if let Some(q) = rate {
+        cmd.args(["-q", &format!("{q:.0}")]);
+    }
+    let out = cmd.arg(url).output().context("running oha")?;
+    if !out.status.success() {
+        bail!("oha failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("oha JSON")?;
+    let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    let ok: u64 = v["statusCodeDistribution"]
+        .as_object()
+        .map(|m| m.values().filter_map(|c| c.as_u64()).sum())
+        .unwrap_or(0);
+    Ok(Load {
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        p50_ms: pct("p50"),
+        p99_ms: pct("p99"),
+        p999_ms: pct("p99.9"),
+        requests: ok,
+    })
+}
+
+struct Agent {
+    child: Child,
+    metrics_port: u16,
+}
+
+fn start_agent(bin: &Path, otlp: &str) -> anyhow::Result<Agent> {
+    let metrics_port = free_port();
+    let mut child = Command::new(bin)
+        .args([
+            "--otlp-endpoint",
+            otlp,
+            "--otlp-protocol",
+            "grpc",
+            "--summary-interval",
+            "0",
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting loupe")?;
+    let stderr = child.stderr.take().context("agent stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("ready:") => break,
+            Some(Ok(_)) => {}
+            _ => bail!("loupe exited before it was ready"),
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    wait_port(metrics_port)?;
+    Ok(Agent {
+        child,
+        metrics_port,
+    })
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 (utime, stime) are 11 and 12 after the state field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Total run time of the agent's kernel programs so far (kernel.bpf_stats_enabled must be on).
+fn kernel_ns(agent_pid: u32) -> u64 {
+    let Ok(out) = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+    else {
+        return 0;
+    };
+    let Ok(progs) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return 0;
+    };
+    progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            p["pids"].as_array().is_some_and(|pids| {
+                pids.iter()
+                    .any(|x| x["pid"].as_u64() == Some(agent_pid as u64))
+            })
+        })
+        .filter_map(|p| p["run_time_ns"].as_u64())
+        .sum()
+}
+
+fn scrape(port: u16) -> String {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut s, &mut out);
+    out
+}
+
+fn metric_sum(text: &str, prefix: &str, filter: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// One loaded round with the agent attached: the load and what the agent cost meanwhile.
+fn with_agent(
+    bin: &Path,
+    otlp: &str,
+    load: impl FnOnce() -> anyhow::Result<Load>,
+) -> anyhow::Result<(Load, AgentCost)> {
+    let mut agent = start_agent(bin, otlp)?;
+    let pid = agent.child.id();
+    let before = (cpu_seconds(pid), kernel_ns(pid), scrape(agent.metrics_port));
+    let l = load()?;
+    // Let the last events drain and export (reader every 10 ms, export every second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = (cpu_seconds(pid), kernel_ns(pid), scrape(agent.metrics_port));
+    let volume = |t: &str| metric_sum(t, "loupe_kernel_events_total", "reason=\"events_emitted\"");
+    let drops = |t: &str| {
+        metric_sum(t, "loupe_kernel_events_total", "kind=\"drop\"")
+            + metric_sum(t, "loupe_channel_full_total", "")
+            + metric_sum(t, "loupe_export_queue_full_total", "")
+            + metric_sum(t, "loupe_export_failed_total", "")
+            + metric_sum(t, "loupe_decode_errors_total", "")
+    };
+    let cost = AgentCost {
+        cpu_seconds: after.0 - before.0,
+        rss_mib: rss_mib(pid),
+        kernel_ns: after.1.saturating_sub(before.1),
+        events: volume(&after.2).saturating_sub(volume(&before.2)),
+        drops: drops(&after.2).saturating_sub(drops(&before.2)),
+        spans_exported: metric_sum(&after.2, "loupe_spans_exported_total", "")
+            .saturating_sub(metric_sum(&before.2, "loupe_spans_exported_total", "")),
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc_kill(pid as i32, 2) };
+    let _ = agent.child.wait();
+    Ok((l, cost))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
+    ensure_tools(root)?;
+    step("building the agent (release) and the OTLP sink");
+    run(Command::new("cargo").args(["build", "--release", "--package", "loupe"]))?;
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "--package",
+        "loupe-tests",
+        "--bin",
+        "otlp-sink",
+    ]))?;
+    let bin = root.join("target/release/loupe");
+    let mut sink = Command::new(root.join("target/release/otlp-sink"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the OTLP sink")?;
+    let mut sink_out = BufReader::new(sink.stdout.take().context("sink stdout")?).lines();
+    let endpoints = sink_out.next().context("sink endpoints")??;
+    let otlp = endpoints
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .context("sink grpc endpoint")?
+        .to_string();
+    let _sink = Guard(sink);
+
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=1"])
+        .status();
+    let dir: PathBuf = root.join("target/bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    let workloads = [nginx(&dir.join("nginx"))?, python(root)?];
+    let mut report = String::new();
+    for w in &workloads {
+        step(&format!("{}: warm-up", w.name));
+        oha(&w.url, 2, opts.connections, None)?;
+        let (mut sat_off, mut sat_on) = (Vec::new(), Vec::new());
+        let mut costs = Vec::new();
+        for round in 0..opts.rounds {
+            step(&format!(
+                "{}: saturation round {} of {}",
+                w.name,
+                round + 1,
+                opts.rounds
+            ));
+            // Alternate the order so drift (thermal, caches) does not favour one side.
+            let on_first = round % 2 == 1;
+            for on in [on_first, !on_first] {
+                if on {
+                    let (l, c) = with_agent(&bin, &otlp, || {
+                        oha(&w.url, opts.seconds, opts.connections, None)
+                    })?;
+                    sat_on.push(l.rps);
+                    costs.push((l, c));
+                } else {
+                    sat_off.push(oha(&w.url, opts.seconds, opts.connections, None)?.rps);
+                }
+            }
+        }
+        let off_rps = median(sat_off.clone());
+        let rate = (off_rps * 0.3).max(50.0);
+        let (mut lat_off, mut lat_on) = (Vec::new(), Vec::new());
+        for round in 0..opts.rounds {
+            step(&format!(
+                "{}: fixed rate {rate:.0}/s, round {} of {}",
+                w.name,
+                round + 1,
+                opts.rounds
+            ));
+            let on_first = round % 2 == 0;
+            for on in [on_first, !on_first] {
+                if on {
+                    let (l, c) = with_agent(&bin, &otlp, || {
+                        oha(&w.url, opts.seconds, opts.connections, Some(rate))
+                    })?;
+                    lat_on.push(l);
+                    costs.push((l, c));
+                } else {
+                    lat_off.push(oha(&w.url, opts.seconds, opts.connections, Some(rate))?);
+                }
+            }
+        }
+        let on_rps = median(sat_on);
+        let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+        let per_req: Vec<f64> = costs
+            .iter()
+            .map(|(l, c)| c.kernel_ns as f64 / l.requests.max(1) as f64)
+            .collect();
+        let mcores: Vec<f64> = costs
+            .iter()
+            .map(|(l, c)| {
+                (c.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9)
+            })
+            .collect();
+        let events: Vec<f64> = costs
+            .iter()
+            .map(|(_, c)| c.events as f64 / opts.seconds as f64)
+            .collect();
+        let rss = costs.iter().map(|(_, c)| c.rss_mib).fold(0.0, f64::max);
+        let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
+        let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
+        let requests: u64 = costs.iter().map(|(l, _)| l.requests).sum();
+        report.push_str(&format!(
+            "\n{name}\n\
+             {:<46} {:>12} {:>12}\n\
+             {:<46} {:>12.0} {:>12.0}   ratio {:.3}\n\
+             {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
+             {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
+             {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
+             {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n",
+            "",
+            "without",
+            "with",
+            "throughput at saturation (req/s)",
+            off_rps,
+            on_rps,
+            on_rps / off_rps,
+            format!("p50 latency at {rate:.0} req/s (ms)"),
+            lat(&lat_off, |l| l.p50_ms),
+            lat(&lat_on, |l| l.p50_ms),
+            100.0 * (lat(&lat_on, |l| l.p50_ms) / lat(&lat_off, |l| l.p50_ms) - 1.0),
+            "p99 latency (ms)",
+            lat(&lat_off, |l| l.p99_ms),
+            lat(&lat_on, |l| l.p99_ms),
+            100.0 * (lat(&lat_on, |l| l.p99_ms) / lat(&lat_off, |l| l.p99_ms) - 1.0),
+            "p99.9 latency (ms)",
+            lat(&lat_off, |l| l.p999_ms),
+            lat(&lat_on, |l| l.p999_ms),
+            100.0 * (lat(&lat_on, |l| l.p999_ms) / lat(&lat_off, |l| l.p999_ms) - 1.0),
+            "agent CPU (millicores per 1k req/s, median)",
+            median(mcores),
+            "agent RSS (MiB, max)",
+            rss,
+            "kernel-program time per request (ns, median)",
+            median(per_req),
+            "events per second (median)",
+            median(events),
+            "drops, every counter (sum over rounds)",
+            drops,
+            "spans exported / requests traced",
+            format!("{spans}/{requests}"),
+            name = w.name,
+        ));
+    }
+    let _ = Command::new("sysctl")
+        .args(["-qw", "kernel.bpf_stats_enabled=0"])
+        .status();
+    println!(
+        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC{report}",
+        opts.rounds, opts.seconds, opts.connections
+    );
+    Ok(())
+}
