@@ -50,7 +50,7 @@ struct Load {
     requests: u64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 struct AgentCost {
     cpu_seconds: f64,
     rss_mib: f64,
@@ -58,6 +58,8 @@ struct AgentCost {
     events: u64,
     drops: u64,
     spans_exported: u64,
+    /// Non-zero drop counters by name, over the round.
+    drop_reasons: Vec<(String, u64)>,
 }
 
 fn free_port() -> u16 {
@@ -244,8 +246,9 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// Total run time of the agent's kernel programs so far (kernel.bpf_stats_enabled must be on).
-fn kernel_ns(agent_pid: u32) -> u64 {
+/// Total run time of Loupe's kernel programs so far (kernel.bpf_stats_enabled must be on). By
+/// program name: bpftool here does not report owning pids; only one agent runs at a time.
+fn kernel_ns() -> u64 {
     let Ok(out) = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
@@ -255,16 +258,18 @@ fn kernel_ns(agent_pid: u32) -> u64 {
     let Ok(progs) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
         return 0;
     };
+    let ours = |n: &str| {
+        n.starts_with("sys_enter_")
+            || n.starts_with("sys_exit_")
+            || n.starts_with("sock_")
+            || n == "inet_sock_set_state"
+            || n == "sched_process_fork"
+    };
     progs
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|p| {
-            p["pids"].as_array().is_some_and(|pids| {
-                pids.iter()
-                    .any(|x| x["pid"].as_u64() == Some(agent_pid as u64))
-            })
-        })
+        .filter(|p| p["name"].as_str().is_some_and(ours))
         .filter_map(|p| p["run_time_ns"].as_u64())
         .sum()
 }
@@ -294,11 +299,11 @@ fn with_agent(
 ) -> anyhow::Result<(Load, AgentCost)> {
     let mut agent = start_agent(bin, otlp)?;
     let pid = agent.child.id();
-    let before = (cpu_seconds(pid), kernel_ns(pid), scrape(agent.metrics_port));
+    let before = (cpu_seconds(pid), kernel_ns(), scrape(agent.metrics_port));
     let l = load()?;
     // Let the last events drain and export (reader every 10 ms, export every second).
     std::thread::sleep(Duration::from_millis(1500));
-    let after = (cpu_seconds(pid), kernel_ns(pid), scrape(agent.metrics_port));
+    let after = (cpu_seconds(pid), kernel_ns(), scrape(agent.metrics_port));
     let volume = |t: &str| metric_sum(t, "loupe_kernel_events_total", "reason=\"events_emitted\"");
     let drops = |t: &str| {
         metric_sum(t, "loupe_kernel_events_total", "kind=\"drop\"")
@@ -315,11 +320,49 @@ fn with_agent(
         drops: drops(&after.2).saturating_sub(drops(&before.2)),
         spans_exported: metric_sum(&after.2, "loupe_spans_exported_total", "")
             .saturating_sub(metric_sum(&before.2, "loupe_spans_exported_total", "")),
+        drop_reasons: drop_reasons(&before.2, &after.2),
     };
     // SAFETY: signalling our own child.
     unsafe { libc_kill(pid as i32, 2) };
     let _ = agent.child.wait();
     Ok((l, cost))
+}
+
+/// Every drop-like counter line that grew between two scrapes.
+fn drop_reasons(before: &str, after: &str) -> Vec<(String, u64)> {
+    let is_drop = |l: &str| {
+        l.contains("kind=\"drop\"")
+            || [
+                "loupe_channel_full",
+                "loupe_export_queue_full",
+                "loupe_export_failed",
+                "loupe_decode_errors",
+                "loupe_conn_table_full",
+            ]
+            .iter()
+            .any(|p| l.starts_with(p))
+    };
+    let parse = |t: &str| -> Vec<(String, u64)> {
+        t.lines()
+            .filter(|l| !l.starts_with('#') && is_drop(l))
+            .filter_map(|l| {
+                let (name, v) = l.rsplit_once(' ')?;
+                Some((name.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let b = parse(before);
+    parse(after)
+        .into_iter()
+        .filter_map(|(n, v)| {
+            let old = b
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map(|(_, x)| *x)
+                .unwrap_or(0);
+            (v > old).then(|| (n, v - old))
+        })
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -434,6 +477,24 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
         let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
         let requests: u64 = costs.iter().map(|(l, _)| l.requests).sum();
+        let mut reasons: Vec<(String, u64)> = Vec::new();
+        for (_, c) in &costs {
+            for (n, v) in &c.drop_reasons {
+                match reasons.iter_mut().find(|(m, _)| m == n) {
+                    Some((_, t)) => *t += v,
+                    None => reasons.push((n.clone(), *v)),
+                }
+            }
+        }
+        let reasons = if reasons.is_empty() {
+            "none".to_string()
+        } else {
+            reasons
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         report.push_str(&format!(
             "\n{name}\n\
              {:<46} {:>12} {:>12}\n\
@@ -475,6 +536,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             format!("{spans}/{requests}"),
             name = w.name,
         ));
+        report.push_str(&format!("{:<46} {reasons}\n", "drops by reason"));
     }
     let _ = Command::new("sysctl")
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
