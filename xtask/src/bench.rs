@@ -437,6 +437,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         let off_rps = median(sat_off.clone());
         let rate = (off_rps * 0.3).max(50.0);
         let (mut lat_off, mut lat_on) = (Vec::new(), Vec::new());
+        let mut rate_drops = 0u64;
         for round in 0..opts.rounds {
             step(&format!(
                 "{}: fixed rate {rate:.0}/s, round {} of {}",
@@ -451,6 +452,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
                         oha(&w.url, opts.seconds, opts.connections, Some(rate))
                     })?;
                     lat_on.push(l);
+                    rate_drops += c.drops;
                     costs.push((l, c));
                 } else {
                     lat_off.push(oha(&w.url, opts.seconds, opts.connections, Some(rate))?);
@@ -537,6 +539,11 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             name = w.name,
         ));
         report.push_str(&format!("{:<46} {reasons}\n", "drops by reason"));
+        report.push_str(&format!(
+            "{:<46} {:>12}\n",
+            format!("drops at the fixed rate ({rate:.0}/s)"),
+            rate_drops
+        ));
     }
     let _ = Command::new("sysctl")
         .args(["-qw", "kernel.bpf_stats_enabled=0"])

@@ -158,7 +158,9 @@ async fn flush(
         return;
     }
     let spans = std::mem::take(batch);
-    for span in &spans {
+    // Per-span process lookups only for the outputs that print per span.
+    let local_outputs = out.jsonl.is_some() || out.console.is_some();
+    for span in spans.iter().filter(|_| local_outputs) {
         let process = lookup(processes, span);
         let r = Resolved {
             span,
