@@ -206,7 +206,8 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         mut metrics,
         stop,
         reader,
-    } = start_capture(common, proto_bit(PROTO_HTTP1) | proto_bit(PROTO_HTTP2))?;
+        // Only what a parser turns into spans: HTTP/2 (gRPC) would be copied and then ignored.
+    } = start_capture(common, proto_bit(PROTO_HTTP1))?;
     let redaction = Redaction {
         query_values: file.redaction.query_values,
     };
