@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the real servers and clients the end-to-end tests drive: nginx and curl from Debian,
+# Installs the real servers and clients the end-to-end tests drive: nginx, curl, iproute2 and
+# bpftool from Debian,
 # Flask, gunicorn, requests and the OpenTelemetry SDK from PyPI (into tests/.venv). Idempotent:
 # a second run only checks.
 set -euo pipefail
@@ -9,6 +10,7 @@ need_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need_apt+=(bpftool)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -447,3 +447,50 @@ fn a_cgroup_filter_selects_processes_of_one_cgroup() {
         "traffic outside the cgroup captured"
     );
 }
+
+/// Names of the kernel programs currently loaded (bpftool).
+fn loaded_programs() -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+        .expect("bpftool is installed (tests/setup.sh)");
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn nothing_stays_attached_after_kill_9() {
+    if !privileged() {
+        return;
+    }
+    let agent = Agent::start(&["--all-protocols"]);
+    let ours = |names: &[String]| {
+        names
+            .iter()
+            .filter(|n| *n == "sock_send_length" || *n == "inet_sock_set_state")
+            .count()
+    };
+    assert!(
+        ours(&loaded_programs()) >= 2,
+        "the agent's programs are loaded while it runs"
+    );
+    // SAFETY: signalling the agent this test started.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = ours(&loaded_programs());
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} programs still loaded 10 s after kill -9"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
