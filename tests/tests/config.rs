@@ -3,6 +3,9 @@
 
 use loupe_tests::loupe_bin;
 
+/// Arguments, environment, and the hint the error must contain.
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = std::process::Command::new(loupe_bin())
         .args(args)
@@ -25,7 +28,7 @@ fn bad_configuration_fails_fast_with_a_hint() {
     let missing = std::env::temp_dir().join("loupe-no-such-config.yaml");
     let bad_yaml = std::env::temp_dir().join(format!("loupe-bad-{}.yaml", std::process::id()));
     std::fs::write(&bad_yaml, "redaction:\n  query_value: false\n").unwrap();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec!["--otlp-protocol", "carrier-pigeon"],
             vec![],
