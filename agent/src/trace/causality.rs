@@ -77,14 +77,21 @@ struct InFlight {
     started_ns: u64,
 }
 
+/// One request on one connection, named from the client side: (client local, client remote,
+/// request ordinal).
+type RequestKey = (SocketAddr, SocketAddr, u64);
+
 pub struct Linker {
     ids: Box<dyn IdSource + Send>,
     /// (pid, tid) -> SERVER exchanges that thread is handling.
     in_flight: HashMap<(u32, u32), Vec<InFlight>>,
     /// (client local, client remote, ordinal) -> the CLIENT exchange's identity and start.
-    peers: HashMap<(SocketAddr, SocketAddr, u64), (Identity, u64)>,
+    peers: HashMap<RequestKey, (Identity, u64)>,
     /// Same key -> a SERVER start that found no peer: (its span id, its start).
-    orphans: HashMap<(SocketAddr, SocketAddr, u64), ([u8; 8], u64)>,
+    orphans: HashMap<RequestKey, ([u8; 8], [u8; 16], u64)>,
+    /// A trace started by an orphan that was then adopted -> the trace it joined, and when.
+    /// Descendants that started under the orphan's own trace follow it at finalize.
+    aliases: HashMap<[u8; 16], ([u8; 16], u64)>,
     /// (pid, thread) -> (the thread that created it, when).
     creators: HashMap<(u32, u32), (u32, u64)>,
     /// Server span id -> (trace id, parent span id) adopted after the span started.
@@ -128,6 +135,7 @@ impl Linker {
             in_flight: HashMap::new(),
             peers: HashMap::new(),
             orphans: HashMap::new(),
+            aliases: HashMap::new(),
             creators: HashMap::new(),
             adopted: HashMap::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
@@ -207,7 +215,7 @@ impl Linker {
                 if !conn.midstream && self.orphans.len() < MAX_PEERS {
                     self.orphans.insert(
                         (conn.remote, conn.local, st.ordinal),
-                        (root.span_id, st.ts_ns),
+                        (root.span_id, root.trace_id, st.ts_ns),
                     );
                 }
                 root
@@ -256,8 +264,14 @@ impl Linker {
         if conn.midstream {
             return identity;
         }
-        if let Some((server_span, _)) = self.orphans.remove(&key) {
-            self.adopt(server_span, identity.trace_id, identity.span_id);
+        if let Some((server_span, own_trace, _)) = self.orphans.remove(&key) {
+            self.adopt(
+                server_span,
+                own_trace,
+                identity.trace_id,
+                identity.span_id,
+                st.ts_ns,
+            );
         } else if self.peers.len() < MAX_PEERS {
             self.peers.insert(key, (identity.clone(), st.ts_ns));
         }
@@ -266,13 +280,31 @@ impl Linker {
 
     /// The callee `server_span` started a trace of its own before its caller showed up: move it
     /// (and what it is still handling) under the caller.
-    fn adopt(&mut self, server_span: [u8; 8], trace_id: [u8; 16], parent: [u8; 8]) {
+    fn adopt(
+        &mut self,
+        server_span: [u8; 8],
+        own_trace: [u8; 16],
+        trace_id: [u8; 16],
+        parent: [u8; 8],
+        now_ns: u64,
+    ) {
         bump(&self.stats.by_peer_late);
         self.stats.roots.fetch_sub(1, Ordering::Relaxed);
+        // Everything still running under the orphan's trace moves too.
         for list in self.in_flight.values_mut() {
-            for f in list.iter_mut().filter(|f| f.span_id == server_span) {
+            for f in list.iter_mut().filter(|f| f.trace_id == own_trace) {
                 f.trace_id = trace_id;
             }
+        }
+        for (identity, _) in self
+            .peers
+            .values_mut()
+            .filter(|(i, _)| i.trace_id == own_trace)
+        {
+            identity.trace_id = trace_id;
+        }
+        if self.aliases.len() < MAX_PEERS {
+            self.aliases.insert(own_trace, (trace_id, now_ns));
         }
         self.adopted.insert(server_span, (trace_id, parent));
     }
@@ -283,6 +315,13 @@ impl Linker {
             identity.trace_id = trace_id;
             identity.parent_span_id = Some(parent);
             identity.parent_is_remote = true;
+        }
+        // A descendant that started before its ancestor was adopted (chains are short; bounded).
+        for _ in 0..8 {
+            match self.aliases.get(&identity.trace_id) {
+                Some((to, _)) if *to != identity.trace_id => identity.trace_id = *to,
+                _ => break,
+            }
         }
     }
 
@@ -350,7 +389,9 @@ impl Linker {
         self.peers
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < PEER_WAIT_NS);
         self.orphans
-            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
+            .retain(|_, (_, _, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
+        self.aliases
+            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < IN_FLIGHT_MAX_NS);
         self.creators
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < THREAD_MAX_AGE_NS);
         // An adoption whose exchange never finished (evicted) must not pile up.
