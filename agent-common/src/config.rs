@@ -42,5 +42,11 @@ pub struct LoupeConfig {
     /// (the `capture --all-protocols` debugging view).
     pub protocols: u32,
     pub offsets: KernelOffsets,
+    /// Non-zero: pick ids per request in the kernel and carry them in a TCP option
+    /// (`--tcp-context`).
+    pub tcp_context: u32,
+    /// RFC 6994 ExID of the option.
+    pub option_exid: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<LoupeConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<LoupeConfig>() == 48);

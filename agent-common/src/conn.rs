@@ -53,6 +53,27 @@ pub struct ConnState {
     pub attempts: u8,
     /// `event::FLAG_MIDSTREAM` when first seen on I/O rather than on connect/accept.
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// `context::CTX_*` of `ctx`.
+    pub ctx_source: u8,
+    pub _pad: [u8; 2],
+    /// The current request's ids (`--tcp-context`).
+    pub ctx: crate::context::TcpContext,
+    /// The opposite direction's stream offset when `ctx` was picked: a request is new once the
+    /// other side has spoken since.
+    pub ctx_mark: u64,
 }
-const _: () = assert!(core::mem::size_of::<ConnState>() == 72);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 104);
+
+impl ConnTuple {
+    /// The same connection named from the other end.
+    pub fn mirrored(&self) -> ConnTuple {
+        ConnTuple {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+}

@@ -21,8 +21,13 @@ pub const SCRATCH_MISSING: u32 = 7;
 pub const EVENTS_EMITTED: u32 = 8;
 pub const CONNS_IGNORED: u32 = 9;
 pub const PAYLOAD_TRUNCATED: u32 = 10;
+/// `--tcp-context`: options written on outgoing request segments, and read from incoming ones.
+pub const OPTION_WRITTEN: u32 = 11;
+pub const OPTION_READ: u32 = 12;
+/// No room left in the segment's option space (e.g. SACK blocks): that segment goes without.
+pub const OPTION_NO_SPACE: u32 = 13;
 
-pub const NUM_COUNTERS: u32 = 11;
+pub const NUM_COUNTERS: u32 = 14;
 
 /// Names for display, indexed by counter.
 pub const NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -37,9 +42,12 @@ pub const NAMES: [&str; NUM_COUNTERS as usize] = [
     "events_emitted",
     "conns_ignored",
     "payload_truncated",
+    "option_written",
+    "option_read",
+    "option_no_space",
 ];
 
 /// Which counters are losses (as opposed to volume).
 pub const fn is_drop(counter: u32) -> bool {
-    counter < EVENTS_EMITTED
+    counter < EVENTS_EMITTED || counter == OPTION_NO_SPACE
 }

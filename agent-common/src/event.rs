@@ -5,7 +5,7 @@
 use crate::conn::ConnTuple;
 
 /// Bumped whenever a record's layout changes.
-pub const EVENT_VERSION: u16 = 1;
+pub const EVENT_VERSION: u16 = 2;
 
 pub const KIND_DATA: u16 = 1;
 pub const KIND_CLOSE: u16 = 2;
@@ -68,10 +68,13 @@ pub struct DataEvent {
     /// `syscall::SYS_*`: which syscall family moved the bytes.
     pub syscall: u8,
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// `context::CTX_*`: what `ctx` holds (`--tcp-context` only).
+    pub ctx_source: u8,
+    pub _pad: [u8; 2],
+    pub ctx: crate::context::TcpContext,
 }
 pub const DATA_EVENT_SIZE: usize = core::mem::size_of::<DataEvent>();
-const _: () = assert!(DATA_EVENT_SIZE == 120);
+const _: () = assert!(DATA_EVENT_SIZE == 144);
 
 /// The connection reached TCP_CLOSE.
 #[repr(C)]

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod context;
 pub mod counters;
 pub mod event;
 pub mod maps;
@@ -19,4 +20,5 @@ mod pod {
     unsafe impl aya::Pod for crate::config::LoupeConfig {}
     unsafe impl aya::Pod for crate::conn::ConnState {}
     unsafe impl aya::Pod for crate::conn::ConnTuple {}
+    unsafe impl aya::Pod for crate::context::TcpContext {}
 }

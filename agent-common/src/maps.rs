@@ -9,3 +9,6 @@ pub const PID_FILTER: &str = "PID_FILTER";
 pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
 pub const NETNS_FILTER: &str = "NETNS_FILTER";
 pub const CONFIG: &str = "LOUPE_CONFIG";
+pub const OUT_CTX: &str = "OUT_CTX";
+pub const PEER_CTX: &str = "PEER_CTX";
+pub const THREAD_TRACE: &str = "THREAD_TRACE";

@@ -3,7 +3,8 @@
 
 use agent_common::{
     config::LoupeConfig,
-    conn::ConnState,
+    conn::{ConnState, ConnTuple},
+    context::TcpContext,
     counters::NUM_COUNTERS,
     event::{DataEvent, MAX_PAYLOAD},
     syscall::ActiveCall,
@@ -33,6 +34,9 @@ pub static LOUPE_CONFIG: Global<LoupeConfig> = Global::new(LoupeConfig {
         net_ns_inum: 0,
         _pad: [0; 3],
     },
+    tcp_context: 0,
+    option_exid: 0,
+    _pad: 0,
 });
 
 /// DataEvent and CloseEvent records -> the agent's reader. One ring for all CPUs so that events
@@ -75,3 +79,19 @@ pub struct Scratch {
 
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// `--tcp-context`: client tuple -> ids of the request in flight on it. Written when a request
+/// starts (tcp_sendmsg_locked, before any segment leaves), read by the sock_ops program that
+/// writes the option and by a local server's receive. LRU: bounded whatever the agent misses.
+#[map]
+pub static OUT_CTX: LruHashMap<ConnTuple, TcpContext> = LruHashMap::with_max_entries(16384, 0);
+
+/// `--tcp-context`: server tuple -> the context the peer's last option carried.
+#[map]
+pub static PEER_CTX: LruHashMap<ConnTuple, TcpContext> = LruHashMap::with_max_entries(16384, 0);
+
+/// `--tcp-context`: thread id -> trace id of the request the thread is serving, so that the calls
+/// it makes carry that trace. Set when a server connection receives a request, cleared when the
+/// thread answers one.
+#[map]
+pub static THREAD_TRACE: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(16384, 0);

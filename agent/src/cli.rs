@@ -101,6 +101,21 @@ pub struct CommonArgs {
         global = true
     )]
     pub summary_interval: u64,
+    /// Carry trace context to other nodes in a TCP header option (RFC 6994 experimental option)
+    /// on request segments, and read it from peers. Off: options peers send are ignored.
+    #[arg(long, env = "LOUPE_TCP_CONTEXT", global = true)]
+    pub tcp_context: bool,
+    /// RFC 6994 ExID of that option (all agents of a cluster must agree), e.g. 0x4c70.
+    #[arg(long, env = "LOUPE_TCP_OPTION_EXID", default_value = "0x4c70", value_parser = parse_exid, global = true)]
+    pub tcp_option_exid: u16,
+}
+
+fn parse_exid(s: &str) -> Result<u16, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a 16-bit ExID: give e.g. 0x4c70"))
 }
 
 #[derive(Debug, Args, Clone, Default)]

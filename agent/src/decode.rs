@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
     conn::{AF_INET, AF_INET6, ROLE_CLIENT, ROLE_SERVER},
+    context::{CTX_KERNEL, CTX_LOCAL, CTX_OPTION},
     event::{
         CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
         FLAG_NO_PAYLOAD, FLAG_TRUNCATED, FORK_EVENT_SIZE, KIND_CLOSE, KIND_DATA, KIND_FORK,
@@ -106,6 +107,42 @@ pub struct DataEvent {
     pub truncated: bool,
     pub no_payload: bool,
     pub midstream: bool,
+    /// `--tcp-context`: the ids the kernel put this event's request under.
+    pub context: Option<KernelContext>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextSource {
+    /// Picked by the kernel (client: the CLIENT span's ids; server: a trace id to start with).
+    Kernel,
+    /// Read from the peer's TCP option (trace id and the peer's CLIENT span id).
+    Option,
+    /// The caller is a local process (its CLIENT span's ids).
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelContext {
+    pub source: ContextSource,
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+
+impl KernelContext {
+    fn from_wire(source: u8, trace_id: [u8; 16], span_id: [u8; 8]) -> Option<Self> {
+        let source = match source {
+            CTX_KERNEL => ContextSource::Kernel,
+            CTX_OPTION => ContextSource::Option,
+            CTX_LOCAL => ContextSource::Local,
+            _ => return None,
+        };
+        // An all-zero trace id is invalid in W3C terms: treat as absent.
+        (trace_id != [0; 16]).then_some(Self {
+            source,
+            trace_id,
+            span_id,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -286,6 +323,11 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     let protocol = f.u8();
     let syscall = f.u8();
     let flags = f.u8();
+    let ctx_source = f.u8();
+    let _pad: [u8; 2] = f.take();
+    let ctx_trace: [u8; 16] = f.take();
+    let ctx_span: [u8; 8] = f.take();
+    let context = KernelContext::from_wire(ctx_source, ctx_trace, ctx_span);
     if captured > bytes as usize || captured > MAX_PAYLOAD || need + captured != h.len {
         return Err(DecodeError::Payload {
             captured,
@@ -314,6 +356,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         truncated: flags & FLAG_TRUNCATED != 0,
         no_payload: flags & FLAG_NO_PAYLOAD != 0,
         midstream: flags & FLAG_MIDSTREAM != 0,
+        context,
     }))
 }
 
@@ -359,7 +402,9 @@ pub(crate) mod tests {
             protocol: 1,
             syscall: 2,
             flags,
-            _pad: [0; 3],
+            ctx_source: 0,
+            _pad: [0; 2],
+            ctx: Default::default(),
         };
         let mut out = as_bytes(&ev).to_vec();
         out.extend_from_slice(payload);

@@ -82,6 +82,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         netns: common.netns_inodes()?,
         ring_buffer_bytes: common.ring_buffer_bytes,
         max_connections: common.max_connections,
+        tcp_context: common.tcp_context.then_some(common.tcp_option_exid),
     };
     let mut probe = Probe::load(&opts)?;
     for line in &probe.degraded {

@@ -211,6 +211,16 @@ impl Metrics {
                     "SERVER spans that start a trace.",
                     get(&l.roots),
                 ),
+                (
+                    "loupe_link_tcp_option_total",
+                    "SERVER spans parented by the context a peer's TCP option carried.",
+                    get(&l.by_tcp_option),
+                ),
+                (
+                    "loupe_link_tcp_context_mismatch_total",
+                    "CLIENT spans whose trace differs from the one their TCP option carried (their remote callee starts its own trace).",
+                    get(&l.tcp_context_mismatch),
+                ),
             ]);
         }
         if let Some(e) = &self.export {

@@ -38,6 +38,9 @@ pub struct TraceStats {
 
 pub struct TraceSink {
     sessions: HashMap<ConnKey, (Session, ConnInfo)>,
+    /// `--tcp-context`: the kernel span id a client connection's last request took. Requests
+    /// pipelined before any answer share the kernel's ids; only the first may use them.
+    kernel_spans: HashMap<ConnKey, [u8; 8]>,
     clock: WallClock,
     redaction: Redaction,
     pub linker: Linker,
@@ -77,6 +80,7 @@ impl TraceSink {
     ) -> Self {
         Self {
             sessions: HashMap::new(),
+            kernel_spans: HashMap::new(),
             clock: WallClock::new(),
             redaction,
             linker: Linker::new(Box::new(RandomIds)),
@@ -154,7 +158,10 @@ impl Sink for TraceSink {
             }
         }
         let Self {
-            sessions, linker, ..
+            sessions,
+            linker,
+            kernel_spans,
+            ..
         } = self;
         let (session, _) = sessions
             .entry(conn.key)
@@ -162,11 +169,16 @@ impl Sink for TraceSink {
         let before = session.stats;
         let done = if dir == requests_dir {
             let server = conn.role == Role::Server;
+            let kernel = ev.context;
             let mut assign = |head: &crate::protocol::http1::Head, st| {
                 if server {
-                    linker.server_start(conn, head, st)
+                    linker.server_start(conn, head, st, kernel)
                 } else {
-                    linker.client_start(conn, head, st)
+                    let fresh = kernel.filter(|k| kernel_spans.get(&conn.key) != Some(&k.span_id));
+                    if let Some(k) = fresh {
+                        kernel_spans.insert(conn.key, k.span_id);
+                    }
+                    linker.client_start(conn, head, st, fresh)
                 }
             };
             session.on_requests(ev.ts_ns, ev.tid, &mut assign, segments);
@@ -183,6 +195,7 @@ impl Sink for TraceSink {
 
     fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>) {
         self.excluded.remove(&conn.key);
+        self.kernel_spans.remove(&conn.key);
         let Some((mut session, info)) = self.sessions.remove(&conn.key) else {
             return;
         };

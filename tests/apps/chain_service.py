@@ -1,12 +1,13 @@
 """A thread-per-request HTTP service for the causality scenario (uninstrumented).
 
-    chain_service.py PORT [--spawn] [DOWNSTREAM_BASE_URL=PREFIX ...]
+    [BIND=ADDR] chain_service.py PORT [--spawn] [DOWNSTREAM_BASE_URL=PREFIX ...]
 
 GET /<anything>/<id> calls, one after the other, DOWNSTREAM/PREFIX/<id> for each downstream,
 then answers. With no downstream it is a leaf. With --spawn each call runs in a thread the
 handler creates for it (work handed to a new thread).
 """
 import http.server
+import os
 import sys
 import threading
 import urllib.request
@@ -46,4 +47,5 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 http.server.ThreadingHTTPServer.daemon_threads = True
-http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+bind = os.environ.get("BIND", "127.0.0.1")
+http.server.ThreadingHTTPServer((bind, port), Handler).serve_forever()

@@ -349,24 +349,40 @@ fn assert_rates(rows: &[(&'static str, &'static str, Tally)], min: f64, label: &
 
 #[test]
 fn uninstrumented_chains_come_out_as_whole_traces() {
+    scenario(false);
+}
+
+/// The same with the kernel picking ids per request (`--tcp-context`): on one node the agent's
+/// own linking and the kernel's ids must agree.
+#[test]
+fn uninstrumented_chains_come_out_whole_with_tcp_context_on() {
+    scenario(true);
+}
+
+/// The scenarios share two cores: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn scenario(tcp_context: bool) {
     if !privileged() {
         return;
     }
-    let cg = TestCgroup::new("chain");
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cg = TestCgroup::new(if tcp_context { "chain-tc" } else { "chain" });
     let topo = topology(&cg);
     let receiver = Receiver::start();
     let ep = format!("http://{}", receiver.grpc);
-    let agent = Agent::spawn(
-        &[
-            "--cgroup",
-            &cg.dir,
-            "--otlp-endpoint",
-            &ep,
-            "--otlp-protocol",
-            "grpc",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "--cgroup",
+        &cg.dir,
+        "--otlp-endpoint",
+        &ep,
+        "--otlp-protocol",
+        "grpc",
+    ];
+    if tcp_context {
+        args.push("--tcp-context");
+    }
+    let agent = Agent::spawn(&args, &[]);
 
     // Enough requests that one miss is below the 1% / 5% the bounds allow.
     const SERIAL: (usize, usize, u64) = (1, 200, 100_000);
@@ -404,8 +420,9 @@ fn uninstrumented_chains_come_out_as_whole_traces() {
         &spans,
         PARALLEL.2..PARALLEL.2 + (PARALLEL.0 * PARALLEL.1) as u64,
     );
-    report("concurrency 1", &serial);
-    report("concurrency 16", &parallel);
+    let mode = if tcp_context { ", --tcp-context" } else { "" };
+    report(&format!("concurrency 1{mode}"), &serial);
+    report(&format!("concurrency 16{mode}"), &parallel);
     if let Some(line) = log.lines().rev().find(|l| l.contains("events=")) {
         eprintln!("{line}");
     }

@@ -1,5 +1,6 @@
 pub mod bounds;
 pub mod classify;
+pub mod context;
 pub mod count;
 pub mod emit;
 pub mod filter;

@@ -3,6 +3,7 @@
 use agent_common::{
     config::{FILTER_NETNS, LoupeConfig},
     conn::{AF_INET, AF_INET6, ConnState, ConnTuple, STATUS_IGNORED, STATUS_UNCLASSIFIED},
+    context::TcpContext,
     counters,
 };
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
@@ -88,7 +89,13 @@ pub fn track(
         status,
         attempts: 0,
         flags,
-        _pad: [0; 3],
+        ctx_source: 0,
+        _pad: [0; 2],
+        ctx: TcpContext {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+        },
+        ctx_mark: 0,
     };
     if CONNS.insert(sk, state, 0).is_err() {
         count(counters::CONN_MAP_FULL);

@@ -1,3 +1,4 @@
+pub mod context;
 pub mod sched;
 pub mod sock;
 pub mod syscalls;

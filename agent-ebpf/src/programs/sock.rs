@@ -8,6 +8,7 @@ use agent_common::{
         AF_INET, AF_INET6, ConnState, ConnTuple, IPPROTO_TCP, PROTO_UNKNOWN, ROLE_CLIENT,
         ROLE_SERVER, ROLE_UNKNOWN, STATUS_CAPTURED, STATUS_IGNORED, STATUS_UNCLASSIFIED, proto_bit,
     },
+    context::{CTX_NONE, TcpContext},
     counters,
     event::{
         CLOSE_EVENT_SIZE, CloseEvent, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION,
@@ -23,6 +24,7 @@ use aya_ebpf::{
 use crate::{
     helpers::{
         classify::classify,
+        context::{forget, on_server_recv, on_server_send},
         count::count,
         emit::{emit, emit_data},
         filter::process_selected,
@@ -143,8 +145,16 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     let copied = copy_from_call(pid_tgid, payload, want as u64);
 
     if conn.status == STATUS_UNCLASSIFIED && !decide(&cfg, conn, payload, copied.captured) {
+        if cfg.tcp_context != 0 && conn.status == STATUS_IGNORED {
+            forget(&conn.tuple);
+        }
         return Ok(());
     }
+    let (ctx_source, ctx) = if cfg.tcp_context != 0 {
+        request_context(conn, direction, pid_tgid as u32)
+    } else {
+        (CTX_NONE, TcpContext::default())
+    };
 
     let mut flags = copied.flags | conn.flags;
     if copied.captured < bytes {
@@ -173,8 +183,25 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     event.protocol = conn.protocol;
     event.syscall = copied.syscall;
     event.flags = flags;
+    event.ctx_source = ctx_source;
+    event.ctx = ctx;
     emit_data(scratch, copied.captured, first);
     Ok(())
+}
+
+/// `--tcp-context`: the ids this event's request runs under (see helpers/context.rs).
+#[inline(always)]
+fn request_context(conn: &mut ConnState, direction: u8, tid: u32) -> (u8, TcpContext) {
+    if conn.role == ROLE_SERVER {
+        if direction == DIR_SEND {
+            on_server_send(tid);
+            return (CTX_NONE, TcpContext::default());
+        }
+        on_server_recv(conn, tid);
+    } else if conn.role != ROLE_CLIENT || direction != DIR_SEND {
+        return (CTX_NONE, TcpContext::default());
+    }
+    (conn.ctx_source, conn.ctx)
 }
 
 /// Classifies on the first payload. Returns whether this event should be emitted.
@@ -290,6 +317,9 @@ fn on_close(sk: u64) -> Result<(), ()> {
         return Ok(());
     };
     let _ = CONNS.remove(sk);
+    if conn.ctx_source != CTX_NONE {
+        forget(&conn.tuple);
+    }
     if conn.status != STATUS_CAPTURED {
         return Ok(());
     }

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{CgroupAttachMode, RawTracePoint, SockOps, TracePoint},
 };
 
 use super::{btf::Btf, tracefs};
@@ -32,6 +32,8 @@ pub struct LoadOptions {
     pub netns: Vec<u32>,
     pub ring_buffer_bytes: u32,
     pub max_connections: u32,
+    /// `--tcp-context`: the ExID of the TCP option that carries trace context across nodes.
+    pub tcp_context: Option<u16>,
 }
 
 struct Hook {
@@ -199,6 +201,9 @@ impl Probe {
             filter,
             protocols: opts.protocols,
             offsets,
+            tcp_context: opts.tcp_context.is_some() as u32,
+            option_exid: opts.tcp_context.unwrap_or(0),
+            _pad: 0,
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(maps::CONFIG, &config, true);
@@ -226,6 +231,15 @@ impl Probe {
                 Err(err) => degraded.push(format!(
                     "{}:{} unavailable ({err:#}): no {}",
                     hook.category, hook.program, hook.loss
+                )),
+            }
+        }
+
+        if opts.tcp_context.is_some() {
+            match attach_tcp_context(&mut ebpf) {
+                Ok(n) => attached += n,
+                Err(err) => degraded.push(format!(
+                    "--tcp-context unavailable ({err:#}): no trace context carried to or read from other nodes"
                 )),
             }
         }
@@ -313,6 +327,48 @@ fn attach(ebpf: &mut Ebpf, tracefs: &Path, hook: &Hook) -> anyhow::Result<()> {
         .with_context(|| format!("the verifier rejected {}", hook.program))?;
     program.attach(hook.category, hook.program)?;
     Ok(())
+}
+
+/// The raw tracepoint that picks a request's ids before its first segment leaves, and the
+/// sock_ops program that writes and reads the option, attached to the cgroup v2 root so that it
+/// sees every socket of the node.
+fn attach_tcp_context(ebpf: &mut Ebpf) -> anyhow::Result<usize> {
+    let root = cgroup2_root().context("no cgroup v2 hierarchy is mounted (sock_ops needs one)")?;
+    let cgroup = std::fs::File::open(&root)
+        .with_context(|| format!("cannot open the cgroup v2 root {}", root.display()))?;
+    let program: &mut SockOps = ebpf
+        .program_mut("tcp_context_option")
+        .context("kernel object has no program tcp_context_option")?
+        .try_into()?;
+    program
+        .load()
+        .context("the verifier rejected tcp_context_option")?;
+    // A bpf_link (what aya uses on 5.7+) always coexists with other programs on the cgroup;
+    // the link API refuses the legacy ALLOW_MULTI flag.
+    program
+        .attach(&cgroup, CgroupAttachMode::Single)
+        .with_context(|| format!("attaching sock_ops to {}", root.display()))?;
+    let program: &mut RawTracePoint = ebpf
+        .program_mut("tcp_sendmsg_locked")
+        .context("kernel object has no program tcp_sendmsg_locked")?
+        .try_into()?;
+    program
+        .load()
+        .context("the verifier rejected tcp_sendmsg_locked")?;
+    program
+        .attach("tcp_sendmsg_locked")
+        .context("raw tracepoint tcp_sendmsg_locked (Linux 6.6+)")?;
+    Ok(2)
+}
+
+/// Where the cgroup v2 hierarchy is mounted: /sys/fs/cgroup, or /sys/fs/cgroup/unified on
+/// hybrid systems.
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 2 && f[2] == "cgroup2").then(|| std::path::PathBuf::from(f[1]))
+    })
 }
 
 fn check_privileges() -> anyhow::Result<()> {

@@ -228,6 +228,7 @@ mod tests {
             truncated: false,
             no_payload: false,
             midstream: true,
+            context: None,
         }
     }
 

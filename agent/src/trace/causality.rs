@@ -14,6 +14,14 @@
 //!    thread keeps its parent, provided the request was in flight when the thread was created.
 //! 4. Otherwise no parent: a new trace. A wrong parent is worse than none; both are counted.
 //!
+//! With `--tcp-context` the kernel picks each request's ids before its first segment leaves
+//! (decode::KernelContext): a CLIENT span takes the kernel's span id (the one the TCP option
+//! carries to the next node), a new trace takes the kernel's trace id (the one the kernel carries
+//! on for the thread's calls), and a SERVER request with neither header context nor a local
+//! caller is the child of the span named in the peer's option (rule 1b). A CLIENT span whose
+//! trace differs from the kernel's (event loops, work handed to new threads) is counted: its
+//! remote callee will start a trace of its own.
+//!
 //! Rule 2 races on loopback: the callee can read (and its event reach the agent) before the
 //! caller's send tracepoint fires, which is after sendmsg returns. A SERVER start that finds no
 //! peer waits briefly as an orphan; when the caller's CLIENT start arrives it adopts it, and the
@@ -27,6 +35,7 @@ use std::{
 
 use crate::{
     conn::ConnInfo,
+    decode::{ContextSource, KernelContext},
     protocol::http1::{Head, StartLine},
     trace::{
         context::extract,
@@ -66,6 +75,10 @@ pub struct LinkStats {
     pub unlinked_clients: AtomicU64,
     /// SERVER exchanges that start a trace.
     pub roots: AtomicU64,
+    /// SERVER exchanges parented by the context a peer's TCP option carried.
+    pub by_tcp_option: AtomicU64,
+    /// CLIENT exchanges whose trace is not the one the kernel put in their TCP option.
+    pub tcp_context_mismatch: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +88,15 @@ struct InFlight {
     carried: Option<[u8; 8]>,
     target: String,
     started_ns: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Orphan {
+    span_id: [u8; 8],
+    trace_id: [u8; 16],
+    started_ns: u64,
+    /// Counted as a root (not parented by a TCP option) until adopted.
+    root: bool,
 }
 
 /// One request on one connection, named from the client side: (client local, client remote,
@@ -88,7 +110,7 @@ pub struct Linker {
     /// (client local, client remote, ordinal) -> the CLIENT exchange's identity and start.
     peers: HashMap<RequestKey, (Identity, u64)>,
     /// Same key -> a SERVER start that found no peer: (its span id, its start).
-    orphans: HashMap<RequestKey, ([u8; 8], [u8; 16], u64)>,
+    orphans: HashMap<RequestKey, Orphan>,
     /// A trace started by an orphan that was then adopted -> the trace it joined, and when.
     /// Descendants that started under the orphan's own trace follow it at finalize.
     aliases: HashMap<[u8; 16], ([u8; 16], u64)>,
@@ -154,9 +176,14 @@ impl Linker {
         })
     }
 
-    fn root(&mut self) -> Identity {
+    /// A new trace: under the kernel's trace id when it picked one (its thread's later calls
+    /// carry that id to other nodes).
+    fn root(&mut self, kernel: Option<KernelContext>) -> Identity {
         Identity {
-            trace_id: self.ids.trace_id(),
+            trace_id: match kernel {
+                Some(k) => k.trace_id,
+                None => self.ids.trace_id(),
+            },
             span_id: self.ids.span_id(),
             parent_span_id: None,
             parent_is_remote: false,
@@ -183,7 +210,13 @@ impl Linker {
     }
 
     /// A request arrived on the server side of `conn`.
-    pub fn server_start(&mut self, conn: &ConnInfo, head: &Head, st: RequestStart) -> Identity {
+    pub fn server_start(
+        &mut self,
+        conn: &ConnInfo,
+        head: &Head,
+        st: RequestStart,
+        kernel: Option<KernelContext>,
+    ) -> Identity {
         let peer = if conn.midstream {
             None
         } else {
@@ -210,15 +243,30 @@ impl Linker {
                 self.child_of(caller.trace_id, caller.span_id, true, None)
             }
             (None, None) => {
-                bump(&self.stats.roots);
-                let root = self.root();
+                let option = kernel.filter(|k| k.source == ContextSource::Option);
+                let identity = match option {
+                    Some(o) => {
+                        bump(&self.stats.by_tcp_option);
+                        self.child_of(o.trace_id, o.span_id, true, None)
+                    }
+                    None => {
+                        bump(&self.stats.roots);
+                        self.root(kernel)
+                    }
+                };
+                // A local caller's event may still come: it is the more precise parent.
                 if !conn.midstream && self.orphans.len() < MAX_PEERS {
                     self.orphans.insert(
                         (conn.remote, conn.local, st.ordinal),
-                        (root.span_id, root.trace_id, st.ts_ns),
+                        Orphan {
+                            span_id: identity.span_id,
+                            trace_id: identity.trace_id,
+                            started_ns: st.ts_ns,
+                            root: option.is_none(),
+                        },
                     );
                 }
-                root
+                identity
             }
         };
         self.in_flight
@@ -245,10 +293,18 @@ impl Linker {
     }
 
     /// A request left from the client side of `conn`.
-    pub fn client_start(&mut self, conn: &ConnInfo, head: &Head, st: RequestStart) -> Identity {
+    pub fn client_start(
+        &mut self,
+        conn: &ConnInfo,
+        head: &Head,
+        st: RequestStart,
+        kernel: Option<KernelContext>,
+    ) -> Identity {
         let carried = self.carried(head);
+        let has_header = carried.is_some();
         let local = self.parent_on_thread(conn.pid, st.tid, target(head));
-        let identity = match (carried, local) {
+        let kernel = kernel.filter(|k| k.source == ContextSource::Kernel);
+        let mut identity = match (carried, local) {
             // The header was forwarded unchanged from the request this thread is handling.
             (Some(c), Some(p)) if p.carried == c.carried => {
                 self.child_of(p.trace_id, p.span_id, false, c.carried)
@@ -258,20 +314,21 @@ impl Linker {
                 c
             }
             (None, Some(p)) => self.child_of(p.trace_id, p.span_id, false, None),
-            (None, None) => self.root(),
+            (None, None) => self.root(kernel),
         };
+        if let Some(k) = kernel {
+            identity.span_id = k.span_id;
+            // Header context travels with the request and wins on the other side anyway.
+            if !has_header && identity.trace_id != k.trace_id {
+                bump(&self.stats.tcp_context_mismatch);
+            }
+        }
         let key = (conn.local, conn.remote, st.ordinal);
         if conn.midstream {
             return identity;
         }
-        if let Some((server_span, own_trace, _)) = self.orphans.remove(&key) {
-            self.adopt(
-                server_span,
-                own_trace,
-                identity.trace_id,
-                identity.span_id,
-                st.ts_ns,
-            );
+        if let Some(orphan) = self.orphans.remove(&key) {
+            self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
         } else if self.peers.len() < MAX_PEERS {
             self.peers.insert(key, (identity.clone(), st.ts_ns));
         }
@@ -280,16 +337,14 @@ impl Linker {
 
     /// The callee `server_span` started a trace of its own before its caller showed up: move it
     /// (and what it is still handling) under the caller.
-    fn adopt(
-        &mut self,
-        server_span: [u8; 8],
-        own_trace: [u8; 16],
-        trace_id: [u8; 16],
-        parent: [u8; 8],
-        now_ns: u64,
-    ) {
+    fn adopt(&mut self, orphan: Orphan, trace_id: [u8; 16], parent: [u8; 8], now_ns: u64) {
+        let (server_span, own_trace) = (orphan.span_id, orphan.trace_id);
         bump(&self.stats.by_peer_late);
-        self.stats.roots.fetch_sub(1, Ordering::Relaxed);
+        if orphan.root {
+            self.stats.roots.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.stats.by_tcp_option.fetch_sub(1, Ordering::Relaxed);
+        }
         // Everything still running under the orphan's trace moves too.
         for list in self.in_flight.values_mut() {
             for f in list.iter_mut().filter(|f| f.trace_id == own_trace) {
@@ -303,7 +358,7 @@ impl Linker {
         {
             identity.trace_id = trace_id;
         }
-        if self.aliases.len() < MAX_PEERS {
+        if own_trace != trace_id && self.aliases.len() < MAX_PEERS {
             self.aliases.insert(own_trace, (trace_id, now_ns));
         }
         self.adopted.insert(server_span, (trace_id, parent));
@@ -389,7 +444,7 @@ impl Linker {
         self.peers
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < PEER_WAIT_NS);
         self.orphans
-            .retain(|_, (_, _, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
+            .retain(|_, o| now_ns.saturating_sub(o.started_ns) < ORPHAN_WAIT_NS);
         self.aliases
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < IN_FLIGHT_MAX_NS);
         self.creators
@@ -461,16 +516,26 @@ mod tests {
         let mut l = Linker::new(Box::new(Seq(0)));
         // proxy (pid 1) accepts /chain/7 on thread 10, calls service (pid 2) on the same thread.
         let front = conn(1, "127.0.0.1:80", "127.0.0.1:50000", Role::Server);
-        let s1 = l.server_start(&front, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0));
+        let s1 = l.server_start(
+            &front,
+            &head("GET /chain/7 HTTP/1.1\r\n\r\n"),
+            st(10, 0),
+            None,
+        );
         let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
-        let c1 = l.client_start(&up, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0));
+        let c1 = l.client_start(&up, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0), None);
         assert_eq!(
             (c1.trace_id, c1.parent_span_id),
             (s1.trace_id, Some(s1.span_id))
         );
         // the service sees the mirrored connection.
         let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
-        let s2 = l.server_start(&svc, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(20, 0));
+        let s2 = l.server_start(
+            &svc,
+            &head("GET /chain/7 HTTP/1.1\r\n\r\n"),
+            st(20, 0),
+            None,
+        );
         assert_eq!(
             (s2.trace_id, s2.parent_span_id),
             (s1.trace_id, Some(c1.span_id))
@@ -484,11 +549,11 @@ mod tests {
     fn ordinals_pair_requests_on_a_keep_alive_connection() {
         let mut l = Linker::new(Box::new(Seq(0)));
         let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
-        let a = l.client_start(&up, &head("GET /a HTTP/1.1\r\n\r\n"), st(1, 0));
-        let b = l.client_start(&up, &head("GET /b HTTP/1.1\r\n\r\n"), st(1, 1));
+        let a = l.client_start(&up, &head("GET /a HTTP/1.1\r\n\r\n"), st(1, 0), None);
+        let b = l.client_start(&up, &head("GET /b HTTP/1.1\r\n\r\n"), st(1, 1), None);
         let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
-        let sb = l.server_start(&svc, &head("GET /b HTTP/1.1\r\n\r\n"), st(2, 1));
-        let sa = l.server_start(&svc, &head("GET /a HTTP/1.1\r\n\r\n"), st(2, 0));
+        let sb = l.server_start(&svc, &head("GET /b HTTP/1.1\r\n\r\n"), st(2, 1), None);
+        let sa = l.server_start(&svc, &head("GET /a HTTP/1.1\r\n\r\n"), st(2, 0), None);
         assert_eq!(sa.parent_span_id, Some(a.span_id));
         assert_eq!(sb.parent_span_id, Some(b.span_id));
     }
@@ -497,23 +562,33 @@ mod tests {
     fn event_loops_link_by_target_or_not_at_all() {
         let mut l = Linker::new(Box::new(Seq(0)));
         let front = conn(1, "127.0.0.1:80", "127.0.0.1:50000", Role::Server);
-        let s7 = l.server_start(&front, &head("GET /chain/7 HTTP/1.1\r\n\r\n"), st(10, 0));
-        let s8 = l.server_start(&front, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 1));
+        let s7 = l.server_start(
+            &front,
+            &head("GET /chain/7 HTTP/1.1\r\n\r\n"),
+            st(10, 0),
+            None,
+        );
+        let s8 = l.server_start(
+            &front,
+            &head("GET /chain/8 HTTP/1.1\r\n\r\n"),
+            st(10, 1),
+            None,
+        );
         let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
         // Proxy: same path.
-        let c8 = l.client_start(&up, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 0));
+        let c8 = l.client_start(&up, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 0), None);
         assert_eq!(c8.parent_span_id, Some(s8.span_id));
         // Service forwarding the id in another path.
-        let c7 = l.client_start(&up, &head("GET /leaf/7 HTTP/1.1\r\n\r\n"), st(10, 1));
+        let c7 = l.client_start(&up, &head("GET /leaf/7 HTTP/1.1\r\n\r\n"), st(10, 1), None);
         assert_eq!(c7.parent_span_id, Some(s7.span_id));
         // Nothing in common: no parent rather than a guess.
-        let c = l.client_start(&up, &head("GET /health HTTP/1.1\r\n\r\n"), st(10, 2));
+        let c = l.client_start(&up, &head("GET /health HTTP/1.1\r\n\r\n"), st(10, 2), None);
         assert_eq!(c.parent_span_id, None);
         assert_eq!(l.stats.ambiguous.load(Ordering::Relaxed), 1);
         // After the server exchange ends, its thread no longer parents anything.
         l.server_end(1, 10, s7.span_id);
         l.server_end(1, 10, s8.span_id);
-        let c = l.client_start(&up, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 3));
+        let c = l.client_start(&up, &head("GET /chain/8 HTTP/1.1\r\n\r\n"), st(10, 3), None);
         assert_eq!(c.parent_span_id, None);
         assert_eq!(l.stats.unlinked_clients.load(Ordering::Relaxed), 1);
     }
@@ -529,11 +604,13 @@ mod tests {
                 &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
                 &h,
                 st(1, 0),
+                None,
             ),
             l.client_start(
                 &conn(3, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
                 &h,
                 st(1, 0),
+                None,
             ),
         ] {
             assert_eq!(id.trace_id[..2], [0x4b, 0xf9]);
@@ -549,13 +626,13 @@ mod tests {
     fn a_callee_seen_before_its_caller_is_adopted() {
         let mut l = Linker::new(Box::new(Seq(0)));
         let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
-        let mut s = l.server_start(&svc, &head("GET /x/1 HTTP/1.1\r\n\r\n"), st(20, 0));
+        let mut s = l.server_start(&svc, &head("GET /x/1 HTTP/1.1\r\n\r\n"), st(20, 0), None);
         assert_eq!(s.parent_span_id, None);
         let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
-        let c = l.client_start(&up, &head("GET /x/1 HTTP/1.1\r\n\r\n"), st(10, 0));
+        let c = l.client_start(&up, &head("GET /x/1 HTTP/1.1\r\n\r\n"), st(10, 0), None);
         // What the callee does next is in the caller's trace...
         let down = conn(2, "127.0.0.1:50002", "127.0.0.1:9000", Role::Client);
-        let d = l.client_start(&down, &head("GET /y/1 HTTP/1.1\r\n\r\n"), st(20, 0));
+        let d = l.client_start(&down, &head("GET /y/1 HTTP/1.1\r\n\r\n"), st(20, 0), None);
         assert_eq!(
             (d.trace_id, d.parent_span_id),
             (c.trace_id, Some(s.span_id))
@@ -580,11 +657,13 @@ mod tests {
             &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
             &h,
             st(1, 0),
+            None,
         );
         let c1 = l.client_start(
             &conn(1, "127.0.0.1:6", "127.0.0.1:81", Role::Client),
             &h,
             st(1, 0),
+            None,
         );
         assert_eq!(
             c1.parent_span_id,
@@ -595,6 +674,7 @@ mod tests {
             &conn(2, "127.0.0.1:81", "127.0.0.1:6", Role::Server),
             &h,
             st(2, 0),
+            None,
         );
         assert_eq!(
             s2.parent_span_id,
@@ -614,6 +694,7 @@ mod tests {
             &conn(2, "127.0.0.1:7", "127.0.0.1:82", Role::Client),
             &own,
             st(2, 0),
+            None,
         );
         assert_eq!(c2.parent_span_id, Some([0x11; 8]));
     }
@@ -630,12 +711,13 @@ mod tests {
                 ts_ns: 100,
                 ordinal: 0,
             },
+            None,
         );
         // Thread 10 creates 11, which creates 12; 12 makes the call.
         l.thread_created(1, 10, 11, 150);
         l.thread_created(1, 11, 12, 160);
         let up = conn(1, "127.0.0.1:6", "127.0.0.1:81", Role::Client);
-        let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(12, 0));
+        let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(12, 0), None);
         assert_eq!(
             (c.trace_id, c.parent_span_id),
             (s.trace_id, Some(s.span_id))
@@ -643,7 +725,7 @@ mod tests {
         assert_eq!(l.stats.by_thread_creator.load(Ordering::Relaxed), 1);
         // A thread created before the request arrived (a pool) is not followed.
         l.thread_created(1, 10, 13, 50);
-        let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(13, 1));
+        let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(13, 1), None);
         assert_eq!(c.parent_span_id, None);
     }
 
@@ -651,13 +733,116 @@ mod tests {
     fn waiting_state_expires() {
         let mut l = Linker::new(Box::new(Seq(0)));
         let up = conn(1, "127.0.0.1:50001", "192.0.2.1:80", Role::Client);
-        l.client_start(&up, &head("GET / HTTP/1.1\r\n\r\n"), st(1, 0));
+        l.client_start(&up, &head("GET / HTTP/1.1\r\n\r\n"), st(1, 0), None);
         l.server_start(
             &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
             &head("GET / HTTP/1.1\r\n\r\n"),
             st(1, 0),
+            None,
         );
         l.expire(IN_FLIGHT_MAX_NS + 10);
         assert!(l.peers.is_empty() && l.in_flight.is_empty() && l.orphans.is_empty());
+    }
+
+    fn kernel(source: ContextSource, trace: u8, span: u8) -> Option<KernelContext> {
+        Some(KernelContext {
+            source,
+            trace_id: [trace; 16],
+            span_id: [span; 8],
+        })
+    }
+
+    #[test]
+    fn a_client_span_takes_the_ids_its_tcp_option_carries() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let up = conn(1, "10.0.0.1:40000", "10.0.0.2:80", Role::Client);
+        let root = l.client_start(
+            &up,
+            &head("GET /a HTTP/1.1\r\n\r\n"),
+            st(1, 0),
+            kernel(ContextSource::Kernel, 7, 8),
+        );
+        assert_eq!((root.trace_id, root.span_id), ([7; 16], [8; 8]));
+        assert_eq!(root.parent_span_id, None);
+        assert_eq!(l.stats.tcp_context_mismatch.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_server_span_is_the_child_of_the_span_a_peer_option_names() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let svc = conn(2, "10.0.0.2:80", "10.0.0.1:40000", Role::Server);
+        let s = l.server_start(
+            &svc,
+            &head("GET /a HTTP/1.1\r\n\r\n"),
+            st(5, 0),
+            kernel(ContextSource::Option, 7, 8),
+        );
+        assert_eq!(s.trace_id, [7; 16]);
+        assert_eq!(s.parent_span_id, Some([8; 8]));
+        assert!(s.parent_is_remote);
+        assert_eq!(l.stats.by_tcp_option.load(Ordering::Relaxed), 1);
+        assert_eq!(l.stats.roots.load(Ordering::Relaxed), 0);
+
+        // Its own call carries its trace on (the kernel picked the same trace for the thread).
+        let down = conn(2, "10.0.0.2:41000", "10.0.0.3:80", Role::Client);
+        let c = l.client_start(
+            &down,
+            &head("GET /b HTTP/1.1\r\n\r\n"),
+            st(5, 0),
+            kernel(ContextSource::Kernel, 7, 9),
+        );
+        assert_eq!((c.trace_id, c.span_id), ([7; 16], [9; 8]));
+        assert_eq!(c.parent_span_id, Some(s.span_id));
+    }
+
+    #[test]
+    fn header_context_wins_over_a_tcp_option() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let svc = conn(2, "10.0.0.2:80", "10.0.0.1:40000", Role::Server);
+        let s = l.server_start(
+            &svc,
+            &head(
+                "GET /a HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+            ),
+            st(5, 0),
+            kernel(ContextSource::Option, 7, 8),
+        );
+        assert_eq!(
+            s.parent_span_id,
+            Some([0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31])
+        );
+        assert_eq!(l.stats.by_tcp_option.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_new_trace_on_the_server_side_takes_the_kernels_trace_id() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let svc = conn(2, "10.0.0.2:80", "10.0.0.1:40000", Role::Server);
+        let s = l.server_start(
+            &svc,
+            &head("GET /a HTTP/1.1\r\n\r\n"),
+            st(5, 0),
+            kernel(ContextSource::Kernel, 3, 0),
+        );
+        assert_eq!(s.trace_id, [3; 16]);
+        assert_eq!(s.parent_span_id, None);
+    }
+
+    #[test]
+    fn a_client_span_in_another_trace_than_its_option_is_counted() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let front = conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server);
+        l.server_start(&front, &head("GET /a/1 HTTP/1.1\r\n\r\n"), st(10, 0), None);
+        let up = conn(1, "10.0.0.1:40000", "10.0.0.2:80", Role::Client);
+        // The kernel did not know the thread's trace (e.g. userspace linked it by target).
+        let c = l.client_start(
+            &up,
+            &head("GET /a/1 HTTP/1.1\r\n\r\n"),
+            st(10, 0),
+            kernel(ContextSource::Kernel, 9, 9),
+        );
+        assert_ne!(c.trace_id, [9; 16]);
+        assert_eq!(c.span_id, [9; 8]);
+        assert_eq!(l.stats.tcp_context_mismatch.load(Ordering::Relaxed), 1);
     }
 }
