@@ -53,6 +53,13 @@ pub struct RunArgs {
     /// Seconds a request waits for its response before its span ends with error.type=timeout.
     #[arg(long, env = "LOUPE_RESPONSE_TIMEOUT", default_value_t = 30)]
     pub response_timeout: u64,
+    /// Pod metadata on spans: auto (on when running in a pod), on (in-cluster config or
+    /// KUBECONFIG), off (no API calls).
+    #[arg(long, env = "LOUPE_KUBERNETES", value_enum, default_value_t = crate::k8s::Mode::Auto)]
+    pub kubernetes: crate::k8s::Mode,
+    /// This node's name (downward API: fieldRef spec.nodeName); only its pods are watched.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -199,6 +199,10 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     let export_stats = Arc::new(ExportStats::default());
     // Exporter first: a bad endpoint or output path fails before anything is attached.
     let processes = ProcessCache::shared(file.service_names.clone(), file.redaction.command_line);
+    let k8s = loupe::k8s::start(args.kubernetes, args.node_name.clone())?;
+    if let (Some((pods, _)), Ok(mut p)) = (&k8s, processes.lock()) {
+        p.with_pods(pods.clone());
+    }
     let exporter = Exporter::spawn(export_cfg, processes.clone(), export_stats.clone())?;
 
     let Capture {
@@ -225,6 +229,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     metrics.export = Some(export_stats);
     metrics.traces = Some(sink.stats.clone());
     metrics.links = Some(sink.linker.stats.clone());
+    metrics.k8s = k8s;
     let metrics = Arc::new(metrics);
     spawn_observability(common, &metrics);
     let Exporter {

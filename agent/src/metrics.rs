@@ -34,6 +34,11 @@ pub struct Metrics {
     pub export: Option<Arc<ExportStats>>,
     pub traces: Option<Arc<TraceStats>>,
     pub links: Option<Arc<crate::trace::causality::LinkStats>>,
+    /// The pod store and watch counters, when Kubernetes metadata is on.
+    pub k8s: Option<(
+        crate::k8s::pods::SharedPods,
+        Arc<crate::k8s::watch::WatchStats>,
+    )>,
 }
 
 impl Metrics {
@@ -44,6 +49,7 @@ impl Metrics {
             export: None,
             traces: None,
             links: None,
+            k8s: None,
         }
     }
 
@@ -128,6 +134,31 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
+        }
+        if let Some((pods, watch)) = &self.k8s {
+            let live = pods.read().map(|p| p.live_pods()).unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "# HELP loupe_k8s_pods Pods on this node the agent knows of.\n# TYPE loupe_k8s_pods gauge\nloupe_k8s_pods {live}"
+            );
+            for (name, help, c) in [
+                (
+                    "loupe_k8s_watch_events_total",
+                    "Pod list/watch events applied.",
+                    &watch.events,
+                ),
+                (
+                    "loupe_k8s_watch_errors_total",
+                    "Pod list/watch errors (the watcher retries with backoff).",
+                    &watch.errors,
+                ),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                    c.load(Ordering::Relaxed)
+                );
+            }
         }
         out
     }
@@ -315,7 +346,14 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow:
                     break;
                 }
             }
-            let body = metrics.render();
+            // The server starts once the programs are attached: answering is being ready.
+            let health =
+                buf[..seen].starts_with(b"GET /healthz") || buf[..seen].starts_with(b"GET /readyz");
+            let body = if health {
+                "ok\n".to_string()
+            } else {
+                metrics.render()
+            };
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()

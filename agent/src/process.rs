@@ -8,6 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::k8s::{
+    cgroup::{ContainerRef, container_of},
+    pods::SharedPods,
+};
+
 /// The cache as the pipeline (which sees a process first) and the exporter share it.
 pub type SharedProcesses = Arc<Mutex<ProcessCache>>;
 
@@ -23,12 +28,19 @@ pub struct ServiceNameRule {
     pub name: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProcessInfo {
     pub pid: u32,
     pub service_name: String,
     pub executable_name: String,
     pub command_line: String,
+    /// The container the process runs in (from its cgroup), if any.
+    pub container: Option<ContainerRef>,
+    /// The service name came from configuration or the process's own OTEL_* variables, which
+    /// outrank Kubernetes metadata.
+    pub named_explicitly: bool,
+    /// Further resource attributes (`container.id`, `k8s.*`).
+    pub attributes: Vec<(&'static str, String)>,
 }
 
 /// The pure part: a service name from what /proc says.
@@ -38,12 +50,23 @@ pub fn service_name(
     environ: &[(String, String)],
     rules: &[ServiceNameRule],
 ) -> String {
+    explicit_service_name(exe, argv, environ, rules).unwrap_or_else(|| derived_name(exe, argv))
+}
+
+/// A name the user gave: a configured rule, else the process's OTEL_SERVICE_NAME, else
+/// service.name in its OTEL_RESOURCE_ATTRIBUTES.
+fn explicit_service_name(
+    exe: &str,
+    argv: &[String],
+    environ: &[(String, String)],
+    rules: &[ServiceNameRule],
+) -> Option<String> {
     let cmdline = argv.join(" ");
     if let Some(rule) = rules
         .iter()
         .find(|r| r.matches == exe || (!r.matches.is_empty() && cmdline.contains(&r.matches)))
     {
-        return rule.name.clone();
+        return Some(rule.name.clone());
     }
     let env = |k: &str| {
         environ
@@ -52,17 +75,14 @@ pub fn service_name(
             .map(|(_, v)| v.as_str())
     };
     if let Some(name) = env("OTEL_SERVICE_NAME").filter(|v| !v.trim().is_empty()) {
-        return name.trim().to_string();
+        return Some(name.trim().to_string());
     }
-    if let Some(name) = env("OTEL_RESOURCE_ATTRIBUTES").and_then(|attrs| {
+    env("OTEL_RESOURCE_ATTRIBUTES").and_then(|attrs| {
         attrs
             .split(',')
             .find_map(|kv| kv.trim().strip_prefix("service.name="))
             .map(str::to_string)
-    }) {
-        return name;
-    }
-    derived_name(exe, argv)
+    })
 }
 
 /// Interpreters run something else: name the program, not the interpreter.
@@ -143,6 +163,8 @@ pub struct ProcessCache {
     /// Mask secrets in command lines (`redact::command_line`).
     redact_command_line: bool,
     by_pid: HashMap<u32, Entry>,
+    /// The pods of this node, when Kubernetes metadata is on.
+    pods: Option<SharedPods>,
 }
 
 impl ProcessCache {
@@ -151,7 +173,35 @@ impl ProcessCache {
             rules,
             redact_command_line: true,
             by_pid: HashMap::new(),
+            pods: None,
         }
+    }
+
+    pub fn with_pods(&mut self, pods: SharedPods) {
+        self.pods = Some(pods);
+    }
+
+    /// The process's resource as of now: what /proc said when it was first seen, plus the
+    /// metadata of its pod, looked up at export time (the pod watcher may learn of a pod after
+    /// its first connection).
+    pub fn resolve(&mut self, pid: u32, comm: &str) -> ProcessInfo {
+        let pods = self.pods.clone();
+        let mut info = self.get(pid, comm).clone();
+        let Some(container) = info.container.clone() else {
+            return info;
+        };
+        let workload = pods.and_then(|p| {
+            p.read()
+                .ok()?
+                .lookup(&container.id, container.pod_uid.as_deref())
+        });
+        if let Some(w) = workload {
+            info.attributes.extend(w.attributes);
+            if !info.named_explicitly {
+                info.service_name = w.service_name;
+            }
+        }
+        info
     }
 
     pub fn shared(rules: Vec<ServiceNameRule>, redact_command_line: bool) -> SharedProcesses {
@@ -199,15 +249,25 @@ impl ProcessCache {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
+        let explicit = explicit_service_name(&exe, &argv, &environ, &self.rules);
+        let container = std::fs::read_to_string(root.join("cgroup"))
+            .ok()
+            .and_then(|text| container_of(&text));
         ProcessInfo {
             pid,
-            service_name: service_name(&exe, &argv, &environ, &self.rules),
-            executable_name: exe,
+            named_explicitly: explicit.is_some(),
+            service_name: explicit.unwrap_or_else(|| derived_name(&exe, &argv)),
             command_line: if self.redact_command_line {
                 crate::redact::command_line(&argv)
             } else {
                 argv.join(" ")
             },
+            executable_name: exe,
+            attributes: container
+                .iter()
+                .map(|c| ("container.id", c.id.clone()))
+                .collect(),
+            container,
         }
     }
 

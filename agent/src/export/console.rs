@@ -184,6 +184,7 @@ mod tests {
             service_name: "api".into(),
             executable_name: "x".into(),
             command_line: "x".into(),
+            ..ProcessInfo::default()
         };
         let mut buf = Vec::new();
         let mut c = ConsoleTree::new(&mut buf);

@@ -52,7 +52,7 @@ impl JsonLines {
     pub fn write(&mut self, r: &Resolved<'_>) {
         let s = r.span;
         let p = r.process;
-        let resource = BTreeMap::from([
+        let mut resource = BTreeMap::from([
             ("service.name", Value::Str(p.service_name.clone())),
             ("process.pid", Value::Int(p.pid.into())),
             (
@@ -62,6 +62,9 @@ impl JsonLines {
             ("process.command_line", Value::Str(p.command_line.clone())),
             ("host.name", Value::Str(self.host_name.clone())),
         ]);
+        for (k, v) in &p.attributes {
+            resource.insert(k, Value::Str(v.clone()));
+        }
         let line = Line {
             trace_id: hex(&s.trace_id),
             span_id: hex(&s.span_id),

@@ -194,12 +194,12 @@ async fn flush(
 /// The process of a span (a placeholder built from the span if the cache lock is poisoned).
 pub fn lookup(processes: &SharedProcesses, span: &SpanRecord) -> ProcessInfo {
     match processes.lock() {
-        Ok(mut p) => p.get(span.pid, &span.comm).clone(),
+        Ok(mut p) => p.resolve(span.pid, &span.comm),
         Err(_) => ProcessInfo {
             pid: span.pid,
             service_name: span.comm.clone(),
             executable_name: span.comm.clone(),
-            command_line: String::new(),
+            ..ProcessInfo::default()
         },
     }
 }

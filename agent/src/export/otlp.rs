@@ -178,6 +178,11 @@ pub fn resource(p: &ProcessInfo, host_name: &str) -> Resource {
             KeyValue::new("telemetry.sdk.language", "rust"),
             KeyValue::new("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
         ])
+        .with_attributes(
+            p.attributes
+                .iter()
+                .map(|(k, v)| KeyValue::new(*k, v.clone())),
+        )
         .build()
 }
 
