@@ -330,21 +330,53 @@ pub fn by_conn(c: &Captured) -> BTreeMap<String, usize> {
 /// nothing else on the machine (the test's own OTLP receiver included) shows up.
 pub struct TestCgroup {
     pub dir: String,
+    /// Parent directories this cgroup created, innermost first (removed after it).
+    parents: Vec<String>,
+}
+
+fn cgroup2_root() -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
+        })
+        .expect("a cgroup2 hierarchy is mounted")
 }
 
 impl TestCgroup {
     pub fn new(name: &str) -> TestCgroup {
-        let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-        let root = mounts
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() > 2 && f[2] == "cgroup2").then(|| f[1].to_string())
-            })
-            .expect("a cgroup2 hierarchy is mounted");
-        let dir = format!("{root}/loupe-{name}-{}", std::process::id());
+        let dir = format!("{}/loupe-{name}-{}", cgroup2_root(), std::process::id());
         std::fs::create_dir_all(&dir).expect("create the test cgroup");
-        TestCgroup { dir }
+        TestCgroup {
+            dir,
+            parents: Vec::new(),
+        }
+    }
+
+    /// A cgroup at `path` below the cgroup v2 root (e.g. the path a container runtime would
+    /// give a container); the directories it creates go with it.
+    pub fn at(path: &str) -> TestCgroup {
+        let root = cgroup2_root();
+        let mut created = Vec::new();
+        let mut dir = root.clone();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            dir = format!("{dir}/{part}");
+            if std::fs::create_dir(&dir).is_ok() {
+                created.push(dir.clone());
+            }
+        }
+        assert!(
+            std::path::Path::new(&dir).is_dir(),
+            "cannot create cgroup {dir}"
+        );
+        created.pop();
+        created.reverse();
+        TestCgroup {
+            dir,
+            parents: created,
+        }
     }
 
     /// `program args...`, started inside this cgroup.
@@ -386,9 +418,12 @@ impl Drop for TestCgroup {
         }
         for _ in 0..50 {
             if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        for parent in &self.parents {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }
