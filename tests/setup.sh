@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real servers and clients the end-to-end tests drive: nginx, curl, iproute2 and
 # bpftool from Debian,
-# Flask, gunicorn, requests and the OpenTelemetry SDK from PyPI (into tests/.venv). Idempotent:
+# Flask, gunicorn, requests, the OpenTelemetry SDK and kubernetes-validate (the Kubernetes
+# OpenAPI schemas, offline) from PyPI (into tests/.venv). Idempotent:
 # a second run only checks.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

@@ -86,4 +86,19 @@ mod tests {
         let err = FileConfig::parse("redaction:\n  query_value: false\n").unwrap_err();
         assert!(err.contains("query_value"), "{err}");
     }
+
+    #[test]
+    fn the_daemonset_configmap_is_a_valid_configuration() {
+        let manifests = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/kubernetes/loupe.yaml"
+        ))
+        .unwrap();
+        let embedded = serde_yaml::Deserializer::from_str(&manifests)
+            .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+            .find(|doc| doc["kind"] == "ConfigMap")
+            .and_then(|cm| cm["data"]["loupe.yaml"].as_str().map(str::to_string))
+            .expect("a ConfigMap with loupe.yaml");
+        FileConfig::parse(&embedded).unwrap();
+    }
 }
