@@ -53,6 +53,14 @@ pub struct RunArgs {
     /// Seconds a request waits for its response before its span ends with error.type=timeout.
     #[arg(long, env = "LOUPE_RESPONSE_TIMEOUT", default_value_t = 30)]
     pub response_timeout: u64,
+    /// Spans waiting for export at most; beyond, new spans are dropped and counted (memory stays
+    /// bounded while the OTLP endpoint is slow or down).
+    #[arg(long, env = "LOUPE_EXPORT_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub export_queue: u32,
+    /// Seconds one batch is retried (exponential backoff, 0.25 s doubling to 5 s) while the OTLP
+    /// endpoint fails, before it is dropped and counted.
+    #[arg(long, env = "LOUPE_EXPORT_RETRY", default_value_t = 30)]
+    pub export_retry: u64,
     /// Pod metadata on spans: auto (on when running in a pod), on (in-cluster config or
     /// KUBECONFIG), off (no API calls).
     #[arg(long, env = "LOUPE_KUBERNETES", value_enum, default_value_t = crate::k8s::Mode::Auto)]

@@ -191,10 +191,11 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         console,
         jsonl: args.output.clone(),
         // Large enough that ~100k spans/s need only ~50 sequential export calls per second.
-        batch_size: 2048,
+        batch_size: 2048.min(args.export_queue as usize),
         flush_interval: Duration::from_secs(1),
-        queue_capacity: 65_536,
+        queue_capacity: args.export_queue as usize,
         host_name: host_name(),
+        retry_for: Duration::from_secs(args.export_retry),
     };
     let export_stats = Arc::new(ExportStats::default());
     // Exporter first: a bad endpoint or output path fails before anything is attached.

@@ -299,7 +299,12 @@ impl Metrics {
         let export = self.export.as_deref();
         let get = |c: Option<&AtomicU64>| c.map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
         if let Some(e) = export {
-            let _ = write!(line, " spans={}", e.spans_built.load(Ordering::Relaxed));
+            let _ = write!(
+                line,
+                " spans={} exported={}",
+                e.spans_built.load(Ordering::Relaxed),
+                e.spans_exported.load(Ordering::Relaxed)
+            );
         }
         for (name, v) in [
             ("decode_errors", u.decode_errors.load(Ordering::Relaxed)),

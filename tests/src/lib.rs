@@ -251,9 +251,14 @@ impl Agent {
     }
 
     /// SIGINT, wait for the agent to flush and exit; its stdout lines and its log.
-    pub fn stop_raw(mut self) -> (Vec<String>, String) {
+    pub fn stop_raw(self) -> (Vec<String>, String) {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// Sends `signal`, waits for the agent to flush and exit; its stdout lines and its log.
+    pub fn stop_with(mut self, signal: i32) -> (Vec<String>, String) {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("wait") {

@@ -179,15 +179,23 @@ pub struct Receiver {
 
 impl Receiver {
     pub fn start() -> Receiver {
-        Self::start_with(Store::default())
+        Self::start_with(Store::default(), None)
+    }
+
+    /// A receiver whose gRPC side listens on `grpc` (e.g. an endpoint that was down until now).
+    pub fn start_at(grpc: SocketAddr) -> Receiver {
+        Self::start_with(Store::default(), Some(grpc))
     }
 
     /// A receiver that only counts spans (for benchmarks: memory stays flat).
     pub fn start_counting() -> Receiver {
-        Self::start_with(Store {
-            count_only: true,
-            ..Store::default()
-        })
+        Self::start_with(
+            Store {
+                count_only: true,
+                ..Store::default()
+            },
+            None,
+        )
     }
 
     /// Spans received so far by a counting receiver.
@@ -197,7 +205,7 @@ impl Receiver {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn start_with(store: Store) -> Receiver {
+    fn start_with(store: Store, grpc_at: Option<SocketAddr>) -> Receiver {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -205,7 +213,8 @@ impl Receiver {
             .unwrap();
         let store = Arc::new(store);
         let (grpc, http) = rt.block_on(async {
-            let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let grpc_addr = grpc_at.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+            let grpc_listener = tokio::net::TcpListener::bind(grpc_addr).await.unwrap();
             let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             (grpc_listener, http_listener)
         });

@@ -41,7 +41,12 @@ pub struct ExportConfig {
     pub flush_interval: Duration,
     pub queue_capacity: usize,
     pub host_name: String,
+    /// How long one batch is retried while the OTLP endpoint fails.
+    pub retry_for: Duration,
 }
+
+/// At shutdown a failing endpoint gets this long, so that SIGTERM ends within 5 s.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(2);
 
 /// A span and the process that made it.
 pub struct Resolved<'a> {
@@ -120,13 +125,13 @@ async fn run(
                 Some(span) => {
                     batch.push(span);
                     if batch.len() >= cfg.batch_size {
-                        flush(&mut batch, &processes, &stats, &mut out).await;
+                        flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
                     }
                 }
                 None => break,
             },
             _ = tick.tick() => {
-                flush(&mut batch, &processes, &stats, &mut out).await;
+                flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
                 if let Some(c) = out.console.as_mut() {
                     c.print_quiet(Instant::now());
                 }
@@ -139,7 +144,7 @@ async fn run(
             }
         }
     }
-    flush(&mut batch, &processes, &stats, &mut out).await;
+    flush(&mut batch, &processes, &stats, &mut out, SHUTDOWN_RETRY).await;
     if let Some(c) = out.console.as_mut() {
         c.print_all();
     }
@@ -153,6 +158,7 @@ async fn flush(
     processes: &SharedProcesses,
     stats: &ExportStats,
     out: &mut Outputs,
+    retry_for: Duration,
 ) {
     if batch.is_empty() {
         return;
@@ -179,7 +185,7 @@ async fn flush(
     let n = spans.len() as u64;
     match out.otlp.as_mut() {
         Some(o) => {
-            let failed = o.export(spans, processes).await;
+            let failed = o.export(spans, processes, retry_for).await;
             stats.export_failed.fetch_add(failed, Ordering::Relaxed);
             stats
                 .spans_exported

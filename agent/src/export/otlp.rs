@@ -54,7 +54,13 @@ pub struct OtlpOut {
     scope: InstrumentationScope,
     host_name: String,
     errors_logged: u64,
+    /// Since when exports fail (for the recovery log line).
+    failing_since: Option<std::time::Instant>,
 }
+
+/// Exponential backoff between attempts at one batch: 250 ms doubling up to 5 s.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl OtlpOut {
     pub fn new(cfg: &OtlpConfig, host_name: &str) -> anyhow::Result<Self> {
@@ -85,14 +91,18 @@ impl OtlpOut {
                 .build(),
             host_name: host_name.to_string(),
             errors_logged: 0,
+            failing_since: None,
         })
     }
 
-    /// Exports `spans` grouped by process; returns how many were not accepted.
+    /// Exports `spans` grouped by process, retrying a failed group with exponential backoff
+    /// for up to `retry_for`; returns how many spans were given up on. While this retries, the
+    /// export queue in front of it fills and counts what it cannot take: memory stays bounded.
     pub async fn export(
         &mut self,
         spans: Vec<SpanRecord>,
         processes: &crate::process::SharedProcesses,
+        retry_for: Duration,
     ) -> u64 {
         let mut by_pid: BTreeMap<u32, Vec<SpanRecord>> = BTreeMap::new();
         for s in spans {
@@ -106,16 +116,58 @@ impl OtlpOut {
                 .set_resource(&resource(&process, &self.host_name));
             let n = spans.len() as u64;
             let data: Vec<SpanData> = spans.into_iter().map(|s| self.span_data(s)).collect();
-            if let Err(err) = self.exporter.export(data).await {
+            if !self.export_with_retry(data, n, retry_for).await {
                 failed += n;
-                // One line per failure burst, not per batch: the counter has the rest.
-                if self.errors_logged.is_power_of_two() {
-                    tracing::warn!("OTLP export failed ({n} spans dropped): {err}");
-                }
-                self.errors_logged += 1;
             }
         }
         failed
+    }
+
+    /// Every failure is retried: the exporter reports transport errors, timeouts and rejected
+    /// requests alike, and an outage is what matters here. A batch the endpoint keeps rejecting
+    /// costs at most `retry_for` before it is dropped and counted.
+    async fn export_with_retry(
+        &mut self,
+        data: Vec<SpanData>,
+        n: u64,
+        retry_for: Duration,
+    ) -> bool {
+        let give_up = tokio::time::Instant::now() + retry_for;
+        let mut delay = BACKOFF_START;
+        loop {
+            match self.exporter.export(data.clone()).await {
+                Ok(()) => {
+                    if let Some(since) = self.failing_since.take() {
+                        tracing::info!(
+                            "OTLP export recovered after {:.1} s",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    return true;
+                }
+                Err(err) => {
+                    self.failing_since
+                        .get_or_insert_with(std::time::Instant::now);
+                    let retry = tokio::time::Instant::now() + delay <= give_up;
+                    // One line per failure burst, not per attempt: the counters have the rest.
+                    if self.errors_logged.is_power_of_two() {
+                        if retry {
+                            tracing::warn!(
+                                "OTLP export failed: {err}; retrying with backoff (spans arriving meanwhile are dropped and counted when the queue is full)"
+                            );
+                        } else {
+                            tracing::warn!("OTLP export failed: {err}; {n} spans dropped");
+                        }
+                    }
+                    self.errors_logged += 1;
+                    if !retry {
+                        return false;
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
     }
 
     fn span_data(&self, s: SpanRecord) -> SpanData {
