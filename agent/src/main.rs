@@ -10,7 +10,7 @@ use loupe::{
     config::FileConfig,
     conn::Limits,
     decode::Event,
-    export::{ExportConfig, ExportStats, Exporter, host_name},
+    export::{ExportConfig, ExportStats, Exporter, host_name, otlp_metrics::MetricsExport},
     metrics::Metrics,
     pipeline,
     process::ProcessCache,
@@ -233,6 +233,10 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     metrics.k8s = k8s;
     let metrics = Arc::new(metrics);
     spawn_observability(common, &metrics);
+    let metrics_export = match &otlp {
+        Some(o) => MetricsExport::start(o, metrics.clone(), &host_name())?,
+        None => None,
+    };
     let Exporter {
         tx,
         task: export_task,
@@ -266,6 +270,9 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         .is_err()
     {
         tracing::warn!("export did not finish within 5 s of shutdown; pending spans were dropped");
+    }
+    if let Some(m) = metrics_export {
+        m.shutdown().await;
     }
     tracing::info!("{}", metrics.summary());
     drop(probe);

@@ -28,6 +28,16 @@ impl Userspace {
     }
 }
 
+/// One time series: a metric name (Prometheus style), its labels and current value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub gauge: bool,
+    pub labels: Vec<(&'static str, &'static str)>,
+    pub value: u64,
+}
+
 pub struct Metrics {
     pub user: Arc<Userspace>,
     kernel: Option<KernelCounters>,
@@ -57,27 +67,26 @@ impl Metrics {
         self.kernel.as_ref().map(|k| k.read()).unwrap_or_default()
     }
 
-    /// Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let kernel = self.kernel();
-        out.push_str("# HELP loupe_kernel_events_total Kernel-side event counters by reason (drops and volume).\n");
-        out.push_str("# TYPE loupe_kernel_events_total counter\n");
-        for (i, value) in kernel.iter().enumerate() {
+    /// Every metric, once: the Prometheus text and the OTLP metrics are both made from this.
+    pub fn samples(&self) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for (i, value) in self.kernel().iter().enumerate() {
             let kind = if counters::is_drop(i as u32) {
                 "drop"
             } else {
                 "volume"
             };
-            let _ = writeln!(
-                out,
-                "loupe_kernel_events_total{{reason=\"{}\",kind=\"{kind}\"}} {value}",
-                counters::NAMES[i]
-            );
+            out.push(Sample {
+                name: "loupe_kernel_events_total",
+                help: "Kernel-side event counters by reason (drops and volume).",
+                gauge: false,
+                labels: vec![("reason", counters::NAMES[i]), ("kind", kind)],
+                value: *value,
+            });
         }
         let u = &self.user;
         let t = *u.table.lock().unwrap_or_else(|e| e.into_inner());
-        let rows: [(&str, &str, u64); 10] = [
+        let rows: [(&'static str, &'static str, u64); 10] = [
             (
                 "loupe_events_read_total",
                 "Records read from the ring buffer.",
@@ -129,35 +138,63 @@ impl Metrics {
                 t.streams.stale_events,
             ),
         ];
-        for (name, help, value) in rows.into_iter().chain(self.span_rows()) {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        let counter = |(name, help, value): (&'static str, &'static str, u64)| Sample {
+            name,
+            help,
+            gauge: false,
+            labels: Vec::new(),
+            value,
+        };
+        out.extend(rows.into_iter().chain(self.span_rows()).map(counter));
+        if let Some((pods, watch)) = &self.k8s {
+            out.push(Sample {
+                name: "loupe_k8s_pods",
+                help: "Pods on this node the agent knows of.",
+                gauge: true,
+                labels: Vec::new(),
+                value: pods.read().map(|p| p.live_pods() as u64).unwrap_or(0),
+            });
+            out.extend(
+                [
+                    (
+                        "loupe_k8s_watch_events_total",
+                        "Pod list/watch events applied.",
+                        watch.events.load(Ordering::Relaxed),
+                    ),
+                    (
+                        "loupe_k8s_watch_errors_total",
+                        "Pod list/watch errors (the watcher retries with backoff).",
+                        watch.errors.load(Ordering::Relaxed),
+                    ),
+                ]
+                .map(counter),
             );
         }
-        if let Some((pods, watch)) = &self.k8s {
-            let live = pods.read().map(|p| p.live_pods()).unwrap_or(0);
-            let _ = writeln!(
-                out,
-                "# HELP loupe_k8s_pods Pods on this node the agent knows of.\n# TYPE loupe_k8s_pods gauge\nloupe_k8s_pods {live}"
-            );
-            for (name, help, c) in [
-                (
-                    "loupe_k8s_watch_events_total",
-                    "Pod list/watch events applied.",
-                    &watch.events,
-                ),
-                (
-                    "loupe_k8s_watch_errors_total",
-                    "Pod list/watch errors (the watcher retries with backoff).",
-                    &watch.errors,
-                ),
-            ] {
+        out
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut described = std::collections::HashSet::new();
+        for s in self.samples() {
+            if described.insert(s.name) {
+                let kind = if s.gauge { "gauge" } else { "counter" };
                 let _ = writeln!(
                     out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                    c.load(Ordering::Relaxed)
+                    "# HELP {} {}\n# TYPE {} {kind}",
+                    s.name, s.help, s.name
                 );
+            }
+            if s.labels.is_empty() {
+                let _ = writeln!(out, "{} {}", s.name, s.value);
+            } else {
+                let labels: Vec<String> = s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{v}\""))
+                    .collect();
+                let _ = writeln!(out, "{}{{{}}} {}", s.name, labels.join(","), s.value);
             }
         }
         out

@@ -1,4 +1,4 @@
-//! An OTLP trace receiver for the tests, on loopback, over gRPC and HTTP/protobuf. Messages are
+//! An OTLP trace and metrics receiver for the tests, on loopback, over gRPC and HTTP/protobuf. Messages are
 //! the official opentelemetry-proto definitions (the `opentelemetry-proto` crate generates them
 //! from the .proto files); every request's raw bytes are kept too, for the secrets scan.
 
@@ -12,6 +12,10 @@ use std::{
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response, body::Bytes};
 use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
@@ -50,9 +54,21 @@ impl ReceivedSpan {
     }
 }
 
+/// One integer data point of a Sum or Gauge.
+#[derive(Debug, Clone)]
+pub struct ReceivedPoint {
+    pub resource: HashMap<String, String>,
+    pub metric: String,
+    pub attributes: HashMap<String, String>,
+    pub value: i64,
+    /// Sum (counter) or gauge.
+    pub monotonic: bool,
+}
+
 #[derive(Default)]
 struct Store {
     spans: Mutex<Vec<ReceivedSpan>>,
+    points: Mutex<Vec<ReceivedPoint>>,
     raw: Mutex<Vec<u8>>,
     /// Count only (benchmarks): keep no spans and no bytes.
     count_only: bool,
@@ -122,7 +138,55 @@ impl Store {
     }
 }
 
+impl Store {
+    fn add_metrics(&self, req: &ExportMetricsServiceRequest) {
+        use opentelemetry_proto::tonic::metrics::v1::{metric::Data, number_data_point};
+        let mut points = self.points.lock().unwrap();
+        for rm in &req.resource_metrics {
+            let resource = rm
+                .resource
+                .as_ref()
+                .map(|r| map(&r.attributes))
+                .unwrap_or_default();
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                let (dps, monotonic) = match &m.data {
+                    Some(Data::Sum(s)) => (&s.data_points, s.is_monotonic),
+                    Some(Data::Gauge(g)) => (&g.data_points, false),
+                    _ => continue,
+                };
+                for dp in dps {
+                    let value = match dp.value {
+                        Some(number_data_point::Value::AsInt(i)) => i,
+                        Some(number_data_point::Value::AsDouble(d)) => d as i64,
+                        None => continue,
+                    };
+                    points.push(ReceivedPoint {
+                        resource: resource.clone(),
+                        metric: m.name.clone(),
+                        attributes: map(&dp.attributes),
+                        value,
+                        monotonic,
+                    });
+                }
+            }
+        }
+    }
+}
+
 struct Grpc(Arc<Store>);
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.add_metrics(&request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Grpc {
@@ -144,6 +208,25 @@ async fn http_export(
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = req.uri().path().to_string();
     let body = req.into_body().collect().await?.to_bytes();
+    if path == "/v1/metrics" {
+        return Ok(match ExportMetricsServiceRequest::decode(body.as_ref()) {
+            Ok(msg) => {
+                store.add_metrics(&msg);
+                let out = ExportMetricsServiceResponse {
+                    partial_success: None,
+                }
+                .encode_to_vec();
+                Response::builder()
+                    .header("content-type", "application/x-protobuf")
+                    .body(Full::new(Bytes::from(out)))
+                    .unwrap()
+            }
+            Err(_) => Response::builder()
+                .status(400)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        });
+    }
     if path != "/v1/traces" {
         return Ok(Response::builder()
             .status(404)
@@ -224,7 +307,8 @@ impl Receiver {
         rt.spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
             let _ = tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(Grpc(s)))
+                .add_service(TraceServiceServer::new(Grpc(s.clone())))
+                .add_service(MetricsServiceServer::new(Grpc(s)))
                 .serve_with_incoming(incoming)
                 .await;
         });
@@ -253,6 +337,11 @@ impl Receiver {
 
     pub fn spans(&self) -> Vec<ReceivedSpan> {
         self.store.spans.lock().unwrap().clone()
+    }
+
+    /// Every metric data point received so far.
+    pub fn points(&self) -> Vec<ReceivedPoint> {
+        self.store.points.lock().unwrap().clone()
     }
 
     /// Every byte of every export request received.

@@ -184,3 +184,71 @@ fn sigterm_flushes_pending_spans_within_five_seconds() {
         "every pending span was flushed"
     );
 }
+
+#[test]
+fn drop_counters_are_exported_as_otlp_metrics() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("otlp-metrics");
+    let svc = service(&cg);
+    let receiver = Receiver::start();
+    let endpoint = format!("http://{}", receiver.grpc);
+    let agent = Agent::spawn(
+        &[
+            "run",
+            "--cgroup",
+            &cg.dir,
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &[("OTEL_METRIC_EXPORT_INTERVAL", "500")],
+    );
+    drive(&cg, svc.addr, 20, 0);
+    let built = |points: &[loupe_tests::otlp::ReceivedPoint]| {
+        points
+            .iter()
+            .filter(|p| p.metric == "loupe.spans_built")
+            .map(|p| p.value)
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline && built(&receiver.points()) < 40 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = agent.stop_raw();
+    let points = receiver.points();
+    assert_eq!(built(&points), 40, "spans built, as a counter");
+    let p = points
+        .iter()
+        .find(|p| p.metric == "loupe.spans_built")
+        .unwrap();
+    assert!(p.monotonic, "a counter is a monotonic sum");
+    assert_eq!(
+        p.resource.get("service.name").map(String::as_str),
+        Some("loupe")
+    );
+    // Every drop reason is there, with its stage labels, zero or not.
+    for reason in ["ringbuf_full", "conn_map_full", "option_no_space"] {
+        assert!(
+            points.iter().any(|p| p.metric == "loupe.kernel_events"
+                && p.attributes.get("reason").map(String::as_str) == Some(reason)
+                && p.attributes.get("kind").map(String::as_str) == Some("drop")),
+            "kernel drop reason {reason} missing"
+        );
+    }
+    for metric in [
+        "loupe.channel_full",
+        "loupe.export_queue_full",
+        "loupe.export_failed",
+        "loupe.decode_errors",
+    ] {
+        assert!(
+            points.iter().any(|p| p.metric == metric),
+            "{metric} missing"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 pub mod console;
 pub mod jsonl;
 pub mod otlp;
+pub mod otlp_metrics;
 
 use std::{
     path::PathBuf,
