@@ -161,7 +161,26 @@ impl Agent {
 
     /// Starts `loupe ARGS` with extra environment and waits until it reports it is attached.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Agent {
-        let mut child = Command::new(loupe_bin())
+        Agent::spawn_via(&[], &loupe_bin(), args, env)
+    }
+
+    /// Starts `WRAPPER... BIN ARGS` (e.g. capsh dropping privileges, which then execs the agent)
+    /// and waits until the agent reports it is attached.
+    pub fn spawn_via(
+        wrapper: &[&str],
+        bin: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let mut child = cmd
             .args(args)
             .envs(env.iter().copied())
             .env("LOUPE_LOG", "info")
@@ -171,7 +190,7 @@ impl Agent {
             .unwrap_or_else(|e| {
                 panic!(
                     "cannot start {}: {e} (run `cargo xtask build`)",
-                    loupe_bin().display()
+                    bin.display()
                 )
             });
 

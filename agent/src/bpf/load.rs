@@ -172,7 +172,7 @@ pub struct Probe {
 
 impl Probe {
     pub fn load(opts: &LoadOptions) -> anyhow::Result<Self> {
-        check_privileges()?;
+        let mut degraded = check_privileges(opts.tcp_context.is_some())?;
         let tracefs = tracefs::ensure_mounted()?;
         let btf_path = Path::new("/sys/kernel/btf/vmlinux");
         let btf_bytes = std::fs::read(btf_path).with_context(|| {
@@ -217,7 +217,6 @@ impl Probe {
             "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF and ring buffers (5.8+)",
         )?;
 
-        let mut degraded = Vec::new();
         let mut attached = 0;
         for hook in HOOKS {
             match attach(&mut ebpf, &tracefs, hook) {
@@ -371,28 +370,98 @@ pub fn cgroup2_root() -> Option<std::path::PathBuf> {
     })
 }
 
-fn check_privileges() -> anyhow::Result<()> {
-    // SAFETY: plain syscall without arguments.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 && !has_capability(CAP_BPF) {
-        bail!(
-            "Loupe must run as root (or with CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH): \
-             try `sudo loupe` or `cargo xtask run`"
-        );
-    }
-    Ok(())
+/// A capability the agent uses, and what for.
+struct Need {
+    bit: u32,
+    name: &'static str,
+    why: &'static str,
+    /// Without it the agent cannot work at all (else it runs degraded).
+    required: bool,
 }
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Reads the effective capability set from /proc/self/status.
-fn has_capability(cap: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << cap) != 0)
+fn needs(tcp_context: bool) -> Vec<Need> {
+    let mut needs = vec![
+        Need {
+            bit: CAP_BPF,
+            name: "CAP_BPF",
+            why: "load the kernel programs and create their maps",
+            required: true,
+        },
+        Need {
+            bit: CAP_PERFMON,
+            name: "CAP_PERFMON",
+            why: "attach tracepoint programs that read socket and user memory",
+            required: true,
+        },
+        Need {
+            bit: CAP_DAC_READ_SEARCH,
+            name: "CAP_DAC_READ_SEARCH",
+            why: "read tracepoint ids under /sys/kernel/tracing (root-only) and /proc of other users",
+            required: true,
+        },
+        Need {
+            bit: CAP_SYS_PTRACE,
+            name: "CAP_SYS_PTRACE",
+            why: "read other processes' executables and environments (service names)",
+            required: false,
+        },
+    ];
+    if tcp_context {
+        needs.push(Need {
+            bit: CAP_NET_ADMIN,
+            name: "CAP_NET_ADMIN",
+            why: "attach the sock_ops program of --tcp-context to the cgroup",
+            required: false,
+        });
+    }
+    needs
+}
+
+/// Names every missing capability and what it is for; fails if a required one is missing.
+/// Warnings (what runs degraded) are returned for the log.
+fn check_privileges(tcp_context: bool) -> anyhow::Result<Vec<String>> {
+    let effective = effective_capabilities();
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let mut missing = Vec::new();
+    let mut degraded = Vec::new();
+    for need in needs(tcp_context) {
+        // Before 5.8 (no CAP_BPF / CAP_PERFMON) CAP_SYS_ADMIN covered both.
+        let covered =
+            has(need.bit) || (matches!(need.bit, CAP_BPF | CAP_PERFMON) && has(CAP_SYS_ADMIN));
+        if covered {
+            continue;
+        }
+        if need.required {
+            missing.push(format!("{} (to {})", need.name, need.why));
+        } else {
+            degraded.push(format!("{} missing: cannot {}", need.name, need.why));
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "missing capabilities: {}. Run as root, or grant them: `capsh --addamb=...`, `setcap`, or securityContext.capabilities.add in Kubernetes (README, \"Privileges\")",
+            missing.join(", ")
+        );
+    }
+    Ok(degraded)
+}
+
+/// The effective capability set, from /proc/self/status.
+fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0)
 }
