@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod decode;
 pub mod export;
+pub mod fuzzing;
 pub mod k8s;
 pub mod metrics;
 pub mod pipeline;

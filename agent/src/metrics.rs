@@ -216,6 +216,11 @@ impl Metrics {
                     get(&t.malformed),
                 ),
                 (
+                    "loupe_http_pending_overflow_total",
+                    "Requests dropped because 1024 were already waiting for responses on one connection.",
+                    get(&t.pending_overflow),
+                ),
+                (
                     "loupe_http_orphan_responses_total",
                     "Responses with no request to pair with.",
                     get(&t.orphan_responses),

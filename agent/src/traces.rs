@@ -28,6 +28,8 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct TraceStats {
     pub exchanges: AtomicU64,
+    /// Requests dropped because too many were waiting on one connection.
+    pub pending_overflow: AtomicU64,
     pub malformed: AtomicU64,
     pub orphan_responses: AtomicU64,
     /// Exchanges given up for lack of a response.
@@ -119,6 +121,9 @@ impl TraceSink {
         self.stats
             .malformed
             .fetch_add(after.malformed - before.malformed, Ordering::Relaxed);
+        self.stats
+            .pending_overflow
+            .fetch_add(after.overflow - before.overflow, Ordering::Relaxed);
         self.stats.orphan_responses.fetch_add(
             after.orphan_responses - before.orphan_responses,
             Ordering::Relaxed,

@@ -42,8 +42,17 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
-    /// rustfmt --check and clippy -D warnings, as CI runs them.
+    /// rustfmt --check and clippy -D warnings, as CI runs them (the fuzz targets are
+    /// type-checked too).
     Lint,
+    /// Runs every cargo-fuzz target (fuzz/) for SECONDS each, installing cargo-fuzz if needed.
+    /// Works on the stable toolchain (RUSTC_BOOTSTRAP, no sanitizer).
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        target: Option<String>,
+    },
     /// What Loupe costs a traced service: the same load with and without the agent, alternating
     /// rounds (nginx over loopback, a Python service), printed as a table.
     Bench {
@@ -82,6 +91,10 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             ensure_toolchain()?;
             lint()
+        }
+        Task::Fuzz { seconds, target } => {
+            ensure_toolchain()?;
+            fuzz(seconds, target.as_deref())
         }
         Task::Bench {
             rounds,
@@ -316,6 +329,8 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    step("cargo check (fuzz targets, their own workspace)");
+    run(Command::new("cargo").args(["check", "--quiet", "--manifest-path", "fuzz/Cargo.toml"]))?;
     // The kernel crate only builds for the BPF target (no_std, its own panic handler).
     step("clippy -D warnings (kernel programs, bpfel-unknown-none)");
     run(Command::new("cargo")
@@ -329,4 +344,33 @@ fn lint() -> anyhow::Result<()> {
         ])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"])
         .env("RUSTC_BOOTSTRAP", "1"))
+}
+
+const FUZZ_TARGETS: [&str; 4] = [
+    "decode_record",
+    "http1_connection",
+    "http1_reader",
+    "reassembly",
+];
+
+fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_cargo_fuzz {
+        step("installing cargo-fuzz (once)");
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == **t))
+    {
+        step(&format!("fuzzing {target} for {seconds} s"));
+        run(Command::new("cargo")
+            .args(["fuzz", "run", target, "--sanitizer", "none", "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .env("RUSTC_BOOTSTRAP", "1"))?;
+    }
+    Ok(())
 }

@@ -67,8 +67,14 @@ struct Pending {
     response: Option<Head>,
 }
 
+/// Requests one connection may have waiting for responses (HTTP/1 pipelining depth): beyond,
+/// the oldest is dropped and counted, so a peer that never answers cannot grow memory.
+pub const MAX_WAITING: usize = 1024;
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SessionStats {
+    /// Requests dropped because `MAX_WAITING` were already waiting.
+    pub overflow: u64,
     pub malformed: u64,
     /// Responses with no request to answer (e.g. a connection joined mid-exchange).
     pub orphan_responses: u64,
@@ -136,6 +142,10 @@ impl Session {
                         };
                         self.requests_seen += 1;
                         let identity = assign(&head, started);
+                        if self.pending.len() >= MAX_WAITING {
+                            self.pending.pop_front();
+                            self.stats.overflow += 1;
+                        }
                         self.pending.push_back(Pending {
                             identity,
                             started,
@@ -442,8 +452,18 @@ mod tests {
             s.stats,
             SessionStats {
                 malformed: 1,
-                orphan_responses: 1
+                orphan_responses: 1,
+                overflow: 0,
             }
         );
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_cannot_queue_without_bound() {
+        let mut s = Session::new(false);
+        let many = "GET /x HTTP/1.1\r\n\r\n".repeat(MAX_WAITING + 10);
+        s.on_requests(1, 1, &mut assign_fn, d(&many));
+        assert_eq!(s.waiting(), MAX_WAITING);
+        assert_eq!(s.stats.overflow, 10);
     }
 }
