@@ -86,7 +86,7 @@ impl Metrics {
         }
         let u = &self.user;
         let t = *u.table.lock().unwrap_or_else(|e| e.into_inner());
-        let rows: [(&'static str, &'static str, u64); 10] = [
+        let rows: [(&'static str, &'static str, u64); 11] = [
             (
                 "loupe_events_read_total",
                 "Records read from the ring buffer.",
@@ -111,6 +111,11 @@ impl Metrics {
                 "loupe_conns_evicted_idle_total",
                 "Connections evicted after the idle timeout.",
                 t.evicted_idle,
+            ),
+            (
+                "loupe_conns_evicted_full_total",
+                "Connections evicted, least recently seen first, to make room in a full table.",
+                t.evicted_full,
             ),
             (
                 "loupe_conns_opened_total",

@@ -73,6 +73,9 @@ fn handle<S: Sink>(
             let payload = std::mem::take(&mut ev.payload);
             let meta = ev.clone();
             ev.payload = payload;
+            for evicted in table.make_room(&ev.conn) {
+                finish(evicted, None, sink);
+            }
             if let Some((conn, _)) = table.ingest(ev, resolver) {
                 let segments: Vec<Segment> = conn.stream_mut(dir).drain().collect();
                 sink.data(&conn.info, &meta, dir, segments);

@@ -525,3 +525,30 @@ pub fn venv_bin(name: &str) -> String {
     );
     p.display().to_string()
 }
+
+/// nginx with its own prefix and configuration, answering fixed bodies.
+pub fn nginx(cg: &TestCgroup, dir: &std::path::Path) -> Server {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{\n    listen {addr};\n    location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n\
+             location / {{ return 404; }}\n  }}\n}}\n",
+        d = dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let cmd = cg.command(
+        "nginx",
+        &[
+            "-p",
+            dir.to_str().unwrap(),
+            "-c",
+            conf_path.to_str().unwrap(),
+        ],
+    );
+    Server::start(cmd, addr)
+}

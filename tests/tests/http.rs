@@ -71,33 +71,6 @@ fn http_server(cg: &TestCgroup) -> Server {
     Server::start(cmd, addr)
 }
 
-/// nginx with its own prefix and configuration, answering fixed bodies.
-fn nginx(cg: &TestCgroup, dir: &std::path::Path) -> Server {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
-         events {{ worker_connections 256; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen {addr};\n    location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n\
-             location / {{ return 404; }}\n  }}\n}}\n",
-        d = dir.display()
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let cmd = cg.command(
-        "nginx",
-        &[
-            "-p",
-            dir.to_str().unwrap(),
-            "-c",
-            conf_path.to_str().unwrap(),
-        ],
-    );
-    Server::start(cmd, addr)
-}
-
 fn by_kind(spans: &[ReceivedSpan], kind: i32) -> Vec<&ReceivedSpan> {
     spans.iter().filter(|s| s.kind == kind).collect()
 }
@@ -244,7 +217,7 @@ fn nginx_and_python_requests_spans_over_otlp_http() {
     }
     let cg = TestCgroup::new("http");
     let tmp = std::env::temp_dir().join(format!("loupe-nginx-{}", std::process::id()));
-    let server = nginx(&cg, &tmp);
+    let server = loupe_tests::nginx(&cg, &tmp);
     let receiver = Receiver::start();
     // Configured the standard way, by environment, and without the `run` subcommand.
     let ep = endpoint(&receiver, "http/protobuf");

@@ -252,3 +252,152 @@ fn drop_counters_are_exported_as_otlp_metrics() {
         );
     }
 }
+
+/// Kernel and userspace counters from the metrics text: (events emitted by the kernel, events
+/// read by the agent, every drop counter summed, spans built).
+fn accounting(text: &str) -> (u64, u64, u64, u64) {
+    let emitted = metric(text, "loupe_kernel_events_total{reason=\"events_emitted\"").unwrap_or(0);
+    let read = metric(text, "loupe_events_read_total ").unwrap_or(0);
+    let mut drops = 0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let counted_drop = line.contains("kind=\"drop\"")
+            || [
+                "loupe_decode_errors_total ",
+                "loupe_channel_full_total ",
+                "loupe_conn_table_full_total ",
+                "loupe_export_queue_full_total ",
+                "loupe_export_failed_total ",
+                "loupe_http_pending_overflow_total ",
+            ]
+            .iter()
+            .any(|p| line.starts_with(p));
+        if counted_drop {
+            drops += line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    let built = metric(text, "loupe_spans_built_total ").unwrap_or(0);
+    (emitted, read, drops, built)
+}
+
+#[test]
+fn a_flood_of_100k_short_connections_leaves_the_agent_bounded_and_exact() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("flood");
+    let tmp = std::env::temp_dir().join(format!("loupe-flood-{}", std::process::id()));
+    let nginx = loupe_tests::nginx(&cg, &tmp);
+    let receiver = Receiver::start_counting();
+    let endpoint = format!("http://{}", receiver.grpc);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    // Small everywhere, so that the flood overruns every stage.
+    let agent = Agent::spawn(
+        &[
+            "run",
+            "--cgroup",
+            &cg.dir,
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--ring-buffer-bytes",
+            "65536",
+            "--max-connections",
+            "1024",
+            "--export-queue",
+            "2048",
+            "--metrics-addr",
+            &metrics,
+        ],
+        &[],
+    );
+    let pid = agent.pid();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let rss = rss_kib(pid);
+                peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+
+    // 100k connections, each one request and a close, from two processes at full speed.
+    let churn = format!(
+        "import socket, multiprocessing\n\
+         def run(n):\n  ok = 0\n  for i in range(n):\n    s = socket.create_connection(('{ip}', {port}))\n    \
+         s.sendall(b'GET /users/%d HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' % i)\n    \
+         while s.recv(4096): pass\n    s.close(); ok += 1\n  return ok\n\
+         with multiprocessing.Pool(2) as p: print(sum(p.map(run, [50000, 50000])))\n",
+        ip = nginx.addr.ip(),
+        port = nginx.addr.port()
+    );
+    let started = Instant::now();
+    let served = cg.run("python3", &["-c", &churn]);
+    let flood_took = started.elapsed();
+    assert_eq!(served.trim(), "100000", "every churn connection was served");
+    let after_flood = scrape(&metrics);
+
+    // Loss stops within seconds: a calm phase afterwards is traced whole, with no new drop.
+    std::thread::sleep(Duration::from_secs(3));
+    let before_calm = scrape(&metrics);
+    let calm = format!(
+        "import urllib.request\nfor i in range(50): urllib.request.urlopen('http://{}/users/%d' % i).read()",
+        nginx.addr
+    );
+    cg.run("python3", &["-c", &calm]);
+    std::thread::sleep(Duration::from_secs(3));
+    let after_calm = scrape(&metrics);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let (_, log) = agent.stop_raw();
+    let _ = std::fs::remove_dir_all(&tmp);
+
+    let (emitted, read, drops_flood, built_flood) = accounting(&after_flood);
+    let (_, _, drops_before, built_before) = accounting(&before_calm);
+    let (emitted_end, read_end, drops_after, built_after) = accounting(&after_calm);
+    let peak_mib = peak.load(std::sync::atomic::Ordering::Relaxed) / 1024;
+    eprintln!(
+        "flood: 100k connections in {flood_took:?}; kernel emitted {emitted}, agent read {read}; \
+         drops counted {drops_flood}; spans built {built_flood}; peak RSS {peak_mib} MiB"
+    );
+    eprintln!(
+        "{}",
+        log.lines()
+            .rev()
+            .find(|l| l.contains("events="))
+            .unwrap_or("")
+    );
+    assert!(alive, "the agent survived the flood");
+    assert!(
+        peak_mib < 300,
+        "memory bounded under the flood: {peak_mib} MiB"
+    );
+    assert_eq!(
+        emitted_end, read_end,
+        "every record the kernel emitted was read by the agent"
+    );
+    assert_eq!(
+        drops_after, drops_before,
+        "no loss once the flood is over\nbefore:\n{before_calm}\nafter:\n{after_calm}"
+    );
+    assert_eq!(
+        built_after - built_before,
+        100,
+        "the calm phase is traced whole: 50 requests, both sides"
+    );
+    let exported = summary_field(&log, "exported");
+    let built = summary_field(&log, "spans");
+    let queue_full = summary_field(&log, "user.export_queue_full");
+    let failed = summary_field(&log, "user.export_failed");
+    assert_eq!(exported + queue_full + failed, built, "{log}");
+    assert_eq!(receiver.counted(), exported);
+}

@@ -61,6 +61,9 @@ pub struct TableStats {
     pub opened: u64,
     pub closed: u64,
     pub evicted_idle: u64,
+    /// Connections evicted, least recently seen first, to make room for new ones (closes the
+    /// kernel could not report, e.g. under a ring-buffer flood, would otherwise fill the table).
+    pub evicted_full: u64,
     /// Events dropped because the table was at `max_connections`.
     pub rejected_full: u64,
     /// Summed over the streams of connections that have left the table.
@@ -136,6 +139,31 @@ impl ConnTable {
         conn.last_seen_ns = conn.last_seen_ns.max(ev.ts_ns);
         let pushed = conn.streams[ev.direction.index()].push(ev.seq, ev.bytes, ev.payload);
         Some((conn, pushed))
+    }
+
+    /// At `max_connections`, evicts the least recently seen eighth of the table (at least one):
+    /// a new connection always finds room, and the cost of the scan is shared by the many
+    /// connections that then fit. Returns the evicted, for the consumer to finish.
+    pub fn make_room(&mut self, for_key: &ConnKey) -> Vec<Connection> {
+        if self.conns.len() < self.limits.max_connections || self.conns.contains_key(for_key) {
+            return Vec::new();
+        }
+        let mut by_age: Vec<(u64, ConnKey)> = self
+            .conns
+            .iter()
+            .map(|(k, c)| (c.last_seen_ns, *k))
+            .collect();
+        let n = (by_age.len() / 8).max(1);
+        by_age.select_nth_unstable(n - 1);
+        let mut out = Vec::with_capacity(n);
+        for (_, key) in by_age.into_iter().take(n) {
+            if let Some(conn) = self.conns.remove(&key) {
+                self.stats.evicted_full += 1;
+                self.account(&conn);
+                out.push(conn);
+            }
+        }
+        out
     }
 
     /// Marks a connection closed; returns it if the table knew it.
@@ -336,5 +364,33 @@ mod tests {
         let (_, pushed) = t.ingest(again, &mut NoResolver).unwrap();
         assert_eq!(pushed, Pushed::Appended { lost: 0 });
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_full_table_makes_room_by_evicting_the_least_recently_seen() {
+        let limits = Limits {
+            max_connections: 16,
+            ..Limits::default()
+        };
+        let mut t = ConnTable::new(limits);
+        for sk in 0..16 {
+            t.ingest(ev(sk, Direction::Send, 0, "x", 100 + sk), &mut NoResolver);
+        }
+        let key = ConnKey {
+            sk: 99,
+            generation: 1,
+        };
+        let evicted = t.make_room(&key);
+        // An eighth, the oldest: sk 0 and 1.
+        let mut gone: Vec<u64> = evicted.iter().map(|c| c.info.key.sk).collect();
+        gone.sort();
+        assert_eq!(gone, [0, 1]);
+        assert_eq!(t.stats().evicted_full, 2);
+        assert!(
+            t.ingest(ev(99, Direction::Send, 0, "y", 200), &mut NoResolver)
+                .is_some()
+        );
+        // Room is made only when needed, and never for a connection already in the table.
+        assert!(t.make_room(&key).is_empty());
     }
 }
