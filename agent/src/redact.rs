@@ -27,15 +27,53 @@ pub fn is_sensitive_name(name: &str) -> bool {
     SENSITIVE.iter().any(|w| lower.contains(w))
 }
 
-/// `a=1&b=2` -> `a=REDACTED&b=REDACTED` (keys stay: low-risk and useful).
+/// `a=1&b=2;c=3` -> `a=REDACTED&b=REDACTED;c=REDACTED`. Keys stay (low-risk and useful) when
+/// they look like names; a key or a bare item that looks like a token (`?eyJhbGciOi…`,
+/// `?3f9a…`) is masked whole.
 pub fn query(q: &str) -> String {
-    q.split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((k, _)) => format!("{k}={MASK}"),
-            None => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    let mut out = String::with_capacity(q.len());
+    let mut rest = q;
+    loop {
+        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        let (pair, tail) = rest.split_at(end);
+        match pair.split_once('=') {
+            Some((k, _)) if name_like(k) => {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(MASK);
+            }
+            Some(_) => {
+                out.push_str(MASK);
+                out.push('=');
+                out.push_str(MASK);
+            }
+            // A bare flag (`?debug`) stays; anything else bare may be a token.
+            None if pair.len() <= 16
+                && pair
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b == b'-') =>
+            {
+                out.push_str(pair)
+            }
+            None => out.push_str(MASK),
+        }
+        let Some(sep) = tail.chars().next() else {
+            break;
+        };
+        out.push(sep);
+        rest = &tail[1..];
+    }
+    out
+}
+
+/// A parameter name rather than a value: short, and letters, digits and `_.-[]` with no digit
+/// run that makes it look generated.
+fn name_like(s: &str) -> bool {
+    let allowed = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_.-[]".contains(&b));
+    let digits = s.bytes().filter(u8::is_ascii_digit).count();
+    !s.is_empty() && s.len() <= 32 && allowed && digits <= 2
 }
 
 /// Masks the userinfo and the query values of a URL inside `s`.
@@ -203,5 +241,25 @@ mod tests {
     #[test]
     fn queries_keep_keys_and_lose_values() {
         assert_eq!(query("a=1&b=&flag"), "a=REDACTED&b=REDACTED&flag");
+    }
+
+    #[test]
+    fn every_query_form_keeps_names_and_masks_values() {
+        assert_eq!(query("a=1&b=2"), "a=REDACTED&b=REDACTED");
+        assert_eq!(query("a=1;token=x"), "a=REDACTED;token=REDACTED");
+        assert_eq!(query("flag&debug"), "flag&debug");
+        assert_eq!(query("a=&&b"), "a=REDACTED&&b");
+        assert_eq!(query(""), "");
+        // Bare tokens and token-like keys go whole.
+        assert_eq!(
+            query("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig"),
+            "REDACTED"
+        );
+        assert_eq!(query("3f9a0c2b71=1&x=2"), "REDACTED=REDACTED&x=REDACTED");
+        assert_eq!(query("SECRET-QUERY-9"), "REDACTED");
+        assert_eq!(
+            query("user_id=7&items[]=3"),
+            "user_id=REDACTED&items[]=REDACTED"
+        );
     }
 }

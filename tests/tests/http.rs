@@ -348,9 +348,16 @@ fn secrets_in_headers_and_queries_never_leave_the_node() {
         "SECRET-QUERY-5",
         "SECRET-QUERY-6",
         "SECRET-TOKEN-7",
+        "SECRET-QUERY-8",
+        "SECRET-QUERY-9",
+        "SECRET-USERINFO-10",
+        "SECRET-CSRF-11",
+        "SECRET-AMZ-12",
     ];
+    // Every query form: `&` and `;` separators, a bare flag, a bare token; credentials in the
+    // URL's userinfo (curl sends them as Basic auth, and they sit in its command line).
     let url = format!(
-        "http://{}/missing?token=SECRET-QUERY-5&user=SECRET-QUERY-6&flag",
+        "http://user:SECRET-USERINFO-10@{}/missing?token=SECRET-QUERY-5&user=SECRET-QUERY-6&flag;session_id=SECRET-QUERY-8&SECRET-QUERY-9",
         server.addr
     );
     cg.run(
@@ -369,6 +376,10 @@ fn secrets_in_headers_and_queries_never_leave_the_node() {
             "Proxy-Authorization: Basic SECRET-PROXY-4",
             "-H",
             "X-Auth-Token: SECRET-TOKEN-7",
+            "-H",
+            "X-CSRF-Token: SECRET-CSRF-11",
+            "-H",
+            "X-Amz-Security-Token: SECRET-AMZ-12",
             &url,
         ],
     );
@@ -380,9 +391,8 @@ fn secrets_in_headers_and_queries_never_leave_the_node() {
     // Not vacuous: the request was traced, everywhere.
     assert_eq!(spans.len(), 2, "{spans:#?}\n{log}");
     assert!(
-        spans
-            .iter()
-            .all(|s| s.attr("url.query") == Some("token=REDACTED&user=REDACTED&flag")),
+        spans.iter().all(|s| s.attr("url.query")
+            == Some("token=REDACTED&user=REDACTED&flag;session_id=REDACTED&REDACTED")),
         "{spans:#?}"
     );
     assert_eq!(jsonl.lines().count(), 2, "{jsonl}");
