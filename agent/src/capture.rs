@@ -128,7 +128,7 @@ impl<W: Write> Sink for CapturePrinter<W> {
                     ts_unix_ns: ts,
                     pid: ev.pid,
                     tid: ev.tid,
-                    comm: &ev.comm,
+                    comm: ev.comm.as_str(),
                     conn: conn_id(conn),
                     local: conn.local.to_string(),
                     remote: conn.remote.to_string(),

@@ -125,17 +125,32 @@ fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = sigterm.recv() => {}
+/// SIGINT and SIGTERM, handled from before "ready:" is logged: a signal sent as soon as the agent
+/// says it is ready must stop it cleanly (drain, flush), not kill it by the default action.
+struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> anyhow::Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
     }
-    tracing::info!("stopping: draining the ring buffer");
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        tracing::info!("stopping: draining the ring buffer");
+    }
 }
 
 async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::install()?;
     let protocols = if args.all_protocols {
         0
     } else {
@@ -173,7 +188,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         let mut sink = CapturePrinter::new(std::io::BufWriter::new(std::io::stdout()), format);
         pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
     });
-    wait_for_signal().await?;
+    shutdown.wait().await;
     let _ = stop.send(true);
     reader.await.context("reader task")??;
     consumer.await.context("pipeline task")?;
@@ -183,6 +198,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
 }
 
 async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::install()?;
     let file = FileConfig::load(args.config.as_deref())?;
     let otlp = otlp_config(args)?;
     let console = console_wanted(args, otlp.is_some());
@@ -261,7 +277,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         // Dropping the sink closes the export queue: the exporter flushes and ends.
         drop(sink);
     });
-    wait_for_signal().await?;
+    shutdown.wait().await;
     let _ = stop.send(true);
     reader.await.context("reader task")??;
     consumer.await.context("pipeline task")?;

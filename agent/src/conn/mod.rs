@@ -123,7 +123,7 @@ impl ConnTable {
                     info: ConnInfo {
                         key: ev.conn,
                         pid: ev.pid,
-                        comm: ev.comm.clone(),
+                        comm: ev.comm.to_string(),
                         local: ev.local,
                         remote: ev.remote,
                         role,
@@ -242,7 +242,7 @@ mod tests {
             ts_ns: ts,
             pid: 1,
             tid: 1,
-            comm: "t".into(),
+            comm: crate::decode::tests::comm("t"),
             conn: ConnKey { sk, generation: 1 },
             local: "127.0.0.1:80".parse().unwrap(),
             remote: "127.0.0.1:5000".parse().unwrap(),

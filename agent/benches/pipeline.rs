@@ -1,0 +1,132 @@
+//! The userspace path one event takes, without the kernel or the exporter: decode a ring-buffer
+//! record -> connection table and reassembly -> HTTP/1 parsing and pairing -> span building.
+//! Reported as events per second on one core (`cargo xtask bench` runs it too).
+
+use agent_common::{
+    conn::{AF_INET, ConnTuple, ROLE_SERVER},
+    event::{
+        DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, DataEvent, EVENT_VERSION, EventHeader, KIND_DATA,
+    },
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use loupe::{
+    clock::WallClock,
+    conn::{ConnTable, Limits, NoResolver},
+    decode::{Direction, Event, decode},
+    protocol::http1::Head,
+    trace::{
+        causality::Linker,
+        exchange::Session,
+        span::{self, RandomIds, Redaction, SpanKind},
+    },
+};
+
+const CONNS: u64 = 64;
+const EXCHANGES: u64 = 16;
+
+fn record(sk: u64, dir: u8, seq: u64, payload: &[u8], ts: u64) -> Vec<u8> {
+    let mut tuple = ConnTuple {
+        family: AF_INET,
+        sport: 8080,
+        dport: 40000 + sk as u16,
+        ..Default::default()
+    };
+    tuple.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    tuple.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    let mut comm = [0u8; 16];
+    comm[..5].copy_from_slice(b"nginx");
+    let ev = DataEvent {
+        header: EventHeader {
+            kind: KIND_DATA,
+            version: EVENT_VERSION,
+            len: (DATA_EVENT_SIZE + payload.len()) as u32,
+            ts_ns: ts,
+            pid_tgid: (4242 << 32) | 4242,
+        },
+        sk: 0xffff_8880_0000_0000 + sk * 4096,
+        conn_gen: 1,
+        tuple,
+        seq,
+        bytes: payload.len() as u32,
+        captured: payload.len() as u32,
+        comm,
+        direction: dir,
+        role: ROLE_SERVER,
+        protocol: 1,
+        syscall: 1,
+        ..Default::default()
+    };
+    // SAFETY: DataEvent is repr(C) plain data of exactly DATA_EVENT_SIZE bytes.
+    let head = unsafe {
+        std::slice::from_raw_parts((&ev as *const DataEvent).cast::<u8>(), DATA_EVENT_SIZE)
+    };
+    let mut out = head.to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Keep-alive connections, each with request/response exchanges as nginx sees them.
+fn records() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut ts = 1_000;
+    for x in 0..EXCHANGES {
+        for sk in 0..CONNS {
+            let req = format!(
+                "GET /api/v1/users/{x}/orders?limit=10&token=abc HTTP/1.1\r\nHost: shop.example.com\r\n\
+                 User-Agent: oha/1.4\r\nAccept: application/json\r\nAccept-Encoding: gzip\r\n\r\n"
+            );
+            let resp = "HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\n\
+                        Content-Length: 11\r\nConnection: keep-alive\r\n\r\n{\"ok\":true}";
+            let (rq, rs) = (req.len() as u64, resp.len() as u64);
+            out.push(record(sk, DIR_RECV, x * rq, req.as_bytes(), ts));
+            out.push(record(sk, DIR_SEND, x * rs, resp.as_bytes(), ts + 50_000));
+            ts += 1_000;
+        }
+    }
+    out
+}
+
+fn pipeline(c: &mut Criterion) {
+    let input = records();
+    let clock = WallClock::new();
+    let redaction = Redaction::default();
+    let mut group = c.benchmark_group("userspace");
+    group.throughput(Throughput::Elements(input.len() as u64));
+    group.bench_function("decode+reassemble+parse+span", |b| {
+        b.iter(|| {
+            let mut table = ConnTable::new(Limits::default());
+            let mut sessions: std::collections::HashMap<u64, Session> = Default::default();
+            let mut linker = Linker::new(Box::new(RandomIds));
+            let mut spans = 0usize;
+            for raw in &input {
+                let Ok(Event::Data(ev)) = decode(raw) else {
+                    panic!("bad record")
+                };
+                let dir = ev.direction;
+                let (ts, tid) = (ev.ts_ns, ev.tid);
+                let Some((conn, _)) = table.ingest(ev, &mut NoResolver) else {
+                    continue;
+                };
+                let segments = conn.stream_mut(dir).drain().collect();
+                let info = conn.info.clone();
+                let session = sessions
+                    .entry(info.key.sk)
+                    .or_insert_with(|| Session::new(false));
+                if dir == Direction::Recv {
+                    let mut assign = |head: &Head, st| linker.server_start(&info, head, st, None);
+                    session.on_requests(ts, tid, &mut assign, segments);
+                } else {
+                    for ex in session.on_responses(ts, segments) {
+                        let s = span::build(&ex, &info, SpanKind::Server, &clock, &redaction);
+                        spans += s.attributes.len();
+                    }
+                }
+            }
+            std::hint::black_box(spans)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);
