@@ -552,5 +552,16 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC{report}",
         opts.rounds, opts.seconds, opts.connections
     );
+    // The userspace path alone, on one core: decode -> reassembly -> parse -> span.
+    step("userspace microbenchmark (criterion): events per second on one core");
+    run(Command::new("cargo").args([
+        "bench",
+        "--package",
+        "loupe",
+        "--bench",
+        "pipeline",
+        "--",
+        "--noplot",
+    ]))?;
     Ok(())
 }
