@@ -304,6 +304,16 @@ impl Drop for Agent {
     }
 }
 
+/// The agent's Prometheus text from its `--metrics-addr`.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
 /// Counts of the agent's Prometheus text by metric line prefix.
 pub fn metric(text: &str, line_prefix: &str) -> Option<u64> {
     text.lines()

@@ -193,7 +193,7 @@ fn drive(tag: &str, b_context: bool) -> Run {
     while Instant::now() < deadline && complete_lines(&out_a) < want_a {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let a_metrics = scrape(&metrics_a);
+    let a_metrics = loupe_tests::scrape(&metrics_a);
     let _ = agent_a.stop_raw();
     let _ = agent_b.stop_raw();
     let run = Run {
@@ -203,15 +203,6 @@ fn drive(tag: &str, b_context: bool) -> Run {
     };
     let _ = std::fs::remove_dir_all(&dir);
     run
-}
-
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
 }
 
 /// Request id (last path segment) -> span, for spans of `kind` whose path starts with `prefix`.

@@ -181,14 +181,6 @@ fn spans(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn scrape(addr: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
 /// Pod and container cgroups the way containerd names them: systemd driver for checkout,
 /// cgroupfs driver for orders-db.
 fn containers() -> (TestCgroup, TestCgroup) {
@@ -266,7 +258,7 @@ fn spans_carry_the_metadata_of_their_pod() {
     let mut live = None;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        live = metric(&scrape(&metrics), "loupe_k8s_pods ");
+        live = metric(&loupe_tests::scrape(&metrics), "loupe_k8s_pods ");
         if live == Some(1) {
             break;
         }

@@ -31,15 +31,6 @@ fn drive(cg: &TestCgroup, to: SocketAddr, n: usize, first_id: usize) {
     cg.run("python3", &["-c", &script]);
 }
 
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
-}
-
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
@@ -98,7 +89,7 @@ fn an_otlp_outage_is_bounded_counted_and_recovers() {
     drive(&cg, svc.addr, 2000, 1000);
     std::thread::sleep(Duration::from_secs(2));
     let rss_after = rss_kib(agent.pid());
-    let during = scrape(&metrics);
+    let during = loupe_tests::scrape(&metrics);
     let queue_full = metric(&during, "loupe_export_queue_full_total ").unwrap();
     assert!(
         queue_full > 0,
@@ -343,18 +334,18 @@ fn a_flood_of_100k_short_connections_leaves_the_agent_bounded_and_exact() {
     let served = cg.run("python3", &["-c", &churn]);
     let flood_took = started.elapsed();
     assert_eq!(served.trim(), "100000", "every churn connection was served");
-    let after_flood = scrape(&metrics);
+    let after_flood = loupe_tests::scrape(&metrics);
 
     // Loss stops within seconds: a calm phase afterwards is traced whole, with no new drop.
     std::thread::sleep(Duration::from_secs(3));
-    let before_calm = scrape(&metrics);
+    let before_calm = loupe_tests::scrape(&metrics);
     let calm = format!(
         "import urllib.request\nfor i in range(50): urllib.request.urlopen('http://{}/users/%d' % i).read()",
         nginx.addr
     );
     cg.run("python3", &["-c", &calm]);
     std::thread::sleep(Duration::from_secs(3));
-    let after_calm = scrape(&metrics);
+    let after_calm = loupe_tests::scrape(&metrics);
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
