@@ -24,8 +24,9 @@ pub struct Head {
     pub start: StartLine,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
-    /// Names as sent; values as bytes (they need not be UTF-8).
-    pub headers: Vec<(String, Bytes)>,
+    /// Only the headers something reads (`KEPT`), under their lowercase names; values as bytes
+    /// (they need not be UTF-8). Everything else, credentials included, is never stored.
+    pub headers: Vec<(&'static str, Bytes)>,
     /// The head was cut by a gap: headers after the cut are missing.
     pub truncated: bool,
 }
@@ -98,9 +99,32 @@ pub enum HeadParse {
     Parsed(Head, usize),
 }
 
-fn headers_of(raw: &[httparse::Header<'_>]) -> Vec<(String, Bytes)> {
+/// The headers the agent reads: framing, span attributes, trace context. Keeping only these
+/// saves two allocations per header of every message, and keeps secrets out of memory.
+const KEPT: [&str; 15] = [
+    "host",
+    "user-agent",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "x-forwarded-for",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "uber-trace-id",
+];
+
+fn headers_of(raw: &[httparse::Header<'_>]) -> Vec<(&'static str, Bytes)> {
     raw.iter()
-        .map(|h| (h.name.to_string(), Bytes::copy_from_slice(h.value)))
+        .filter_map(|h| {
+            let name = KEPT.iter().find(|k| h.name.eq_ignore_ascii_case(k))?;
+            Some((*name, Bytes::copy_from_slice(h.value)))
+        })
         .collect()
 }
 
