@@ -10,7 +10,8 @@ pub const OPTION_LEN: u8 = 28;
 /// ExID Loupe uses unless configured otherwise ("Lp"); not IANA-registered.
 pub const DEFAULT_EXID: u16 = 0x4c70;
 
-#[repr(C)]
+/// Aligned to 8 for the same reason as `conn::ConnTuple`.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpContext {
     pub trace_id: [u8; 16],

@@ -1,5 +1,5 @@
-//! Every map and global of the kernel side. Sizes here are defaults; the loader resizes EVENTS,
-//! CONNS and ACTIVE_CALLS from the configuration.
+//! Every map and global of the kernel side. Sizes here are defaults; the loader resizes EVENTS and
+//! CONNS from the configuration.
 
 use agent_common::{
     config::LoupeConfig,
@@ -50,10 +50,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
 /// pid_tgid -> arguments of the socket syscall in flight on that thread. Written at sys_enter,
-/// read by the sock tracepoints inside the syscall, deleted at sys_exit. LRU for threads that die
-/// inside a syscall.
+/// read by the sock tracepoints inside the syscall, marked spent at sys_exit. An entry stays
+/// while its thread is active (rewritten in place, no lock); LRU evicts those of threads gone.
 #[map]
-pub static ACTIVE_CALLS: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
+pub static ACTIVE_CALLS: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(32768, 0);
 
 /// counters::* -> count, per CPU; the agent sums the CPUs.
 #[map]

@@ -16,12 +16,30 @@ pub struct Options {
     pub rounds: usize,
     pub seconds: u64,
     pub connections: usize,
+    pub trace_load_generator: bool,
 }
 
 struct Workload {
     name: &'static str,
     url: String,
+    /// The server's processes (parent and workers), for `--pid`.
+    pids: Vec<u32>,
     _server: Guard,
+}
+
+/// A process and its children: nginx and gunicorn serve from worker processes.
+fn process_tree(pid: u32) -> Vec<u32> {
+    // The workers fork right after the listener opens.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut pids = vec![pid];
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    pids.extend(
+        children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok()),
+    );
+    pids
 }
 
 /// Kills a child process (and waits for it) when dropped.
@@ -120,6 +138,7 @@ fn nginx(dir: &Path) -> anyhow::Result<Workload> {
     Ok(Workload {
         name: "nginx, tiny response",
         url: format!("http://127.0.0.1:{port}/"),
+        pids: process_tree(child.id()),
         _server: Guard(child),
     })
 }
@@ -152,6 +171,7 @@ fn python(root: &Path) -> anyhow::Result<Workload> {
     Ok(Workload {
         name: "Python, ~ms of work",
         url: format!("http://127.0.0.1:{port}/work/7"),
+        pids: process_tree(child.id()),
         _server: Guard(child),
     })
 }
@@ -194,9 +214,15 @@ struct Agent {
     metrics_port: u16,
 }
 
-fn start_agent(bin: &Path, otlp: &str) -> anyhow::Result<Agent> {
+/// `pids`: the processes to trace; empty traces every process.
+fn start_agent(bin: &Path, otlp: &str, pids: &[u32]) -> anyhow::Result<Agent> {
     let metrics_port = free_port();
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    if !pids.is_empty() {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        cmd.args(["--pid", &list.join(",")]);
+    }
+    let mut child = cmd
         .args([
             "--otlp-endpoint",
             otlp,
@@ -295,9 +321,10 @@ fn metric_sum(text: &str, prefix: &str, filter: &str) -> u64 {
 fn with_agent(
     bin: &Path,
     otlp: &str,
+    pids: &[u32],
     load: impl FnOnce() -> anyhow::Result<Load>,
 ) -> anyhow::Result<(Load, AgentCost)> {
-    let mut agent = start_agent(bin, otlp)?;
+    let mut agent = start_agent(bin, otlp, pids)?;
     let pid = agent.child.id();
     let before = (cpu_seconds(pid), kernel_ns(), scrape(agent.metrics_port));
     let l = load()?;
@@ -409,6 +436,11 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
     let workloads = [nginx(&dir.join("nginx"))?, python(root)?];
     let mut report = String::new();
     for w in &workloads {
+        let pids: &[u32] = if opts.trace_load_generator {
+            &[]
+        } else {
+            &w.pids
+        };
         step(&format!("{}: warm-up", w.name));
         oha(&w.url, 2, opts.connections, None)?;
         let (mut sat_off, mut sat_on) = (Vec::new(), Vec::new());
@@ -424,7 +456,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             let on_first = round % 2 == 1;
             for on in [on_first, !on_first] {
                 if on {
-                    let (l, c) = with_agent(&bin, &otlp, || {
+                    let (l, c) = with_agent(&bin, &otlp, pids, || {
                         oha(&w.url, opts.seconds, opts.connections, None)
                     })?;
                     sat_on.push(l.rps);
@@ -448,7 +480,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             let on_first = round % 2 == 0;
             for on in [on_first, !on_first] {
                 if on {
-                    let (l, c) = with_agent(&bin, &otlp, || {
+                    let (l, c) = with_agent(&bin, &otlp, pids, || {
                         oha(&w.url, opts.seconds, opts.connections, Some(rate))
                     })?;
                     lat_on.push(l);
@@ -549,8 +581,15 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
         .status();
     println!(
-        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC{report}",
-        opts.rounds, opts.seconds, opts.connections
+        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC; traced: {}{report}",
+        opts.rounds,
+        opts.seconds,
+        opts.connections,
+        if opts.trace_load_generator {
+            "every process (server and load generator: two spans per request)"
+        } else {
+            "the server's processes (--pid), as on a node whose clients are elsewhere"
+        }
     );
     // The userspace path alone, on one core: decode -> reassembly -> parse -> span.
     step("userspace microbenchmark (criterion): events per second on one core");

@@ -65,6 +65,10 @@ enum Task {
         /// Concurrent connections of the load generator.
         #[arg(long, default_value_t = 16)]
         connections: usize,
+        /// Also trace the load generator (by default the agent selects the server's processes,
+        /// as clients on other machines would not be traced by this node's agent).
+        #[arg(long)]
+        trace_load_generator: bool,
     },
 }
 
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             connections,
+            trace_load_generator,
         } => {
             ensure_toolchain()?;
             if !is_root() {
@@ -111,6 +116,7 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     seconds,
                     connections,
+                    trace_load_generator,
                 },
             )
         }

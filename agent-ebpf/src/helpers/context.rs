@@ -7,7 +7,10 @@ use agent_common::{
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 
-use crate::maps::{OUT_CTX, PEER_CTX, THREAD_TRACE};
+use crate::{
+    helpers::copy::copy_words,
+    maps::{OUT_CTX, PEER_CTX, THREAD_TRACE},
+};
 
 #[inline(always)]
 fn random_u32() -> u32 {
@@ -69,10 +72,10 @@ pub fn on_server_recv(conn: &mut ConnState, tid: u32) {
     let mirrored = conn.tuple.mirrored();
     // SAFETY (both lookups): plain keys; the values are copied out.
     if let Some(peer) = unsafe { PEER_CTX.get(conn.tuple) } {
-        conn.ctx = *peer;
+        copy_words(&mut conn.ctx, peer);
         conn.ctx_source = CTX_OPTION;
     } else if let Some(local) = unsafe { OUT_CTX.get(mirrored) } {
-        conn.ctx = *local;
+        copy_words(&mut conn.ctx, local);
         conn.ctx_source = CTX_LOCAL;
     } else {
         conn.ctx = TcpContext {

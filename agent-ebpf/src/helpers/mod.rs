@@ -1,8 +1,10 @@
 pub mod bounds;
 pub mod classify;
 pub mod context;
+pub mod copy;
 pub mod count;
 pub mod emit;
 pub mod filter;
 pub mod payload;
+pub mod record;
 pub mod sock;

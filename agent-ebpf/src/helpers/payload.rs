@@ -32,15 +32,19 @@ pub struct Copied {
 /// (2 * MAX_PAYLOAD bytes). sendmmsg/recvmmsg advance to their next message on each call.
 #[inline(always)]
 pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
-    let Some(call) = ACTIVE_CALLS.get_ptr_mut(pid_tgid) else {
-        count(counters::NO_SYSCALL_ARGS);
-        return Copied {
-            captured: 0,
-            flags: FLAG_NO_PAYLOAD,
-            syscall: SYS_NONE,
-        };
+    let call = match ACTIVE_CALLS.get_ptr_mut(pid_tgid) {
+        // SAFETY: pointer from a successful lookup, valid for this program run.
+        Some(call) if unsafe { (*call).syscall } != SYS_NONE => call,
+        _ => {
+            count(counters::NO_SYSCALL_ARGS);
+            return Copied {
+                captured: 0,
+                flags: FLAG_NO_PAYLOAD,
+                syscall: SYS_NONE,
+            };
+        }
     };
-    // SAFETY: pointer from a successful lookup, valid for this program run.
+    // SAFETY: as above.
     let call: &mut ActiveCall = unsafe { &mut *call };
     let syscall = call.syscall;
     let result = match call.shape {

@@ -3,13 +3,15 @@
 use agent_common::{
     config::{FILTER_NETNS, LoupeConfig},
     conn::{AF_INET, AF_INET6, ConnState, ConnTuple, STATUS_IGNORED, STATUS_UNCLASSIFIED},
-    context::TcpContext,
     counters,
 };
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 
 use crate::{
-    helpers::count::count,
+    helpers::{
+        copy::{copy_words, zero_words},
+        count::count,
+    },
     maps::{CONNS, NETNS_FILTER},
 };
 
@@ -79,24 +81,16 @@ pub fn track(
     } else {
         STATUS_UNCLASSIFIED
     };
-    let state = ConnState {
-        // SAFETY: helper without arguments.
-        generation: unsafe { bpf_ktime_get_ns() },
-        tuple,
-        seq: [0, 0],
-        role,
-        protocol: 0,
-        status,
-        attempts: 0,
-        flags,
-        ctx_source: 0,
-        _pad: [0; 2],
-        ctx: TcpContext {
-            trace_id: [0; 16],
-            span_id: [0; 8],
-        },
-        ctx_mark: 0,
-    };
+    let mut slot = core::mem::MaybeUninit::<ConnState>::uninit();
+    zero_words(slot.as_mut_ptr());
+    // SAFETY: zeroed above; all-zero is a valid ConnState.
+    let state = unsafe { slot.assume_init_mut() };
+    // SAFETY: helper without arguments.
+    state.generation = unsafe { bpf_ktime_get_ns() };
+    copy_words(&mut state.tuple, &tuple);
+    state.role = role;
+    state.status = status;
+    state.flags = flags;
     if CONNS.insert(sk, state, 0).is_err() {
         count(counters::CONN_MAP_FULL);
         return None;

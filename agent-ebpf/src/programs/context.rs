@@ -44,13 +44,14 @@ pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// The option on the wire.
+/// The option on the wire: unaligned, so the ids are plain byte arrays here.
 #[repr(C)]
 struct WireOption {
     kind: u8,
     len: u8,
     exid: [u8; 2],
-    ctx: TcpContext,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
 }
 const _: () = assert!(core::mem::size_of::<WireOption>() == OPTION_LEN as usize);
 
@@ -97,7 +98,8 @@ fn on_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 kind: TCPOPT_EXP,
                 len: OPTION_LEN,
                 exid: LOUPE_CONFIG.load().option_exid.to_be_bytes(),
-                ctx: c,
+                trace_id: c.trace_id,
+                span_id: c.span_id,
             };
             // SAFETY: as above; `opt` is OPTION_LEN bytes.
             let ret = unsafe {
@@ -121,7 +123,8 @@ fn on_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 // Search by kind and a 2-byte ExID.
                 len: 4,
                 exid: LOUPE_CONFIG.load().option_exid.to_be_bytes(),
-                ctx: TcpContext::default(),
+                trace_id: [0; 16],
+                span_id: [0; 8],
             };
             // SAFETY: as above; the helper writes at most OPTION_LEN bytes into `opt`.
             let ret = unsafe {
@@ -136,7 +139,11 @@ fn on_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
                 return Ok(());
             }
             count(counters::OPTION_READ);
-            let _ = PEER_CTX.insert(tuple(ctx)?, opt.ctx, 0);
+            let peer = TcpContext {
+                trace_id: opt.trace_id,
+                span_id: opt.span_id,
+            };
+            let _ = PEER_CTX.insert(tuple(ctx)?, peer, 0);
             Ok(())
         }
         _ => Ok(()),

@@ -23,10 +23,7 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     if !process_selected(&cfg, pid_tgid) {
         return 0;
     }
-    // SAFETY: read inside the tracepoint record.
-    let Ok(child_tid) = (unsafe { ctx.read_at::<i32>(CHILD_PID) }) else {
-        return 0;
-    };
+    let child_tid: i32 = crate::helpers::record::field(&ctx, CHILD_PID);
     let event = ForkEvent {
         header: EventHeader {
             kind: KIND_FORK,

@@ -16,7 +16,7 @@ use agent_common::{
     },
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -25,6 +25,7 @@ use crate::{
     helpers::{
         classify::classify,
         context::{forget, on_server_recv, on_server_send},
+        copy::{copy_words, zero_words},
         count::count,
         emit::{emit, emit_data},
         filter::process_selected,
@@ -67,9 +68,8 @@ mod state_tp {
 }
 
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: usize) -> Result<T, ()> {
-    // SAFETY: reads inside the tracepoint record.
-    unsafe { ctx.read_at::<T>(offset) }.map_err(|_| ())
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> Result<T, ()> {
+    Ok(crate::helpers::record::field(ctx, offset))
 }
 
 #[tracepoint]
@@ -173,11 +173,19 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     };
     event.sk = sk;
     event.conn_gen = conn.generation;
-    event.tuple = conn.tuple;
+    copy_words(&mut event.tuple, &conn.tuple);
     event.seq = seq;
     event.bytes = bytes;
     event.captured = copied.captured;
-    event.comm = bpf_get_current_comm().unwrap_or_default();
+    // Written in place: through bpf_get_current_comm()'s returned array the BPF backend adds a
+    // byte-at-a-time memset and copy.
+    // SAFETY: the helper writes at most 16 bytes into the 16-byte field.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            core::ptr::addr_of_mut!(event.comm).cast(),
+            16,
+        )
+    };
     event.direction = direction;
     event.role = conn.role;
     event.protocol = conn.protocol;
@@ -297,48 +305,62 @@ fn state_tuple(ctx: &TracePointContext) -> Result<ConnTuple, ()> {
         ..ConnTuple::default()
     };
     if family == AF_INET {
-        let s: [u8; 4] = field(ctx, state_tp::SADDR)?;
-        let d: [u8; 4] = field(ctx, state_tp::DADDR)?;
-        tuple.saddr[..4].copy_from_slice(&s);
-        tuple.daddr[..4].copy_from_slice(&d);
+        let s: u32 = field(ctx, state_tp::SADDR)?;
+        let d: u32 = field(ctx, state_tp::DADDR)?;
+        tuple.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        tuple.daddr[..4].copy_from_slice(&d.to_ne_bytes());
     } else if family == AF_INET6 {
-        tuple.saddr = field(ctx, state_tp::SADDR_V6)?;
-        tuple.daddr = field(ctx, state_tp::DADDR_V6)?;
+        tuple.saddr = v6(ctx, state_tp::SADDR_V6)?;
+        tuple.daddr = v6(ctx, state_tp::DADDR_V6)?;
     } else {
         return Err(());
     }
     Ok(tuple)
 }
 
+/// A 16-byte address field as two aligned 8-byte loads (the context allows no wider ones).
+#[inline(always)]
+fn v6(ctx: &TracePointContext, offset: usize) -> Result<[u8; 16], ()> {
+    let hi: u64 = field(ctx, offset)?;
+    let lo: u64 = field(ctx, offset + 8)?;
+    let mut a = [0u8; 16];
+    a[..8].copy_from_slice(&hi.to_ne_bytes());
+    a[8..].copy_from_slice(&lo.to_ne_bytes());
+    Ok(a)
+}
+
 #[inline(always)]
 fn on_close(sk: u64) -> Result<(), ()> {
-    // SAFETY: map lookup of a plain key; the value is copied out before the delete.
-    let Some(conn) = (unsafe { CONNS.get(sk) }).copied() else {
+    let Some(conn) = CONNS.get_ptr(sk) else {
         return Ok(());
     };
+    // SAFETY: pointer from a successful lookup; read before the delete below.
+    let conn = unsafe { &*conn };
+    let mut slot = core::mem::MaybeUninit::<CloseEvent>::uninit();
+    zero_words(slot.as_mut_ptr());
+    // SAFETY: zeroed above; all-zero is a valid CloseEvent.
+    let event = unsafe { slot.assume_init_mut() };
+    event.header = EventHeader {
+        kind: KIND_CLOSE,
+        version: EVENT_VERSION,
+        len: CLOSE_EVENT_SIZE as u32,
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid_tgid: bpf_get_current_pid_tgid(),
+    };
+    event.sk = sk;
+    event.conn_gen = conn.generation;
+    copy_words(&mut event.tuple, &conn.tuple);
+    event.seq = conn.seq;
+    event.role = conn.role;
+    let (ctx_source, status) = (conn.ctx_source, conn.status);
     let _ = CONNS.remove(sk);
-    if conn.ctx_source != CTX_NONE {
-        forget(&conn.tuple);
+    if ctx_source != CTX_NONE {
+        forget(&event.tuple);
     }
-    if conn.status != STATUS_CAPTURED {
+    if status != STATUS_CAPTURED {
         return Ok(());
     }
-    let event = CloseEvent {
-        header: EventHeader {
-            kind: KIND_CLOSE,
-            version: EVENT_VERSION,
-            len: CLOSE_EVENT_SIZE as u32,
-            // SAFETY: helper without arguments.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-            pid_tgid: bpf_get_current_pid_tgid(),
-        },
-        sk,
-        conn_gen: conn.generation,
-        tuple: conn.tuple,
-        seq: conn.seq,
-        role: conn.role,
-        _pad: [0; 7],
-    };
-    emit(&event);
+    emit(&*event);
     Ok(())
 }

@@ -6,6 +6,8 @@ pub mod console;
 pub mod jsonl;
 pub mod otlp;
 pub mod otlp_metrics;
+pub mod otlp_proto;
+pub mod otlp_settings;
 
 use std::{
     path::PathBuf,
@@ -150,14 +152,14 @@ async fn run(
         c.print_all();
     }
     if let Some(o) = out.otlp.as_mut() {
-        o.shutdown();
+        o.shutdown().await;
     }
 }
 
 async fn flush(
     batch: &mut Vec<SpanRecord>,
     processes: &SharedProcesses,
-    stats: &ExportStats,
+    stats: &Arc<ExportStats>,
     out: &mut Outputs,
     retry_for: Duration,
 ) {
@@ -183,17 +185,12 @@ async fn flush(
     if let Some(j) = out.jsonl.as_mut() {
         j.flush();
     }
-    let n = spans.len() as u64;
     match out.otlp.as_mut() {
-        Some(o) => {
-            let failed = o.export(spans, processes, retry_for).await;
-            stats.export_failed.fetch_add(failed, Ordering::Relaxed);
+        Some(o) => o.export(spans, processes, retry_for, stats).await,
+        None => {
             stats
                 .spans_exported
-                .fetch_add(n - failed, Ordering::Relaxed);
-        }
-        None => {
-            stats.spans_exported.fetch_add(n, Ordering::Relaxed);
+                .fetch_add(spans.len() as u64, Ordering::Relaxed);
         }
     }
 }

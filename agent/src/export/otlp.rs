@@ -1,29 +1,34 @@
-//! OTLP over gRPC or HTTP/protobuf with opentelemetry-otlp. The exporter reads the standard
-//! `OTEL_EXPORTER_OTLP_*` variables itself (endpoint, traces endpoint, headers, timeout,
-//! compression); flags override endpoint and protocol. One exporter serves every process: the
-//! resource is set per batch, so each process's spans carry its own resource.
+//! OTLP trace export over gRPC or HTTP/protobuf. Spans become opentelemetry-proto messages,
+//! encoded once per batch (`otlp_proto`); the encoded bytes go out on tonic or reqwest, with up
+//! to `MAX_IN_FLIGHT` batches on the wire at once and each one retried with backoff. Settings
+//! follow the standard `OTEL_EXPORTER_OTLP_[TRACES_]*` variables (`otlp_settings`); flags
+//! override endpoint and protocol.
 
 use std::{
-    borrow::Cow,
     collections::BTreeMap,
-    time::{Duration, UNIX_EPOCH},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use opentelemetry::{
-    InstrumentationScope, KeyValue,
-    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
-};
-use opentelemetry_otlp::WithExportConfig as _;
-use opentelemetry_sdk::{
-    Resource,
-    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+use bytes::{Buf as _, BufMut as _, Bytes};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use prost::Message as _;
+use tokio::sync::Semaphore;
+use tonic::{
+    Status,
+    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    transport::Channel,
 };
 
-use crate::{
-    process::ProcessInfo,
-    trace::span::{SpanKind, SpanRecord, Value},
+use super::{
+    ExportStats, otlp_proto,
+    otlp_settings::{Settings, settings},
 };
+use crate::trace::span::SpanRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -44,214 +49,348 @@ impl Protocol {
 #[derive(Debug, Clone)]
 pub struct OtlpConfig {
     pub protocol: Protocol,
-    /// Base endpoint from `--otlp-endpoint` (as OTEL_EXPORTER_OTLP_ENDPOINT); None leaves the
-    /// standard variables to the exporter.
+    /// Base endpoint from `--otlp-endpoint` (as OTEL_EXPORTER_OTLP_ENDPOINT); None leaves it to
+    /// the standard variables.
     pub endpoint: Option<String>,
 }
 
-pub struct OtlpOut {
-    exporter: opentelemetry_otlp::SpanExporter,
-    scope: InstrumentationScope,
-    host_name: String,
-    errors_logged: u64,
-    /// Since when exports fail (for the recovery log line).
-    failing_since: Option<std::time::Instant>,
-}
+/// Batches on the wire at once: enough to hide a collector's round trip at saturation, few
+/// enough that an outage holds at most this many batches in memory beside the queue.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Exponential backoff between attempts at one batch: 250 ms doubling up to 5 s.
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-impl OtlpOut {
-    pub fn new(cfg: &OtlpConfig, host_name: &str) -> anyhow::Result<Self> {
-        let exporter = match cfg.protocol {
-            Protocol::Grpc => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
-                if let Some(e) = &cfg.endpoint {
-                    b = b.with_endpoint(e.clone());
-                }
-                b.build()
-            }
-            Protocol::HttpProtobuf => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-                if let Some(e) = &cfg.endpoint {
-                    // The flag is a base URL, like OTEL_EXPORTER_OTLP_ENDPOINT.
-                    b = b.with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/')));
-                }
-                b.build()
+const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+pub struct OtlpOut {
+    transport: Arc<Transport>,
+    host_name: String,
+    in_flight: Arc<Semaphore>,
+    failures: Arc<FailureLog>,
+}
+
+enum Transport {
+    Grpc {
+        client: tonic::client::Grpc<Channel>,
+        metadata: tonic::metadata::MetadataMap,
+        timeout: Duration,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+        headers: reqwest::header::HeaderMap,
+        gzip: bool,
+    },
+}
+
+/// One log line per failure burst, not per attempt: the counters have the rest.
+#[derive(Default)]
+struct FailureLog {
+    logged: AtomicU64,
+    since: Mutex<Option<Instant>>,
+}
+
+impl FailureLog {
+    fn failed(&self, err: &str, retrying: bool, n: u64) {
+        if let Ok(mut since) = self.since.lock() {
+            since.get_or_insert_with(Instant::now);
+        }
+        if self
+            .logged
+            .fetch_add(1, Ordering::Relaxed)
+            .is_power_of_two()
+        {
+            if retrying {
+                tracing::warn!(
+                    "OTLP export failed: {err}; retrying with backoff (spans arriving meanwhile are dropped and counted when the queue is full)"
+                );
+            } else {
+                tracing::warn!("OTLP export failed: {err}; {n} spans dropped");
             }
         }
-        .context("configuring the OTLP exporter: check OTEL_EXPORTER_OTLP_* and --otlp-endpoint")?;
+    }
+
+    fn succeeded(&self) {
+        if let Some(since) = self.since.lock().ok().and_then(|mut s| s.take()) {
+            tracing::info!(
+                "OTLP export recovered after {:.1} s",
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+impl OtlpOut {
+    /// Must run inside the tokio runtime (the gRPC channel spawns its worker there).
+    pub fn new(cfg: &OtlpConfig, host_name: &str) -> anyhow::Result<Self> {
+        let s = settings(cfg)?;
+        let transport = match cfg.protocol {
+            Protocol::Grpc => grpc(&s)?,
+            Protocol::HttpProtobuf => http(&s)?,
+        };
         Ok(Self {
-            exporter,
-            scope: InstrumentationScope::builder("loupe")
-                .with_version(env!("CARGO_PKG_VERSION"))
-                .build(),
+            transport: Arc::new(transport),
             host_name: host_name.to_string(),
-            errors_logged: 0,
-            failing_since: None,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            failures: Arc::default(),
         })
     }
 
-    /// Exports `spans` grouped by process, retrying a failed group with exponential backoff
-    /// for up to `retry_for`; returns how many spans were given up on. While this retries, the
-    /// export queue in front of it fills and counts what it cannot take: memory stays bounded.
+    /// Encodes `spans` (grouped by process) into one request and starts sending it, retried with
+    /// exponential backoff for up to `retry_for`. Waits only while `MAX_IN_FLIGHT` requests are
+    /// already out: the export queue in front then fills and counts what it cannot take, so
+    /// memory stays bounded during an outage. The outcome lands in `stats`.
     pub async fn export(
         &mut self,
         spans: Vec<SpanRecord>,
         processes: &crate::process::SharedProcesses,
         retry_for: Duration,
-    ) -> u64 {
+        stats: &Arc<ExportStats>,
+    ) {
+        let n = spans.len() as u64;
         let mut by_pid: BTreeMap<u32, Vec<SpanRecord>> = BTreeMap::new();
         for s in spans {
             by_pid.entry(s.pid).or_default().push(s);
         }
-        let mut failed = 0;
-        for spans in by_pid.into_values() {
-            let Some(first) = spans.first() else { continue };
-            let process = super::lookup(processes, first);
-            self.exporter
-                .set_resource(&resource(&process, &self.host_name));
-            let n = spans.len() as u64;
-            let data: Vec<SpanData> = spans.into_iter().map(|s| self.span_data(s)).collect();
-            if !self.export_with_retry(data, n, retry_for).await {
-                failed += n;
-            }
-        }
-        failed
+        let groups = by_pid
+            .into_values()
+            .filter_map(|spans| {
+                let process = super::lookup(processes, spans.first()?);
+                Some((otlp_proto::resource(&process, &self.host_name), spans))
+            })
+            .collect();
+        let body = otlp_proto::encode(&otlp_proto::request(groups));
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let transport = self.transport.clone();
+        let failures = self.failures.clone();
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let failed = send_with_retry(&transport, &failures, body, n, retry_for).await;
+            stats.export_failed.fetch_add(failed, Ordering::Relaxed);
+            stats
+                .spans_exported
+                .fetch_add(n - failed, Ordering::Relaxed);
+            drop(permit);
+        });
     }
 
-    /// Every failure is retried: the exporter reports transport errors, timeouts and rejected
-    /// requests alike, and an outage is what matters here. A batch the endpoint keeps rejecting
-    /// costs at most `retry_for` before it is dropped and counted.
-    async fn export_with_retry(
-        &mut self,
-        data: Vec<SpanData>,
-        n: u64,
-        retry_for: Duration,
-    ) -> bool {
-        let give_up = tokio::time::Instant::now() + retry_for;
-        let mut delay = BACKOFF_START;
-        loop {
-            match self.exporter.export(data.clone()).await {
-                Ok(()) => {
-                    if let Some(since) = self.failing_since.take() {
-                        tracing::info!(
-                            "OTLP export recovered after {:.1} s",
-                            since.elapsed().as_secs_f64()
-                        );
-                    }
-                    return true;
-                }
-                Err(err) => {
-                    self.failing_since
-                        .get_or_insert_with(std::time::Instant::now);
-                    let retry = tokio::time::Instant::now() + delay <= give_up;
-                    // One line per failure burst, not per attempt: the counters have the rest.
-                    if self.errors_logged.is_power_of_two() {
-                        if retry {
-                            tracing::warn!(
-                                "OTLP export failed: {err}; retrying with backoff (spans arriving meanwhile are dropped and counted when the queue is full)"
-                            );
-                        } else {
-                            tracing::warn!("OTLP export failed: {err}; {n} spans dropped");
-                        }
-                    }
-                    self.errors_logged += 1;
-                    if !retry {
-                        return false;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_MAX);
-                }
-            }
-        }
-    }
-
-    fn span_data(&self, s: SpanRecord) -> SpanData {
-        let time = |ns: u64| UNIX_EPOCH + Duration::from_nanos(ns);
-        let trace_state = s.trace_state.parse::<TraceState>().unwrap_or_default();
-        SpanData {
-            span_context: SpanContext::new(
-                TraceId::from_bytes(s.trace_id),
-                SpanId::from_bytes(s.span_id),
-                TraceFlags::SAMPLED,
-                false,
-                trace_state,
-            ),
-            parent_span_id: s
-                .parent_span_id
-                .map(SpanId::from_bytes)
-                .unwrap_or(SpanId::INVALID),
-            parent_span_is_remote: s.parent_is_remote,
-            span_kind: match s.kind {
-                SpanKind::Server => OtelKind::Server,
-                SpanKind::Client => OtelKind::Client,
-            },
-            name: Cow::Owned(s.name),
-            start_time: time(s.start_unix_ns),
-            end_time: time(s.end_unix_ns),
-            attributes: s
-                .attributes
-                .into_iter()
-                .map(|(k, v)| match v {
-                    Value::Str(v) => KeyValue::new(k, v),
-                    Value::Int(i) => KeyValue::new(k, i),
-                })
-                .collect(),
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: match s.error {
-                Some(e) => Status::error(e),
-                None => Status::Unset,
-            },
-            instrumentation_scope: self.scope.clone(),
-        }
-    }
-
-    pub fn shutdown(&mut self) {
-        let _ = self.exporter.shutdown();
+    /// Waits for the requests still on the wire (each bounded by its own retry budget).
+    pub async fn shutdown(&mut self) {
+        let _ = self.in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
     }
 }
 
-/// The OpenTelemetry resource of a traced process.
-pub fn resource(p: &ProcessInfo, host_name: &str) -> Resource {
-    Resource::builder_empty()
-        .with_attributes([
-            KeyValue::new("service.name", p.service_name.clone()),
-            KeyValue::new("process.pid", i64::from(p.pid)),
-            KeyValue::new("process.executable.name", p.executable_name.clone()),
-            KeyValue::new("process.command_line", p.command_line.clone()),
-            KeyValue::new("host.name", host_name.to_string()),
-            KeyValue::new("telemetry.sdk.name", "loupe"),
-            KeyValue::new("telemetry.sdk.language", "rust"),
-            KeyValue::new("telemetry.sdk.version", env!("CARGO_PKG_VERSION")),
-        ])
-        .with_attributes(
-            p.attributes
-                .iter()
-                .map(|(k, v)| KeyValue::new(*k, v.clone())),
-        )
+/// Returns how many of the `n` spans were given up on: all of them after `retry_for` of
+/// failures, or those the endpoint rejected (a partial success is not retried, per the spec).
+async fn send_with_retry(
+    transport: &Transport,
+    failures: &FailureLog,
+    body: Bytes,
+    n: u64,
+    retry_for: Duration,
+) -> u64 {
+    let give_up = tokio::time::Instant::now() + retry_for;
+    let mut delay = BACKOFF_START;
+    loop {
+        match transport.send(body.clone()).await {
+            Ok(rejected) => {
+                failures.succeeded();
+                if rejected > 0 {
+                    tracing::debug!("the OTLP endpoint rejected {rejected} spans");
+                }
+                return rejected.min(n);
+            }
+            Err(err) => {
+                let retry = tokio::time::Instant::now() + delay <= give_up;
+                failures.failed(&err, retry, n);
+                if !retry {
+                    return n;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+impl Transport {
+    /// One attempt; Ok(spans the endpoint rejected).
+    async fn send(&self, body: Bytes) -> Result<u64, String> {
+        match self {
+            Transport::Grpc {
+                client,
+                metadata,
+                timeout,
+            } => {
+                let mut client = client.clone();
+                client
+                    .ready()
+                    .await
+                    .map_err(|e| format!("cannot reach the gRPC endpoint: {e}"))?;
+                let mut request = tonic::Request::new(body);
+                *request.metadata_mut() = metadata.clone();
+                request.set_timeout(*timeout);
+                let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
+                let response = client
+                    .unary(request, path, PreEncoded)
+                    .await
+                    .map_err(|s| format!("gRPC status {:?}: {}", s.code(), s.message()))?;
+                Ok(rejected(response.into_inner()))
+            }
+            Transport::Http {
+                client,
+                url,
+                headers,
+                gzip,
+            } => {
+                let mut request = client
+                    .post(url)
+                    .headers(headers.clone())
+                    .header("content-type", "application/x-protobuf");
+                request = if *gzip {
+                    request
+                        .header("content-encoding", "gzip")
+                        .body(gzip_bytes(&body).map_err(|e| format!("gzip: {e}"))?)
+                } else {
+                    request.body(body)
+                };
+                let response = request.send().await.map_err(|e| format!("{e}"))?;
+                let status = response.status();
+                if !status.is_success() {
+                    return Err(format!("HTTP {status} from {url}"));
+                }
+                let bytes = response.bytes().await.map_err(|e| format!("{e}"))?;
+                Ok(ExportTraceServiceResponse::decode(bytes)
+                    .map(rejected)
+                    .unwrap_or(0))
+            }
+        }
+    }
+}
+
+fn rejected(r: ExportTraceServiceResponse) -> u64 {
+    r.partial_success
+        .map(|p| p.rejected_spans.max(0) as u64)
+        .unwrap_or(0)
+}
+
+fn gzip_bytes(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(body)?;
+    enc.finish()
+}
+
+fn grpc(s: &Settings) -> anyhow::Result<Transport> {
+    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())
+        .with_context(|| {
+            format!(
+                "OTLP endpoint {}: give a URL such as http://collector:4317",
+                s.url
+            )
+        })?
+        .connect_timeout(s.timeout)
+        .timeout(s.timeout)
+        .connect_lazy();
+    let mut client = tonic::client::Grpc::new(channel);
+    if s.gzip {
+        client = client.send_compressed(CompressionEncoding::Gzip);
+    }
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (k, v) in &s.headers {
+        let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes());
+        match (key, v.parse()) {
+            (Ok(key), Ok(value)) => {
+                metadata.insert(key, value);
+            }
+            _ => tracing::warn!("OTLP header {k:?} is not a valid gRPC metadata entry; not sent"),
+        }
+    }
+    Ok(Transport::Grpc {
+        client,
+        metadata,
+        timeout: s.timeout,
+    })
+}
+
+fn http(s: &Settings) -> anyhow::Result<Transport> {
+    let client = reqwest::Client::builder()
+        .timeout(s.timeout)
         .build()
+        .context("building the OTLP HTTP client")?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in &s.headers {
+        match (
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()),
+            reqwest::header::HeaderValue::from_str(v),
+        ) {
+            (Ok(name), Ok(value)) => {
+                headers.insert(name, value);
+            }
+            _ => tracing::warn!("OTLP header {k:?} is not a valid HTTP header; not sent"),
+        }
+    }
+    Ok(Transport::Http {
+        client,
+        url: s.url.clone(),
+        headers,
+        gzip: s.gzip,
+    })
 }
 
-/// The socket addresses the OTLP endpoint resolves to (flag, else the standard variables, else
-/// the default for the protocol), so the pipeline can leave that traffic alone.
+/// A tonic codec for a request body that is already protobuf (encoded once, sent again on a
+/// retry without re-encoding), and the standard response.
+#[derive(Clone, Copy)]
+struct PreEncoded;
+
+impl Codec for PreEncoded {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = PreEncoded;
+    type Decoder = PreEncoded;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl Encoder for PreEncoded {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for PreEncoded {
+    type Item = ExportTraceServiceResponse;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        ExportTraceServiceResponse::decode(bytes)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("undecodable ExportTraceServiceResponse: {e}")))
+    }
+}
+
+/// The socket addresses the OTLP endpoint resolves to, so the pipeline can leave that traffic
+/// alone.
 pub fn endpoint_addrs(cfg: &OtlpConfig) -> Vec<std::net::SocketAddr> {
     use std::net::ToSocketAddrs as _;
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    let url = cfg
-        .endpoint
-        .clone()
-        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-        .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
-        .unwrap_or_else(|| match cfg.protocol {
-            Protocol::Grpc => "http://localhost:4317".into(),
-            Protocol::HttpProtobuf => "http://localhost:4318".into(),
-        });
+    let Ok(s) = settings(cfg) else {
+        return Vec::new();
+    };
+    let url = s.url;
     let Some(rest) = url.split("://").nth(1) else {
         return Vec::new();
     };

@@ -27,7 +27,19 @@ pub enum SpanKind {
 #[serde(untagged)]
 pub enum Value {
     Str(String),
+    /// A constant: no allocation per span.
+    Static(&'static str),
     Int(i64),
+}
+
+impl Value {
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            Value::Static(s) => Some(s),
+            Value::Int(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,21 +175,22 @@ pub fn build(
 
     let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(16);
     let s = |v: &str| Value::Str(v.to_string());
-    if known {
-        a.push(("http.request.method", s(method)));
-    } else {
-        a.push(("http.request.method", s("_OTHER")));
-        a.push(("http.request.method_original", s(method)));
+    match KNOWN_METHODS.iter().find(|m| **m == method) {
+        Some(m) => a.push(("http.request.method", Value::Static(m))),
+        None => {
+            a.push(("http.request.method", Value::Static("_OTHER")));
+            a.push(("http.request.method_original", s(method)));
+        }
     }
     a.push(("url.path", s(path)));
     if let Some(q) = query {
         a.push(("url.query", Value::Str(redact_query(q, redaction))));
     }
-    a.push(("url.scheme", s("http")));
-    a.push(("network.protocol.name", s("http")));
+    a.push(("url.scheme", Value::Static("http")));
+    a.push(("network.protocol.name", Value::Static("http")));
     a.push((
         "network.protocol.version",
-        s(if req.minor_version == 0 { "1.0" } else { "1.1" }),
+        Value::Static(if req.minor_version == 0 { "1.0" } else { "1.1" }),
     ));
     let peer = conn.remote;
     a.push(("network.peer.address", Value::Str(ip_str(peer))));
@@ -321,8 +334,8 @@ mod tests {
     }
     fn str_attr(s: &SpanRecord, k: &str) -> String {
         match s.attr(k) {
-            Some(Value::Str(v)) => v.clone(),
             Some(Value::Int(i)) => i.to_string(),
+            Some(v) => v.as_str().unwrap_or_default().to_string(),
             None => String::new(),
         }
     }

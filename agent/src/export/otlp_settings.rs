@@ -1,0 +1,187 @@
+//! The OTLP exporter settings the OpenTelemetry specification defines as environment variables:
+//! `OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION}`. The signal-specific
+//! variable wins over the general one; `--otlp-endpoint` wins over both.
+
+use std::time::Duration;
+
+use super::otlp::{OtlpConfig, Protocol};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Where requests go: the gRPC endpoint, or the full URL of the HTTP traces resource.
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub gzip: bool,
+}
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn settings(cfg: &OtlpConfig) -> anyhow::Result<Settings> {
+    settings_from(cfg, |k| {
+        std::env::var(k).ok().filter(|v| !v.trim().is_empty())
+    })
+}
+
+/// `env` looks a variable up (tests pass their own).
+pub fn settings_from(
+    cfg: &OtlpConfig,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Settings> {
+    let var = |name: &str| {
+        env(&format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
+            .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{name}")))
+    };
+    // The general endpoint is a base URL (HTTP appends the signal's path); the signal-specific
+    // one is used as it is.
+    let base = |b: &str| match cfg.protocol {
+        Protocol::Grpc => b.to_string(),
+        Protocol::HttpProtobuf => format!("{}/v1/traces", b.trim_end_matches('/')),
+    };
+    let url = match (&cfg.endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+        (Some(flag), _) => base(flag),
+        (None, Some(traces)) => traces,
+        (None, None) => base(&env("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|| {
+            match cfg.protocol {
+                Protocol::Grpc => "http://localhost:4317",
+                Protocol::HttpProtobuf => "http://localhost:4318",
+            }
+            .to_string()
+        })),
+    };
+    let timeout = match var("TIMEOUT") {
+        Some(ms) => Duration::from_millis(ms.trim().parse::<u64>().map_err(|_| {
+            anyhow::anyhow!(
+                "OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT={ms:?}: give a whole number of milliseconds"
+            )
+        })?),
+        None => DEFAULT_TIMEOUT,
+    };
+    let gzip = match var("COMPRESSION").as_deref().map(str::trim) {
+        None | Some("none") => false,
+        Some("gzip") => true,
+        Some(other) => {
+            anyhow::bail!("OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION={other:?}: use gzip or none")
+        }
+    };
+    Ok(Settings {
+        url,
+        headers: var("HEADERS").map(|h| headers(&h)).unwrap_or_default(),
+        timeout,
+        gzip,
+    })
+}
+
+/// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage format, as the spec says).
+fn headers(list: &str) -> Vec<(String, String)> {
+    list.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            let k = k.trim();
+            (!k.is_empty()).then(|| (k.to_string(), percent_decode(v.trim())))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(protocol: Protocol, endpoint: Option<&str>) -> OtlpConfig {
+        OtlpConfig {
+            protocol,
+            endpoint: endpoint.map(str::to_string),
+        }
+    }
+
+    fn with<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn endpoints_follow_the_specification() {
+        let none = with(&[]);
+        let url =
+            |c: &OtlpConfig, e: &dyn Fn(&str) -> Option<String>| settings_from(c, e).unwrap().url;
+        assert_eq!(
+            url(&cfg(Protocol::Grpc, None), &none),
+            "http://localhost:4317"
+        );
+        assert_eq!(
+            url(&cfg(Protocol::HttpProtobuf, None), &none),
+            "http://localhost:4318/v1/traces"
+        );
+        let general = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")]);
+        assert_eq!(
+            url(&cfg(Protocol::HttpProtobuf, None), &general),
+            "http://c:4318/v1/traces"
+        );
+        let both = with(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/custom"),
+        ]);
+        assert_eq!(
+            url(&cfg(Protocol::HttpProtobuf, None), &both),
+            "http://t:9/custom"
+        );
+        assert_eq!(
+            url(&cfg(Protocol::HttpProtobuf, Some("http://flag:1")), &both),
+            "http://flag:1/v1/traces"
+        );
+        assert_eq!(
+            url(&cfg(Protocol::Grpc, Some("http://flag:1")), &both),
+            "http://flag:1"
+        );
+    }
+
+    #[test]
+    fn headers_timeout_and_compression() {
+        let env = with(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+                "api-key=se%20cret, x-tenant = t1,bad",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+        ]);
+        let s = settings_from(&cfg(Protocol::Grpc, None), env).unwrap();
+        assert_eq!(
+            s.headers,
+            vec![
+                ("api-key".to_string(), "se cret".to_string()),
+                ("x-tenant".to_string(), "t1".to_string())
+            ]
+        );
+        assert_eq!(s.timeout, Duration::from_millis(2500));
+        assert!(s.gzip);
+        let bad = with(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]);
+        assert!(settings_from(&cfg(Protocol::Grpc, None), bad).is_err());
+        let bad = with(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]);
+        assert!(settings_from(&cfg(Protocol::Grpc, None), bad).is_err());
+    }
+}
