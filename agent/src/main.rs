@@ -85,6 +85,11 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         tcp_context: common.tcp_context.then_some(common.tcp_option_exid),
     };
     let mut probe = Probe::load(&opts)?;
+    // Loading parsed the kernel's BTF (~30 MiB of short-lived allocations). mimalloc keeps freed
+    // pages for reuse by the thread that freed them, and this thread allocates little from now
+    // on: hand them back, or they stay in the agent's RSS for good (73 -> 40 MiB idle).
+    // SAFETY: no preconditions; only returns free memory to the OS.
+    unsafe { libmimalloc_sys::mi_collect(true) };
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");
     }

@@ -349,7 +349,12 @@ fn lint() -> anyhow::Result<()> {
             "bpfel-unknown-none",
         ])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"])
-        .env("RUSTC_BOOTSTRAP", "1"))
+        .env("RUSTC_BOOTSTRAP", "1")
+        // What aya-build passes when it builds them (helpers/regs.rs depends on it).
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+        ))
 }
 
 const FUZZ_TARGETS: [&str; 4] = [

@@ -7,4 +7,5 @@ pub mod emit;
 pub mod filter;
 pub mod payload;
 pub mod record;
+pub mod regs;
 pub mod sock;

@@ -14,6 +14,7 @@ use crate::{
     helpers::{
         bounds::{clamp, opaque},
         count::count,
+        regs::current_call,
     },
     maps::ACTIVE_CALLS,
 };
@@ -29,9 +30,14 @@ pub struct Copied {
 }
 
 /// Copies up to `want` bytes of the current thread's in-flight syscall buffer into `dst`
-/// (2 * MAX_PAYLOAD bytes). sendmmsg/recvmmsg advance to their next message on each call.
+/// (2 * MAX_PAYLOAD bytes). The call comes from the saved registers; sendmmsg/recvmmsg, whose
+/// messages each fire a sock tracepoint, from their enter program's record, advancing to the
+/// next message on each call.
 #[inline(always)]
 pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
+    if let Some(call) = current_call() {
+        return copied(copy_call(&call, dst, want), call.syscall);
+    }
     let call = match ACTIVE_CALLS.get_ptr_mut(pid_tgid) {
         // SAFETY: pointer from a successful lookup, valid for this program run.
         Some(call) if unsafe { (*call).syscall } != SYS_NONE => call,
@@ -47,21 +53,32 @@ pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
     // SAFETY: as above.
     let call: &mut ActiveCall = unsafe { &mut *call };
     let syscall = call.syscall;
-    let result = match call.shape {
+    let result = if call.shape == SHAPE_MMSG {
+        let index = call.msg_index as u64;
+        call.msg_index += 1;
+        if index >= call.len {
+            Err(())
+        } else {
+            copy_msg(dst, call.ptr + index * MMSGHDR_SIZE, want)
+        }
+    } else {
+        Err(())
+    };
+    copied(result, syscall)
+}
+
+#[inline(always)]
+fn copy_call(call: &ActiveCall, dst: *mut u8, want: u64) -> Result<u64, ()> {
+    match call.shape {
         SHAPE_BUF => read_into(dst, 0, want, call.ptr).map(|()| want),
         SHAPE_IOV => copy_iov(dst, call.ptr, call.len, want),
         SHAPE_MSG => copy_msg(dst, call.ptr, want),
-        SHAPE_MMSG => {
-            let index = call.msg_index as u64;
-            call.msg_index += 1;
-            if index >= call.len {
-                Err(())
-            } else {
-                copy_msg(dst, call.ptr + index * MMSGHDR_SIZE, want)
-            }
-        }
         _ => Err(()),
-    };
+    }
+}
+
+#[inline(always)]
+fn copied(result: Result<u64, ()>, syscall: u8) -> Copied {
     match result {
         Ok(n) => Copied {
             captured: n as u32,

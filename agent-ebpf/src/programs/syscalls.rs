@@ -1,4 +1,4 @@
-//! sys_enter_* save the user buffer of each socket-capable syscall; sys_exit_* mark it spent. The
+//! sys_enter_{send,recv}mmsg save the message vector of the call; sys_exit_* mark it spent. The
 //! bytes themselves are read by the sock tracepoints, which fire inside the syscall once the
 //! kernel knows the socket and the byte count.
 
@@ -88,29 +88,11 @@ macro_rules! exit {
     };
 }
 
-// read(fd, buf, count), write(fd, buf, count)
-enter!(sys_enter_read, SYS_READ, SHAPE_BUF, ARG1, ARG2);
-enter!(sys_enter_write, SYS_WRITE, SHAPE_BUF, ARG1, ARG2);
-// readv(fd, iov, iovcnt), writev(fd, iov, iovcnt)
-enter!(sys_enter_readv, SYS_READV, SHAPE_IOV, ARG1, ARG2);
-enter!(sys_enter_writev, SYS_WRITEV, SHAPE_IOV, ARG1, ARG2);
-// recvfrom(fd, buf, len, ...), sendto(fd, buf, len, ...): also recv() and send() on x86_64
-enter!(sys_enter_recvfrom, SYS_RECVFROM, SHAPE_BUF, ARG1, ARG2);
-enter!(sys_enter_sendto, SYS_SENDTO, SHAPE_BUF, ARG1, ARG2);
-// recvmsg(fd, msg, flags), sendmsg(fd, msg, flags)
-enter!(sys_enter_recvmsg, SYS_RECVMSG, SHAPE_MSG, ARG1, 0);
-enter!(sys_enter_sendmsg, SYS_SENDMSG, SHAPE_MSG, ARG1, 0);
-// recvmmsg(fd, msgvec, vlen, ...), sendmmsg(fd, msgvec, vlen, flags)
+// recvmmsg(fd, msgvec, vlen, ...), sendmmsg(fd, msgvec, vlen, flags): one sock tracepoint per
+// message, so the position in the vector must live across them. Every other socket syscall is
+// read from the saved registers (helpers/regs.rs) and needs no program here.
 enter!(sys_enter_recvmmsg, SYS_RECVMMSG, SHAPE_MMSG, ARG1, ARG2);
 enter!(sys_enter_sendmmsg, SYS_SENDMMSG, SHAPE_MMSG, ARG1, ARG2);
 
-exit!(sys_exit_read);
-exit!(sys_exit_write);
-exit!(sys_exit_readv);
-exit!(sys_exit_writev);
-exit!(sys_exit_recvfrom);
-exit!(sys_exit_sendto);
-exit!(sys_exit_recvmsg);
-exit!(sys_exit_sendmsg);
 exit!(sys_exit_recvmmsg);
 exit!(sys_exit_sendmmsg);

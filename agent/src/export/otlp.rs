@@ -154,14 +154,14 @@ impl OtlpOut {
         for s in spans {
             by_pid.entry(s.pid).or_default().push(s);
         }
-        let groups = by_pid
+        let groups: Vec<_> = by_pid
             .into_values()
             .filter_map(|spans| {
                 let process = super::lookup(processes, spans.first()?);
                 Some((otlp_proto::resource(&process, &self.host_name), spans))
             })
             .collect();
-        let body = otlp_proto::encode(&otlp_proto::request(groups));
+        let body = otlp_proto::encode_request(&groups);
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
             return;
         };

@@ -143,8 +143,28 @@ fn host_and_port(head: &Head) -> Option<(String, Option<u16>)> {
     }
 }
 
+/// The address as text. IPv4 (nearly every span) without the formatting machinery, which was
+/// ~6% of the agent's CPU in a profile of the nginx bench.
 fn ip_str(addr: SocketAddr) -> String {
-    addr.ip().to_string()
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => {
+            let mut out = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push((b'0' + octet / 100) as char);
+                }
+                if octet >= 10 {
+                    out.push((b'0' + octet / 10 % 10) as char);
+                }
+                out.push((b'0' + octet % 10) as char);
+            }
+            out
+        }
+        ip => ip.to_string(),
+    }
 }
 
 /// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
@@ -167,11 +187,11 @@ pub fn build(
     };
     let route = template(target);
     let known = KNOWN_METHODS.contains(&method);
-    let name = if known {
-        format!("{method} {route}")
-    } else {
-        format!("HTTP {route}")
-    };
+    let verb = if known { method } else { "HTTP" };
+    let mut name = String::with_capacity(verb.len() + 1 + route.len());
+    name.push_str(verb);
+    name.push(' ');
+    name.push_str(&route);
 
     let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(16);
     let s = |v: &str| Value::Str(v.to_string());
@@ -421,6 +441,22 @@ mod tests {
                 .as_deref(),
             Some("response_incomplete")
         );
+    }
+
+    #[test]
+    fn addresses_print_as_the_standard_library_prints_them() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.9",
+            "127.0.0.1",
+            "192.168.100.255",
+            "8.80.108.1",
+            "::1",
+            "fe80::1",
+        ] {
+            let addr = SocketAddr::new(ip.parse().unwrap(), 1);
+            assert_eq!(ip_str(addr), addr.ip().to_string());
+        }
     }
 
     #[test]

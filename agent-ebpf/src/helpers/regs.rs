@@ -1,0 +1,107 @@
+//! The syscall the current thread is inside, read from the user registers the kernel saved at
+//! syscall entry (bpf_task_pt_regs). The sock tracepoints use it to find the user buffer
+//! without a sys_enter/sys_exit pair per syscall: those two programs, and the syscall
+//! tracepoints' own record building, cost more than the payload copy itself.
+
+use agent_common::syscall::{
+    ActiveCall, SHAPE_BUF, SHAPE_IOV, SHAPE_MSG, SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG,
+    SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
+};
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel,
+    generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+};
+
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+compile_error!("Loupe's kernel programs know the syscall registers of x86_64 and arm64 only");
+
+/// Syscall numbers and where `struct pt_regs` keeps the number and the first three arguments.
+#[cfg(bpf_target_arch = "x86_64")]
+mod abi {
+    pub const NR_READ: u64 = 0;
+    pub const NR_WRITE: u64 = 1;
+    pub const NR_READV: u64 = 19;
+    pub const NR_WRITEV: u64 = 20;
+    pub const NR_SENDTO: u64 = 44;
+    pub const NR_RECVFROM: u64 = 45;
+    pub const NR_SENDMSG: u64 = 46;
+    pub const NR_RECVMSG: u64 = 47;
+    /// dx, si, di, orig_ax: four consecutive words (di, the fd, is not needed).
+    pub const WINDOW: u64 = 96;
+    pub const ARG1: usize = 1;
+    pub const ARG2: usize = 0;
+    pub const NR: usize = 3;
+}
+
+/// arm64 (the generic syscall table); not exercised by the tests on this project's machines.
+#[cfg(bpf_target_arch = "aarch64")]
+mod abi {
+    pub const NR_READ: u64 = 63;
+    pub const NR_WRITE: u64 = 64;
+    pub const NR_READV: u64 = 65;
+    pub const NR_WRITEV: u64 = 66;
+    pub const NR_SENDTO: u64 = 206;
+    pub const NR_RECVFROM: u64 = 207;
+    pub const NR_SENDMSG: u64 = 211;
+    pub const NR_RECVMSG: u64 = 212;
+    /// regs[1], regs[2] at 8 and 16; syscallno (s32) at 280.
+    pub const WINDOW: u64 = 8;
+    pub const ARG1: usize = 0;
+    pub const ARG2: usize = 1;
+    pub const SYSCALLNO: u64 = 280;
+}
+
+/// The in-flight call of the current thread when it is one of the single-buffer socket
+/// syscalls (read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg); None for anything
+/// else (sendmmsg/recvmmsg, which their own enter programs record, sendfile, splice, io_uring,
+/// kernel threads).
+#[inline(always)]
+pub fn current_call() -> Option<ActiveCall> {
+    // SAFETY: helpers without preconditions; pt_regs of the current task is never null for a
+    // task in a syscall, and the read below tolerates any address.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return None;
+    }
+    let (nr, ptr, len) = read(regs)?;
+    let (syscall, shape) = match nr {
+        abi::NR_READ => (SYS_READ, SHAPE_BUF),
+        abi::NR_WRITE => (SYS_WRITE, SHAPE_BUF),
+        abi::NR_READV => (SYS_READV, SHAPE_IOV),
+        abi::NR_WRITEV => (SYS_WRITEV, SHAPE_IOV),
+        abi::NR_RECVFROM => (SYS_RECVFROM, SHAPE_BUF),
+        abi::NR_SENDTO => (SYS_SENDTO, SHAPE_BUF),
+        abi::NR_RECVMSG => (SYS_RECVMSG, SHAPE_MSG),
+        abi::NR_SENDMSG => (SYS_SENDMSG, SHAPE_MSG),
+        _ => return None,
+    };
+    Some(ActiveCall {
+        ptr,
+        len: if shape == SHAPE_MSG { 0 } else { len },
+        syscall,
+        shape,
+        _pad: [0; 2],
+        msg_index: 0,
+    })
+}
+
+/// (syscall number, argument 1, argument 2).
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn read(regs: u64) -> Option<(u64, u64, u64)> {
+    // SAFETY: fault-tolerant kernel read.
+    let w: [u64; 4] =
+        unsafe { bpf_probe_read_kernel((regs + abi::WINDOW) as *const [u64; 4]) }.ok()?;
+    Some((w[abi::NR], w[abi::ARG1], w[abi::ARG2]))
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn read(regs: u64) -> Option<(u64, u64, u64)> {
+    // SAFETY: fault-tolerant kernel reads.
+    let w: [u64; 2] =
+        unsafe { bpf_probe_read_kernel((regs + abi::WINDOW) as *const [u64; 2]) }.ok()?;
+    let nr: u64 =
+        unsafe { bpf_probe_read_kernel((regs + abi::SYSCALLNO) as *const i32) }.ok()? as u64;
+    Some((nr, w[abi::ARG1], w[abi::ARG2]))
+}
