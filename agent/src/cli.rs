@@ -120,9 +120,20 @@ pub struct CommonArgs {
     /// on request segments, and read it from peers. Off: options peers send are ignored.
     #[arg(long, env = "LOUPE_TCP_CONTEXT", global = true)]
     pub tcp_context: bool,
+    /// The agent's CPU scheduling: normal, or idle (SCHED_IDLE: the agent runs only on CPU time
+    /// nothing else wants, so it never delays a traced service's threads; on a saturated node
+    /// it falls behind and its drops are counted).
+    #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Normal, global = true)]
+    pub cpu_scheduling: CpuScheduling,
     /// RFC 6994 ExID of that option (all agents of a cluster must agree), e.g. 0x4c70.
     #[arg(long, env = "LOUPE_TCP_OPTION_EXID", default_value = "0x4c70", value_parser = parse_exid, global = true)]
     pub tcp_option_exid: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuScheduling {
+    Normal,
+    Idle,
 }
 
 fn parse_exid(s: &str) -> Result<u16, String> {

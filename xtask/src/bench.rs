@@ -17,6 +17,7 @@ pub struct Options {
     pub seconds: u64,
     pub connections: usize,
     pub trace_load_generator: bool,
+    pub agent_args: Vec<String>,
 }
 
 struct Workload {
@@ -215,9 +216,10 @@ struct Agent {
 }
 
 /// `pids`: the processes to trace; empty traces every process.
-fn start_agent(bin: &Path, otlp: &str, pids: &[u32]) -> anyhow::Result<Agent> {
+fn start_agent(bin: &Path, otlp: &str, pids: &[u32], extra: &[String]) -> anyhow::Result<Agent> {
     let metrics_port = free_port();
     let mut cmd = Command::new(bin);
+    cmd.args(extra);
     if !pids.is_empty() {
         let list: Vec<String> = pids.iter().map(u32::to_string).collect();
         cmd.args(["--pid", &list.join(",")]);
@@ -322,9 +324,10 @@ fn with_agent(
     bin: &Path,
     otlp: &str,
     pids: &[u32],
+    extra: &[String],
     load: impl FnOnce() -> anyhow::Result<Load>,
 ) -> anyhow::Result<(Load, AgentCost)> {
-    let mut agent = start_agent(bin, otlp, pids)?;
+    let mut agent = start_agent(bin, otlp, pids, extra)?;
     let pid = agent.child.id();
     let before = (cpu_seconds(pid), kernel_ns(), scrape(agent.metrics_port));
     let l = load()?;
@@ -456,7 +459,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             let on_first = round % 2 == 1;
             for on in [on_first, !on_first] {
                 if on {
-                    let (l, c) = with_agent(&bin, &otlp, pids, || {
+                    let (l, c) = with_agent(&bin, &otlp, pids, &opts.agent_args, || {
                         oha(&w.url, opts.seconds, opts.connections, None)
                     })?;
                     sat_on.push(l.rps);
@@ -480,7 +483,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             let on_first = round % 2 == 0;
             for on in [on_first, !on_first] {
                 if on {
-                    let (l, c) = with_agent(&bin, &otlp, pids, || {
+                    let (l, c) = with_agent(&bin, &otlp, pids, &opts.agent_args, || {
                         oha(&w.url, opts.seconds, opts.connections, Some(rate))
                     })?;
                     lat_on.push(l);
@@ -581,10 +584,15 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
         .status();
     println!(
-        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC; traced: {}{report}",
+        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent flags: {}; traced: {}{report}",
         opts.rounds,
         opts.seconds,
         opts.connections,
+        if opts.agent_args.is_empty() {
+            "defaults".to_string()
+        } else {
+            opts.agent_args.join(" ")
+        },
         if opts.trace_load_generator {
             "every process (server and load generator: two spans per request)"
         } else {

@@ -69,6 +69,10 @@ enum Task {
         /// as clients on other machines would not be traced by this node's agent).
         #[arg(long)]
         trace_load_generator: bool,
+        /// Extra agent flag for every round with the agent (repeat), e.g.
+        /// --agent-arg=--cpu-scheduling=idle
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
     },
 }
 
@@ -105,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             connections,
             trace_load_generator,
+            agent_args,
         } => {
             ensure_toolchain()?;
             if !is_root() {
@@ -117,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     connections,
                     trace_load_generator,
+                    agent_args,
                 },
             )
         }
