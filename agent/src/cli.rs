@@ -54,8 +54,8 @@ pub struct RunArgs {
     #[arg(long, env = "LOUPE_RESPONSE_TIMEOUT", default_value_t = 30)]
     pub response_timeout: u64,
     /// Spans waiting for export at most; beyond, new spans are dropped and counted (memory stays
-    /// bounded while the OTLP endpoint is slow or down).
-    #[arg(long, env = "LOUPE_EXPORT_QUEUE", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    /// bounded while the OTLP endpoint is slow or down: about 1 KiB per span).
+    #[arg(long, env = "LOUPE_EXPORT_QUEUE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     pub export_queue: u32,
     /// Seconds one batch is retried (exponential backoff, 0.25 s doubling to 5 s) while the OTLP
     /// endpoint fails, before it is dropped and counted.

@@ -506,6 +506,10 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
                 (c.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9)
             })
             .collect();
+        let absolute: Vec<f64> = costs
+            .iter()
+            .map(|(_, c)| c.cpu_seconds / opts.seconds as f64 * 1000.0)
+            .collect();
         let events: Vec<f64> = costs
             .iter()
             .map(|(_, c)| c.events as f64 / opts.seconds as f64)
@@ -539,7 +543,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
              {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
              {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
              {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
-             {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n",
+             {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n",
             "",
             "without",
             "with",
@@ -561,6 +565,8 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             100.0 * (lat(&lat_on, |l| l.p999_ms) / lat(&lat_off, |l| l.p999_ms) - 1.0),
             "agent CPU (millicores per 1k req/s, median)",
             median(mcores),
+            "agent CPU (millicores, median)",
+            median(absolute),
             "agent RSS (MiB, max)",
             rss,
             "kernel-program time per request (ns, median)",
