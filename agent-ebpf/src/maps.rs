@@ -49,11 +49,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
-/// pid_tgid -> arguments of the socket syscall in flight on that thread. Written at sys_enter,
-/// read by the sock tracepoints inside the syscall, marked spent at sys_exit. An entry stays
-/// while its thread is active (rewritten in place, no lock); LRU evicts those of threads gone.
+/// pid_tgid -> the sendmmsg/recvmmsg call in flight on that thread (every other socket syscall
+/// is read from the saved registers, helpers/regs.rs). Written at sys_enter, read by the sock
+/// tracepoints inside the syscall, marked spent at sys_exit. An entry stays while its thread is
+/// active (rewritten in place, no lock); LRU evicts those of threads gone.
 #[map]
-pub static ACTIVE_CALLS: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(32768, 0);
+pub static ACTIVE_CALLS: LruHashMap<u64, ActiveCall> = LruHashMap::with_max_entries(16384, 0);
 
 /// counters::* -> count, per CPU; the agent sums the CPUs.
 #[map]

@@ -70,7 +70,7 @@ struct Store {
     spans: Mutex<Vec<ReceivedSpan>>,
     points: Mutex<Vec<ReceivedPoint>>,
     raw: Mutex<Vec<u8>>,
-    /// Count only (benchmarks): keep no spans and no bytes.
+    /// Count only (floods): keep no spans and no bytes.
     count_only: bool,
     counted: std::sync::atomic::AtomicU64,
 }
@@ -270,7 +270,7 @@ impl Receiver {
         Self::start_with(Store::default(), Some(grpc))
     }
 
-    /// A receiver that only counts spans (for benchmarks: memory stays flat).
+    /// A receiver that only counts spans (for floods: memory stays flat).
     pub fn start_counting() -> Receiver {
         Self::start_with(
             Store {
