@@ -10,14 +10,7 @@ pub const ROLE_CLIENT: u8 = 1;
 /// This side was accepted from a listening socket.
 pub const ROLE_SERVER: u8 = 2;
 
-pub const PROTO_UNKNOWN: u8 = 0;
-pub const PROTO_HTTP1: u8 = 1;
-pub const PROTO_HTTP2: u8 = 2;
-
-/// Bit in `LoupeConfig::protocols` for a `PROTO_*` value.
-pub const fn proto_bit(proto: u8) -> u32 {
-    1 << proto
-}
+pub use crate::protocol::{PROTO_HTTP1, PROTO_HTTP2, PROTO_UNKNOWN, proto_bit};
 
 /// `ConnState::status`
 pub const STATUS_UNCLASSIFIED: u8 = 0;

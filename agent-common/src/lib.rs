@@ -11,6 +11,7 @@ pub mod context;
 pub mod counters;
 pub mod event;
 pub mod maps;
+pub mod protocol;
 pub mod syscall;
 
 #[cfg(feature = "user")]

@@ -7,6 +7,10 @@
 //! redaction:
 //!   query_values: true      # replace every query-string value with REDACTED (default)
 //!   command_line: true      # mask secrets in process.command_line (default)
+//! databases:
+//!   server_spans: false     # SERVER spans on the database's own side too (default: metrics only)
+//!   redis_keys: false       # put the Redis key in db.query.text (`GET user:42 ?`); never values
+//!   query_text_max: 2048    # bytes of sanitized db.query.text kept (then marked truncated)
 //! ```
 
 use std::path::Path;
@@ -23,6 +27,43 @@ pub struct FileConfig {
     pub service_names: Vec<ServiceNameRule>,
     #[serde(default)]
     pub redaction: RedactionConfig,
+    #[serde(default)]
+    pub databases: DatabasesConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DatabasesConfig {
+    #[serde(default)]
+    pub server_spans: bool,
+    #[serde(default)]
+    pub redis_keys: bool,
+    #[serde(default = "query_text_max")]
+    pub query_text_max: usize,
+}
+
+fn query_text_max() -> usize {
+    2048
+}
+
+impl Default for DatabasesConfig {
+    fn default() -> Self {
+        Self {
+            server_spans: false,
+            redis_keys: false,
+            query_text_max: query_text_max(),
+        }
+    }
+}
+
+impl DatabasesConfig {
+    pub fn options(&self) -> crate::protocol::db::DbOptions {
+        crate::protocol::db::DbOptions {
+            max_query_text: self.query_text_max.clamp(16, 1 << 20),
+            redis_keys: self.redis_keys,
+            server_spans: self.server_spans,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

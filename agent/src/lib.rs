@@ -1,6 +1,7 @@
 //! Loupe's userspace agent, as a pipeline of stages:
 //! `bpf` (load, attach) -> `reader` (ring buffer -> channel) -> `decode` -> `conn` (table,
-//! reassembly) -> a sink (`capture` today). See docs/ARCHITECTURE.md.
+//! reassembly) -> a sink (`capture`, or `trace::sink`: protocol detection and
+//! parsing -> pairing -> causality -> spans -> `export`). See docs/ARCHITECTURE.md.
 
 pub mod bpf;
 pub mod capture;
@@ -20,4 +21,3 @@ pub mod protocol;
 pub mod reader;
 pub mod redact;
 pub mod trace;
-pub mod traces;

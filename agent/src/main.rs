@@ -15,8 +15,8 @@ use loupe::{
     pipeline,
     process::ProcessCache,
     procfs, reader,
+    trace::sink::TraceSink,
     trace::span::Redaction,
-    traces::TraceSink,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -268,13 +268,13 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     let exporter = Exporter::spawn(export_cfg, processes.clone(), export_stats.clone())?;
 
     let Capture {
-        probe,
+        mut probe,
         events,
         mut metrics,
         stop,
         reader,
         // Only what a parser turns into spans: HTTP/2 (gRPC) would be copied and then ignored.
-    } = start_capture(common, proto_bit(PROTO_HTTP1))?;
+    } = start_capture(common, loupe::protocol::wanted_mask())?;
     let redaction = Redaction {
         query_values: file.redaction.query_values,
     };
@@ -288,6 +288,10 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     if let Some(o) = &otlp {
         sink.exclude(loupe::export::otlp::endpoint_addrs(o));
     }
+    sink.databases(file.databases.options());
+    sink.verdicts(Box::new(loupe::protocol::verdict::KernelVerdicts::new(
+        probe.take_conns()?,
+    )));
     metrics.export = Some(export_stats);
     metrics.traces = Some(sink.stats.clone());
     metrics.links = Some(sink.linker.stats.clone());
@@ -308,7 +312,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         None => "the terminal".to_string(),
     };
     tracing::info!(
-        "ready: {} programs attached, tracing HTTP to {destination}",
+        "ready: {} programs attached, tracing HTTP, PostgreSQL, MySQL and Redis to {destination}",
         probe.attached
     );
 

@@ -11,7 +11,9 @@ use std::{
 
 use agent_common::counters::{self, NUM_COUNTERS};
 
-use crate::{bpf::load::KernelCounters, conn::TableStats, export::ExportStats, traces::TraceStats};
+use crate::{
+    bpf::load::KernelCounters, conn::TableStats, export::ExportStats, trace::sink::TraceStats,
+};
 
 /// Counters written by the userspace stages.
 #[derive(Debug, Default)]

@@ -1,39 +1,21 @@
-//! Decides on a connection's first payload whether any parser wants it, so that traffic nobody
-//! parses costs one map lookup per syscall from then on.
+//! Decides on a connection's first payload whether any parser may want it, so that traffic
+//! nobody parses costs one map lookup per syscall from then on. The rows come from
+//! `agent_common::protocol::PREFILTER`, the same list user space detects from; user space has
+//! the last word and writes an `ignored` verdict back (agent/src/protocol/verdict.rs).
 
-use agent_common::conn::{PROTO_HTTP1, PROTO_HTTP2, PROTO_UNKNOWN};
+use agent_common::protocol::prefilter;
 
-/// Little-endian u32 of 4 ASCII bytes, as a load from the payload yields it.
-const fn tag(s: &[u8; 4]) -> u32 {
-    u32::from_le_bytes(*s)
-}
-
-/// Protocol of a stream starting with `head` (its first 4 bytes, little-endian), or
-/// `PROTO_UNKNOWN`. Requests (either side sees them first on a fresh connection) and, for
-/// connections joined mid-stream, HTTP/1 responses.
+/// The protocol hint for a stream starting with `captured` bytes at `payload` among `wanted`
+/// (`proto_bit`s, 0 = all), or `PROTO_UNKNOWN`.
 #[inline(always)]
-pub fn classify(head: u32) -> u8 {
-    const HTTP1: [u32; 10] = [
-        tag(b"GET "),
-        tag(b"POST"),
-        tag(b"PUT "),
-        tag(b"HEAD"),
-        tag(b"DELE"),
-        tag(b"PATC"),
-        tag(b"OPTI"),
-        tag(b"CONN"),
-        tag(b"TRAC"),
-        tag(b"HTTP"),
-    ];
-    if head == tag(b"PRI ") {
-        return PROTO_HTTP2;
-    }
-    let mut i = 0;
-    while i < HTTP1.len() {
-        if HTTP1[i] == head {
-            return PROTO_HTTP1;
-        }
-        i += 1;
-    }
-    PROTO_UNKNOWN
+pub fn classify(payload: *const u8, captured: u32, wanted: u32) -> u8 {
+    // SAFETY: the payload buffer is MAX_PAYLOAD (>= 8) bytes of per-CPU scratch; bytes past
+    // `captured` are stale from an earlier event and masked off below.
+    let raw = unsafe { core::ptr::read_unaligned(payload.cast::<u64>()) };
+    let head = if captured >= 8 {
+        raw
+    } else {
+        raw & ((1u64 << (captured * 8)) - 1)
+    };
+    prefilter(head, captured, wanted)
 }

@@ -6,7 +6,7 @@ use agent_common::{
     config::{LoupeConfig, MIDSTREAM_CLASSIFY_ATTEMPTS},
     conn::{
         AF_INET, AF_INET6, ConnState, ConnTuple, IPPROTO_TCP, PROTO_UNKNOWN, ROLE_CLIENT,
-        ROLE_SERVER, ROLE_UNKNOWN, STATUS_CAPTURED, STATUS_IGNORED, STATUS_UNCLASSIFIED, proto_bit,
+        ROLE_SERVER, ROLE_UNKNOWN, STATUS_CAPTURED, STATUS_IGNORED, STATUS_UNCLASSIFIED,
     },
     context::{CTX_NONE, TcpContext},
     counters,
@@ -215,19 +215,14 @@ fn request_context(conn: &mut ConnState, direction: u8, tid: u32) -> (u8, TcpCon
 /// Classifies on the first payload. Returns whether this event should be emitted.
 #[inline(always)]
 fn decide(cfg: &LoupeConfig, conn: &mut ConnState, payload: *const u8, captured: u32) -> bool {
-    let proto = if captured >= 4 {
-        // SAFETY: at least 4 bytes were just written to the payload buffer.
-        classify(unsafe { core::ptr::read_unaligned(payload.cast::<u32>()) })
-    } else {
-        PROTO_UNKNOWN
-    };
+    let proto = classify(payload, captured, cfg.protocols);
     if cfg.protocols == 0 {
         // Capture-everything mode: keep the label if there is one.
         conn.protocol = proto;
         conn.status = STATUS_CAPTURED;
         return true;
     }
-    if proto != PROTO_UNKNOWN && cfg.protocols & proto_bit(proto) != 0 {
+    if proto != PROTO_UNKNOWN {
         conn.protocol = proto;
         conn.status = STATUS_CAPTURED;
         return true;
@@ -236,7 +231,7 @@ fn decide(cfg: &LoupeConfig, conn: &mut ConnState, payload: *const u8, captured:
     // message start. One seen from its start is decided now.
     conn.attempts = conn.attempts.saturating_add(1);
     let midstream = conn.flags & FLAG_MIDSTREAM != 0;
-    if proto != PROTO_UNKNOWN || !midstream || conn.attempts >= MIDSTREAM_CLASSIFY_ATTEMPTS {
+    if !midstream || conn.attempts >= MIDSTREAM_CLASSIFY_ATTEMPTS {
         conn.status = STATUS_IGNORED;
         count(counters::CONNS_IGNORED);
     }

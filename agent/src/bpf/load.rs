@@ -225,6 +225,18 @@ impl Probe {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// The kernel's connection map, where user space writes its "ignored" verdicts; can be
+    /// taken once.
+    pub fn take_conns(
+        &mut self,
+    ) -> anyhow::Result<HashMap<MapData, u64, agent_common::conn::ConnState>> {
+        let map = self
+            .ebpf
+            .take_map(maps::CONNS)
+            .context("the connection map was already taken")?;
+        Ok(HashMap::try_from(map)?)
+    }
+
     /// A handle on the kernel's per-CPU counters; can be taken once.
     pub fn take_counters(&mut self) -> anyhow::Result<KernelCounters> {
         let map = self

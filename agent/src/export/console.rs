@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     export::{Resolved, hex},
-    trace::span::{SpanKind, Value},
+    trace::span::SpanKind,
 };
 
 /// How long a trace must be quiet before it is printed.
@@ -55,9 +55,9 @@ impl<W: Write> ConsoleTree<W> {
 
     pub fn add(&mut self, r: &Resolved<'_>) {
         let s = r.span;
-        let status = match (&s.error, s.attr("http.response.status_code")) {
+        let status = match (&s.error, &s.status) {
             (Some(e), _) => format!("ERROR {e}"),
-            (None, Some(Value::Int(code))) => code.to_string(),
+            (None, Some(st)) => st.clone(),
             _ => String::new(),
         };
         let kind = match s.kind {
@@ -172,6 +172,7 @@ mod tests {
             end_unix_ns: start + 1_500_000,
             attributes: vec![("http.response.status_code", Value::Int(200))],
             error: None,
+            status: Some("200".into()),
             pid: 7,
             comm: "c".into(),
         }

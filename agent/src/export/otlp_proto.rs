@@ -236,6 +236,7 @@ mod tests {
                 ("http.response.status_code", Value::Int(503)),
             ],
             error: Some("503".into()),
+            status: None,
             pid: 42,
             comm: "srv".into(),
         }

@@ -236,6 +236,28 @@ fn looks_like_start(data: &[u8], requests: bool) -> bool {
     }
 }
 
+/// Authoritative detection (see protocol::REGISTRY): a request line's method, or a status line
+/// (a connection joined mid-stream whose next bytes are an answer).
+pub fn detect(data: &[u8], requests: bool) -> super::Detect {
+    let n = data.len().min(8);
+    if data.len() < 8 && looks_like_start(&data[..n], requests) {
+        // A prefix of a method or of `HTTP/1.`: one more segment tells.
+        let complete = if requests {
+            data.contains(&b' ')
+        } else {
+            data.len() >= 7
+        };
+        if !complete {
+            return super::Detect::NeedMore;
+        }
+    }
+    if looks_like_start(data, requests) {
+        super::Detect::Yes(100)
+    } else {
+        super::Detect::No
+    }
+}
+
 /// What the reader found, in stream order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {

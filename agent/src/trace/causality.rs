@@ -38,7 +38,7 @@ use crate::{
     decode::{ContextSource, KernelContext},
     protocol::http1::{Head, StartLine},
     trace::{
-        context::extract,
+        context::{Carried, extract},
         exchange::{Identity, RequestStart},
         route::is_id_like,
         span::IdSource,
@@ -97,6 +97,28 @@ struct Orphan {
     started_ns: u64,
     /// Counted as a root (not parented by a TCP option) until adopted.
     root: bool,
+}
+
+/// What causality needs of a request, whatever its protocol: never a protocol's own types.
+#[derive(Debug, Clone)]
+pub struct RequestView<'a> {
+    /// The request target (HTTP path and query), for event-loop affinity; "" when none.
+    pub target: &'a str,
+    /// Context the request carries (headers, metadata).
+    pub carried: Option<Carried>,
+    /// A local callee may pair with this CLIENT request by ordinal (HTTP). Database calls pair
+    /// only when database SERVER spans are on: otherwise nobody would ever claim them.
+    pub pairs_with_peer: bool,
+}
+
+impl<'a> RequestView<'a> {
+    pub fn http(head: &'a Head) -> Self {
+        Self {
+            target: target(head),
+            carried: extract(head),
+            pairs_with_peer: true,
+        }
+    }
 }
 
 /// One request on one connection, named from the client side: (client local, client remote,
@@ -164,8 +186,8 @@ impl Linker {
         }
     }
 
-    fn carried(&mut self, head: &Head) -> Option<Identity> {
-        let c = extract(head)?;
+    fn carried(&mut self, c: Option<Carried>) -> Option<Identity> {
+        let c = c?;
         Some(Identity {
             trace_id: c.trace_id,
             span_id: self.ids.span_id(),
@@ -209,11 +231,22 @@ impl Linker {
         }
     }
 
-    /// A request arrived on the server side of `conn`.
+    /// An HTTP/1 request arrived on the server side of `conn`.
     pub fn server_start(
         &mut self,
         conn: &ConnInfo,
         head: &Head,
+        st: RequestStart,
+        kernel: Option<KernelContext>,
+    ) -> Identity {
+        self.server_request(conn, RequestView::http(head), st, kernel)
+    }
+
+    /// A request arrived on the server side of `conn`.
+    pub fn server_request(
+        &mut self,
+        conn: &ConnInfo,
+        view: RequestView<'_>,
         st: RequestStart,
         kernel: Option<KernelContext>,
     ) -> Identity {
@@ -222,7 +255,7 @@ impl Linker {
         } else {
             self.peers.remove(&(conn.remote, conn.local, st.ordinal))
         };
-        let carried = self.carried(head);
+        let carried = self.carried(view.carried);
         let identity = match (carried, peer) {
             // The caller forwarded the context it received (a proxy: its CLIENT span hangs off a
             // local parent), so it is the closer parent. When the caller's CLIENT span hangs off
@@ -276,7 +309,7 @@ impl Linker {
                 trace_id: identity.trace_id,
                 span_id: identity.span_id,
                 carried: identity.carried,
-                target: target(head).to_string(),
+                target: view.target.to_string(),
                 started_ns: st.ts_ns,
             });
         identity
@@ -292,7 +325,7 @@ impl Linker {
         }
     }
 
-    /// A request left from the client side of `conn`.
+    /// An HTTP/1 request left from the client side of `conn`.
     pub fn client_start(
         &mut self,
         conn: &ConnInfo,
@@ -300,9 +333,20 @@ impl Linker {
         st: RequestStart,
         kernel: Option<KernelContext>,
     ) -> Identity {
-        let carried = self.carried(head);
+        self.client_request(conn, RequestView::http(head), st, kernel)
+    }
+
+    /// A request left from the client side of `conn`.
+    pub fn client_request(
+        &mut self,
+        conn: &ConnInfo,
+        view: RequestView<'_>,
+        st: RequestStart,
+        kernel: Option<KernelContext>,
+    ) -> Identity {
+        let carried = self.carried(view.carried);
         let has_header = carried.is_some();
-        let local = self.parent_on_thread(conn.pid, st.tid, target(head));
+        let local = self.parent_on_thread(conn.pid, st.tid, view.target);
         let kernel = kernel.filter(|k| k.source == ContextSource::Kernel);
         let mut identity = match (carried, local) {
             // The header was forwarded unchanged from the request this thread is handling.
@@ -324,7 +368,7 @@ impl Linker {
             }
         }
         let key = (conn.local, conn.remote, st.ordinal);
-        if conn.midstream {
+        if conn.midstream || !view.pairs_with_peer {
             return identity;
         }
         if let Some(orphan) = self.orphans.remove(&key) {

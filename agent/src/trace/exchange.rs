@@ -35,6 +35,20 @@ pub struct Identity {
     pub carried: Option<[u8; 8]>,
 }
 
+impl Identity {
+    /// For exchanges that feed metrics but never become spans (a database's own side).
+    pub fn unexported() -> Self {
+        Self {
+            trace_id: [0; 16],
+            span_id: [0; 8],
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+            carried: None,
+        }
+    }
+}
+
 /// Where a request started: what identity assignment needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestStart {

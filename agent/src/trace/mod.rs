@@ -5,4 +5,5 @@ pub mod causality;
 pub mod context;
 pub mod exchange;
 pub mod route;
+pub mod sink;
 pub mod span;

@@ -1,0 +1,572 @@
+//! The span-producing sink: per connection, user-space detection decides the protocol (and
+//! writes an "ignored" verdict back to the kernel when none fits), then that protocol's session
+//! pairs requests with answers; each exchange becomes a span of the process that handled it,
+//! handed to the export queue. This is the one fan-out point after each exchange.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    clock::{self, WallClock},
+    conn::{ConnInfo, Segment},
+    decode::{CloseEvent, ConnKey, DataEvent, Direction, KernelContext, Role},
+    export::{ExportStats, offer},
+    pipeline::Sink,
+    protocol::{
+        PROTO_COUNT, PROTO_HTTP1, db,
+        detect::{DetectStats, Detection, Verdict},
+        sql,
+        verdict::{NoVerdicts, Verdicts},
+    },
+    trace::{
+        causality::{Linker, RequestView},
+        exchange::{Exchange, Identity, Session},
+        span::{RandomIds, Redaction, SpanKind, SpanRecord, build},
+    },
+};
+
+#[derive(Debug, Default)]
+pub struct TraceStats {
+    pub exchanges: AtomicU64,
+    /// Requests dropped because too many were waiting on one connection.
+    pub pending_overflow: AtomicU64,
+    pub malformed: AtomicU64,
+    pub orphan_responses: AtomicU64,
+    /// Exchanges given up for lack of a response.
+    pub timeouts: AtomicU64,
+    /// Connections whose side (client/server) could not be told: not traced.
+    pub unknown_role: AtomicU64,
+    /// Per protocol id (`loupe_l7_*{protocol=...}`); HTTP/1 also feeds the fields above.
+    pub l7: L7Stats,
+    pub detect: DetectStats,
+}
+
+#[derive(Debug, Default)]
+pub struct L7Stats {
+    pub exchanges: [AtomicU64; PROTO_COUNT],
+    pub spans: [AtomicU64; PROTO_COUNT],
+    pub malformed: [AtomicU64; PROTO_COUNT],
+    pub orphans: [AtomicU64; PROTO_COUNT],
+    pub timeouts: [AtomicU64; PROTO_COUNT],
+    pub overflow: [AtomicU64; PROTO_COUNT],
+    /// Pushes, pub/sub messages, notices: never paired.
+    pub unsolicited: [AtomicU64; PROTO_COUNT],
+    /// Statements a server skipped after an earlier error in their pipeline (no span).
+    pub not_executed: [AtomicU64; PROTO_COUNT],
+}
+
+fn add(c: &[AtomicU64; PROTO_COUNT], proto: u8, n: u64) {
+    if n > 0
+        && let Some(c) = c.get(proto as usize)
+    {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Payload events held while a connection's protocol is being decided (replayed after).
+const MAX_HELD: usize = 8;
+
+struct Held {
+    ev: DataEvent,
+    dir: Direction,
+    segments: Vec<Segment>,
+}
+
+enum Proto {
+    Detecting(Detection, Vec<Held>),
+    Http1(Session),
+    Db(db::Session, u8),
+    /// No parser wants it (or its side is unknown).
+    Ignored,
+}
+
+struct Tracked {
+    proto: Proto,
+    info: ConnInfo,
+}
+
+pub struct TraceSink {
+    conns: HashMap<ConnKey, Tracked>,
+    /// `--tcp-context`: the kernel span id a client connection's last request took. Requests
+    /// pipelined before any answer share the kernel's ids; only the first may use them.
+    kernel_spans: HashMap<ConnKey, [u8; 8]>,
+    clock: WallClock,
+    redaction: Redaction,
+    db: db::DbOptions,
+    sql: sql::Cache,
+    verdicts: Box<dyn Verdicts>,
+    pub linker: Linker,
+    out: mpsc::Sender<SpanRecord>,
+    export_stats: Arc<ExportStats>,
+    pub stats: Arc<TraceStats>,
+    response_timeout_ns: u64,
+    processes: crate::process::SharedProcesses,
+    /// The OTLP endpoint's addresses: exports to a collector on this node are HTTP requests too,
+    /// and tracing them would export a span per export, forever.
+    exclude: Vec<std::net::SocketAddr>,
+    excluded: std::collections::HashSet<ConnKey>,
+}
+
+/// Whether a connection is the agent's own export path (seen from the collector's side).
+pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
+    exclude.iter().any(|a| {
+        let matches = |s: std::net::SocketAddr| {
+            s.port() == a.port() && (s.ip() == a.ip() || a.ip().is_unspecified())
+        };
+        matches(conn.local) || matches(conn.remote)
+    })
+}
+
+impl TraceSink {
+    /// Excludes connections to or from these addresses (the OTLP endpoint).
+    pub fn exclude(&mut self, addrs: Vec<std::net::SocketAddr>) {
+        self.exclude = addrs;
+    }
+
+    /// Where "no parser wants this connection" is written (the kernel's connection map).
+    pub fn verdicts(&mut self, v: Box<dyn Verdicts>) {
+        self.verdicts = v;
+    }
+
+    pub fn databases(&mut self, opts: db::DbOptions) {
+        self.sql = sql::Cache::new(opts.max_query_text);
+        self.db = opts;
+    }
+
+    pub fn new(
+        out: mpsc::Sender<SpanRecord>,
+        export_stats: Arc<ExportStats>,
+        redaction: Redaction,
+        response_timeout_ns: u64,
+        processes: crate::process::SharedProcesses,
+    ) -> Self {
+        let db = db::DbOptions::default();
+        Self {
+            conns: HashMap::new(),
+            kernel_spans: HashMap::new(),
+            clock: WallClock::new(),
+            redaction,
+            sql: sql::Cache::new(db.max_query_text),
+            db,
+            verdicts: Box::new(NoVerdicts),
+            linker: Linker::new(Box::new(RandomIds)),
+            out,
+            export_stats,
+            stats: Arc::new(TraceStats::default()),
+            response_timeout_ns,
+            processes,
+            exclude: Vec::new(),
+            excluded: std::collections::HashSet::new(),
+        }
+    }
+
+    fn kind(conn: &ConnInfo) -> SpanKind {
+        match conn.role {
+            Role::Server => SpanKind::Server,
+            _ => SpanKind::Client,
+        }
+    }
+
+    fn emit(&mut self, done: Vec<Exchange>, conn: &ConnInfo) {
+        let kind = Self::kind(conn);
+        add(&self.stats.l7.exchanges, PROTO_HTTP1, done.len() as u64);
+        add(&self.stats.l7.spans, PROTO_HTTP1, done.len() as u64);
+        for mut ex in done {
+            self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+            self.linker.finalize(&mut ex.identity);
+            if kind == SpanKind::Server {
+                self.linker
+                    .server_end(conn.pid, ex.started.tid, ex.identity.span_id);
+            }
+            let span = build(&ex, conn, kind, &self.clock, &self.redaction);
+            offer(&self.out, &self.export_stats, span);
+        }
+    }
+
+    fn emit_db(
+        &mut self,
+        done: Vec<db::DbExchange>,
+        conn: &ConnInfo,
+        proto: u8,
+        system: &'static str,
+    ) {
+        let kind = Self::kind(conn);
+        add(&self.stats.l7.exchanges, proto, done.len() as u64);
+        // The database's own side feeds metrics only, unless asked for (`databases:
+        // server_spans`): the conventions make database calls CLIENT spans.
+        if kind == SpanKind::Server && !self.db.server_spans {
+            return;
+        }
+        add(&self.stats.l7.spans, proto, done.len() as u64);
+        for mut ex in done {
+            self.linker.finalize(&mut ex.identity);
+            if kind == SpanKind::Server {
+                self.linker
+                    .server_end(conn.pid, ex.started.tid, ex.identity.span_id);
+            }
+            let span = db::build(&ex, conn, kind, system, &self.clock);
+            offer(&self.out, &self.export_stats, span);
+        }
+    }
+
+    fn account(
+        &self,
+        before: crate::trace::exchange::SessionStats,
+        after: crate::trace::exchange::SessionStats,
+    ) {
+        let p = PROTO_HTTP1;
+        let (m, o, r) = (
+            after.malformed - before.malformed,
+            after.overflow - before.overflow,
+            after.orphan_responses - before.orphan_responses,
+        );
+        self.stats.malformed.fetch_add(m, Ordering::Relaxed);
+        self.stats.pending_overflow.fetch_add(o, Ordering::Relaxed);
+        self.stats.orphan_responses.fetch_add(r, Ordering::Relaxed);
+        add(&self.stats.l7.malformed, p, m);
+        add(&self.stats.l7.overflow, p, o);
+        add(&self.stats.l7.orphans, p, r);
+    }
+
+    fn account_db(&self, proto: u8, before: db::DbSessionStats, after: db::DbSessionStats) {
+        let l = &self.stats.l7;
+        add(&l.malformed, proto, after.malformed - before.malformed);
+        add(&l.overflow, proto, after.overflow - before.overflow);
+        add(
+            &l.orphans,
+            proto,
+            after.orphan_responses - before.orphan_responses,
+        );
+        add(
+            &l.unsolicited,
+            proto,
+            after.unsolicited - before.unsolicited,
+        );
+        add(
+            &l.not_executed,
+            proto,
+            after.not_executed - before.not_executed,
+        );
+    }
+
+    /// Decides the protocol of a connection still being detected. Returns the events to replay
+    /// into its new session, or None while undecided (the event is held) or ignored.
+    fn detect(
+        &mut self,
+        conn: &ConnInfo,
+        ev: &DataEvent,
+        dir: Direction,
+        segments: Vec<Segment>,
+        requests_dir: Direction,
+    ) -> Option<Vec<Held>> {
+        let tracked = self.conns.get_mut(&conn.key)?;
+        let Proto::Detecting(detection, held) = &mut tracked.proto else {
+            return None;
+        };
+        let requests = dir == requests_dir;
+        let mut verdict = Verdict::Pending;
+        for seg in &segments {
+            match seg {
+                Segment::Gap(_) => detection.gap(requests),
+                Segment::Data(b) => {
+                    verdict = detection.offer(b, requests, conn.protocol, &self.stats.detect);
+                    if verdict != Verdict::Pending {
+                        break;
+                    }
+                }
+            }
+        }
+        let mut meta = ev.clone();
+        meta.payload = Default::default();
+        held.push(Held {
+            ev: meta,
+            dir,
+            segments,
+        });
+        if verdict == Verdict::Pending && held.len() >= MAX_HELD {
+            verdict = Verdict::Ignore;
+            self.stats.detect.ignored.fetch_add(1, Ordering::Relaxed);
+        }
+        match verdict {
+            Verdict::Pending => None,
+            Verdict::Ignore => {
+                tracked.proto = Proto::Ignored;
+                self.verdicts.ignore(conn.key);
+                None
+            }
+            Verdict::Protocol(p) => {
+                let held = std::mem::take(held);
+                tracked.proto = if p == PROTO_HTTP1 {
+                    Proto::Http1(Session::new(conn.midstream))
+                } else {
+                    match db::Parser::new(p, conn.midstream, &self.db) {
+                        Some(parser) => Proto::Db(db::Session::new(parser), p),
+                        None => Proto::Ignored,
+                    }
+                };
+                Some(held)
+            }
+        }
+    }
+
+    fn assign_identity(
+        linker: &mut Linker,
+        kernel_spans: &mut HashMap<ConnKey, [u8; 8]>,
+        conn: &ConnInfo,
+        view: RequestView<'_>,
+        st: crate::trace::exchange::RequestStart,
+        kernel: Option<KernelContext>,
+    ) -> Identity {
+        if conn.role == Role::Server {
+            linker.server_request(conn, view, st, kernel)
+        } else {
+            let fresh = kernel.filter(|k| kernel_spans.get(&conn.key) != Some(&k.span_id));
+            if let Some(k) = fresh {
+                kernel_spans.insert(conn.key, k.span_id);
+            }
+            linker.client_request(conn, view, st, fresh)
+        }
+    }
+
+    fn parse(
+        &mut self,
+        conn: &ConnInfo,
+        ev: &DataEvent,
+        dir: Direction,
+        segments: Vec<Segment>,
+        requests_dir: Direction,
+    ) {
+        let Self {
+            conns,
+            linker,
+            kernel_spans,
+            sql,
+            db: db_opts,
+            ..
+        } = self;
+        let Some(tracked) = conns.get_mut(&conn.key) else {
+            return;
+        };
+        let kernel = ev.context;
+        match &mut tracked.proto {
+            Proto::Http1(session) => {
+                let before = session.stats;
+                let done = if dir == requests_dir {
+                    let mut assign = |head: &crate::protocol::http1::Head, st| {
+                        Self::assign_identity(
+                            linker,
+                            kernel_spans,
+                            conn,
+                            RequestView::http(head),
+                            st,
+                            kernel,
+                        )
+                    };
+                    session.on_requests(ev.ts_ns, ev.tid, &mut assign, segments);
+                    Vec::new()
+                } else {
+                    session.on_responses(ev.ts_ns, segments)
+                };
+                let after = session.stats;
+                self.account(before, after);
+                if !done.is_empty() {
+                    self.emit(done, conn);
+                }
+            }
+            Proto::Db(session, proto) => {
+                let proto = *proto;
+                let before = session.stats;
+                let server_spans = db_opts.server_spans;
+                let done = if dir == requests_dir {
+                    let mut assign = |_req: &db::DbRequest, st| {
+                        if conn.role == Role::Server && !server_spans {
+                            // Metrics only: no identity is ever exported.
+                            return Identity::unexported();
+                        }
+                        let view = RequestView {
+                            target: "",
+                            carried: None,
+                            pairs_with_peer: server_spans,
+                        };
+                        Self::assign_identity(linker, kernel_spans, conn, view, st, kernel)
+                    };
+                    session.on_requests(ev.ts_ns, ev.tid, sql, &mut assign, segments);
+                    Vec::new()
+                } else {
+                    session.on_responses(ev.ts_ns, segments)
+                };
+                let after = session.stats;
+                let system = session.parser.system();
+                self.account_db(proto, before, after);
+                if !done.is_empty() {
+                    self.emit_db(done, conn, proto, system);
+                }
+            }
+            Proto::Detecting(..) | Proto::Ignored => {}
+        }
+    }
+}
+
+impl Sink for TraceSink {
+    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>) {
+        if self.excluded.contains(&conn.key) {
+            return;
+        }
+        if !self.exclude.is_empty()
+            && !self.conns.contains_key(&conn.key)
+            && is_excluded(&self.exclude, conn)
+        {
+            self.excluded.insert(conn.key);
+            return;
+        }
+        // Requests arrive on the server side and leave from the client side.
+        let requests_dir = match conn.role {
+            Role::Server => Direction::Recv,
+            Role::Client => Direction::Send,
+            Role::Unknown => {
+                if !self.conns.contains_key(&conn.key) {
+                    self.stats.unknown_role.fetch_add(1, Ordering::Relaxed);
+                    self.conns.insert(
+                        conn.key,
+                        Tracked {
+                            proto: Proto::Ignored,
+                            info: conn.clone(),
+                        },
+                    );
+                }
+                return;
+            }
+        };
+        if !self.conns.contains_key(&conn.key) {
+            // Look the process up now: a short-lived client may be gone by export time.
+            if let Ok(mut p) = self.processes.lock() {
+                p.get(conn.pid, &conn.comm);
+            }
+            self.conns.insert(
+                conn.key,
+                Tracked {
+                    proto: Proto::Detecting(Detection::default(), Vec::new()),
+                    info: conn.clone(),
+                },
+            );
+        }
+        let detecting = matches!(
+            self.conns.get(&conn.key).map(|t| &t.proto),
+            Some(Proto::Detecting(..))
+        );
+        if !detecting {
+            self.parse(conn, ev, dir, segments, requests_dir);
+            return;
+        }
+        if let Some(replay) = self.detect(conn, ev, dir, segments, requests_dir) {
+            for h in replay {
+                self.parse(conn, &h.ev, h.dir, h.segments, requests_dir);
+            }
+        }
+    }
+
+    fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>) {
+        self.excluded.remove(&conn.key);
+        self.kernel_spans.remove(&conn.key);
+        let Some(tracked) = self.conns.remove(&conn.key) else {
+            return;
+        };
+        let info = tracked.info;
+        if info.role == Role::Unknown {
+            return;
+        }
+        let ts = ev.map(|e| e.ts_ns).unwrap_or_else(clock::monotonic_ns);
+        match tracked.proto {
+            Proto::Http1(mut session) => {
+                let done = session.close(ts);
+                self.emit(done, &info);
+            }
+            Proto::Db(mut session, proto) => {
+                let done = session.close(ts);
+                let system = session.parser.system();
+                self.emit_db(done, &info, proto, system);
+            }
+            Proto::Detecting(..) | Proto::Ignored => {}
+        }
+    }
+
+    fn fork(&mut self, ev: &crate::decode::ForkEvent) {
+        self.linker
+            .thread_created(ev.pid, ev.parent_tid, ev.child_tid, ev.ts_ns);
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        self.linker.expire(now_ns);
+        let timeout = self.response_timeout_ns;
+        let mut expired = Vec::new();
+        let mut expired_db = Vec::new();
+        for t in self.conns.values_mut() {
+            match &mut t.proto {
+                Proto::Http1(session) => {
+                    let done = session.expire(now_ns, timeout);
+                    if !done.is_empty() {
+                        expired.push((done, t.info.clone()));
+                    }
+                }
+                Proto::Db(session, proto) => {
+                    let done = session.expire(now_ns, timeout);
+                    if !done.is_empty() {
+                        expired_db.push((done, t.info.clone(), *proto, session.parser.system()));
+                    }
+                }
+                Proto::Detecting(..) | Proto::Ignored => {}
+            }
+        }
+        for (done, info) in expired {
+            self.stats
+                .timeouts
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            add(&self.stats.l7.timeouts, PROTO_HTTP1, done.len() as u64);
+            self.emit(done, &info);
+        }
+        for (done, info, proto, system) in expired_db {
+            add(&self.stats.l7.timeouts, proto, done.len() as u64);
+            self.emit_db(done, &info, proto, system);
+        }
+    }
+
+    fn flush(&mut self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_export_path_is_excluded_from_both_sides() {
+        let conn = |local: &str, remote: &str| ConnInfo {
+            key: ConnKey {
+                sk: 1,
+                generation: 1,
+            },
+            pid: 1,
+            comm: "c".into(),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            role: Role::Server,
+            protocol: crate::protocol::PROTO_HTTP1,
+            midstream: false,
+        };
+        let ex = vec!["127.0.0.1:4318".parse().unwrap()];
+        assert!(is_excluded(&ex, &conn("127.0.0.1:4318", "127.0.0.1:50000")));
+        assert!(is_excluded(&ex, &conn("127.0.0.1:50000", "127.0.0.1:4318")));
+        assert!(!is_excluded(
+            &ex,
+            &conn("127.0.0.1:8080", "127.0.0.1:50000")
+        ));
+        let any = vec!["0.0.0.0:4318".parse().unwrap()];
+        assert!(is_excluded(&any, &conn("10.0.0.5:4318", "10.0.0.9:50000")));
+    }
+}
