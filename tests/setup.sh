@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the real servers and clients the end-to-end tests drive: nginx, curl, iproute2 and
-# bpftool from Debian,
+# Installs the real servers and clients the end-to-end tests drive: nginx, curl, iproute2,
+# bpftool, PostgreSQL 15, MariaDB 10.11 and Redis 7 (servers and their command-line clients)
+# from Debian,
 # Flask, gunicorn, requests, the OpenTelemetry SDK and kubernetes-validate (the Kubernetes
 # OpenAPI schemas, offline) from PyPI (into tests/.venv). Idempotent:
 # a second run only checks.
@@ -13,13 +14,20 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v bpftool >/dev/null 2>&1 || [ -x /usr/sbin/bpftool ] || need_apt+=(bpftool)
 command -v capsh >/dev/null 2>&1 || [ -x /usr/sbin/capsh ] || need_apt+=(libcap2-bin)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15 postgresql-client-15)
+[ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server mariadb-client)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server redis-tools)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  # The package starts a system nginx on port 80; the tests run their own.
-  systemctl stop nginx >/dev/null 2>&1 || true
+  # The packages start system services on their default ports; the tests run their own.
+  for svc in nginx postgresql mariadb redis-server; do
+    systemctl stop "$svc" >/dev/null 2>&1 || true
+  done
   pkill -x nginx >/dev/null 2>&1 || true
+  pkill -x redis-server >/dev/null 2>&1 || true
+  pkill -x mariadbd >/dev/null 2>&1 || true
 fi
 
 venv="$here/.venv"

@@ -125,6 +125,9 @@ fn arg(a: &str) -> String {
 /// A command line with secret-bearing arguments masked: the rules of `arg`, plus the value after
 /// a sensitive flag (`--password x`, `--token x`) and after `-u`/`--user` (`user:password`).
 pub fn command_line(argv: &[String]) -> String {
+    if let Some(masked) = database_client(argv) {
+        return masked;
+    }
     let mut out = Vec::with_capacity(argv.len());
     let mut mask_next = false;
     for a in argv {
@@ -140,6 +143,93 @@ pub fn command_line(argv: &[String]) -> String {
         out.push(arg(a));
     }
     out.join(" ")
+}
+
+/// Database command-line clients carry statements (with their literals), values and passwords
+/// in their arguments: `psql -c SQL`, `mysql -e SQL -pPASS`, `redis-cli SET key value`. Their
+/// statements and values are masked; flags and connection targets stay.
+fn database_client(argv: &[String]) -> Option<String> {
+    let exe = argv.first()?.rsplit('/').next()?;
+    let (statement_flags, valued): (&[&str], &[&str]) = match exe {
+        "psql" => (
+            &["-c", "--command"],
+            &[
+                "-h",
+                "-p",
+                "-U",
+                "-d",
+                "-f",
+                "-v",
+                "--host",
+                "--port",
+                "--username",
+                "--dbname",
+            ],
+        ),
+        "mysql" | "mariadb" => (
+            &["-e", "--execute"],
+            &[
+                "-h",
+                "-P",
+                "-u",
+                "-D",
+                "-S",
+                "--host",
+                "--port",
+                "--user",
+                "--database",
+            ],
+        ),
+        "redis-cli" | "valkey-cli" => (&[], &["-h", "-p", "-n", "-s", "-u", "--user"]),
+        _ => return None,
+    };
+    let redis = statement_flags.is_empty();
+    let mut out = vec![argv[0].clone()];
+    let mut positional = 0;
+    let mut it = argv[1..].iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, _)) if a.starts_with("--") => (f, true),
+            _ => (a.as_str(), false),
+        };
+        let is_flag = a.starts_with('-');
+        if is_flag && a.starts_with("-p") && a.len() > 2 && exe != "psql" && exe != "redis-cli" {
+            // mysql -pPASSWORD
+            out.push(format!("-p{MASK}"));
+        } else if is_flag
+            && (statement_flags.contains(&flag)
+                || flag == "-a"
+                || (flag.starts_with("--") && is_sensitive_name(flag)))
+        {
+            out.push(if inline {
+                format!("{flag}={MASK}")
+            } else {
+                it.next();
+                format!("{flag} {MASK}")
+            });
+        } else if valued.contains(&flag) && !inline {
+            out.push(a.clone());
+            if let Some(v) = it.next() {
+                out.push(if flag == "-u" && redis {
+                    MASK.to_string()
+                } else {
+                    v.clone()
+                });
+            }
+        } else if a.starts_with('-') {
+            out.push(arg(a));
+        } else {
+            positional += 1;
+            // redis-cli COMMAND args...: the command stays, its key and values go. For psql and
+            // mysql a positional argument is a database or user name.
+            out.push(if redis && positional > 1 {
+                MASK.to_string()
+            } else {
+                arg(a)
+            });
+        }
+    }
+    Some(out.join(" "))
 }
 
 #[cfg(test)]
@@ -208,6 +298,49 @@ mod tests {
             "postgresql://REDACTED@h:5432/db",
         ),
     ];
+
+    #[test]
+    fn database_clients_lose_statements_values_and_passwords() {
+        let cases: &[(&[&str], &[&str], &str)] = &[
+            (
+                &["psql", "-h", "db", "-c", "SELECT 'x-secret'", "shop"],
+                &["x-secret"],
+                "psql -h db -c REDACTED shop",
+            ),
+            (
+                &[
+                    "/usr/bin/mariadb",
+                    "-uroot",
+                    "-ppw-secret",
+                    "-e",
+                    "SELECT 'x-secret'",
+                ],
+                &["x-secret", "pw-secret"],
+                "-pREDACTED -e REDACTED",
+            ),
+            (
+                &[
+                    "redis-cli",
+                    "-p",
+                    "6379",
+                    "-a",
+                    "pw-secret",
+                    "SET",
+                    "k-secret",
+                    "v-secret",
+                ],
+                &["pw-secret", "k-secret", "v-secret"],
+                "redis-cli -p 6379 -a REDACTED SET REDACTED REDACTED",
+            ),
+        ];
+        for (input, gone, kept) in cases {
+            let out = command_line(&argv(input));
+            for g in *gone {
+                assert!(!out.contains(g), "{g} in {out}");
+            }
+            assert!(out.contains(kept), "{kept} not in {out}");
+        }
+    }
 
     #[test]
     fn secrets_in_command_lines_are_masked() {

@@ -14,6 +14,7 @@ use std::{
 use base64::Engine as _;
 use serde::Deserialize;
 
+pub mod databases;
 pub mod otlp;
 pub mod sockets;
 

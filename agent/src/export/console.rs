@@ -157,6 +157,7 @@ impl<W: Write> ConsoleTree<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trace::span::Value;
     use crate::{process::ProcessInfo, trace::span::SpanRecord};
 
     fn span(id: u8, parent: Option<u8>, start: u64, kind: SpanKind, name: &str) -> SpanRecord {

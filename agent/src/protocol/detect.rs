@@ -126,7 +126,7 @@ mod tests {
             Verdict::Protocol(PROTO_POSTGRES)
         );
         assert_eq!(
-            decide(&[(b"Q\0\0\0\x0dSELECT 1;\0", true)]),
+            decide(&[(b"Q\0\0\0\x0eSELECT 1;\0", true)]),
             Verdict::Protocol(PROTO_POSTGRES)
         );
         let greeting = b"\x56\0\0\0\x0a10.11.6-MariaDB-0+deb12u1\0\x08\0\0\0abcdefgh\0\xfe\xf7\x2d\x02\0\xff\x81\x15\0\0\0\0\0\0\x1d\0\0\0ijklmnopqrst\0mysql_native_password\0";
