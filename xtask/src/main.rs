@@ -53,6 +53,12 @@ enum Task {
         /// Only this target.
         target: Option<String>,
     },
+    /// Records the protocol parsers' byte fixtures from the real servers (tests/src/bin/record.rs):
+    /// agent/src/protocol/*/testdata/*.bin. Needs root (the servers run in a test cgroup).
+    Record {
+        /// Only scenarios whose name contains this (e.g. pg-, redis-pubsub).
+        scenario: Option<String>,
+    },
     /// What Loupe costs a traced service: the same load with and without the agent, alternating
     /// rounds (nginx over loopback, a Python service), printed as a table.
     Bench {
@@ -99,6 +105,25 @@ fn main() -> anyhow::Result<()> {
         Task::Lint => {
             ensure_toolchain()?;
             lint()
+        }
+        Task::Record { scenario } => {
+            step("installing the servers and clients (tests/setup.sh)");
+            run(Command::new("bash").arg(root.join("tests").join("setup.sh")))?;
+            step("recording fixtures through a proxy in front of each real server");
+            let mut cmd = Command::new("cargo");
+            cmd.args([
+                "run",
+                "--quiet",
+                "--package",
+                "loupe-tests",
+                "--bin",
+                "record",
+                "--",
+            ]);
+            if let Some(s) = scenario {
+                cmd.arg(s);
+            }
+            run(&mut cmd)
         }
         Task::Fuzz { seconds, target } => {
             ensure_toolchain()?;

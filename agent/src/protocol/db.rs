@@ -291,6 +291,10 @@ impl Session {
         out
     }
 
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
+    }
+
     pub fn close(&mut self, ts_ns: u64) -> Vec<DbExchange> {
         self.pending
             .drain(..)

@@ -18,6 +18,8 @@ pub mod verdict;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+pub mod fixture;
 
 pub use agent_common::protocol::{
     PROTO_COUNT, PROTO_HTTP1, PROTO_MYSQL, PROTO_NAMES, PROTO_POSTGRES, PROTO_REDIS, PROTO_UNKNOWN,

@@ -426,12 +426,15 @@ impl Parser {
             self.expected.push_back(Expect { replies });
             let text = if self.keys {
                 let mut t = command.clone();
-                if let Some(key) = v.leading.get(1) {
+                let keyed = first_arg_is_key(&command);
+                if let Some(key) = v.leading.get(1).filter(|_| first_arg_is_key(&command)) {
                     t.push(' ');
                     t.push_str(&String::from_utf8_lossy(key));
                 }
-                for _ in 2..v.len.max(0) {
-                    t.push_str(" ?");
+                if keyed {
+                    for _ in 2..v.len.max(0) {
+                        t.push_str(" ?");
+                    }
                 }
                 Some(Arc::from(t))
             } else {
@@ -473,6 +476,33 @@ impl Parser {
         }
         self.values = values;
     }
+}
+
+/// Commands whose first argument is not a key but a secret, a script or a setting: with
+/// `redis_keys` on, their arguments stay out of `db.query.text` all the same.
+fn first_arg_is_key(command: &str) -> bool {
+    !matches!(
+        command,
+        "AUTH"
+            | "HELLO"
+            | "ACL"
+            | "CONFIG"
+            | "CLIENT"
+            | "EVAL"
+            | "EVAL_RO"
+            | "EVALSHA"
+            | "EVALSHA_RO"
+            | "FCALL"
+            | "FCALL_RO"
+            | "SCRIPT"
+            | "FUNCTION"
+            | "MIGRATE"
+            | "MODULE"
+            | "DEBUG"
+            | "SELECT"
+            | "PUBLISH"
+            | "SPUBLISH"
+    )
 }
 
 fn is_pubsub_message(v: &Value) -> bool {
