@@ -76,6 +76,7 @@ impl Default for DbOptions {
 }
 
 /// One database connection's parser: an enum keeps dynamic dispatch off the hot path.
+#[derive(Debug)]
 pub enum Parser {
     Postgres(postgres::Parser),
     Mysql(mysql::Parser),

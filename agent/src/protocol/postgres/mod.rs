@@ -269,15 +269,21 @@ impl Parser {
         }
         let seg = match seg {
             Segment::Data(mut b) if self.awaiting_encryption_answer && !b.is_empty() => {
-                // The answer to SSLRequest is one bare byte.
+                // The answer to SSLRequest is one bare byte: 'S' (TLS follows) or 'N'. If that
+                // byte was lost in a gap, a plausible backend message says it was 'N'.
                 self.awaiting_encryption_answer = false;
-                if b[0] != b'N' {
-                    self.encrypted = true;
-                    return;
-                }
-                let _ = b.split_to(1);
-                if b.is_empty() {
-                    return;
+                match b[0] {
+                    b'N' => {
+                        let _ = b.split_to(1);
+                        if b.is_empty() {
+                            return;
+                        }
+                    }
+                    _ if plausible_backend(&b) => {}
+                    _ => {
+                        self.encrypted = true;
+                        return;
+                    }
                 }
                 Segment::Data(b)
             }
