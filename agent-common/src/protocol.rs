@@ -20,6 +20,9 @@ pub const PROTO_COUNT: usize = 6;
 pub const PROTO_NAMES: [&str; PROTO_COUNT] =
     ["unknown", "http1", "http2", "postgresql", "mysql", "redis"];
 
+// Every id has a bit in the u32 `LoupeConfig::protocols` mask.
+const _: () = assert!(PROTO_COUNT <= 32);
+
 /// Bit in `LoupeConfig::protocols` for a `PROTO_*` value.
 pub const fn proto_bit(proto: u8) -> u32 {
     1 << proto
@@ -183,7 +186,6 @@ mod tests {
     #[test]
     fn every_id_has_a_name_and_fits_the_mask() {
         assert_eq!(PROTO_NAMES.len(), PROTO_COUNT);
-        assert!(PROTO_COUNT <= 32);
         for r in PREFILTER {
             assert!((r.protocol as usize) < PROTO_COUNT && r.protocol != PROTO_UNKNOWN);
             assert!(r.min_len <= 8);

@@ -4,7 +4,7 @@
 use std::{
     fmt::Write as _,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -12,23 +12,8 @@ use std::{
 use agent_common::counters::{self, NUM_COUNTERS};
 
 use crate::{
-    bpf::load::KernelCounters, conn::TableStats, export::ExportStats, trace::sink::TraceStats,
+    bpf::load::KernelCounters, export::ExportStats, pipeline::Userspace, trace::sink::TraceStats,
 };
-
-/// Counters written by the userspace stages.
-#[derive(Debug, Default)]
-pub struct Userspace {
-    pub events_read: AtomicU64,
-    pub decode_errors: AtomicU64,
-    pub channel_full: AtomicU64,
-    pub table: Mutex<TableStats>,
-}
-
-impl Userspace {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-}
 
 /// One time series: a metric name (Prometheus style), its labels and current value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +138,9 @@ impl Metrics {
             value,
         };
         out.extend(rows.into_iter().chain(self.span_rows()).map(counter));
+        if let Some(t) = &self.traces {
+            out.extend(l7_samples(t));
+        }
         if let Some((pods, watch)) = &self.k8s {
             out.push(Sample {
                 name: "loupe_k8s_pods",
@@ -417,4 +405,99 @@ pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow:
             let _ = sock.shutdown().await;
         });
     }
+}
+
+/// Per-protocol rows (`{protocol="redis"}`): detection, pairing and losses of each registered
+/// protocol, from the one list in `protocol::REGISTRY`.
+fn l7_samples(t: &TraceStats) -> Vec<Sample> {
+    use crate::protocol::{REGISTRY, name};
+    let l = &t.l7;
+    let d = &t.detect;
+    type Row = (
+        &'static str,
+        &'static str,
+        for<'a> fn(
+            &'a crate::trace::sink::L7Stats,
+            &'a crate::protocol::detect::DetectStats,
+        ) -> &'a [AtomicU64],
+    );
+    let rows: [Row; 11] = [
+        (
+            "loupe_l7_detected_total",
+            "Connections user-space detection gave to this protocol.",
+            |_, d| &d.detected,
+        ),
+        (
+            "loupe_l7_rejected_total",
+            "Connections this protocol's detector said no to.",
+            |_, d| &d.rejected,
+        ),
+        (
+            "loupe_l7_undecided_total",
+            "Connections this protocol's detector could not decide on before detection gave up.",
+            |_, d| &d.undecided,
+        ),
+        (
+            "loupe_l7_exchanges_total",
+            "Requests paired with their answers (both sides of a connection).",
+            |l, _| &l.exchanges,
+        ),
+        (
+            "loupe_l7_spans_total",
+            "Exchanges that became spans (database servers' own side only with server_spans).",
+            |l, _| &l.spans,
+        ),
+        (
+            "loupe_l7_malformed_total",
+            "Stretches of streams that did not parse (skipped until the framing resynchronised).",
+            |l, _| &l.malformed,
+        ),
+        (
+            "loupe_l7_orphan_responses_total",
+            "Answers with no request to pair with.",
+            |l, _| &l.orphans,
+        ),
+        (
+            "loupe_l7_timeouts_total",
+            "Requests whose answer never came.",
+            |l, _| &l.timeouts,
+        ),
+        (
+            "loupe_l7_pending_overflow_total",
+            "Requests dropped because 1024 were already waiting on one connection.",
+            |l, _| &l.overflow,
+        ),
+        (
+            "loupe_l7_unsolicited_total",
+            "Messages that answer no request (pub/sub, pushes, notices): counted, never paired.",
+            |l, _| &l.unsolicited,
+        ),
+        (
+            "loupe_l7_not_executed_total",
+            "Statements a server skipped after an earlier error in their pipeline (no span).",
+            |l, _| &l.not_executed,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (metric, help, get) in rows {
+        for r in REGISTRY {
+            out.push(Sample {
+                name: metric,
+                help,
+                gauge: false,
+                labels: vec![("protocol", name(r.id))],
+                value: get(l, d)
+                    .get(r.id as usize)
+                    .map_or(0, |c| c.load(Ordering::Relaxed)),
+            });
+        }
+    }
+    out.push(Sample {
+        name: "loupe_l7_ignored_connections_total",
+        help: "Connections no parser wanted after all (the kernel was told to stop capturing them).",
+        gauge: false,
+        labels: Vec::new(),
+        value: d.ignored.load(Ordering::Relaxed),
+    });
+    out
 }

@@ -1,16 +1,36 @@
 //! The consumer side: events -> connection table -> a sink that gets each connection's new
 //! stream segments. Also owns periodic idle eviction.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::mpsc;
 
 use crate::{
     clock,
-    conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segment},
+    conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segment, TableStats},
     decode::{CloseEvent, DataEvent, Direction, Event},
-    metrics::Userspace,
 };
+
+/// Counters written by the userspace stages.
+#[derive(Debug, Default)]
+pub struct Userspace {
+    pub events_read: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub channel_full: AtomicU64,
+    pub table: Mutex<TableStats>,
+}
+
+impl Userspace {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
 
 /// Where reassembled streams go.
 pub trait Sink {

@@ -13,7 +13,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, sync::watch};
 
 use crate::{
     decode::{Event, decode},
-    metrics::Userspace,
+    pipeline::Userspace,
 };
 
 /// Longest a record waits in the ring.

@@ -30,29 +30,8 @@ use super::{
 };
 use crate::trace::span::SpanRecord;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Grpc,
-    HttpProtobuf,
-}
-
-impl Protocol {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim() {
-            "grpc" => Some(Protocol::Grpc),
-            "http/protobuf" => Some(Protocol::HttpProtobuf),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct OtlpConfig {
-    pub protocol: Protocol,
-    /// Base endpoint from `--otlp-endpoint` (as OTEL_EXPORTER_OTLP_ENDPOINT); None leaves it to
-    /// the standard variables.
-    pub endpoint: Option<String>,
-}
+// The configuration types live with the settings that read them (no import circle).
+pub use super::otlp_settings::{OtlpConfig, Protocol};
 
 /// Batches on the wire at once: enough to hide a collector's round trip at saturation, few
 /// enough that an outage holds at most this many batches in memory beside the queue.

@@ -13,7 +13,7 @@ use opentelemetry_sdk::{
     runtime,
 };
 
-use super::otlp::{OtlpConfig, Protocol};
+use super::otlp_settings::{OtlpConfig, Protocol};
 use crate::metrics::Metrics;
 
 /// The OTLP name of a Prometheus-style metric: `loupe_spans_built_total` -> `loupe.spans_built`.

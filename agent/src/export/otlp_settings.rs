@@ -4,7 +4,29 @@
 
 use std::time::Duration;
 
-use super::otlp::{OtlpConfig, Protocol};
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "grpc" => Some(Protocol::Grpc),
+            "http/protobuf" => Some(Protocol::HttpProtobuf),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    pub protocol: Protocol,
+    /// Base endpoint from `--otlp-endpoint` (as OTEL_EXPORTER_OTLP_ENDPOINT); None leaves it to
+    /// the standard variables.
+    pub endpoint: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {

@@ -225,11 +225,8 @@ fn collection(toks: &[Token], operation: Option<&str>) -> Option<Arc<str>> {
     // schema.table (or db.table): words joined by periods.
     let mut name = String::new();
     let mut i = at + 1;
-    loop {
-        match significant.get(i) {
-            Some(Token::Word(w)) => name.push_str(&w.value),
-            _ => break,
-        }
+    while let Some(Token::Word(w)) = significant.get(i) {
+        name.push_str(&w.value);
         match significant.get(i + 1) {
             Some(Token::Period) => {
                 name.push('.');

@@ -82,7 +82,9 @@ struct Held {
 enum Proto {
     Detecting(Detection, Vec<Held>),
     Http1(Session),
-    Db(db::Session, u8),
+    // Boxed: a database session (parser buffers, statement maps) is larger than the rest, and
+    // most connections are HTTP.
+    Db(Box<db::Session>, u8),
     /// No parser wants it (or its side is unknown).
     Ignored,
 }
@@ -307,7 +309,7 @@ impl TraceSink {
                     Proto::Http1(Session::new(conn.midstream))
                 } else {
                     match db::Parser::new(p, conn.midstream, &self.db) {
-                        Some(parser) => Proto::Db(db::Session::new(parser), p),
+                        Some(parser) => Proto::Db(Box::new(db::Session::new(parser)), p),
                         None => Proto::Ignored,
                     }
                 };

@@ -300,11 +300,9 @@ impl Parser {
 
     fn on_response(&mut self, f: &Frame, out: &mut Vec<Message>) {
         match f.header[0] {
-            b'C' | b'I' | b's' => {
-                if self.expected.front() == Some(&Expect::Execute) {
-                    self.expected.pop_front();
-                    out.push(Message::Response(DbResponse::default()));
-                }
+            b'C' | b'I' | b's' if self.expected.front() == Some(&Expect::Execute) => {
+                self.expected.pop_front();
+                out.push(Message::Response(DbResponse::default()));
             }
             b'E' => {
                 let code = sqlstate(&f.body);
