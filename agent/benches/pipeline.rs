@@ -1,6 +1,8 @@
 //! The userspace path one event takes, without the kernel or the exporter: decode a ring-buffer
 //! record -> connection table and reassembly -> HTTP/1 parsing and pairing -> span building.
-//! Reported as events per second on one core (`cargo xtask bench` runs it too).
+//! Reported as events per second on one core (`cargo xtask bench` runs it too). The `sink`
+//! cases take the daemon's own path instead: the tracing sink, with user-space protocol
+//! detection, dispatch and causality, for HTTP/1 and for Redis.
 
 use agent_common::{
     conn::{AF_INET, ConnTuple, ROLE_SERVER},
@@ -8,15 +10,21 @@ use agent_common::{
         DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, DataEvent, EVENT_VERSION, EventHeader, KIND_DATA,
     },
 };
+use std::sync::Arc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use loupe::{
     clock::WallClock,
     conn::{ConnTable, Limits, NoResolver},
     decode::{Direction, Event, decode},
-    protocol::http1::Head,
+    export::ExportStats,
+    pipeline::Sink,
+    process::ProcessCache,
+    protocol::{db::DbOptions, http1::Head},
     trace::{
         causality::Linker,
         exchange::Session,
+        sink::TraceSink,
         span::{self, RandomIds, Redaction, SpanKind},
     },
 };
@@ -25,6 +33,10 @@ const CONNS: u64 = 64;
 const EXCHANGES: u64 = 16;
 
 fn record(sk: u64, dir: u8, seq: u64, payload: &[u8], ts: u64) -> Vec<u8> {
+    record_as(sk, dir, seq, payload, ts, 1)
+}
+
+fn record_as(sk: u64, dir: u8, seq: u64, payload: &[u8], ts: u64, protocol: u8) -> Vec<u8> {
     let mut tuple = ConnTuple {
         family: AF_INET,
         sport: 8080,
@@ -52,7 +64,7 @@ fn record(sk: u64, dir: u8, seq: u64, payload: &[u8], ts: u64) -> Vec<u8> {
         comm,
         direction: dir,
         role: ROLE_SERVER,
-        protocol: 1,
+        protocol,
         syscall: 1,
         ..Default::default()
     };
@@ -84,6 +96,75 @@ fn records() -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// Redis GETs on keep-alive connections, as the server sees them.
+fn redis_records() -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut ts = 1_000;
+    for x in 0..EXCHANGES {
+        for sk in 0..CONNS {
+            let req = format!("*2\r\n$3\r\nGET\r\n$11\r\nuser:{x:06}\r\n");
+            let resp = "$11\r\n{\"ok\":true}\r\n";
+            let (rq, rs) = (req.len() as u64, resp.len() as u64);
+            out.push(record_as(sk, DIR_RECV, x * rq, req.as_bytes(), ts, 5));
+            out.push(record_as(sk, DIR_SEND, x * rs, resp.as_bytes(), ts + 50_000, 5));
+            ts += 1_000;
+        }
+    }
+    out
+}
+
+/// The records through decode, the connection table and the tracing sink, as `loupe run` does.
+fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(input.len());
+    let mut sink = TraceSink::new(
+        tx,
+        Arc::new(ExportStats::default()),
+        Redaction::default(),
+        30_000_000_000,
+        ProcessCache::shared(Vec::new(), true),
+    );
+    sink.databases(DbOptions {
+        server_spans,
+        ..DbOptions::default()
+    });
+    let mut table = ConnTable::new(Limits::default());
+    for raw in input {
+        let Ok(Event::Data(mut ev)) = decode(raw) else {
+            panic!("bad record")
+        };
+        let dir = ev.direction;
+        let payload = std::mem::take(&mut ev.payload);
+        let meta = ev.clone();
+        ev.payload = payload;
+        let Some((conn, _)) = table.ingest(ev, &mut NoResolver) else {
+            continue;
+        };
+        let segments = conn.stream_mut(dir).drain().collect();
+        sink.data(&conn.info, &meta, dir, segments);
+    }
+    let mut spans = 0;
+    while rx.try_recv().is_ok() {
+        spans += 1;
+    }
+    spans
+}
+
+fn sink(c: &mut Criterion) {
+    let http = records();
+    let redis = redis_records();
+    let mut group = c.benchmark_group("sink");
+    group.throughput(Throughput::Elements(http.len() as u64));
+    group.bench_function("http1", |b| {
+        b.iter(|| std::hint::black_box(through_sink(&http, false)))
+    });
+    group.throughput(Throughput::Elements(redis.len() as u64));
+    // Server side with spans on, so the work matches the HTTP case (a span per exchange).
+    group.bench_function("redis", |b| {
+        b.iter(|| std::hint::black_box(through_sink(&redis, true)))
+    });
+    group.finish();
 }
 
 fn pipeline(c: &mut Criterion) {
@@ -128,5 +209,5 @@ fn pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pipeline);
+criterion_group!(benches, pipeline, sink);
 criterion_main!(benches);
