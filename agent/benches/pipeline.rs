@@ -108,7 +108,14 @@ fn redis_records() -> Vec<Vec<u8>> {
             let resp = "$11\r\n{\"ok\":true}\r\n";
             let (rq, rs) = (req.len() as u64, resp.len() as u64);
             out.push(record_as(sk, DIR_RECV, x * rq, req.as_bytes(), ts, 5));
-            out.push(record_as(sk, DIR_SEND, x * rs, resp.as_bytes(), ts + 50_000, 5));
+            out.push(record_as(
+                sk,
+                DIR_SEND,
+                x * rs,
+                resp.as_bytes(),
+                ts + 50_000,
+                5,
+            ));
             ts += 1_000;
         }
     }

@@ -111,6 +111,33 @@ pub struct DataEvent {
     pub context: Option<KernelContext>,
 }
 
+impl DataEvent {
+    /// An event with nothing in it but its connection: for fuzzing and tests that drive a sink.
+    pub fn for_tests(conn: ConnKey) -> Self {
+        let addr: SocketAddr = "127.0.0.1:1".parse().expect("literal");
+        Self {
+            ts_ns: 0,
+            pid: 1,
+            tid: 1,
+            comm: Comm::new([0; 16], 0),
+            conn,
+            local: addr,
+            remote: addr,
+            direction: Direction::Send,
+            role: Role::Unknown,
+            protocol: 0,
+            syscall: 0,
+            seq: 0,
+            bytes: 0,
+            payload: Bytes::new(),
+            truncated: false,
+            no_payload: false,
+            midstream: false,
+            context: None,
+        }
+    }
+}
+
 /// A task's comm (at most 15 bytes), kept inline: an event carries one, and a heap string per
 /// event was measurable at 100k+ events/s.
 #[derive(Clone, Copy, PartialEq, Eq)]

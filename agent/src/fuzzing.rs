@@ -102,6 +102,64 @@ pub fn http1_connection(data: &[u8]) {
     }
 }
 
+/// Any bytes as both directions of one connection through the tracing sink: user-space
+/// detection over every registered protocol, the chosen protocol's parser and pairing,
+/// causality and span building (database spans included: server spans on).
+pub fn l7_connection(data: &[u8]) {
+    use crate::{
+        decode::{DataEvent, Direction},
+        pipeline::Sink,
+        protocol::db::DbOptions,
+        trace::sink::TraceSink,
+    };
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
+    let role = if mode & 2 != 0 {
+        Role::Client
+    } else {
+        Role::Server
+    };
+    let mut info = conn(role, mode & 1 != 0);
+    // The kernel's hint, any value: user space must not trust it.
+    info.protocol = mode >> 2;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let mut sink = TraceSink::new(
+        tx,
+        std::sync::Arc::new(crate::export::ExportStats::default()),
+        Redaction::default(),
+        1_000,
+        crate::process::ProcessCache::shared(Vec::new(), true),
+    );
+    sink.databases(DbOptions {
+        server_spans: true,
+        ..DbOptions::default()
+    });
+    let requests_dir = if role == Role::Server {
+        Direction::Recv
+    } else {
+        Direction::Send
+    };
+    for (ts, (requests, seg)) in (1u64..).zip(steps(data)) {
+        let dir = match (requests, requests_dir) {
+            (true, d) => d,
+            (false, Direction::Recv) => Direction::Send,
+            (false, Direction::Send) => Direction::Recv,
+        };
+        let ev = DataEvent {
+            ts_ns: ts,
+            tid: 7,
+            direction: dir,
+            ..DataEvent::for_tests(info.key)
+        };
+        sink.data(&info, &ev, dir, vec![seg]);
+        while rx.try_recv().is_ok() {}
+    }
+    sink.tick(u64::MAX);
+    sink.closed(&info, None);
+    while rx.try_recv().is_ok() {}
+}
+
 /// Any bytes as one direction of a stream, fed to the message reader directly (both the request
 /// and the response reader, from the start and mid-stream).
 pub fn http1_reader(data: &[u8]) {
@@ -198,6 +256,11 @@ mod tests {
         #[test]
         fn random_connection_bytes_too(data in prop::collection::vec(any::<u8>(), 0..600)) {
             http1_connection(&data);
+        }
+
+        #[test]
+        fn any_connection_bytes_through_detection_and_every_protocol(data in script()) {
+            l7_connection(&data);
         }
 
         #[test]

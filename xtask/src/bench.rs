@@ -404,6 +404,246 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A database server the database workloads drive, and the command that loads it.
+struct DbWorkload {
+    name: &'static str,
+    _server: Guard,
+    load: Box<dyn Fn(u64, usize) -> anyhow::Result<Load>>,
+}
+
+fn runuser_postgres(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args))
+}
+
+/// PostgreSQL 15 loaded by pgbench's read-only script with prepared statements (extended
+/// protocol: Bind/Execute of a named statement per query).
+fn postgres(dir: &Path) -> anyhow::Result<DbWorkload> {
+    const BIN: &str = "/usr/lib/postgresql/15/bin";
+    std::fs::create_dir_all(dir)?;
+    run(Command::new("chown").arg("postgres").arg(dir))?;
+    let data = dir.join("data");
+    runuser_postgres(&[
+        &format!("{BIN}/initdb"),
+        "-D",
+        data.to_str().unwrap(),
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "--no-sync",
+    ])?;
+    let port = free_port();
+    let server = Command::new("runuser")
+        .args(["-u", "postgres", "--", &format!("{BIN}/postgres"), "-D"])
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir)
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting postgres")?;
+    let guard = Guard(server);
+    wait_port(port)?;
+    let p = port.to_string();
+    for _ in 0..50 {
+        let ok = Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &p,
+                "-U",
+                "postgres",
+                "-i",
+                "-s",
+                "2",
+                "-q",
+            ])
+            .arg("postgres")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(DbWorkload {
+        name: "PostgreSQL 15, pgbench -S -M prepared (select by key)",
+        _server: guard,
+        load: Box::new(move |seconds, connections| {
+            let out = Command::new("pgbench")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &p,
+                    "-U",
+                    "postgres",
+                    "-S",
+                    "-M",
+                    "prepared",
+                ])
+                .args([
+                    "-T",
+                    &seconds.to_string(),
+                    "-c",
+                    &connections.to_string(),
+                    "-j",
+                    "2",
+                ])
+                .arg("postgres")
+                .output()
+                .context("running pgbench")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            };
+            let tps = field("tps = ").context("pgbench printed no tps")?;
+            Ok(Load {
+                rps: tps,
+                p50_ms: field("latency average = ").unwrap_or(f64::NAN),
+                requests: field("number of transactions actually processed: ").unwrap_or(0.0)
+                    as u64,
+                ..Load::default()
+            })
+        }),
+    })
+}
+
+/// Redis 7 loaded by redis-benchmark's GET and SET.
+fn redis() -> anyhow::Result<DbWorkload> {
+    let port = free_port();
+    let server = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server")?;
+    let guard = Guard(server);
+    wait_port(port)?;
+    let p = port.to_string();
+    // redis-benchmark runs a count, not a time: the warm-up (the first call) measures the rate
+    // that sizes the measured rounds, so no probe runs while the agent is measured.
+    let rate = std::cell::Cell::new(0.0f64);
+    Ok(DbWorkload {
+        name: "Redis 7, redis-benchmark -t get,set (no pipelining)",
+        _server: guard,
+        load: Box::new(move |seconds, connections| {
+            if rate.get() == 0.0 {
+                let probe = redis_benchmark(&p, 50_000, connections)?;
+                rate.set(probe.rps);
+                return Ok(probe);
+            }
+            let n = (rate.get() * seconds as f64 / 2.0).max(10_000.0) as u64;
+            redis_benchmark(&p, n, connections)
+        }),
+    })
+}
+
+fn redis_benchmark(port: &str, n: u64, connections: usize) -> anyhow::Result<Load> {
+    let start = Instant::now();
+    let out = Command::new("redis-benchmark")
+        .args(["-p", port, "-t", "get,set", "-q", "--csv"])
+        .args(["-n", &n.to_string(), "-c", &connections.to_string()])
+        .output()
+        .context("running redis-benchmark")?;
+    if !out.status.success() {
+        bail!("redis-benchmark failed");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "SET","123456.79","0.1",... per test; both tests ran n requests each.
+    let p50: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(3)?.trim_matches('"').parse().ok())
+        .collect();
+    Ok(Load {
+        rps: 2.0 * n as f64 / elapsed,
+        p50_ms: p50.iter().copied().fold(0.0, f64::max),
+        requests: 2 * n,
+        ..Load::default()
+    })
+}
+
+/// Database workloads: client and server on this node, every process traced (the client's
+/// calls are the CLIENT spans; the server side feeds metrics only).
+fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::Result<String> {
+    step(&format!("{}: warm-up", w.name));
+    (w.load)(2, opts.connections)?;
+    let (mut off, mut on, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..opts.rounds {
+        step(&format!(
+            "{}: round {} of {}",
+            w.name,
+            round + 1,
+            opts.rounds
+        ));
+        let on_first = round % 2 == 1;
+        for with in [on_first, !on_first] {
+            if with {
+                let (l, c) = with_agent(bin, otlp, &[], &opts.agent_args, || {
+                    (w.load)(opts.seconds, opts.connections)
+                })?;
+                on.push(l.rps);
+                costs.push((l, c));
+            } else {
+                off.push((w.load)(opts.seconds, opts.connections)?.rps);
+            }
+        }
+    }
+    let per_k: Vec<f64> = costs
+        .iter()
+        .map(|(l, c)| (c.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9))
+        .collect();
+    let absolute: Vec<f64> = costs
+        .iter()
+        .map(|(_, c)| c.cpu_seconds / opts.seconds as f64 * 1000.0)
+        .collect();
+    let per_op: Vec<f64> = costs
+        .iter()
+        .map(|(l, c)| c.kernel_ns as f64 / l.requests.max(1) as f64)
+        .collect();
+    let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
+    let ops: u64 = costs.iter().map(|(l, _)| l.requests).sum();
+    let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
+    let (off, on) = (median(off), median(on));
+    Ok(format!(
+        "\n{}\n{:<46} {:>12} {:>12}\n{:<46} {:>12.0} {:>12.0}   ratio {:.3}\n\
+         {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n",
+        w.name,
+        "",
+        "without",
+        "with",
+        "operations per second at saturation",
+        off,
+        on,
+        on / off,
+        "agent CPU (millicores per 1k ops/s, median)",
+        median(per_k),
+        "agent CPU (millicores, median)",
+        median(absolute),
+        "kernel-program time per operation (ns, median)",
+        median(per_op),
+        "spans exported / operations",
+        format!("{spans}/{ops}"),
+        "drops, every counter (sum over rounds)",
+        drops,
+    ))
+}
+
 pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
     ensure_tools(root)?;
     step("building the agent (release) and the OTLP sink");
@@ -585,6 +825,10 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             format!("drops at the fixed rate ({rate:.0}/s)"),
             rate_drops
         ));
+    }
+    // Database workloads: pgbench and redis-benchmark, client and server both traced.
+    for w in [postgres(&dir.join("postgres"))?, redis()?] {
+        report.push_str(&db_report(&bin, &otlp, &w, opts)?);
     }
     let _ = Command::new("sysctl")
         .args(["-qw", "kernel.bpf_stats_enabled=0"])

@@ -388,10 +388,11 @@ fn lint() -> anyhow::Result<()> {
         ))
 }
 
-const FUZZ_TARGETS: [&str; 4] = [
+const FUZZ_TARGETS: [&str; 5] = [
     "decode_record",
     "http1_connection",
     "http1_reader",
+    "l7_connection",
     "reassembly",
 ];
 

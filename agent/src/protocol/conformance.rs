@@ -292,6 +292,15 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
+    fn every_detector_takes_any_bytes(records in random_records()) {
+        for r in REGISTRY {
+            for (requests, bytes) in &records {
+                let _ = (r.detect)(bytes, *requests);
+            }
+        }
+    }
+
+    #[test]
     fn random_bytes_never_panic_or_grow_state(records in random_records(), midstream in any::<bool>(), gap_at in 0usize..40) {
         for r in REGISTRY {
             let mut segs: Vec<(bool, Segment)> = records.iter().map(|(c, b)| (*c, data(b))).collect();

@@ -306,7 +306,11 @@ pub fn detect(data: &[u8], requests: bool) -> Detect {
     if data.len() < 3 {
         return Detect::NeedMore;
     }
-    let line_end = data.windows(2).position(|w| w == b"\r\n");
+    // A first line of at least one type byte: an empty one is not RESP.
+    let line_end = match data.windows(2).position(|w| w == b"\r\n") {
+        Some(0) => return Detect::No,
+        other => other,
+    };
     if requests {
         // `*<n>\r\n$<len>\r\n<command>`: every client library sends arrays of bulk strings.
         if data[0] != b'*' {
