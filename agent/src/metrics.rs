@@ -499,5 +499,25 @@ fn l7_samples(t: &TraceStats) -> Vec<Sample> {
         labels: Vec::new(),
         value: d.ignored.load(Ordering::Relaxed),
     });
+    for (name, help, c) in [
+        (
+            "loupe_l7_verdicts_written_total",
+            "Ignored verdicts the kernel took: the connection costs one lookup per syscall from then on.",
+            &d.verdicts_written,
+        ),
+        (
+            "loupe_l7_verdicts_failed_total",
+            "Ignored verdicts the kernel could not take (connection gone or socket reused); its events are dropped in user space.",
+            &d.verdicts_failed,
+        ),
+    ] {
+        out.push(Sample {
+            name,
+            help,
+            gauge: false,
+            labels: Vec::new(),
+            value: c.load(Ordering::Relaxed),
+        });
+    }
     out
 }

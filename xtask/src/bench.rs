@@ -619,10 +619,16 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
     let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
     let ops: u64 = costs.iter().map(|(l, _)| l.requests).sum();
     let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
+    let mut reasons: Vec<String> = Vec::new();
+    for (_, c) in &costs {
+        for (n, v) in &c.drop_reasons {
+            reasons.push(format!("{n}={v}"));
+        }
+    }
     let (off, on) = (median(off), median(on));
     Ok(format!(
         "\n{}\n{:<46} {:>12} {:>12}\n{:<46} {:>12.0} {:>12.0}   ratio {:.3}\n\
-         {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n",
+         {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n{:<46} {}\n",
         w.name,
         "",
         "without",
@@ -641,6 +647,12 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         format!("{spans}/{ops}"),
         "drops, every counter (sum over rounds)",
         drops,
+        "drops by reason (per round)",
+        if reasons.is_empty() {
+            "none".to_string()
+        } else {
+            reasons.join(", ")
+        },
     ))
 }
 

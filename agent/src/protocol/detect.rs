@@ -20,6 +20,9 @@ pub struct DetectStats {
     pub undecided: [AtomicU64; PROTO_COUNT],
     /// Connections no parser wanted (the verdict written back to the kernel).
     pub ignored: AtomicU64,
+    /// ...of which the kernel took the verdict, and of which it could not (gone, reused).
+    pub verdicts_written: AtomicU64,
+    pub verdicts_failed: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

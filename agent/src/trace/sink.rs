@@ -300,7 +300,12 @@ impl TraceSink {
             Verdict::Pending => None,
             Verdict::Ignore => {
                 tracked.proto = Proto::Ignored;
-                self.verdicts.ignore(conn.key);
+                let counter = if self.verdicts.ignore(conn.key) {
+                    &self.stats.detect.verdicts_written
+                } else {
+                    &self.stats.detect.verdicts_failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 None
             }
             Verdict::Protocol(p) => {
@@ -570,5 +575,83 @@ mod tests {
         ));
         let any = vec!["0.0.0.0:4318".parse().unwrap()];
         assert!(is_excluded(&any, &conn("10.0.0.5:4318", "10.0.0.9:50000")));
+    }
+
+    fn redis_conn(role: Role) -> ConnInfo {
+        ConnInfo {
+            key: ConnKey {
+                sk: 9,
+                generation: 1,
+            },
+            pid: 1,
+            comm: "redis".into(),
+            local: "127.0.0.1:6379".parse().unwrap(),
+            remote: "127.0.0.1:50000".parse().unwrap(),
+            role,
+            protocol: crate::protocol::PROTO_REDIS,
+            midstream: false,
+        }
+    }
+
+    /// One GET on `role`'s side; the spans the sink made.
+    fn one_get(role: Role, server_spans: bool) -> (Vec<SpanRecord>, Arc<TraceStats>) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut sink = TraceSink::new(
+            tx,
+            Arc::new(ExportStats::default()),
+            Redaction::default(),
+            1_000_000_000,
+            crate::process::ProcessCache::shared(Vec::new(), true),
+        );
+        sink.databases(db::DbOptions {
+            server_spans,
+            ..db::DbOptions::default()
+        });
+        let conn = redis_conn(role);
+        let (req_dir, resp_dir) = match role {
+            Role::Server => (Direction::Recv, Direction::Send),
+            _ => (Direction::Send, Direction::Recv),
+        };
+        let seg = |b: &'static [u8]| vec![Segment::Data(bytes::Bytes::from_static(b))];
+        let ev = |ts, direction| DataEvent {
+            ts_ns: ts,
+            direction,
+            ..DataEvent::for_tests(conn.key)
+        };
+        sink.data(
+            &conn,
+            &ev(10, req_dir),
+            req_dir,
+            seg(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
+        );
+        sink.data(&conn, &ev(20, resp_dir), resp_dir, seg(b"$1\r\nv\r\n"));
+        let mut spans = Vec::new();
+        while let Ok(s) = rx.try_recv() {
+            spans.push(s);
+        }
+        (spans, sink.stats.clone())
+    }
+
+    #[test]
+    fn database_calls_are_client_spans_and_the_servers_side_is_metrics_only() {
+        let (spans, stats) = one_get(Role::Client, false);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].kind, SpanKind::Client);
+        assert_eq!(spans[0].name, "GET");
+        let redis = crate::protocol::PROTO_REDIS as usize;
+        assert_eq!(stats.detect.detected[redis].load(Ordering::Relaxed), 1);
+
+        let (spans, stats) = one_get(Role::Server, false);
+        assert!(spans.is_empty(), "no SERVER span by default");
+        assert_eq!(
+            stats.l7.exchanges[redis].load(Ordering::Relaxed),
+            1,
+            "still counted"
+        );
+        assert_eq!(stats.l7.spans[redis].load(Ordering::Relaxed), 0);
+
+        let (spans, _) = one_get(Role::Server, true);
+        assert_eq!(spans.len(), 1, "databases: server_spans: true");
+        assert_eq!(spans[0].kind, SpanKind::Server);
     }
 }
