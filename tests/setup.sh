@@ -28,6 +28,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   pkill -x nginx >/dev/null 2>&1 || true
   pkill -x redis-server >/dev/null 2>&1 || true
   pkill -x mariadbd >/dev/null 2>&1 || true
+  pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
 fi
 
 venv="$here/.venv"
