@@ -45,6 +45,20 @@ impl Detection {
     /// Offers the next bytes of one direction. `hint` is the kernel prefilter's guess: it
     /// breaks ties.
     pub fn offer(&mut self, data: &[u8], requests: bool, hint: u8, stats: &DetectStats) -> Verdict {
+        self.offer_at(data, requests, hint, false, stats)
+    }
+
+    /// As `offer`, for a connection joined mid-stream when `midstream`: bytes that start nothing
+    /// known may be the inside of a message (a body, a row), so they are dropped and the next
+    /// payloads get their chance, up to `MAX_DETECT_EVENTS`, before the connection is given up.
+    pub fn offer_at(
+        &mut self,
+        data: &[u8],
+        requests: bool,
+        hint: u8,
+        midstream: bool,
+        stats: &DetectStats,
+    ) -> Verdict {
         self.events = self.events.saturating_add(1);
         let buf = &mut self.first[usize::from(!requests)];
         let room = MAX_DETECT_BYTES.saturating_sub(buf.len());
@@ -70,6 +84,10 @@ impl Detection {
         }
         let give_up = self.events >= MAX_DETECT_EVENTS || buf.len() >= MAX_DETECT_BYTES;
         if best.is_none() && unsure && !give_up {
+            return Verdict::Pending;
+        }
+        if best.is_none() && midstream && !give_up {
+            self.first[usize::from(!requests)].clear();
             return Verdict::Pending;
         }
         for &(id, d) in &answers {
@@ -153,6 +171,45 @@ mod tests {
         assert_eq!(
             stats.rejected[PROTO_REDIS as usize].load(Ordering::Relaxed),
             1
+        );
+    }
+
+    #[test]
+    fn joined_mid_stream_the_inside_of_a_message_is_skipped() {
+        let stats = DetectStats::default();
+        let mut d = Detection::default();
+        // The tail of a response body, then the next request on the keep-alive connection.
+        assert_eq!(
+            d.offer_at(
+                b"xyz, the rest of a body\r\n",
+                false,
+                PROTO_UNKNOWN,
+                true,
+                &stats
+            ),
+            Verdict::Pending
+        );
+        assert_eq!(
+            d.offer_at(
+                b"GET /next HTTP/1.1\r\n\r\n",
+                true,
+                PROTO_UNKNOWN,
+                true,
+                &stats
+            ),
+            Verdict::Protocol(PROTO_HTTP1)
+        );
+        // From its start, the same bytes are decided at once.
+        let mut d = Detection::default();
+        assert_eq!(
+            d.offer_at(
+                b"xyz, the rest of a body\r\n",
+                false,
+                PROTO_UNKNOWN,
+                false,
+                &stats
+            ),
+            Verdict::Ignore
         );
     }
 

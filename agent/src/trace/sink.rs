@@ -278,7 +278,13 @@ impl TraceSink {
             match seg {
                 Segment::Gap(_) => detection.gap(requests),
                 Segment::Data(b) => {
-                    verdict = detection.offer(b, requests, conn.protocol, &self.stats.detect);
+                    verdict = detection.offer_at(
+                        b,
+                        requests,
+                        conn.protocol,
+                        conn.midstream,
+                        &self.stats.detect,
+                    );
                     if verdict != Verdict::Pending {
                         break;
                     }
