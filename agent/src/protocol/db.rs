@@ -36,6 +36,29 @@ pub struct DbRequest {
     pub namespace: Option<Arc<str>>,
 }
 
+impl DbRequest {
+    /// A SQL request for a sanitized statement (None: its text was never seen).
+    pub fn of(st: Option<&sql::Statement>, namespace: Option<Arc<str>>) -> Self {
+        Self {
+            operation: st.and_then(|s| s.operation.clone()),
+            collection: st.and_then(|s| s.collection.clone()),
+            text: st.and_then(|s| s.text.clone()),
+            text_truncated: st.is_some_and(|s| s.truncated),
+            text_unknown: false,
+            namespace,
+        }
+    }
+}
+
+/// Appends to a per-connection queue of what answers must come, dropping the oldest beyond
+/// `cap` (a peer that never answers cannot grow it).
+pub fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
+    if queue.len() >= cap {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DbResponse {
     /// SQLSTATE (PostgreSQL), error number (MySQL), error prefix (Redis `ERR`, `WRONGTYPE`).

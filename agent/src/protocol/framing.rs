@@ -7,6 +7,8 @@ use bytes::Bytes;
 
 use crate::conn::Segment;
 
+use super::db::Message;
+
 /// How a protocol reads its headers.
 #[derive(Debug, Clone, Copy)]
 pub struct Layout {
@@ -184,6 +186,54 @@ impl Framer {
         self.head_have = 0;
         self.in_body = false;
         self.cut = false;
+    }
+}
+
+/// Both directions of a length-prefixed connection, and the scratch space their frames pass
+/// through.
+#[derive(Debug)]
+pub struct Duplex {
+    pub requests: Framer,
+    pub responses: Framer,
+    scratch: Vec<Frame>,
+}
+
+impl Duplex {
+    pub fn new(requests: Framer, responses: Framer) -> Self {
+        Self {
+            requests,
+            responses,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The frames `seg` completes in one direction; stretches skipped to resynchronise become
+    /// `Message::Malformed`. Hand the vector back with `recycle`.
+    pub fn frames(&mut self, requests: bool, seg: Segment, out: &mut Vec<Message>) -> Vec<Frame> {
+        let mut frames = std::mem::take(&mut self.scratch);
+        let mut malformed = 0;
+        let framer = if requests {
+            &mut self.requests
+        } else {
+            &mut self.responses
+        };
+        framer.feed(seg, &mut frames, &mut malformed);
+        out.extend((0..malformed).map(|_| Message::Malformed));
+        frames
+    }
+
+    pub fn recycle(&mut self, mut frames: Vec<Frame>) {
+        frames.clear();
+        self.scratch = frames;
+    }
+
+    /// A request's bytes are buffered but not complete.
+    pub fn mid_request(&self) -> bool {
+        self.requests.in_message()
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.requests.buffered() + self.responses.buffered()
     }
 }
 

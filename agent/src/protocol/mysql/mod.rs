@@ -15,8 +15,8 @@ use crate::conn::Segment;
 
 use super::{
     Detect,
-    db::{DbRequest, DbResponse, Message},
-    framing::{Frame, Framer, Layout, cstr},
+    db::{DbRequest, DbResponse, Message, push_bounded},
+    framing::{Duplex, Frame, Framer, Layout, cstr},
     sql::{self, Flavor},
 };
 
@@ -96,9 +96,7 @@ enum State {
 
 #[derive(Debug)]
 pub struct Parser {
-    requests: Framer,
-    responses: Framer,
-    frames: Vec<Frame>,
+    wire: Duplex,
     expected: VecDeque<Expect>,
     state: State,
     statements: HashMap<u32, Arc<sql::Statement>>,
@@ -112,15 +110,15 @@ pub struct Parser {
     encrypted: bool,
     /// The error of the result being read (a multi-result answer keeps the first).
     error: Option<Arc<str>>,
-    malformed: u64,
 }
 
 impl Parser {
     pub fn new(midstream: bool) -> Self {
         Self {
-            requests: Framer::new(REQUESTS, KEEP_REQUEST, midstream),
-            responses: Framer::new(REPLIES, KEEP_RESPONSE, midstream),
-            frames: Vec::new(),
+            wire: Duplex::new(
+                Framer::new(REQUESTS, KEEP_REQUEST, midstream),
+                Framer::new(REPLIES, KEEP_RESPONSE, midstream),
+            ),
             expected: VecDeque::new(),
             state: State::Start,
             statements: HashMap::new(),
@@ -130,7 +128,6 @@ impl Parser {
             handshake: false,
             encrypted: false,
             error: None,
-            malformed: 0,
         }
     }
 
@@ -139,37 +136,26 @@ impl Parser {
     }
 
     pub fn mid_request(&self) -> bool {
-        self.requests.in_message()
+        self.wire.mid_request()
     }
 
     pub fn buffered(&self) -> usize {
-        self.requests.buffered() + self.responses.buffered()
+        self.wire.buffered()
     }
 
     fn expect(&mut self, e: Expect) {
-        if self.expected.len() >= MAX_EXPECTED {
-            self.expected.pop_front();
-        }
-        self.expected.push_back(e);
-    }
-
-    fn flush_malformed(&mut self, out: &mut Vec<Message>) {
-        for _ in 0..std::mem::take(&mut self.malformed) {
-            out.push(Message::Malformed);
-        }
+        push_bounded(&mut self.expected, e, MAX_EXPECTED);
     }
 
     pub fn requests(&mut self, seg: Segment, cache: &mut sql::Cache, out: &mut Vec<Message>) {
         if self.encrypted {
             return;
         }
-        let mut frames = std::mem::take(&mut self.frames);
-        self.requests.feed(seg, &mut frames, &mut self.malformed);
-        self.flush_malformed(out);
+        let mut frames = self.wire.frames(true, seg, out);
         for f in frames.drain(..) {
             self.on_request(&f, cache, out);
         }
-        self.frames = frames;
+        self.wire.recycle(frames);
     }
 
     fn on_request(&mut self, f: &Frame, cache: &mut sql::Cache, out: &mut Vec<Message>) {
@@ -258,27 +244,18 @@ impl Parser {
     }
 
     fn request(&self, st: Option<&sql::Statement>) -> DbRequest {
-        DbRequest {
-            operation: st.and_then(|s| s.operation.clone()),
-            collection: st.and_then(|s| s.collection.clone()),
-            text: st.and_then(|s| s.text.clone()),
-            text_truncated: st.is_some_and(|s| s.truncated),
-            text_unknown: false,
-            namespace: self.namespace.clone(),
-        }
+        DbRequest::of(st, self.namespace.clone())
     }
 
     pub fn responses(&mut self, seg: Segment, out: &mut Vec<Message>) {
         if self.encrypted {
             return;
         }
-        let mut frames = std::mem::take(&mut self.frames);
-        self.responses.feed(seg, &mut frames, &mut self.malformed);
-        self.flush_malformed(out);
+        let mut frames = self.wire.frames(false, seg, out);
         for f in frames.drain(..) {
             self.on_reply(&f, out);
         }
-        self.frames = frames;
+        self.wire.recycle(frames);
     }
 
     fn finish(&mut self, out: &mut Vec<Message>) {

@@ -16,8 +16,8 @@ use crate::conn::Segment;
 
 use super::{
     Detect,
-    db::{DbRequest, DbResponse, Message},
-    framing::{Frame, Framer, Layout, cstr},
+    db::{DbRequest, DbResponse, Message, push_bounded},
+    framing::{Duplex, Frame, Framer, Layout, cstr},
     sql::{self, Flavor},
 };
 
@@ -79,9 +79,7 @@ type Stmt = Arc<sql::Statement>;
 
 #[derive(Debug)]
 pub struct Parser {
-    requests: Framer,
-    responses: Framer,
-    frames: Vec<Frame>,
+    wire: Duplex,
     expected: VecDeque<Expect>,
     statements: HashMap<Vec<u8>, Stmt>,
     portals: HashMap<Vec<u8>, Vec<u8>>,
@@ -92,7 +90,6 @@ pub struct Parser {
     awaiting_encryption_answer: bool,
     /// The server agreed to TLS: what follows is ciphertext.
     encrypted: bool,
-    malformed: u64,
 }
 
 impl Parser {
@@ -104,9 +101,7 @@ impl Parser {
             requests.expect_untagged(4);
         }
         Self {
-            requests,
-            responses: Framer::new(BACKEND, KEEP_RESPONSE, midstream),
-            frames: Vec::new(),
+            wire: Duplex::new(requests, Framer::new(BACKEND, KEEP_RESPONSE, midstream)),
             expected: VecDeque::new(),
             statements: HashMap::new(),
             portals: HashMap::new(),
@@ -114,45 +109,33 @@ impl Parser {
             namespace: None,
             awaiting_encryption_answer: false,
             encrypted: false,
-            malformed: 0,
         }
     }
 
     pub fn mid_request(&self) -> bool {
-        self.requests.in_message()
+        self.wire.mid_request()
     }
 
     pub fn buffered(&self) -> usize {
-        self.requests.buffered() + self.responses.buffered()
+        self.wire.buffered()
     }
 
     fn expect(&mut self, e: Expect) {
-        if self.expected.len() >= MAX_EXPECTED {
-            self.expected.pop_front();
-        }
-        self.expected.push_back(e);
-    }
-
-    fn flush_malformed(&mut self, out: &mut Vec<Message>) {
-        for _ in 0..std::mem::take(&mut self.malformed) {
-            out.push(Message::Malformed);
-        }
+        push_bounded(&mut self.expected, e, MAX_EXPECTED);
     }
 
     pub fn requests(&mut self, seg: Segment, cache: &mut sql::Cache, out: &mut Vec<Message>) {
         if self.encrypted {
             return;
         }
-        let mut frames = std::mem::take(&mut self.frames);
-        self.requests.feed(seg, &mut frames, &mut self.malformed);
-        self.flush_malformed(out);
+        let mut frames = self.wire.frames(true, seg, out);
         for f in frames.drain(..) {
-            self.on_request(f, cache, out);
+            self.on_request(&f, cache, out);
         }
-        self.frames = frames;
+        self.wire.recycle(frames);
     }
 
-    fn on_request(&mut self, f: Frame, cache: &mut sql::Cache, out: &mut Vec<Message>) {
+    fn on_request(&mut self, f: &Frame, cache: &mut sql::Cache, out: &mut Vec<Message>) {
         let body = &f.body[..];
         match f.header[0] {
             0 => self.on_untagged(body),
@@ -223,7 +206,7 @@ impl Parser {
             SSL_REQUEST | GSSENC_REQUEST => {
                 self.awaiting_encryption_answer = true;
                 // If refused, the StartupMessage follows, untagged too.
-                self.requests.expect_untagged(4);
+                self.wire.requests.expect_untagged(4);
             }
             CANCEL_REQUEST => {}
             _ if code >> 16 == 3 => {
@@ -253,14 +236,7 @@ impl Parser {
     }
 
     fn request(&self, st: Option<&sql::Statement>) -> DbRequest {
-        DbRequest {
-            operation: st.and_then(|s| s.operation.clone()),
-            collection: st.and_then(|s| s.collection.clone()),
-            text: st.and_then(|s| s.text.clone()),
-            text_truncated: st.is_some_and(|s| s.truncated),
-            text_unknown: false,
-            namespace: self.namespace.clone(),
-        }
+        DbRequest::of(st, self.namespace.clone())
     }
 
     pub fn responses(&mut self, seg: Segment, out: &mut Vec<Message>) {
@@ -289,13 +265,11 @@ impl Parser {
             }
             s => s,
         };
-        let mut frames = std::mem::take(&mut self.frames);
-        self.responses.feed(seg, &mut frames, &mut self.malformed);
-        self.flush_malformed(out);
+        let mut frames = self.wire.frames(false, seg, out);
         for f in frames.drain(..) {
             self.on_response(&f, out);
         }
-        self.frames = frames;
+        self.wire.recycle(frames);
     }
 
     fn on_response(&mut self, f: &Frame, out: &mut Vec<Message>) {
