@@ -105,8 +105,10 @@ pub struct CommonArgs {
         global = true
     )]
     pub max_connections: u32,
-    /// Serve Prometheus metrics (drop counters included) on this address, e.g. 127.0.0.1:9464. Off by default.
-    #[arg(long, env = "LOUPE_METRICS_ADDR", global = true)]
+    /// Serve Prometheus metrics (drop counters included) on this address: 127.0.0.1:9464,
+    /// localhost:9464, or :9464 for every interface. Off by default; an address in use is an
+    /// error at start.
+    #[arg(long, env = "LOUPE_METRICS_ADDR", global = true, value_parser = parse_listen_addr)]
     pub metrics_addr: Option<SocketAddr>,
     /// Seconds between summary lines (events, drops) in the log; 0 turns them off.
     #[arg(
@@ -134,6 +136,25 @@ pub struct CommonArgs {
 pub enum CpuScheduling {
     Normal,
     Idle,
+}
+
+/// `HOST:PORT`, with a name resolved now (`localhost:9464`), or `:PORT` for every interface.
+pub fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    let s = s.trim();
+    if let Some(port) = s.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{s:?}: expected HOST:PORT or :PORT"))?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?}: {e}; expected HOST:PORT or :PORT"))?
+        .min_by_key(|a| a.is_ipv6())
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 fn parse_exid(s: &str) -> Result<u16, String> {
@@ -283,4 +304,20 @@ pub fn console_wanted(args: &RunArgs, otlp: bool) -> bool {
     let listed = env_nonempty("OTEL_TRACES_EXPORTER")
         .is_some_and(|v| v.split(',').any(|e| e.trim() == "console"));
     args.console || listed || !otlp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_as_people_write_them() {
+        let a = |s: &str| parse_listen_addr(s).map(|a| a.to_string());
+        assert_eq!(a(":9464").as_deref(), Ok("0.0.0.0:9464"));
+        assert_eq!(a("localhost:9464").as_deref(), Ok("127.0.0.1:9464"));
+        assert_eq!(a("127.0.0.1:9464").as_deref(), Ok("127.0.0.1:9464"));
+        assert_eq!(a("[::1]:9464").as_deref(), Ok("[::1]:9464"));
+        assert!(a("9464").is_err());
+        assert!(a(":x").is_err());
+    }
 }

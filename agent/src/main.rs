@@ -66,7 +66,12 @@ fn sched_idle() {
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
+    // Colour only for a person at a terminal: files and `kubectl logs` get plain text, and
+    // NO_COLOR (no-color.org) is honoured.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -147,11 +152,18 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     })
 }
 
-fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) {
+/// Binds the metrics endpoint before anything else reports ready: an address in use is a
+/// configuration error, not a log line.
+fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) -> anyhow::Result<()> {
     if let Some(addr) = common.metrics_addr {
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on --metrics-addr {addr}: {e}; pick a free address or leave the flag out"
+            )
+        })?;
         let m = metrics.clone();
         tokio::spawn(async move {
-            if let Err(err) = loupe::metrics::serve(addr, m).await {
+            if let Err(err) = loupe::metrics::serve(listener, m).await {
                 tracing::error!("{err:#}");
             }
         });
@@ -168,6 +180,7 @@ fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) {
             }
         });
     }
+    Ok(())
 }
 
 /// SIGINT and SIGTERM, handled from before "ready:" is logged: a signal sent as soon as the agent
@@ -209,7 +222,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         reader,
     } = start_capture(common, protocols)?;
     let metrics = Arc::new(metrics);
-    spawn_observability(common, &metrics);
+    spawn_observability(common, &metrics)?;
     tracing::info!(
         "ready: {} programs attached, capturing {}",
         probe.attached,
@@ -297,7 +310,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     metrics.links = Some(sink.linker.stats.clone());
     metrics.k8s = k8s;
     let metrics = Arc::new(metrics);
-    spawn_observability(common, &metrics);
+    spawn_observability(common, &metrics)?;
     let metrics_export = match &otlp {
         Some(o) => MetricsExport::start(o, metrics.clone(), &host_name())?,
         None => None,

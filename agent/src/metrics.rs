@@ -364,13 +364,10 @@ impl Metrics {
 
 /// Serves `render()` over plain HTTP/1.1. Deliberately minimal (one GET, Connection: close):
 /// it runs inside the agent, whose own traffic the kernel programs skip.
-pub async fn serve(addr: std::net::SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on --metrics-addr {addr}: {e}; pick a free address or leave the flag out"
-        )
-    })?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
     loop {
         let (mut sock, _) = listener.accept().await?;
