@@ -187,6 +187,10 @@ pub enum ConfigError {
     Protocol(String),
     #[error("invalid OTLP endpoint {0:?}: give a URL such as http://localhost:4318")]
     Endpoint(String),
+    #[error("OTEL_TRACES_EXPORTER={0:?}: use otlp, console or none (a comma list combines them)")]
+    Exporter(String),
+    #[error("--pid {0}: no such process; give the pid of a running process")]
+    Pid(u32),
     #[error("cannot use {path} as a {what}: {err}; give an existing path")]
     Path {
         what: &'static str,
@@ -205,6 +209,14 @@ impl CommonArgs {
         }
         if self.max_connections == 0 {
             return Err(ConfigError::MaxConnections);
+        }
+        // A mistyped pid would trace nothing, silently.
+        if let Some(&pid) = self
+            .pids
+            .iter()
+            .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        {
+            return Err(ConfigError::Pid(pid));
         }
         Ok(())
     }
@@ -262,6 +274,12 @@ pub fn otlp_config(args: &RunArgs) -> Result<Option<crate::export::otlp::OtlpCon
                 .collect()
         })
         .unwrap_or_default();
+    if let Some(bad) = exporters
+        .iter()
+        .find(|e| !matches!(e.as_str(), "otlp" | "console" | "none"))
+    {
+        return Err(ConfigError::Exporter(bad.clone()));
+    }
     let endpoint_env = env_nonempty("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .or_else(|| env_nonempty("OTEL_EXPORTER_OTLP_ENDPOINT"));
     if let Some(p) = &args.otlp_protocol
@@ -269,10 +287,15 @@ pub fn otlp_config(args: &RunArgs) -> Result<Option<crate::export::otlp::OtlpCon
     {
         return Err(ConfigError::Protocol(p.clone()));
     }
+    // The flags ask for OTLP outright; otherwise OTEL_TRACES_EXPORTER decides when set (per the
+    // specification: `console` only prints, `none` exports nothing), else an endpoint does.
     let wanted = args.otlp_endpoint.is_some()
         || args.otlp_protocol.is_some()
-        || (endpoint_env.is_some() && !exporters.iter().any(|e| e == "none"))
-        || exporters.iter().any(|e| e == "otlp");
+        || if exporters.is_empty() {
+            endpoint_env.is_some()
+        } else {
+            exporters.iter().any(|e| e == "otlp")
+        };
     if !wanted {
         return Ok(None);
     }
@@ -301,9 +324,12 @@ pub fn otlp_config(args: &RunArgs) -> Result<Option<crate::export::otlp::OtlpCon
 
 /// Whether trace trees go to the terminal.
 pub fn console_wanted(args: &RunArgs, otlp: bool) -> bool {
-    let listed = env_nonempty("OTEL_TRACES_EXPORTER")
-        .is_some_and(|v| v.split(',').any(|e| e.trim() == "console"));
-    args.console || listed || !otlp
+    let listed = |name: &str| {
+        env_nonempty("OTEL_TRACES_EXPORTER")
+            .is_some_and(|v| v.split(',').any(|e| e.trim().eq_ignore_ascii_case(name)))
+    };
+    // `none` alone: nothing printed either (metrics and --output still work).
+    args.console || listed("console") || (!otlp && !listed("none"))
 }
 
 #[cfg(test)]

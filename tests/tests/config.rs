@@ -64,6 +64,12 @@ fn bad_configuration_fails_fast_with_a_hint() {
             vec![],
             "give an existing path",
         ),
+        (
+            vec![],
+            vec![("OTEL_TRACES_EXPORTER", "zipkin")],
+            "use otlp, console or none",
+        ),
+        (vec!["--pid", "999999999"], vec![], "no such process"),
     ];
     for (args, env, hint) in cases {
         let (code, stderr) = run(&args, &env);
