@@ -291,10 +291,9 @@ impl TraceSink {
                 }
             }
         }
-        let mut meta = ev.clone();
-        meta.payload = Default::default();
+        // The pipeline hands the sink events without their payload (it is in `segments`).
         held.push(Held {
-            ev: meta,
+            ev: ev.clone(),
             dir,
             segments,
         });
@@ -457,23 +456,27 @@ impl Sink for TraceSink {
                 return;
             }
         };
-        if !self.conns.contains_key(&conn.key) {
-            // Look the process up now: a short-lived client may be gone by export time.
-            if let Ok(mut p) = self.processes.lock() {
-                p.get(conn.pid, &conn.comm);
+        // One lookup decides the path (this runs for every event of every traced connection).
+        let detecting = match self.conns.get(&conn.key).map(|t| &t.proto) {
+            Some(Proto::Detecting(..)) => true,
+            // Until the kernel takes the verdict, or for a side that cannot be told.
+            Some(Proto::Ignored) => return,
+            Some(_) => false,
+            None => {
+                // Look the process up now: a short-lived client may be gone by export time.
+                if let Ok(mut p) = self.processes.lock() {
+                    p.get(conn.pid, &conn.comm);
+                }
+                self.conns.insert(
+                    conn.key,
+                    Tracked {
+                        proto: Proto::Detecting(Detection::default(), Vec::new()),
+                        info: conn.clone(),
+                    },
+                );
+                true
             }
-            self.conns.insert(
-                conn.key,
-                Tracked {
-                    proto: Proto::Detecting(Detection::default(), Vec::new()),
-                    info: conn.clone(),
-                },
-            );
-        }
-        let detecting = matches!(
-            self.conns.get(&conn.key).map(|t| &t.proto),
-            Some(Proto::Detecting(..))
-        );
+        };
         if !detecting {
             self.parse(conn, ev, dir, segments, requests_dir);
             return;
