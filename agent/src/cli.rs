@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// Print trace trees on the terminal even when exporting over OTLP.
     #[arg(long)]
     pub console: bool,
+    /// Trace trees printed per second at most, errors first, then the slowest; a line every 10 s
+    /// counts the rest (which --output and OTLP still get). 0 prints every trace.
+    #[arg(long, env = "LOUPE_CONSOLE_RATE", default_value_t = 10)]
+    pub console_rate: u32,
     /// YAML configuration file (service names, redaction).
     #[arg(long, env = "LOUPE_CONFIG")]
     pub config: Option<PathBuf>,

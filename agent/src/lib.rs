@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod decode;
+pub mod drop_warnings;
 pub mod export;
 pub mod fuzzing;
 pub mod k8s;

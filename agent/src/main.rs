@@ -168,6 +168,17 @@ fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) -> anyhow::R
             }
         });
     }
+    let m = metrics.clone();
+    tokio::spawn(async move {
+        let mut watch = loupe::drop_warnings::DropWatch::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for line in watch.check(&m, std::time::Instant::now()) {
+                tracing::warn!("{line}");
+            }
+        }
+    });
     if common.summary_interval > 0 {
         let m = metrics.clone();
         let every = Duration::from_secs(common.summary_interval);
@@ -263,6 +274,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     let export_cfg = ExportConfig {
         otlp: otlp.clone(),
         console,
+        console_rate: args.console_rate,
         jsonl: args.output.clone(),
         // Large enough that ~100k spans/s need only ~50 sequential export calls per second.
         batch_size: 2048.min(args.export_queue as usize),
@@ -306,6 +318,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         probe.take_conns()?,
     )));
     metrics.export = Some(export_stats);
+    metrics.exporting = otlp.is_some();
     metrics.traces = Some(sink.stats.clone());
     metrics.links = Some(sink.linker.stats.clone());
     metrics.k8s = k8s;
@@ -352,7 +365,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     if let Some(m) = metrics_export {
         m.shutdown().await;
     }
-    tracing::info!("{}", metrics.summary());
+    tracing::info!("{}", metrics.summary_at_exit());
     drop(probe);
     Ok(())
 }

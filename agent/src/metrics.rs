@@ -31,6 +31,8 @@ pub struct Metrics {
     pub export: Option<Arc<ExportStats>>,
     pub traces: Option<Arc<TraceStats>>,
     pub links: Option<Arc<crate::trace::causality::LinkStats>>,
+    /// Whether spans go to an OTLP endpoint (the summary says "exported", else "written").
+    pub exporting: bool,
     /// The pod store and watch counters, when Kubernetes metadata is on.
     pub k8s: Option<(
         crate::k8s::pods::SharedPods,
@@ -46,6 +48,7 @@ impl Metrics {
             export: None,
             traces: None,
             links: None,
+            exporting: false,
             k8s: None,
         }
     }
@@ -313,13 +316,34 @@ impl Metrics {
                     "Spans the OTLP endpoint did not accept.",
                     get(&e.export_failed),
                 ),
+                (
+                    "loupe_console_traces_printed_total",
+                    "Traces the terminal view printed.",
+                    get(&e.console.traces_printed),
+                ),
+                (
+                    "loupe_console_traces_not_shown_total",
+                    "Complete traces the terminal view left out to stay readable (--console-rate); other outputs got them.",
+                    get(&e.console.traces_not_shown),
+                ),
             ]);
         }
         rows
     }
 
     /// One line for the log: volume and every non-zero drop.
+    /// The periodic log line: volumes, then every drop counter that moved.
     pub fn summary(&self) -> String {
+        self.summary_line(false)
+    }
+
+    /// The last log line: spans still in the export queue when it stopped are counted as drops
+    /// too, so the line never says `drops=none` after losing any.
+    pub fn summary_at_exit(&self) -> String {
+        self.summary_line(true)
+    }
+
+    fn summary_line(&self, at_exit: bool) -> String {
         let kernel = self.kernel();
         let u = &self.user;
         let mut line = format!(
@@ -335,19 +359,36 @@ impl Metrics {
         }
         let export = self.export.as_deref();
         let get = |c: Option<&AtomicU64>| c.map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
+        let mut unfinished = 0;
         if let Some(e) = export {
-            let _ = write!(
-                line,
-                " spans={} exported={}",
-                e.spans_built.load(Ordering::Relaxed),
-                e.spans_exported.load(Ordering::Relaxed)
-            );
+            let built = e.spans_built.load(Ordering::Relaxed);
+            let delivered = e.spans_exported.load(Ordering::Relaxed);
+            // Without OTLP, "exported" would claim a backend that does not exist.
+            let verb = if self.exporting {
+                "exported"
+            } else {
+                "written"
+            };
+            let _ = write!(line, " spans={built} {verb}={delivered}");
+            let printed = e.console.traces_printed.load(Ordering::Relaxed);
+            let hidden = e.console.traces_not_shown.load(Ordering::Relaxed);
+            if printed + hidden > 0 {
+                let _ = write!(line, " traces_printed={printed} traces_not_shown={hidden}");
+            }
+            if at_exit {
+                unfinished = built.saturating_sub(
+                    delivered
+                        + e.queue_full.load(Ordering::Relaxed)
+                        + e.export_failed.load(Ordering::Relaxed),
+                );
+            }
         }
         for (name, v) in [
             ("decode_errors", u.decode_errors.load(Ordering::Relaxed)),
             ("channel_full", u.channel_full.load(Ordering::Relaxed)),
             ("export_queue_full", get(export.map(|e| &e.queue_full))),
             ("export_failed", get(export.map(|e| &e.export_failed))),
+            ("export_unfinished_at_exit", unfinished),
         ] {
             if v > 0 {
                 drops.push(format!("user.{name}={v}"));

@@ -33,12 +33,16 @@ pub struct ExportStats {
     pub queue_full: AtomicU64,
     /// Spans in batches the OTLP endpoint did not accept.
     pub export_failed: AtomicU64,
+    /// What the terminal view printed and left out (a view's choice, not a loss).
+    pub console: Arc<console::ConsoleStats>,
 }
 
 #[derive(Debug, Clone)]
 pub struct ExportConfig {
     pub otlp: Option<otlp::OtlpConfig>,
     pub console: bool,
+    /// Traces the terminal shows per second at most (0: all).
+    pub console_rate: u32,
     pub jsonl: Option<PathBuf>,
     pub batch_size: usize,
     pub flush_interval: Duration,
@@ -80,9 +84,25 @@ impl Exporter {
             .as_ref()
             .map(|p| jsonl::JsonLines::create(p, &cfg.host_name))
             .transpose()?;
-        let console = cfg
-            .console
-            .then(|| console::ConsoleTree::new(std::io::stdout()));
+        let elsewhere = match (&cfg.otlp, &cfg.jsonl) {
+            (Some(_), Some(_)) => "OTLP and --output",
+            (Some(_), None) => "OTLP",
+            (None, Some(_)) => "--output",
+            (None, None) => "--output FILE or OTLP",
+        };
+        let names = processes.clone();
+        let console = cfg.console.then(|| {
+            console::ConsoleTree::new(
+                std::io::stdout(),
+                cfg.console_rate,
+                elsewhere,
+                Box::new(move |pid, comm| match names.lock() {
+                    Ok(mut p) => p.resolve(pid, comm).service_name,
+                    Err(_) => comm.to_string(),
+                }),
+                stats.console.clone(),
+            )
+        });
         let task = tokio::spawn(run(
             rx,
             cfg,
@@ -136,7 +156,7 @@ async fn run(
             _ = tick.tick() => {
                 flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
                 if let Some(c) = out.console.as_mut() {
-                    c.print_quiet(Instant::now());
+                    c.tick(Instant::now());
                 }
                 ticks += 1;
                 if ticks.is_multiple_of(60)
@@ -149,7 +169,7 @@ async fn run(
     }
     flush(&mut batch, &processes, &stats, &mut out, SHUTDOWN_RETRY).await;
     if let Some(c) = out.console.as_mut() {
-        c.print_all();
+        c.finish();
     }
     if let Some(o) = out.otlp.as_mut() {
         o.shutdown().await;
@@ -167,19 +187,20 @@ async fn flush(
         return;
     }
     let spans = std::mem::take(batch);
-    // Per-span process lookups only for the outputs that print per span.
-    let local_outputs = out.jsonl.is_some() || out.console.is_some();
-    for span in spans.iter().filter(|_| local_outputs) {
-        let process = lookup(processes, span);
-        let r = Resolved {
-            span,
-            process: &process,
-        };
-        if let Some(j) = out.jsonl.as_mut() {
-            j.write(&r);
+    if let Some(c) = out.console.as_mut() {
+        let now = Instant::now();
+        for span in &spans {
+            c.add(span, now);
         }
-        if let Some(c) = out.console.as_mut() {
-            c.add(&r);
+    }
+    // Per-span process lookups only for the output that writes every span with its process.
+    if let Some(j) = out.jsonl.as_mut() {
+        for span in &spans {
+            let process = lookup(processes, span);
+            j.write(&Resolved {
+                span,
+                process: &process,
+            });
         }
     }
     if let Some(j) = out.jsonl.as_mut() {
