@@ -131,9 +131,18 @@ pub struct CommonArgs {
     /// it falls behind and its drops are counted).
     #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Normal, global = true)]
     pub cpu_scheduling: CpuScheduling,
+    /// Log format on stderr: text, or json (one object per line, for log pipelines).
+    #[arg(long, env = "LOUPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
     /// RFC 6994 ExID of that option (all agents of a cluster must agree), e.g. 0x4c70.
     #[arg(long, env = "LOUPE_TCP_OPTION_EXID", default_value = "0x4c70", value_parser = parse_exid, global = true)]
     pub tcp_option_exid: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

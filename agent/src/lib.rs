@@ -21,4 +21,5 @@ pub mod procfs;
 pub mod protocol;
 pub mod reader;
 pub mod redact;
+pub mod stdout;
 pub mod trace;

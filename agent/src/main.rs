@@ -70,14 +70,16 @@ fn main() -> ExitCode {
     // NO_COLOR (no-color.org) is honoured.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    tracing_subscriber::fmt()
-        .with_ansi(colour)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json_logs = cli.common.log_format == loupe::cli::LogFormat::Json;
+    match cli.common.log_format {
+        loupe::cli::LogFormat::Json => logs.json().with_ansi(false).init(),
+        loupe::cli::LogFormat::Text => logs.with_ansi(colour).init(),
+    }
     if cli.common.cpu_scheduling == loupe::cli::CpuScheduling::Idle {
         sched_idle();
     }
@@ -102,7 +104,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("loupe: {err:#}");
+            if json_logs {
+                tracing::error!("{err:#}");
+            } else {
+                eprintln!("loupe: {err:#}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -194,11 +200,15 @@ fn spawn_observability(common: &CommonArgs, metrics: &Arc<Metrics>) -> anyhow::R
     Ok(())
 }
 
-/// SIGINT and SIGTERM, handled from before "ready:" is logged: a signal sent as soon as the agent
-/// says it is ready must stop it cleanly (drain, flush), not kill it by the default action.
+/// SIGINT, SIGTERM and SIGHUP, handled from before "ready:" is logged: a signal sent as soon as
+/// the agent says it is ready must stop it cleanly (drain, flush), not kill it by the default
+/// action. SIGHUP (a closed terminal or SSH session) stops it the same way: there is no reload,
+/// since what is attached depends on flags that a reload could not change consistently. A
+/// second signal while draining exits at once.
 struct Shutdown {
     interrupt: tokio::signal::unix::Signal,
     terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Shutdown {
@@ -206,15 +216,28 @@ impl Shutdown {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hangup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn next(&mut self) -> &'static str {
         tokio::select! {
-            _ = self.interrupt.recv() => {}
-            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
         }
-        tracing::info!("stopping: draining the ring buffer");
+    }
+
+    async fn wait(mut self) {
+        let first = self.next().await;
+        tracing::info!(
+            "{first}: stopping (draining the ring buffer and flushing spans; signal again to exit at once)"
+        );
+        tokio::spawn(async move {
+            let second = self.next().await;
+            eprintln!("loupe: {second} while stopping: exiting without flushing");
+            std::process::exit(130);
+        });
     }
 }
 
@@ -254,7 +277,10 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
     };
     let stats = metrics.user.clone();
     let consumer = tokio::spawn(async move {
-        let mut sink = CapturePrinter::new(std::io::BufWriter::new(std::io::stdout()), format);
+        let mut sink = CapturePrinter::new(
+            std::io::BufWriter::new(loupe::stdout::Stdout::new()),
+            format,
+        );
         pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
     });
     shutdown.wait().await;

@@ -1,6 +1,7 @@
 //! Privileged: day-two behaviour an operator relies on — the metrics endpoint is bound at start
-//! (a busy address is an error, `:PORT` means every interface), and logs carry no colour codes
-//! when they go to a pipe or file.
+//! (a busy address is an error, `:PORT` means every interface), logs carry no colour codes
+//! when they go to a pipe or file, the terminal view stays readable under a flood, and signals
+//! and a closed stdout stop the agent the way an operator expects.
 
 use std::time::{Duration, Instant};
 
@@ -177,4 +178,155 @@ fn a_flood_prints_a_bounded_view_errors_first_while_the_output_gets_every_span()
         )) && log.contains("drops=none"),
         "{log}"
     );
+}
+
+/// Requests to `server` from curl in `cg`, every 100 ms, until `stop` is set.
+fn keep_requesting(
+    cg: &TestCgroup,
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let cg = TestCgroup::at(&cg.dir);
+    std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            cg.run("curl", &["-s", "-o", "/dev/null", &url]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+#[test]
+fn a_closed_stdout_stops_the_agent_cleanly() {
+    if !privileged() {
+        return;
+    }
+    use std::io::BufRead as _;
+    let cg = TestCgroup::new("epipe");
+    let dir = loupe_tests::databases::TempDir::new("epipe");
+    let server = nginx(&cg, dir.0.as_path());
+    // `loupe | head -n 1`: the reader takes one line and goes away.
+    let mut child = std::process::Command::new(loupe_bin())
+        .args(["--cgroup", &cg.dir, "--console-rate", "0"])
+        .env("LOUPE_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            log2.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = keep_requesting(&cg, format!("http://{}/users/1", server.addr), stop.clone());
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with("trace "), "{first}");
+    drop(out);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "the agent kept running with nobody reading:\n{}",
+                log.lock().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.join().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("standard output was closed: stopping") && log.contains("drops"),
+        "stopped, and through the normal shutdown (summary line):\n{log}"
+    );
+}
+
+#[test]
+fn sighup_stops_like_sigterm() {
+    if !privileged() {
+        return;
+    }
+    let agent = Agent::spawn(&["--pid", "1"], &[]);
+    let (_, log) = agent.stop_with(libc::SIGHUP);
+    assert!(
+        log.contains("SIGHUP: stopping") && log.contains("drops=none"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_second_signal_while_draining_exits_at_once() {
+    if !privileged() {
+        return;
+    }
+    use std::io::BufRead as _;
+    // An OTLP endpoint that accepts connections and never answers: the export of the one span
+    // hangs, so the first SIGINT leaves the agent draining.
+    let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", blackhole.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for c in blackhole.incoming().take(4) {
+            conns.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let cg = TestCgroup::new("second-signal");
+    let dir = loupe_tests::databases::TempDir::new("second-signal");
+    let server = nginx(&cg, dir.0.as_path());
+    let mut child = std::process::Command::new(loupe_bin())
+        .args(["--cgroup", &cg.dir, "--otlp-endpoint", &endpoint])
+        .env("LOUPE_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains("ready:") {
+        assert!(err.read_line(&mut log).unwrap() > 0, "{log}");
+    }
+    cg.run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            &format!("http://{}/users/1", server.addr),
+        ],
+    );
+    // The span is batched within a second, and its export then hangs.
+    std::thread::sleep(Duration::from_millis(2000));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still draining after the first signal"
+    );
+    // SAFETY: as above. Exit code 130 only comes from the forced path, not from a finished drain.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let rest = String::from_utf8_lossy(&loupe_tests::read_all(err)).into_owned();
+    log.push_str(&rest);
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(
+        log.contains("SIGINT while stopping: exiting without flushing"),
+        "{log}"
+    );
+    drop(held);
 }

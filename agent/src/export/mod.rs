@@ -93,7 +93,7 @@ impl Exporter {
         let names = processes.clone();
         let console = cfg.console.then(|| {
             console::ConsoleTree::new(
-                std::io::stdout(),
+                crate::stdout::Stdout::new(),
                 cfg.console_rate,
                 elsewhere,
                 Box::new(move |pid, comm| match names.lock() {
@@ -129,7 +129,7 @@ pub fn offer(tx: &mpsc::Sender<SpanRecord>, stats: &ExportStats, span: SpanRecor
 struct Outputs {
     otlp: Option<otlp::OtlpOut>,
     jsonl: Option<jsonl::JsonLines>,
-    console: Option<console::ConsoleTree<std::io::Stdout>>,
+    console: Option<console::ConsoleTree<crate::stdout::Stdout>>,
 }
 
 async fn run(
