@@ -65,6 +65,9 @@ fn sched_idle() {
 
 fn main() -> ExitCode {
     tune_allocator();
+    // One TLS implementation for every client (OTLP over https, the Kubernetes API): ring, with
+    // the system's trust store. Fails only if one was installed already, which is then used.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     // Colour only for a person at a terminal: files and `kubectl logs` get plain text, and
     // NO_COLOR (no-color.org) is honoured.
@@ -360,7 +363,11 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     } = exporter;
     drop(tx);
     let destination = match &otlp {
-        Some(o) => format!("OTLP ({:?})", o.protocol),
+        Some(o) => format!(
+            "OTLP {} {}",
+            o.protocol.name(),
+            loupe::export::otlp_settings::settings(o)?.url
+        ),
         None => "the terminal".to_string(),
     };
     tracing::info!(

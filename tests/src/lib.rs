@@ -247,6 +247,11 @@ impl Agent {
         self.child.id()
     }
 
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        self.stderr_log.lock().unwrap().clone()
+    }
+
     /// SIGINT, wait for the agent to drain and exit, and parse what `capture --json` printed.
     pub fn stop(self) -> Captured {
         let (stdout, stderr) = self.stop_raw();

@@ -392,3 +392,54 @@ fn a_flood_of_100k_short_connections_leaves_the_agent_bounded_and_exact() {
     assert_eq!(exported + queue_full + failed, built, "{log}");
     assert_eq!(receiver.counted(), exported);
 }
+
+/// The agent's log once it reported an export failure (or after 20 s).
+fn export_failure_log(cg: &TestCgroup, to: SocketAddr, args: &[&str]) -> String {
+    let mut all = vec!["--cgroup", cg.dir.as_str(), "--export-retry", "1"];
+    all.extend_from_slice(args);
+    let agent = Agent::spawn(&all, &[]);
+    drive(cg, to, 1, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("OTLP export failed") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    agent.stop_raw().1
+}
+
+#[test]
+fn export_errors_name_the_url_the_protocol_and_the_cause() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("export-errors");
+    let svc = service(&cg);
+    let receiver = Receiver::start();
+
+    // http/protobuf sent to the gRPC port, a mistake the defaults make easy.
+    let grpc_port = format!("http://{}", receiver.grpc);
+    let log = export_failure_log(&cg, svc.addr, &["--otlp-endpoint", &grpc_port]);
+    let url = format!("{grpc_port}/v1/traces");
+    assert!(
+        log.contains("ready: ") && log.contains(&format!("OTLP http/protobuf {url}")),
+        "the ready line shows the protocol and URL as written:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("OTLP export failed: {url} (http/protobuf): "))
+            && log.contains("this looks like a gRPC port: use --otlp-protocol grpc"),
+        "{log}"
+    );
+
+    // Nothing listening.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let log = export_failure_log(
+        &cg,
+        svc.addr,
+        &["--otlp-endpoint", &closed, "--otlp-protocol", "grpc"],
+    );
+    assert!(
+        log.contains(&format!(
+            "OTLP export failed: {closed} (grpc): connection refused"
+        )),
+        "{log}"
+    );
+}

@@ -5,6 +5,7 @@
 pub mod console;
 pub mod jsonl;
 pub mod otlp;
+pub mod otlp_errors;
 pub mod otlp_metrics;
 pub mod otlp_proto;
 pub mod otlp_settings;

@@ -25,7 +25,9 @@ use tonic::{
 };
 
 use super::{
-    ExportStats, otlp_proto,
+    ExportStats,
+    otlp_errors::{chain, explain},
+    otlp_proto,
     otlp_settings::{Settings, settings},
 };
 use crate::trace::span::SpanRecord;
@@ -55,6 +57,7 @@ enum Transport {
         client: tonic::client::Grpc<Channel>,
         metadata: tonic::metadata::MetadataMap,
         timeout: Duration,
+        url: String,
     },
     Http {
         client: reqwest::Client,
@@ -204,20 +207,25 @@ impl Transport {
                 client,
                 metadata,
                 timeout,
+                url,
             } => {
                 let mut client = client.clone();
                 client
                     .ready()
                     .await
-                    .map_err(|e| format!("cannot reach the gRPC endpoint: {e}"))?;
+                    .map_err(|e| explain(Protocol::Grpc, url, &chain(&e)))?;
                 let mut request = tonic::Request::new(body);
                 *request.metadata_mut() = metadata.clone();
                 request.set_timeout(*timeout);
                 let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
-                let response = client
-                    .unary(request, path, PreEncoded)
-                    .await
-                    .map_err(|s| format!("gRPC status {:?}: {}", s.code(), s.message()))?;
+                let response = client.unary(request, path, PreEncoded).await.map_err(|s| {
+                    let detail = match std::error::Error::source(&s) {
+                        Some(src) => format!("{}: {}", s.message(), chain(src)),
+                        None => s.message().to_string(),
+                    };
+                    let detail = format!("gRPC status {:?}: {detail}", s.code());
+                    explain(Protocol::Grpc, url, &detail)
+                })?;
                 Ok(rejected(response.into_inner()))
             }
             Transport::Http {
@@ -237,12 +245,13 @@ impl Transport {
                 } else {
                     request.body(body)
                 };
-                let response = request.send().await.map_err(|e| format!("{e}"))?;
+                let failed = |detail: String| explain(Protocol::HttpProtobuf, url, &detail);
+                let response = request.send().await.map_err(|e| failed(chain(&e)))?;
                 let status = response.status();
                 if !status.is_success() {
-                    return Err(format!("HTTP {status} from {url}"));
+                    return Err(failed(format!("HTTP {status}")));
                 }
-                let bytes = response.bytes().await.map_err(|e| format!("{e}"))?;
+                let bytes = response.bytes().await.map_err(|e| failed(chain(&e)))?;
                 Ok(ExportTraceServiceResponse::decode(bytes)
                     .map(rejected)
                     .unwrap_or(0))
@@ -265,13 +274,20 @@ fn gzip_bytes(body: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 fn grpc(s: &Settings) -> anyhow::Result<Transport> {
-    let channel = tonic::transport::Endpoint::from_shared(s.url.clone())
-        .with_context(|| {
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(s.url.clone()).with_context(|| {
             format!(
                 "OTLP endpoint {}: give a URL such as http://collector:4317",
                 s.url
             )
-        })?
+        })?;
+    if s.url.starts_with("https://") {
+        // The system's trust store, like curl and the OpenTelemetry SDKs.
+        endpoint = endpoint
+            .tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots())
+            .context("configuring TLS for the OTLP endpoint")?;
+    }
+    let channel = endpoint
         .connect_timeout(s.timeout)
         .timeout(s.timeout)
         .connect_lazy();
@@ -293,6 +309,7 @@ fn grpc(s: &Settings) -> anyhow::Result<Transport> {
         client,
         metadata,
         timeout: s.timeout,
+        url: s.url.clone(),
     })
 }
 

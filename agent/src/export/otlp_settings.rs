@@ -11,6 +11,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// As users write it (OTEL_EXPORTER_OTLP_PROTOCOL).
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim() {
             "grpc" => Some(Protocol::Grpc),
