@@ -343,6 +343,18 @@ impl Metrics {
         self.summary_line(true)
     }
 
+    /// Seconds OTLP exports have been failing, when that is longer than the retry window (the
+    /// point from which spans are lost): what /readyz reports.
+    pub fn export_failing_for(&self) -> Option<u64> {
+        let e = self.export.as_deref()?;
+        let since = e.failing_since_ms.load(Ordering::Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let for_ms = crate::clock::monotonic_ms().saturating_sub(since);
+        (for_ms > e.retry_window_ms.load(Ordering::Relaxed)).then_some(for_ms / 1000)
+    }
+
     fn summary_line(&self, at_exit: bool) -> String {
         let kernel = self.kernel();
         let u = &self.user;
@@ -426,22 +438,54 @@ pub async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> an
                     break;
                 }
             }
-            // The server starts once the programs are attached: answering is being ready.
-            let health =
-                buf[..seen].starts_with(b"GET /healthz") || buf[..seen].starts_with(b"GET /readyz");
-            let body = if health {
-                "ok\n".to_string()
-            } else {
-                metrics.render()
-            };
+            let (status, content_type, body) = respond(&metrics, &buf[..seen]);
             let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
             let _ = sock.write_all(head.as_bytes()).await;
             let _ = sock.write_all(body.as_bytes()).await;
             let _ = sock.shutdown().await;
         });
+    }
+}
+
+/// What each path answers: the metrics on /metrics only, plain-text health, 404 otherwise.
+fn respond(metrics: &Metrics, request: &[u8]) -> (&'static str, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let line = request
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split(' ');
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    if method != "GET" {
+        return ("405 Method Not Allowed", TEXT, "only GET\n".into());
+    }
+    match target.split('?').next().unwrap_or("") {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        // The server starts once the programs are attached: answering is being alive.
+        "/healthz" => ("200 OK", TEXT, "ok\n".into()),
+        "/readyz" => match metrics.export_failing_for() {
+            Some(for_s) => (
+                "503 Service Unavailable",
+                TEXT,
+                format!(
+                    "not ready: OTLP exports have been failing for {for_s} s (longer than --export-retry); spans are being dropped\n"
+                ),
+            ),
+            None => ("200 OK", TEXT, "ok\n".into()),
+        },
+        _ => (
+            "404 Not Found",
+            TEXT,
+            "not found: the agent serves /metrics, /healthz and /readyz\n".into(),
+        ),
     }
 }
 
@@ -558,4 +602,55 @@ fn l7_samples(t: &TraceStats) -> Vec<Sample> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::ExportStats;
+
+    #[test]
+    fn paths_answer_what_they_name_and_nothing_else() {
+        let mut m = Metrics::new(None);
+        let e = Arc::new(ExportStats::default());
+        e.retry_window_ms.store(1000, Ordering::Relaxed);
+        m.export = Some(e.clone());
+        let get = |m: &Metrics, path: &str| {
+            respond(
+                m,
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            )
+        };
+        let (status, ct, body) = get(&m, "/metrics");
+        assert_eq!(status, "200 OK");
+        assert!(ct.contains("version=0.0.4") && body.contains("loupe_spans_built_total"));
+        assert_eq!(get(&m, "/metrics?x=1").0, "200 OK");
+        assert_eq!(
+            get(&m, "/healthz"),
+            ("200 OK", "text/plain; charset=utf-8", "ok\n".into())
+        );
+        assert_eq!(get(&m, "/readyz").0, "200 OK");
+        for other in ["/", "/favicon.ico", "/metricsx", "/healthz/x"] {
+            assert_eq!(get(&m, other).0, "404 Not Found", "{other}");
+        }
+        assert_eq!(
+            respond(&m, b"POST /metrics HTTP/1.1\r\n\r\n").0,
+            "405 Method Not Allowed"
+        );
+
+        // Failing, but within the retry window: still ready (nothing lost yet).
+        e.failing_since_ms
+            .store(crate::clock::monotonic_ms(), Ordering::Relaxed);
+        assert_eq!(get(&m, "/readyz").0, "200 OK");
+        // Failing for longer than the window: spans are being dropped.
+        e.failing_since_ms
+            .store(crate::clock::monotonic_ms() - 5_000, Ordering::Relaxed);
+        let (status, _, body) = get(&m, "/readyz");
+        assert_eq!(status, "503 Service Unavailable");
+        assert!(
+            body.starts_with("not ready: OTLP exports have been failing for 5 s"),
+            "{body}"
+        );
+        assert_eq!(get(&m, "/healthz").0, "200 OK", "alive all the same");
+    }
 }

@@ -312,9 +312,15 @@ impl Drop for Agent {
 
 /// The agent's Prometheus text from its `--metrics-addr`.
 pub fn scrape(addr: &str) -> String {
+    get(addr, "/metrics")
+}
+
+/// The whole answer (status line, headers, body) to `GET path` on the agent's metrics address.
+pub fn get(addr: &str, path: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     text

@@ -330,3 +330,55 @@ fn a_second_signal_while_draining_exits_at_once() {
     );
     drop(held);
 }
+
+#[test]
+fn metrics_only_on_metrics_and_readyz_reports_failing_exports() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("readyz");
+    let dir = loupe_tests::databases::TempDir::new("readyz");
+    let server = nginx(&cg, dir.0.as_path());
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let agent = Agent::spawn(
+        &[
+            "--cgroup",
+            &cg.dir,
+            "--metrics-addr",
+            &addr,
+            "--otlp-endpoint",
+            &closed,
+            "--export-retry",
+            "1",
+        ],
+        &[],
+    );
+    let root = loupe_tests::get(&addr, "/");
+    assert!(root.starts_with("HTTP/1.1 404"), "{root}");
+    let health = loupe_tests::get(&addr, "/healthz");
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.contains("text/plain; charset=utf-8"),
+        "{health}"
+    );
+    assert!(loupe_tests::get(&addr, "/readyz").starts_with("HTTP/1.1 200"));
+    // A span to export, to an endpoint that refuses: after the 1 s retry window, not ready.
+    let url = format!("http://{}/users/1", server.addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        cg.run("curl", &["-s", "-o", "/dev/null", &url]);
+        let r = loupe_tests::get(&addr, "/readyz");
+        if r.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        ready.starts_with("HTTP/1.1 503")
+            && ready.contains("not ready: OTLP exports have been failing"),
+        "{ready}\n{}",
+        agent.log()
+    );
+    let _ = agent.stop_raw();
+}

@@ -116,30 +116,6 @@ fn duration(ns: u64) -> String {
     }
 }
 
-/// RFC 3339 in UTC with milliseconds, like the agent's log lines.
-pub fn timestamp(unix_ns: u64) -> String {
-    let secs = unix_ns / 1_000_000_000;
-    let ms = (unix_ns / 1_000_000) % 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 fn peer(s: &SpanRecord) -> Option<String> {
     let attr = |k: &str| {
         s.attributes
@@ -341,7 +317,7 @@ impl<W: Write> ConsoleTree<W> {
             self.out,
             "trace {}  {}",
             hex(&trace_id),
-            timestamp(first.start)
+            crate::clock::timestamp(first.start)
         );
         self.stats.traces_printed.fetch_add(1, Ordering::Relaxed);
         let ids: Vec<[u8; 8]> = lines.iter().map(|l| l.span_id).collect();
@@ -525,18 +501,5 @@ mod tests {
         c.finish();
         assert_eq!(stats.traces_printed.load(Ordering::Relaxed), 50);
         assert_eq!(stats.traces_not_shown.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn timestamps_are_utc_rfc3339() {
-        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            timestamp(951_782_400_999_000_000),
-            "2000-02-29T00:00:00.999Z"
-        );
-        assert_eq!(
-            timestamp(1_798_761_599_000_000_000),
-            "2026-12-31T23:59:59.000Z"
-        );
     }
 }

@@ -34,6 +34,10 @@ pub struct ExportStats {
     pub queue_full: AtomicU64,
     /// Spans in batches the OTLP endpoint did not accept.
     pub export_failed: AtomicU64,
+    /// Monotonic ms of the first failed attempt since the last success (0: exports succeed).
+    pub failing_since_ms: AtomicU64,
+    /// `--export-retry` in ms: failing longer than this loses spans.
+    pub retry_window_ms: AtomicU64,
     /// What the terminal view printed and left out (a view's choice, not a loss).
     pub console: Arc<console::ConsoleStats>,
 }
@@ -75,6 +79,9 @@ impl Exporter {
         stats: Arc<ExportStats>,
     ) -> anyhow::Result<Self> {
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        stats
+            .retry_window_ms
+            .store(cfg.retry_for.as_millis() as u64, Ordering::Relaxed);
         let otlp = cfg
             .otlp
             .as_ref()

@@ -151,7 +151,7 @@ impl OtlpOut {
         let failures = self.failures.clone();
         let stats = stats.clone();
         tokio::spawn(async move {
-            let failed = send_with_retry(&transport, &failures, body, n, retry_for).await;
+            let failed = send_with_retry(&transport, &failures, body, n, retry_for, &stats).await;
             stats.export_failed.fetch_add(failed, Ordering::Relaxed);
             stats
                 .spans_exported
@@ -174,6 +174,7 @@ async fn send_with_retry(
     body: Bytes,
     n: u64,
     retry_for: Duration,
+    stats: &ExportStats,
 ) -> u64 {
     let give_up = tokio::time::Instant::now() + retry_for;
     let mut delay = BACKOFF_START;
@@ -181,12 +182,19 @@ async fn send_with_retry(
         match transport.send(body.clone()).await {
             Ok(rejected) => {
                 failures.succeeded();
+                stats.failing_since_ms.store(0, Ordering::Relaxed);
                 if rejected > 0 {
                     tracing::debug!("the OTLP endpoint rejected {rejected} spans");
                 }
                 return rejected.min(n);
             }
             Err(err) => {
+                let _ = stats.failing_since_ms.compare_exchange(
+                    0,
+                    crate::clock::monotonic_ms(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 let retry = tokio::time::Instant::now() + delay <= give_up;
                 failures.failed(&err, retry, n);
                 if !retry {
