@@ -2,8 +2,8 @@
 //!
 //! ```yaml
 //! service_names:            # first match wins; before OTEL_SERVICE_NAME and derived names
-//!   - match: gunicorn       # an executable name, or text in the command line
-//!     name: orders
+//!   - match: gunicorn       # the executable name or one whole command-line argument
+//!     name: orders          # (also: `executable: NAME`, `command_line: REGEX`)
 //! redaction:
 //!   query_values: true      # replace every query-string value with REDACTED (default)
 //!   command_line: true      # mask secrets in process.command_line (default)
@@ -123,9 +123,16 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_are_errors_that_name_them() {
-        let err = FileConfig::parse("redaction:\n  query_value: false\n").unwrap_err();
-        assert!(err.contains("query_value"), "{err}");
+    fn unknown_keys_are_errors_that_name_them_at_every_level() {
+        for (yaml, key) in [
+            ("service_name:\n  - match: a\n    name: b\n", "service_name"),
+            ("redaction:\n  query_value: false\n", "query_value"),
+            ("databases:\n  server_span: true\n", "server_span"),
+            ("service_names:\n  - match: a\n    nmae: b\n", "nmae"),
+        ] {
+            let err = FileConfig::parse(yaml).unwrap_err();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

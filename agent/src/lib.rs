@@ -21,5 +21,6 @@ pub mod procfs;
 pub mod protocol;
 pub mod reader;
 pub mod redact;
+pub mod service_rules;
 pub mod stdout;
 pub mod trace;

@@ -2,6 +2,7 @@
 //! per process (cached by pid and start time, so a reused pid is a new process).
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     path::Path,
     sync::{Arc, Mutex},
@@ -19,14 +20,7 @@ pub type SharedProcesses = Arc<Mutex<ProcessCache>>;
 /// How long the info of an exited process is kept: its last spans may still be queued.
 const KEEP_EXITED: Duration = Duration::from_secs(120);
 
-/// A configured service name: `name` for processes whose executable name equals `matches`, or
-/// whose command line contains it.
-#[derive(Debug, Clone, serde::Deserialize, PartialEq, Eq)]
-pub struct ServiceNameRule {
-    #[serde(rename = "match")]
-    pub matches: String,
-    pub name: String,
-}
+pub use crate::service_rules::ServiceNameRule;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProcessInfo {
@@ -39,8 +33,9 @@ pub struct ProcessInfo {
     /// The service name came from configuration or the process's own OTEL_* variables, which
     /// outrank Kubernetes metadata.
     pub named_explicitly: bool,
-    /// Further resource attributes (`container.id`, `k8s.*`).
-    pub attributes: Vec<(&'static str, String)>,
+    /// Further resource attributes (`container.id`, `k8s.*`, the process's own
+    /// OTEL_RESOURCE_ATTRIBUTES).
+    pub attributes: Vec<(Cow<'static, str>, String)>,
 }
 
 /// The pure part: a service name from what /proc says.
@@ -61,11 +56,7 @@ fn explicit_service_name(
     environ: &[(String, String)],
     rules: &[ServiceNameRule],
 ) -> Option<String> {
-    let cmdline = argv.join(" ");
-    if let Some(rule) = rules
-        .iter()
-        .find(|r| r.matches == exe || (!r.matches.is_empty() && cmdline.contains(&r.matches)))
-    {
+    if let Some(rule) = rules.iter().find(|r| r.matches(exe, argv)) {
         return Some(rule.name.clone());
     }
     let env = |k: &str| {
@@ -83,6 +74,76 @@ fn explicit_service_name(
             .find_map(|kv| kv.trim().strip_prefix("service.name="))
             .map(str::to_string)
     })
+}
+
+/// Resource attributes a process declares for itself in OTEL_RESOURCE_ATTRIBUTES, as its own
+/// SDK would report them (W3C-baggage-like `k=v` list, values percent-decoded). The agent's
+/// measured attributes (`process.*`, `host.*`, `telemetry.*`) and `service.name` (handled with
+/// the name) are its own; a secret-looking key's value is masked like any other; at most
+/// `MAX_DECLARED` attributes of `MAX_DECLARED_VALUE` bytes each.
+pub fn declared_attributes(environ: &[(String, String)]) -> Vec<(Cow<'static, str>, String)> {
+    const MAX_DECLARED: usize = 32;
+    const MAX_DECLARED_VALUE: usize = 256;
+    let Some((_, list)) = environ
+        .iter()
+        .find(|(k, _)| k == "OTEL_RESOURCE_ATTRIBUTES")
+    else {
+        return Vec::new();
+    };
+    let mut out: Vec<(Cow<'static, str>, String)> = Vec::new();
+    for pair in list.split(',') {
+        let Some((k, v)) = pair.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        let owned_by_agent = k == "service.name"
+            || ["process.", "host.", "telemetry."]
+                .iter()
+                .any(|p| k.starts_with(p));
+        if k.is_empty() || owned_by_agent || out.iter().any(|(have, _)| have == k) {
+            continue;
+        }
+        let mut v = percent_decode(v.trim());
+        if crate::redact::is_sensitive_name(k) {
+            v = crate::redact::MASK.to_string();
+        }
+        if v.len() > MAX_DECLARED_VALUE {
+            let mut end = MAX_DECLARED_VALUE;
+            while !v.is_char_boundary(end) {
+                end -= 1;
+            }
+            v.truncate(end);
+        }
+        out.push((Cow::Owned(k.to_string()), v));
+        if out.len() == MAX_DECLARED {
+            break;
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Interpreters run something else: name the program, not the interpreter.
@@ -265,7 +326,8 @@ impl ProcessCache {
             executable_name: exe,
             attributes: container
                 .iter()
-                .map(|c| ("container.id", c.id.clone()))
+                .map(|c| (Cow::Borrowed("container.id"), c.id.clone()))
+                .chain(declared_attributes(&environ))
                 .collect(),
             container,
         }
@@ -305,11 +367,33 @@ mod tests {
     }
 
     #[test]
+    fn a_process_declares_its_own_resource_attributes() {
+        let env = vec![(
+            "OTEL_RESOURCE_ATTRIBUTES".to_string(),
+            "service.name=cart, deployment.environment.name=prod,service.version=1.4%2C2,\
+             host.name=spoofed,api.token=abc123,team=pay%20ments,broken"
+                .to_string(),
+        )];
+        let got: Vec<(String, String)> = declared_attributes(&env)
+            .into_iter()
+            .map(|(k, v)| (k.into_owned(), v))
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("deployment.environment.name", "prod"),
+            ("service.version", "1.4,2"),
+            ("api.token", "REDACTED"),
+            ("team", "pay ments"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want);
+        assert!(declared_attributes(&[]).is_empty());
+    }
+
+    #[test]
     fn configured_rules_override_everything() {
-        let rules = vec![ServiceNameRule {
-            matches: "gunicorn".into(),
-            name: "orders".into(),
-        }];
+        let rules = vec![ServiceNameRule::matching("gunicorn", "orders")];
         let env = vec![("OTEL_SERVICE_NAME".to_string(), "x".to_string())];
         assert_eq!(
             service_name(

@@ -458,3 +458,76 @@ fn without_a_backend_traces_print_as_trees() {
     );
     assert!(stdout[c].contains("ERROR 404"), "{text}");
 }
+
+#[test]
+fn service_name_rules_match_what_they_say_and_processes_declare_their_resource() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("naming");
+    // The server declares its resource itself, as an SDK-configured deployment would.
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = cg.command(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
+    );
+    cmd.current_dir(tests_dir().join("apps")).env(
+        "OTEL_RESOURCE_ATTRIBUTES",
+        "deployment.environment.name=staging,service.version=2.1%2B7,db.password=hunter2",
+    );
+    let server = Server::start(cmd, addr);
+    let dir = loupe_tests::databases::TempDir::new("naming");
+    let config = dir.0.join("loupe.yaml");
+    // `match: orders` must not rename curl fetching /orders/77; the regex rule names the server.
+    std::fs::write(
+        &config,
+        "service_names:\n  - match: orders\n    name: wrong\n  - command_line: 'http\\.server \\d+'\n    name: static-files\n",
+    )
+    .unwrap();
+    let receiver = Receiver::start();
+    let agent = agent(
+        &cg,
+        &receiver,
+        "grpc",
+        &["--config", config.to_str().unwrap()],
+    );
+    cg.run(
+        "curl",
+        &["-s", "-o", "/dev/null", &format!("http://{addr}/orders/77")],
+    );
+    receiver.wait_for(Duration::from_secs(15), |s| s.len() >= 2);
+    let (_, log) = agent.stop_raw();
+    let spans = receiver.spans();
+    let client = by_kind(&spans, CLIENT);
+    let server_spans = by_kind(&spans, SERVER);
+    assert_eq!(
+        (client.len(), server_spans.len()),
+        (1, 1),
+        "{spans:#?}\n{log}"
+    );
+    assert_eq!(client[0].service(), "curl");
+    let s = server_spans[0];
+    assert_eq!(s.service(), "static-files");
+    assert_eq!(
+        s.resource
+            .get("deployment.environment.name")
+            .map(String::as_str),
+        Some("staging")
+    );
+    assert_eq!(
+        s.resource.get("service.version").map(String::as_str),
+        Some("2.1+7")
+    );
+    assert_eq!(
+        s.resource.get("db.password").map(String::as_str),
+        Some("REDACTED")
+    );
+    drop(server);
+}

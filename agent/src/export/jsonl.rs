@@ -31,7 +31,7 @@ struct Line<'a> {
     end_unix_ns: u64,
     status: &'static str,
     error_type: Option<&'a str>,
-    resource: BTreeMap<&'static str, Value>,
+    resource: BTreeMap<&'a str, Value>,
     attributes: BTreeMap<&'static str, &'a Value>,
 }
 

@@ -247,7 +247,7 @@ mod tests {
         let process = ProcessInfo {
             pid: 42,
             service_name: "users".into(),
-            attributes: vec![("k8s.pod.name", "users-0".into())],
+            attributes: vec![("k8s.pod.name".into(), "users-0".into())],
             ..ProcessInfo::default()
         };
         let bytes = encode_request(&[(resource(&process, "node-1"), vec![record()])]);

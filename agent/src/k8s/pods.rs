@@ -16,7 +16,7 @@ const KEEP_DELETED: Duration = Duration::from_secs(60);
 /// one pod) gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
-    pub attributes: Vec<(&'static str, String)>,
+    pub attributes: Vec<(std::borrow::Cow<'static, str>, String)>,
     /// From the container's OTEL_SERVICE_NAME, else the `app.kubernetes.io/name` label, else the
     /// owning workload's name, else the pod's name.
     pub service_name: String,
@@ -102,10 +102,10 @@ fn container_service_name(pod: &Pod, container: &str) -> Option<String> {
 /// The resource of a process in `container` of `pod` (None: the container is not known yet).
 pub fn workload(pod: &Pod, container: Option<&str>) -> Workload {
     let meta = &pod.metadata;
-    let mut attributes = Vec::new();
+    let mut attributes: Vec<(std::borrow::Cow<'static, str>, String)> = Vec::new();
     let mut push = |k: &'static str, v: Option<&String>| {
         if let Some(v) = v.filter(|v| !v.is_empty()) {
-            attributes.push((k, v.clone()));
+            attributes.push((k.into(), v.clone()));
         }
     };
     push("k8s.namespace.name", meta.namespace.as_ref());
@@ -117,10 +117,10 @@ pub fn workload(pod: &Pod, container: Option<&str>) -> Workload {
     );
     let owner = owner(pod);
     if let Some((key, name)) = &owner {
-        attributes.push((key, name.clone()));
+        attributes.push(((*key).into(), name.clone()));
     }
     if let Some(c) = container {
-        attributes.push(("k8s.container.name", c.to_string()));
+        attributes.push(("k8s.container.name".into(), c.to_string()));
     }
     let label = meta
         .labels
