@@ -41,9 +41,13 @@ pub struct RunArgs {
     /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf).
     #[arg(long)]
     pub otlp_protocol: Option<String>,
-    /// Also write every span as a JSON line to this file.
+    /// Also write every span as a JSON line to this file (an existing non-empty file is refused
+    /// unless --append).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Add to an existing --output file.
+    #[arg(long, requires = "output")]
+    pub append: bool,
     /// Print trace trees on the terminal even when exporting over OTLP.
     #[arg(long)]
     pub console: bool,

@@ -305,6 +305,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         console,
         console_rate: args.console_rate,
         jsonl: args.output.clone(),
+        append: args.append,
         // Large enough that ~100k spans/s need only ~50 sequential export calls per second.
         batch_size: 2048.min(args.export_queue as usize),
         flush_interval: Duration::from_secs(1),

@@ -28,6 +28,9 @@ fn bad_configuration_fails_fast_with_a_hint() {
     let missing = std::env::temp_dir().join("loupe-no-such-config.yaml");
     let bad_yaml = std::env::temp_dir().join(format!("loupe-bad-{}.yaml", std::process::id()));
     std::fs::write(&bad_yaml, "redaction:\n  query_value: false\n").unwrap();
+    let last_capture =
+        std::env::temp_dir().join(format!("loupe-last-capture-{}.jsonl", std::process::id()));
+    std::fs::write(&last_capture, "{}\n").unwrap();
     let cases: Vec<Case> = vec![
         (
             vec!["--otlp-protocol", "carrier-pigeon"],
@@ -70,6 +73,11 @@ fn bad_configuration_fails_fast_with_a_hint() {
             "use otlp, console or none",
         ),
         (vec!["--pid", "999999999"], vec![], "no such process"),
+        (
+            vec!["--output", last_capture.to_str().unwrap()],
+            vec![],
+            "add --append to add to it",
+        ),
     ];
     for (args, env, hint) in cases {
         let (code, stderr) = run(&args, &env);
@@ -82,4 +90,10 @@ fn bad_configuration_fails_fast_with_a_hint() {
     assert_eq!(code, 2);
     assert!(stderr.contains("--no-such-flag"), "{stderr}");
     let _ = std::fs::remove_file(bad_yaml);
+    assert_eq!(
+        std::fs::read_to_string(&last_capture).unwrap(),
+        "{}\n",
+        "the refused file is untouched"
+    );
+    let _ = std::fs::remove_file(last_capture);
 }

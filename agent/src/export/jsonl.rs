@@ -36,13 +36,31 @@ struct Line<'a> {
 }
 
 impl JsonLines {
-    pub fn create(path: &Path, host_name: &str) -> anyhow::Result<Self> {
-        let file = File::create(path).with_context(|| {
-            format!(
-                "cannot write --output {}: choose a writable path",
+    /// Opens `path` for spans. An existing regular file that is not empty is refused unless
+    /// `append` (a rerun must not destroy the last capture); pipes and devices are written as
+    /// they are.
+    pub fn create(path: &Path, host_name: &str, append: bool) -> anyhow::Result<Self> {
+        let existing = std::fs::metadata(path).ok();
+        if !append
+            && existing
+                .as_ref()
+                .is_some_and(|m| m.is_file() && m.len() > 0)
+        {
+            anyhow::bail!(
+                "--output {} already exists: remove it, choose another path, or add --append to add to it",
                 path.display()
-            )
-        })?;
+            );
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "cannot write --output {}: choose a writable path",
+                    path.display()
+                )
+            })?;
         Ok(Self {
             out: BufWriter::new(file),
             host_name: host_name.to_string(),
@@ -87,5 +105,31 @@ impl JsonLines {
 
     pub fn flush(&mut self) {
         let _ = self.out.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_existing_file_is_refused_unless_appending() {
+        let path = std::env::temp_dir().join(format!("loupe-jsonl-{}.jsonl", std::process::id()));
+        std::fs::write(&path, "earlier\n").unwrap();
+        let err = JsonLines::create(&path, "h", false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--append"), "{err}");
+        let mut j = JsonLines::create(&path, "h", true).unwrap();
+        j.out.write_all(b"later\n").unwrap();
+        j.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "earlier\nlater\n");
+        std::fs::write(&path, "").unwrap();
+        assert!(
+            JsonLines::create(&path, "h", false).is_ok(),
+            "an empty file is fine"
+        );
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -49,6 +49,8 @@ pub struct ExportConfig {
     /// Traces the terminal shows per second at most (0: all).
     pub console_rate: u32,
     pub jsonl: Option<PathBuf>,
+    /// Add to an existing --output file instead of refusing it.
+    pub append: bool,
     pub batch_size: usize,
     pub flush_interval: Duration,
     pub queue_capacity: usize,
@@ -90,7 +92,7 @@ impl Exporter {
         let jsonl = cfg
             .jsonl
             .as_ref()
-            .map(|p| jsonl::JsonLines::create(p, &cfg.host_name))
+            .map(|p| jsonl::JsonLines::create(p, &cfg.host_name, cfg.append))
             .transpose()?;
         let elsewhere = match (&cfg.otlp, &cfg.jsonl) {
             (Some(_), Some(_)) => "OTLP and --output",
