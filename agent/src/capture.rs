@@ -26,14 +26,17 @@ pub struct CapturePrinter<W: Write> {
     out: W,
     format: Format,
     clock: WallClock,
+    /// Secret-bearing header values and query values are masked unless the user asks.
+    redact: bool,
 }
 
 impl<W: Write> CapturePrinter<W> {
-    pub fn new(out: W, format: Format) -> Self {
+    pub fn new(out: W, format: Format, redact: bool) -> Self {
         Self {
             out,
             format,
             clock: WallClock::new(),
+            redact,
         }
     }
 }
@@ -120,6 +123,13 @@ impl<W: Write> Sink for CapturePrinter<W> {
                 payload.extend_from_slice(b);
             }
         }
+        // What was captured, before masking changes the length.
+        let captured = payload.len();
+        if self.redact
+            && let Some(masked) = crate::redact::payload(&payload)
+        {
+            payload = masked;
+        }
         let ts = self.clock.to_unix_ns(ev.ts_ns);
         let result = match self.format {
             Format::Json => {
@@ -138,7 +148,7 @@ impl<W: Write> Sink for CapturePrinter<W> {
                     syscall: syscall::name(ev.syscall),
                     seq: ev.seq,
                     bytes: ev.bytes,
-                    captured: payload.len(),
+                    captured,
                     truncated: ev.truncated,
                     no_payload: ev.no_payload,
                     midstream: conn.midstream,

@@ -190,6 +190,10 @@ pub struct CaptureArgs {
     /// Capture every TCP connection, not only those a protocol parser wants.
     #[arg(long)]
     pub all_protocols: bool,
+    /// Print secret-bearing header values (Authorization, Cookie, *token*, …) and query values
+    /// as captured; by default they are masked as in spans.
+    #[arg(long)]
+    pub show_secrets: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -279,10 +279,12 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         Format::Text
     };
     let stats = metrics.user.clone();
+    let show_secrets = args.show_secrets;
     let consumer = tokio::spawn(async move {
         let mut sink = CapturePrinter::new(
             std::io::BufWriter::new(loupe::stdout::Stdout::new()),
             format,
+            !show_secrets,
         );
         pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
     });

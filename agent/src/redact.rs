@@ -27,6 +27,66 @@ pub fn is_sensitive_name(name: &str) -> bool {
     SENSITIVE.iter().any(|w| lower.contains(w))
 }
 
+/// Captured bytes as `loupe capture` prints them: the value of every header-like line whose name
+/// is secret-bearing (`Authorization: …`, `Cookie: …`, `X-Api-Key: …`) and the query values of
+/// an HTTP request line are masked, the rest left byte for byte. Header-like lines in a body are
+/// masked too: masking too much beats leaking. None when nothing needed masking.
+pub fn payload(data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut changed = false;
+    for (i, line) in data.split_inclusive(|&b| b == b'\n').enumerate() {
+        let masked = if i == 0 {
+            request_line(line)
+        } else {
+            header_line(line)
+        };
+        match masked {
+            Some(m) => {
+                out.extend_from_slice(&m);
+                changed = true;
+            }
+            None => out.extend_from_slice(line),
+        }
+    }
+    changed.then_some(out)
+}
+
+/// `Name: value\r\n` with a secret-bearing name -> `Name: REDACTED\r\n`.
+fn header_line(line: &[u8]) -> Option<Vec<u8>> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let name = &line[..colon];
+    let token = |b: &u8| b.is_ascii_alphanumeric() || b"-_".contains(b);
+    if name.is_empty() || !name.iter().all(token) {
+        return None;
+    }
+    if !is_sensitive_name(std::str::from_utf8(name).ok()?) {
+        return None;
+    }
+    let end = line.len()
+        - line
+            .iter()
+            .rev()
+            .take_while(|b| b"\r\n".contains(b))
+            .count();
+    let mut out = line[..=colon].to_vec();
+    out.push(b' ');
+    out.extend_from_slice(MASK.as_bytes());
+    out.extend_from_slice(&line[end..]);
+    Some(out)
+}
+
+/// `GET /p?token=abc HTTP/1.1` -> `GET /p?token=REDACTED HTTP/1.1`.
+fn request_line(line: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut parts = text.splitn(3, ' ');
+    let (method, target, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    if !rest.starts_with("HTTP/") || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return header_line(line);
+    }
+    let (path, q) = target.split_once('?')?;
+    Some(format!("{method} {path}?{} {rest}", query(q)).into_bytes())
+}
+
 /// `a=1&b=2;c=3` -> `a=REDACTED&b=REDACTED;c=REDACTED`. Keys stay (low-risk and useful) when
 /// they look like names; a key or a bare item that looks like a token (`?eyJhbGciOi…`,
 /// `?3f9a…`) is masked whole.
@@ -235,6 +295,25 @@ fn database_client(argv: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captured_payloads_lose_their_secrets_and_nothing_else() {
+        let raw = b"GET /a?token=t0k&id=7 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer abc\r\n\
+                    Cookie: sid=1\r\nX-Api-Key:k\r\nAccept: */*\r\n\r\n";
+        let masked = String::from_utf8(payload(raw).unwrap()).unwrap();
+        assert_eq!(
+            masked,
+            "GET /a?token=REDACTED&id=REDACTED HTTP/1.1\r\nHost: x\r\nAuthorization: REDACTED\r\n\
+             Cookie: REDACTED\r\nX-Api-Key: REDACTED\r\nAccept: */*\r\n\r\n"
+        );
+        let resp = b"HTTP/1.1 200 OK\r\nSet-Cookie: sid=2; HttpOnly\r\n\r\nbody";
+        assert_eq!(
+            payload(resp).unwrap(),
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: REDACTED\r\n\r\nbody".to_vec()
+        );
+        assert_eq!(payload(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"), None);
+        assert_eq!(payload(b"\x00\x01binary:\xff"), None);
+    }
 
     fn argv(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()

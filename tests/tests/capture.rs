@@ -494,3 +494,44 @@ fn nothing_stays_attached_after_kill_9() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn captured_secrets_are_masked_unless_asked_for() {
+    if !privileged() {
+        return;
+    }
+    let request: &[u8] = b"GET /api?token=SECRET-Q1&page=2 HTTP/1.1\r\nHost: x\r\n\
+        Authorization: Bearer SECRET-H1\r\nCookie: sid=SECRET-C1\r\nAccept: */*\r\n\r\n";
+    let me = std::process::id().to_string();
+    for show in [false, true] {
+        let (mut client, mut server) = pair(false);
+        let mut args = vec!["--pid", me.as_str()];
+        if show {
+            args.push("--show-secrets");
+        }
+        let agent = Agent::start(&args);
+        transfer(&mut client, &mut server, request);
+        transfer(&mut server, &mut client, b"HTTP/1.1 204 No Content\r\n\r\n");
+        let c = agent.stop();
+        let (cl, cr) = addrs(&client);
+        let sent = c.stream(cl, cr, "send");
+        assert!(contains(&sent, b"GET /api?"), "captured at all ({show})");
+        for secret in [&b"SECRET-Q1"[..], b"SECRET-H1", b"SECRET-C1"] {
+            assert_eq!(
+                contains(&sent, secret),
+                show,
+                "{} with --show-secrets={show}:\n{}",
+                String::from_utf8_lossy(secret),
+                String::from_utf8_lossy(&sent)
+            );
+        }
+        if !show {
+            assert!(
+                contains(&sent, b"Authorization: REDACTED\r\n")
+                    && contains(&sent, b"Accept: */*\r\n"),
+                "{}",
+                String::from_utf8_lossy(&sent)
+            );
+        }
+    }
+}
