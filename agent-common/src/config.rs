@@ -4,6 +4,12 @@
 pub const FILTER_PID: u32 = 1 << 0;
 pub const FILTER_CGROUP: u32 = 1 << 1;
 pub const FILTER_NETNS: u32 = 1 << 2;
+pub const FILTER_PORT: u32 = 1 << 3;
+
+/// `PID_FILTER` values: a pid the user named (`--pid`, or matched by `--exe` at start), or a
+/// descendant found since (removed again when it exits).
+pub const PID_SELECTED: u8 = 1;
+pub const PID_DESCENDANT: u8 = 2;
 
 /// How many undecidable payload events a connection first seen mid-stream gets before the
 /// classifier gives up on it (a connection seen from its start is decided on its first payload).

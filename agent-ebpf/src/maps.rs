@@ -68,6 +68,13 @@ pub static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 pub static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
+/// Selected ports (host order): a connection is captured when either end's port is one.
+#[map]
+pub static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(256, 0);
+/// Executable names (as the task's comm: NUL-padded, first 15 bytes) whose new processes are
+/// selected when they exec.
+#[map]
+pub static EXE_FILTER: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 
 /// Where an event is assembled before it is copied to the ring: ring reservations must have a
 /// constant size, and payloads do not. Twice MAX_PAYLOAD so that "offset < MAX, length <= MAX"

@@ -80,10 +80,26 @@ pub struct RunArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct CommonArgs {
-    /// Only capture these processes (repeat or comma-separate).
+    /// Only capture these processes and their descendants, present and future (repeat or
+    /// comma-separate). With --exe: either selects.
     #[arg(long = "pid", env = "LOUPE_PIDS", value_delimiter = ',', global = true)]
     pub pids: Vec<u32>,
-    /// Only capture processes in these cgroup v2 directories (e.g. /sys/fs/cgroup/unified/system.slice/nginx.service).
+    /// Only capture processes whose executable (or task name) matches, e.g. nginx or 'python3*',
+    /// and their descendants. An exact name also selects processes started later; a glob,
+    /// those running at start.
+    #[arg(long = "exe", env = "LOUPE_EXES", value_delimiter = ',', global = true)]
+    pub exes: Vec<String>,
+    /// Only capture connections with this port at either end (a server's listening port, or
+    /// the port a client connects to).
+    #[arg(
+        long = "port",
+        env = "LOUPE_PORTS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub ports: Vec<u16>,
+    /// Only capture processes in these cgroup v2 directories, e.g.
+    /// /sys/fs/cgroup/system.slice/nginx.service (see /proc/PID/cgroup for a process's).
     #[arg(
         long = "cgroup",
         env = "LOUPE_CGROUPS",
@@ -240,6 +256,39 @@ impl CommonArgs {
             return Err(ConfigError::Pid(pid));
         }
         Ok(())
+    }
+
+    /// `--pid` and `--exe`, resolved over the processes running now (None: no process filter).
+    pub fn process_selection(&self) -> Option<crate::selection::Selection> {
+        if self.pids.is_empty() && self.exes.is_empty() {
+            return None;
+        }
+        let sel = crate::selection::select(&self.pids, &self.exes, &crate::selection::processes());
+        if sel.roots.is_empty() && sel.exec_names.is_empty() {
+            tracing::warn!(
+                "--exe {}: no running process matches, and a glob does not select later ones: nothing will be traced",
+                self.exes.join(",")
+            );
+        }
+        tracing::info!(
+            "selected {} processes and {} descendants{}",
+            sel.roots.len(),
+            sel.descendants.len(),
+            if sel.exec_names.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", and any that starts {}",
+                    self.exes
+                        .iter()
+                        .filter(|e| !e.contains(['*', '?', '[']))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                )
+            }
+        );
+        Some(sel)
     }
 
     /// cgroup v2 ids: the inode of each directory.

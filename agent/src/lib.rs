@@ -21,6 +21,7 @@ pub mod procfs;
 pub mod protocol;
 pub mod reader;
 pub mod redact;
+pub mod selection;
 pub mod service_rules;
 pub mod stdout;
 pub mod trace;

@@ -131,7 +131,8 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     let opts = LoadOptions {
         capture_bytes: common.capture_bytes,
         protocols,
-        pids: common.pids.clone(),
+        processes: common.process_selection(),
+        ports: common.ports.clone(),
         cgroups: common.cgroup_ids()?,
         netns: common.netns_inodes()?,
         ring_buffer_bytes: common.ring_buffer_bytes,

@@ -480,6 +480,18 @@ pub struct Server {
     pub addr: SocketAddr,
 }
 
+/// Waits until `addr` accepts connections (30 s at most).
+pub fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Server {
     /// Starts `cmd` and waits until `addr` accepts connections.
     pub fn start(mut cmd: Command, addr: SocketAddr) -> Server {

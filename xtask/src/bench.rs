@@ -292,6 +292,9 @@ fn kernel_ns() -> u64 {
             || n.starts_with("sock_")
             || n == "inet_sock_set_state"
             || n == "sched_process_fork"
+            || n == "task_newtask"
+            || n == "sched_process_exec"
+            || n == "sched_process_exit"
     };
     progs
         .as_array()

@@ -1,7 +1,7 @@
 //! Reading a `struct sock` with offsets the agent took from BTF, and creating connection entries.
 
 use agent_common::{
-    config::{FILTER_NETNS, LoupeConfig},
+    config::{FILTER_NETNS, FILTER_PORT, LoupeConfig},
     conn::{AF_INET, AF_INET6, ConnState, ConnTuple, STATUS_IGNORED, STATUS_UNCLASSIFIED},
     counters,
 };
@@ -12,7 +12,7 @@ use crate::{
         copy::{copy_words, zero_words},
         count::count,
     },
-    maps::{CONNS, NETNS_FILTER},
+    maps::{CONNS, NETNS_FILTER, PORT_FILTER},
 };
 
 #[inline(always)]
@@ -66,6 +66,16 @@ fn netns_excluded(cfg: &LoupeConfig, sk: u64) -> bool {
     unsafe { NETNS_FILTER.get(inum) }.is_none()
 }
 
+/// `--port`: neither end of the connection uses a selected port.
+#[inline(always)]
+fn port_excluded(cfg: &LoupeConfig, tuple: &ConnTuple) -> bool {
+    if cfg.filter & FILTER_PORT == 0 {
+        return false;
+    }
+    // SAFETY: map lookups of plain keys.
+    unsafe { PORT_FILTER.get(tuple.sport).is_none() && PORT_FILTER.get(tuple.dport).is_none() }
+}
+
 /// Starts tracking a socket; `flags` and `role` say how it was found.
 #[inline(always)]
 pub fn track(
@@ -75,7 +85,7 @@ pub fn track(
     role: u8,
     flags: u8,
 ) -> Option<*mut ConnState> {
-    let status = if netns_excluded(cfg, sk) {
+    let status = if netns_excluded(cfg, sk) || port_excluded(cfg, &tuple) {
         count(counters::CONNS_IGNORED);
         STATUS_IGNORED
     } else {

@@ -1,4 +1,5 @@
 pub mod context;
+pub mod lineage;
 pub mod sched;
 pub mod sock;
 pub mod syscalls;

@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use agent_common::{
-    config::{FILTER_CGROUP, FILTER_NETNS, FILTER_PID, LoupeConfig},
+    config::{
+        FILTER_CGROUP, FILTER_NETNS, FILTER_PID, FILTER_PORT, LoupeConfig, PID_DESCENDANT,
+        PID_SELECTED,
+    },
     counters::NUM_COUNTERS,
     maps,
 };
@@ -25,7 +28,10 @@ pub struct LoadOptions {
     pub capture_bytes: u32,
     /// `conn::proto_bit`s of the protocols parsers want; 0 captures every TCP connection.
     pub protocols: u32,
-    pub pids: Vec<u32>,
+    /// Processes selected by `--pid`/`--exe` (None: every process).
+    pub processes: Option<crate::selection::Selection>,
+    /// `--port`: connections with one end on these ports.
+    pub ports: Vec<u16>,
     /// cgroup v2 ids (the inode of the cgroup directory).
     pub cgroups: Vec<u64>,
     /// network namespace inodes.
@@ -74,6 +80,24 @@ const HOOKS: &[Hook] = &[
         "sched",
         false,
         "following requests handed to new threads",
+    ),
+    hook(
+        "task_newtask",
+        "task",
+        false,
+        "selecting new child processes of --pid/--exe processes",
+    ),
+    hook(
+        "sched_process_exec",
+        "sched",
+        false,
+        "selecting processes started later with an --exe name",
+    ),
+    hook(
+        "sched_process_exit",
+        "sched",
+        false,
+        "forgetting exited descendants of --pid/--exe processes (a reused pid may be traced)",
     ),
     // Every other socket syscall's buffer is read from the registers saved at syscall entry
     // (agent-ebpf helpers/regs.rs): no sys_enter/sys_exit pair per syscall.
@@ -127,8 +151,11 @@ impl Probe {
             .context("reading socket field offsets from the kernel's BTF")?;
 
         let mut filter = 0;
-        if !opts.pids.is_empty() {
+        if opts.processes.is_some() {
             filter |= FILTER_PID;
+        }
+        if !opts.ports.is_empty() {
+            filter |= FILTER_PORT;
         }
         if !opts.cgroups.is_empty() {
             filter |= FILTER_CGROUP;
@@ -194,9 +221,23 @@ impl Probe {
     }
 
     fn fill_filters(&mut self, opts: &LoadOptions) -> anyhow::Result<()> {
-        let mut pids: HashMap<_, u32, u8> = HashMap::try_from(self.map_mut(maps::PID_FILTER)?)?;
-        for pid in &opts.pids {
-            pids.insert(pid, 1, 0)?;
+        if let Some(sel) = &opts.processes {
+            let mut pids: HashMap<_, u32, u8> = HashMap::try_from(self.map_mut(maps::PID_FILTER)?)?;
+            for pid in &sel.roots {
+                pids.insert(pid, PID_SELECTED, 0)?;
+            }
+            for pid in &sel.descendants {
+                pids.insert(pid, PID_DESCENDANT, 0)?;
+            }
+            let mut names: HashMap<_, [u8; 16], u8> =
+                HashMap::try_from(self.map_mut(maps::EXE_FILTER)?)?;
+            for name in &sel.exec_names {
+                names.insert(name, 1, 0)?;
+            }
+        }
+        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(self.map_mut(maps::PORT_FILTER)?)?;
+        for port in &opts.ports {
+            ports.insert(port, 1, 0)?;
         }
         let mut cgroups: HashMap<_, u64, u8> =
             HashMap::try_from(self.map_mut(maps::CGROUP_FILTER)?)?;

@@ -1,0 +1,86 @@
+//! Keeping `--pid`/`--exe` selections true as processes come and go: a child process of a
+//! selected process is selected (task:task_newtask, in the parent), a process that execs a
+//! selected executable name is selected (sched:sched_process_exec), and a descendant that exits
+//! leaves the set (sched:sched_process_exit), so that its pid, once reused, is not traced.
+
+use agent_common::config::{FILTER_PID, PID_DESCENDANT};
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    helpers::record::field,
+    maps::{EXE_FILTER, LOUPE_CONFIG, PID_FILTER},
+};
+
+/// task_newtask record (tracefs format file, unchanged since 4.x): `pid_t pid` at 8,
+/// `clone_flags` at 32.
+const NEWTASK_PID: usize = 8;
+const NEWTASK_CLONE_FLAGS: usize = 32;
+const CLONE_THREAD: u64 = 0x0001_0000;
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    let cfg = LOUPE_CONFIG.load();
+    if cfg.filter & FILTER_PID == 0 {
+        return 0;
+    }
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: map lookups and updates of plain keys.
+    unsafe {
+        if PID_FILTER.get(parent).is_none() {
+            return 0;
+        }
+        // A new thread belongs to its process, already selected.
+        if field::<u64>(&ctx, NEWTASK_CLONE_FLAGS) & CLONE_THREAD != 0 {
+            return 0;
+        }
+        let child = field::<i32>(&ctx, NEWTASK_PID) as u32;
+        let _ = PID_FILTER.insert(child, PID_DESCENDANT, 0);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+    let cfg = LOUPE_CONFIG.load();
+    if cfg.filter & FILTER_PID == 0 {
+        return 0;
+    }
+    // After exec the task's name is the new executable's (first 15 bytes).
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: map lookups and updates of plain keys.
+    unsafe {
+        if EXE_FILTER.get(comm).is_some() {
+            let _ = PID_FILTER.insert(tgid, PID_DESCENDANT, 0);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let cfg = LOUPE_CONFIG.load();
+    if cfg.filter & FILTER_PID == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // Only the process's last word counts: its main thread's exit.
+    if tgid != tid {
+        return 0;
+    }
+    // SAFETY: map lookups and updates of plain keys.
+    unsafe {
+        // The pids the user gave stay: they name what to trace, not a lineage.
+        if PID_FILTER.get(tgid) == Some(&PID_DESCENDANT) {
+            let _ = PID_FILTER.remove(tgid);
+        }
+    }
+    0
+}
