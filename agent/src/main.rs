@@ -148,6 +148,14 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");
     }
+    let agents = loupe::bpf::load::agents_loaded();
+    if agents > 1 {
+        let others = agents - 1;
+        tracing::warn!(
+            "{others} other Loupe agent{} running on this host (their programs are loaded): processes both select are traced twice, so their spans are exported twice; run one agent per host. This one does not trace the others' own connections (their exports).",
+            if others == 1 { " is" } else { "s are" }
+        );
+    }
     let ring = probe.take_events()?;
     let metrics = Metrics::new(Some(probe.take_counters()?));
     let (stop, stop_rx) = watch::channel(false);

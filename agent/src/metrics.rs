@@ -233,6 +233,11 @@ impl Metrics {
                     "Connections not traced because their side was unknown.",
                     get(&t.unknown_role),
                 ),
+                (
+                    "loupe_other_agent_connections_total",
+                    "Connections of another Loupe agent on this host, not traced.",
+                    get(&t.other_agents),
+                ),
             ]);
         }
         if let Some(l) = &self.links {

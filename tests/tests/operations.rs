@@ -382,3 +382,80 @@ fn metrics_only_on_metrics_and_readyz_reports_failing_exports() {
     );
     let _ = agent.stop_raw();
 }
+
+#[test]
+fn a_second_agent_warns_and_never_traces_the_first_ones_exports() {
+    if !privileged() {
+        return;
+    }
+    use std::io::BufRead as _;
+    let traced = TestCgroup::new("agent-a-traces");
+    let dir = loupe_tests::databases::TempDir::new("two-agents");
+    let web = nginx(&traced, dir.0.as_path());
+    let receiver = loupe_tests::otlp::Receiver::start();
+    // Agent A, in a cgroup of its own, exports nginx's spans over HTTP/1 (what B could parse).
+    let agents = TestCgroup::new("agent-a");
+    let mut a = agents
+        .command(
+            loupe_bin().to_str().unwrap(),
+            &[
+                "--cgroup",
+                &traced.dir,
+                "--otlp-endpoint",
+                &format!("http://{}", receiver.http),
+                "--otlp-protocol",
+                "http/protobuf",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut a_err = std::io::BufReader::new(a.stderr.take().unwrap());
+    let mut a_log = String::new();
+    while !a_log.contains("ready:") {
+        assert!(a_err.read_line(&mut a_log).unwrap() > 0, "{a_log}");
+    }
+    // Agent B traces A's cgroup: A's exports are all there is to see.
+    let out = dir.0.join("b.jsonl");
+    let port = free_port();
+    let b = Agent::spawn(
+        &[
+            "--cgroup",
+            &agents.dir,
+            "--output",
+            out.to_str().unwrap(),
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    for i in 0..3 {
+        traced.run(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                &format!("http://{}/users/{i}", web.addr),
+            ],
+        );
+    }
+    receiver.wait_for(Duration::from_secs(15), |s| s.len() >= 6);
+    let text = scrape(&format!("127.0.0.1:{port}"));
+    let (_, b_log) = b.stop_raw();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    let _ = a.wait();
+    assert!(receiver.spans().len() >= 6, "A exported");
+    assert!(
+        b_log.contains("1 other Loupe agent is running on this host"),
+        "{b_log}"
+    );
+    let b_spans = std::fs::read_to_string(&out).unwrap_or_default();
+    assert!(b_spans.is_empty(), "B traced A's exports:\n{b_spans}");
+    assert!(
+        metric(&text, "loupe_other_agent_connections_total").unwrap_or(0) >= 1,
+        "B saw A's export connection and left it alone:\n{text}"
+    );
+}

@@ -127,6 +127,19 @@ const HOOKS: &[Hook] = &[
     ),
 ];
 
+/// How many agents have their programs loaded in this kernel, this one included: each loads one
+/// `sock_send_length` (names are cut to 15 bytes by the kernel). Seen across containers and pid
+/// namespaces, unlike /proc.
+pub fn agents_loaded() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| {
+            p.name_as_str() == Some("sock_send_lengt")
+                || p.name_as_str() == Some("sock_send_length")
+        })
+        .count()
+}
+
 /// The loaded programs. Dropping it detaches everything.
 pub struct Probe {
     ebpf: Ebpf,

@@ -43,6 +43,8 @@ pub struct TraceStats {
     pub timeouts: AtomicU64,
     /// Connections whose side (client/server) could not be told: not traced.
     pub unknown_role: AtomicU64,
+    /// Connections of another Loupe agent on this host (its exports, its scrapes): not traced.
+    pub other_agents: AtomicU64,
     /// Per protocol id (`loupe_l7_*{protocol=...}`); HTTP/1 also feeds the fields above.
     pub l7: L7Stats,
     pub detect: DetectStats,
@@ -125,6 +127,10 @@ pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
         matches(conn.local) || matches(conn.remote)
     })
 }
+
+/// The agent's executable name: processes running it are other agents (this one's own events
+/// never leave the kernel).
+pub const AGENT_EXE: &str = "loupe";
 
 impl TraceSink {
     /// Excludes connections to or from these addresses (the OTLP endpoint).
@@ -464,16 +470,28 @@ impl Sink for TraceSink {
             Some(_) => false,
             None => {
                 // Look the process up now: a short-lived client may be gone by export time.
-                if let Ok(mut p) = self.processes.lock() {
-                    p.get(conn.pid, &conn.comm);
-                }
+                let other_agent = self
+                    .processes
+                    .lock()
+                    .is_ok_and(|mut p| p.get(conn.pid, &conn.comm).executable_name == AGENT_EXE);
+                // Another agent's exports would become spans that it then exports, and so on.
+                let proto = if other_agent {
+                    self.stats.other_agents.fetch_add(1, Ordering::Relaxed);
+                    self.verdicts.ignore(conn.key);
+                    Proto::Ignored
+                } else {
+                    Proto::Detecting(Detection::default(), Vec::new())
+                };
                 self.conns.insert(
                     conn.key,
                     Tracked {
-                        proto: Proto::Detecting(Detection::default(), Vec::new()),
+                        proto,
                         info: conn.clone(),
                     },
                 );
+                if other_agent {
+                    return;
+                }
                 true
             }
         };
