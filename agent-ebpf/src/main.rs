@@ -3,7 +3,7 @@
 #![no_std]
 #![no_main]
 // Inline asm is how the programs hide a value from LLVM so a bounds check the verifier needs
-// survives optimisation (helpers/bounds.rs). The crate is built with RUSTC_BOOTSTRAP by aya-build.
+// survives optimisation (helpers/bounds.rs). The crate is built with RUSTC_BOOTSTRAP by agent/build.rs.
 #![feature(asm_experimental_arch)]
 
 mod helpers;

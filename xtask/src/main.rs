@@ -30,12 +30,18 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run the agent as root with ARGS.
+    /// Build (release), then run the agent as root with ARGS.
     Run {
+        /// The debug build instead (faster to build, several times slower to run).
         #[arg(long)]
-        release: bool,
+        debug: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Build the release binary, strip its debug info and install it as PREFIX/bin/loupe.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
     },
     /// Every test: unit tests, then the privileged end-to-end tests (as root).
     Test {
@@ -92,11 +98,17 @@ fn main() -> anyhow::Result<()> {
             ensure_toolchain()?;
             build(release)
         }
-        Task::Run { release, args } => {
+        Task::Run { debug, args } => {
+            let release = !debug;
             ensure_toolchain()?;
             build(release)?;
             let bin = root.join("target").join(profile_dir(release)).join("loupe");
             run_as_root(&bin, &args)
+        }
+        Task::Install { prefix } => {
+            ensure_toolchain()?;
+            build(true)?;
+            install(&root, &prefix)
         }
         Task::Test { filter } => {
             ensure_toolchain()?;
@@ -297,6 +309,43 @@ fn build(release: bool) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+/// Copies the release binary to PREFIX/bin (through a temporary name, so a running agent keeps
+/// its file), without debug info (symbols stay, for readable backtraces).
+fn install(root: &Path, prefix: &Path) -> anyhow::Result<()> {
+    let bin_dir = prefix.join("bin");
+    let dest = bin_dir.join("loupe");
+    step(&format!("installing {}", dest.display()));
+    std::fs::create_dir_all(&bin_dir).with_context(|| {
+        format!(
+            "creating {} (run as root for /usr/local)",
+            bin_dir.display()
+        )
+    })?;
+    let tmp = bin_dir.join(".loupe.new");
+    std::fs::copy(root.join("target/release/loupe"), &tmp)
+        .with_context(|| format!("writing {} (run as root for /usr/local)", tmp.display()))?;
+    if Command::new("strip")
+        .arg("--strip-debug")
+        .arg(&tmp)
+        .status()
+        .is_err()
+    {
+        eprintln!("xtask: strip not found; installed with debug info");
+    }
+    std::fs::rename(&tmp, &dest)?;
+    let on_path = env::var_os("PATH").is_some_and(|p| env::split_paths(&p).any(|d| d == bin_dir));
+    eprintln!(
+        "xtask: installed {}{}",
+        dest.display(),
+        if on_path {
+            String::new()
+        } else {
+            format!(" ({} is not on your PATH)", bin_dir.display())
+        }
+    );
+    Ok(())
+}
+
 fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|u| u.trim() == "0")
 }
@@ -381,7 +430,7 @@ fn lint() -> anyhow::Result<()> {
         ])
         .args(["-Z", "build-std=core", "--", "-D", "warnings"])
         .env("RUSTC_BOOTSTRAP", "1")
-        // What aya-build passes when it builds them (helpers/regs.rs depends on it).
+        // What agent/build.rs passes when it builds them (helpers/regs.rs depends on it).
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             format!("--cfg=bpf_target_arch=\"{}\"", std::env::consts::ARCH),
