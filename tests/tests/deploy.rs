@@ -11,6 +11,11 @@ fn manifests() -> std::path::PathBuf {
     tests_dir().join("../deploy/kubernetes/loupe.yaml")
 }
 
+/// The example backend (a Collector in front of Jaeger) the README walks through.
+fn example_backend() -> std::path::PathBuf {
+    tests_dir().join("../deploy/kubernetes/collector-jaeger.yaml")
+}
+
 fn validate(path: &std::path::Path, version: &str) -> std::process::Output {
     Command::new(venv_bin("kubernetes-validate"))
         .args(["--strict", "--no-warn", "-k", version])
@@ -23,14 +28,23 @@ fn validate(path: &std::path::Path, version: &str) -> std::process::Output {
 fn manifests_validate_against_the_kubernetes_schemas() {
     // 1.30: the first release with securityContext.appArmorProfile.
     for version in ["1.30.0", "1.37.0"] {
-        let out = validate(&manifests(), version);
-        assert!(
-            out.status.success(),
-            "Kubernetes {version}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for file in [manifests(), example_backend()] {
+            let out = validate(&file, version);
+            assert!(
+                out.status.success(),
+                "{} on Kubernetes {version}:\n{}{}",
+                file.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
+    // The header states the minimum the manifests need.
+    let text = std::fs::read_to_string(manifests()).unwrap();
+    assert!(
+        text.contains("Needs Kubernetes 1.30+"),
+        "minimum version stated"
+    );
     // The validator does catch mistakes: a misspelt field fails.
     let broken = std::env::temp_dir().join(format!("loupe-broken-{}.yaml", std::process::id()));
     let text = std::fs::read_to_string(manifests()).unwrap();
@@ -42,12 +56,16 @@ fn manifests_validate_against_the_kubernetes_schemas() {
 
 /// The manifests as JSON documents (PyYAML from the validator's own dependencies).
 fn documents() -> Vec<Value> {
+    documents_of(&manifests())
+}
+
+fn documents_of(path: &std::path::Path) -> Vec<Value> {
     let out = Command::new(venv_bin("python"))
         .args([
             "-c",
             "import json,sys,yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
         ])
-        .arg(manifests())
+        .arg(path)
         .output()
         .expect("run python");
     assert!(
@@ -68,6 +86,8 @@ fn the_daemonset_has_what_a_node_agent_needs() {
         "ClusterRoleBinding",
         "ConfigMap",
         "DaemonSet",
+        "PriorityClass",
+        "Service",
     ] {
         assert!(kinds.contains(&kind), "{kind} missing: {kinds:?}");
     }
@@ -90,9 +110,61 @@ fn the_daemonset_has_what_a_node_agent_needs() {
     let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostPID"], true, "host /proc");
+    // Its own PriorityClass: system-node-critical outside kube-system is refused on some
+    // providers (GKE without a ResourceQuota).
+    let priority = docs.iter().find(|d| d["kind"] == "PriorityClass").unwrap();
+    assert_eq!(pod["priorityClassName"], priority["metadata"]["name"]);
+    assert_ne!(pod["priorityClassName"], "system-node-critical");
+    // Metrics: scrape annotations and a headless Service on the metrics port.
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9464");
+    let svc = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(svc["spec"]["clusterIP"], "None");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 9464);
     assert_eq!(pod["tolerations"][0]["operator"], "Exists", "every node");
     let c = &pod["containers"][0];
+    // No image is published: the placeholder cannot be pulled by accident.
+    let image = c["image"].as_str().unwrap();
+    assert!(image.starts_with("registry.invalid/"), "{image}");
     let env = c["env"].as_array().unwrap();
+    // Cross-node traces on by default in a cluster, with the capability sock_ops needs.
+    let tcp_context = env
+        .iter()
+        .find(|e| e["name"] == "LOUPE_TCP_CONTEXT")
+        .and_then(|e| e["value"].as_str());
+    assert_eq!(tcp_context, Some("true"));
+    assert!(
+        c["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .unwrap()
+            .contains(&"NET_ADMIN".into())
+    );
+    // The example backend answers at the address the DaemonSet exports to.
+    let endpoint = env
+        .iter()
+        .find(|e| e["name"] == "OTEL_EXPORTER_OTLP_ENDPOINT")
+        .and_then(|e| e["value"].as_str())
+        .unwrap();
+    let backend = documents_of(&example_backend());
+    let collector = backend
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "otel-collector")
+        .expect("the Collector's Service");
+    let host = format!(
+        "http://{}.{}.svc:",
+        collector["metadata"]["name"].as_str().unwrap(),
+        collector["metadata"]["namespace"].as_str().unwrap()
+    );
+    assert!(endpoint.starts_with(&host), "{endpoint} vs {host}");
+    assert!(
+        collector["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| endpoint.ends_with(&format!(":{}", p["port"]))),
+        "{endpoint}"
+    );
     let node = env
         .iter()
         .find(|e| e["name"] == "NODE_NAME")
@@ -138,6 +210,15 @@ fn the_image_builds_with_the_projects_own_command() {
         .filter(|l| l.starts_with("FROM "))
         .count();
     assert_eq!(stages, 2, "multi-stage: build, then a small runtime image");
-    assert!(dockerfile.contains("cargo xtask build --release"));
+    // The documented way to a release binary, stripped of debug info.
+    assert!(dockerfile.contains("cargo xtask install"));
     assert!(dockerfile.contains("-slim"), "small runtime image");
+    // The build context leaves out build output (gigabytes) and the test virtualenv.
+    let ignore = std::fs::read_to_string(tests_dir().join("../.dockerignore")).unwrap();
+    for path in ["target/", "tests/.venv/", ".git/"] {
+        assert!(
+            ignore.lines().any(|l| l == path),
+            "{path} not in .dockerignore"
+        );
+    }
 }

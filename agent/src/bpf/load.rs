@@ -195,7 +195,7 @@ impl Probe {
             loader.map_max_entries(maps::CONNS, opts.max_connections);
         }
         let mut ebpf = loader.load(OBJECT).context(
-            "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and a kernel with BTF and ring buffers (5.8+)",
+            "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and Linux 6.3+ with BTF (README, Requirements)",
         )?;
 
         let mut attached = 0;
