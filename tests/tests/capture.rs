@@ -291,23 +291,43 @@ fn a_pid_filter_excludes_other_processes() {
     if !privileged() {
         return;
     }
-    let me = std::process::id().to_string();
-    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
-    python(
-        "import socket\n\
-         l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen()\n\
-         c=socket.create_connection(l.getsockname()); a,_=l.accept()\n\
-         c.sendall(b'OTHER-PROCESS-MARKER'); a.recv(64)\n",
-    );
+    use std::io::BufRead as _;
+    // The selected process runs before the agent starts. The other process is this test: A's
+    // parent, so not one of the descendants a pid selection takes in.
+    let mut selected = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket,sys\n\
+             l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen()\n\
+             print('ready', flush=True); sys.stdin.readline()\n\
+             c=socket.create_connection(l.getsockname()); a,_=l.accept()\n\
+             c.sendall(b'SELECTED-PROCESS-MARKER'); a.recv(64)\n\
+             print('done', flush=True)\n",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(selected.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = selected.id();
+    let agent = Agent::start(&["--all-protocols", "--pid", &pid.to_string()]);
     let (mut client, mut server) = pair(false);
-    transfer(&mut client, &mut server, b"SELECTED-PROCESS-MARKER");
+    transfer(&mut client, &mut server, b"OTHER-PROCESS-MARKER");
+    writeln!(selected.stdin.take().unwrap()).unwrap();
+    line.clear();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    let _ = selected.wait();
     let c = agent.stop();
     assert!(c.any_payload_contains(b"SELECTED-PROCESS-MARKER"));
     assert!(
         !c.any_payload_contains(b"OTHER-PROCESS-MARKER"),
         "another process was captured"
     );
-    assert!(c.data.iter().all(|d| d.pid == std::process::id()));
+    assert!(c.data.iter().all(|d| d.pid == pid));
 }
 
 #[test]
