@@ -10,6 +10,7 @@ pub mod db;
 pub mod detect;
 pub mod framing;
 pub mod http1;
+pub mod http2;
 pub mod mysql;
 pub mod postgres;
 pub mod redis;

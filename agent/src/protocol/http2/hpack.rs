@@ -1,0 +1,341 @@
+//! HPACK (RFC 7541) header block decoding that tolerates joining a connection mid-stream.
+//!
+//! A decoder that attached after the connection started does not know the entries the dynamic
+//! table held then. It still knows every entry inserted since: new entries go in at index 62
+//! and the oldest are evicted first, so the entries from before attach are always the ones
+//! beyond the known ones, and the first eviction of a known entry proves none is left. So:
+//! an index up to 61 + (known entries) resolves exactly; one beyond it is `Unknown` (counted,
+//! never guessed) while older entries may remain, and an error once they cannot; every value
+//! resolves from the moment a known entry had to be evicted or the table was resized to 0. An
+//! entry inserted under a name taken from an unknown index keeps an unknown name (and a lower
+//! bound for its size, so evictions can come late, never early: indices stay right).
+//! Every block must be decoded, in order, whether or not a span needs it: each one may change
+//! the table. Huffman strings are decoded by httlib-huffman (flattened tables, 4 bits a step).
+
+use std::collections::VecDeque;
+
+/// What one header field decoded to: a name and value, either possibly unknown (an index
+/// into the part of the table from before attach).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Error {
+    /// The block ends inside a field.
+    Truncated,
+    /// An integer beyond what any real encoder sends.
+    Overflow,
+    /// Huffman data that does not decode.
+    Huffman,
+    /// An index beyond the table while the table is fully known: the decoder lost sync.
+    BadIndex(usize),
+    /// A table size update above the limit SETTINGS allows, or one not at the block start.
+    BadSizeUpdate,
+}
+
+/// RFC 7541 Appendix A.
+const STATIC: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// The table size both sides start with (SETTINGS_HEADER_TABLE_SIZE default).
+pub const DEFAULT_TABLE_SIZE: usize = 4096;
+/// Per-entry overhead in the size accounting (RFC 7541 4.1).
+const ENTRY_OVERHEAD: usize = 32;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    name: Option<Vec<u8>>,
+    value: Vec<u8>,
+    /// RFC size; with an unknown name it is a lower bound.
+    size: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// References to entries from before attach: decoded as unknown.
+    pub unknown_refs: u64,
+}
+
+pub struct Decoder {
+    /// Entries inserted since attach, newest first (index 62 is `known[0]`).
+    known: VecDeque<Entry>,
+    known_size: usize,
+    /// Entries from before attach may still be in the table.
+    unknown_tail: bool,
+    /// Known entries whose name is not (a literal named by an unknown index). Their size is a
+    /// lower bound, so evictions may come late, never early: indices stay right, and entries
+    /// the encoder already evicted may linger at the old end, never referenced.
+    unnamed: usize,
+    /// The current dynamic table size limit.
+    max_size: usize,
+    /// What SETTINGS allows the encoder (a size update above it is an error).
+    settings_max: usize,
+    pub stats: DecodeStats,
+}
+
+impl Decoder {
+    /// `midstream`: the connection started before the agent saw it.
+    pub fn new(midstream: bool) -> Self {
+        Self {
+            known: VecDeque::new(),
+            known_size: 0,
+            unknown_tail: midstream,
+            unnamed: 0,
+            max_size: DEFAULT_TABLE_SIZE,
+            settings_max: DEFAULT_TABLE_SIZE,
+            stats: DecodeStats::default(),
+        }
+    }
+
+    /// The peer that decodes this direction announced SETTINGS_HEADER_TABLE_SIZE.
+    pub fn set_settings_max(&mut self, size: usize) {
+        self.settings_max = size;
+    }
+
+    /// Whether the entries from before attach are gone: every index resolves to a value.
+    /// (A name can stay unknown longer: an encoder that names each new entry by the index of
+    /// the previous one with that name carries an unknown name along until it spells it out.)
+    pub fn synced(&self) -> bool {
+        !self.unknown_tail
+    }
+
+    /// Whether every index now resolves exactly, names included.
+    pub fn exact(&self) -> bool {
+        !self.unknown_tail && self.unnamed == 0
+    }
+
+    /// Decodes one complete header block (HEADERS plus CONTINUATIONs, padding removed).
+    /// On an error the table may be out of sync: the caller resets the connection's decoder.
+    pub fn decode(&mut self, mut block: &[u8]) -> Result<Vec<Field>, Error> {
+        let mut fields = Vec::new();
+        let mut at_start = true;
+        while let Some(&first) = block.first() {
+            if first & 0x80 != 0 {
+                // Indexed field.
+                let index = integer(&mut block, 7)?;
+                fields.push(self.lookup(index)?);
+            } else if first & 0xc0 == 0x40 {
+                // Literal with incremental indexing.
+                let (name, value) = self.literal(&mut block, 6)?;
+                fields.push(Field {
+                    name: name.clone(),
+                    value: Some(value.clone()),
+                });
+                self.insert(name, value);
+            } else if first & 0xe0 == 0x20 {
+                // Dynamic table size update: only before the first field.
+                if !at_start {
+                    return Err(Error::BadSizeUpdate);
+                }
+                let size = integer(&mut block, 5)?;
+                if size > self.settings_max {
+                    return Err(Error::BadSizeUpdate);
+                }
+                self.resize(size);
+                continue;
+            } else {
+                // Literal without indexing (0000) or never indexed (0001).
+                let (name, value) = self.literal(&mut block, 4)?;
+                fields.push(Field {
+                    name,
+                    value: Some(value),
+                });
+            }
+            at_start = false;
+        }
+        Ok(fields)
+    }
+
+    fn lookup(&mut self, index: usize) -> Result<Field, Error> {
+        match index {
+            0 => Err(Error::BadIndex(0)),
+            1..=61 => {
+                let (n, v) = STATIC[index - 1];
+                Ok(Field {
+                    name: Some(n.as_bytes().to_vec()),
+                    value: Some(v.as_bytes().to_vec()),
+                })
+            }
+            _ => match self.known.get(index - 62) {
+                Some(e) => Ok(Field {
+                    name: e.name.clone(),
+                    value: Some(e.value.clone()),
+                }),
+                None if self.unknown_tail => {
+                    self.stats.unknown_refs += 1;
+                    Ok(Field {
+                        name: None,
+                        value: None,
+                    })
+                }
+                None => Err(Error::BadIndex(index)),
+            },
+        }
+    }
+
+    /// A literal's name (indexed or literal) and value; `prefix` bits hold the name index.
+    fn literal(
+        &mut self,
+        block: &mut &[u8],
+        prefix: u8,
+    ) -> Result<(Option<Vec<u8>>, Vec<u8>), Error> {
+        let index = integer(block, prefix)?;
+        let name = if index == 0 {
+            Some(string(block)?)
+        } else {
+            self.lookup(index)?.name
+        };
+        Ok((name, string(block)?))
+    }
+
+    fn insert(&mut self, name: Option<Vec<u8>>, value: Vec<u8>) {
+        let size = name.as_ref().map_or(0, Vec::len) + value.len() + ENTRY_OVERHEAD;
+        if size > self.max_size {
+            // RFC 7541 4.4: an entry larger than the table empties it.
+            self.clear();
+            return;
+        }
+        while self.known_size + size > self.max_size {
+            self.evict_oldest();
+        }
+        self.known_size += size;
+        self.unnamed += usize::from(name.is_none());
+        self.known.push_front(Entry { name, value, size });
+    }
+
+    fn evict_oldest(&mut self) {
+        // Whatever was there before attach went first: the table is all known from now on.
+        self.unknown_tail = false;
+        if let Some(e) = self.known.pop_back() {
+            self.known_size -= e.size;
+            self.unnamed -= usize::from(e.name.is_none());
+        }
+    }
+
+    fn resize(&mut self, size: usize) {
+        self.max_size = size;
+        if size == 0 {
+            self.clear();
+        }
+        while self.known_size > self.max_size {
+            self.evict_oldest();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.known.clear();
+        self.known_size = 0;
+        self.unknown_tail = false;
+        self.unnamed = 0;
+    }
+}
+
+/// An HPACK integer with an N-bit prefix (RFC 7541 5.1).
+fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, Error> {
+    let (&first, rest) = block.split_first().ok_or(Error::Truncated)?;
+    *block = rest;
+    let max = (1usize << prefix) - 1;
+    let mut value = usize::from(first) & max;
+    if value < max {
+        return Ok(value);
+    }
+    let mut shift = 0;
+    loop {
+        let (&b, rest) = block.split_first().ok_or(Error::Truncated)?;
+        *block = rest;
+        // Four continuation bytes reach 2^28: beyond any table, string or frame.
+        if shift > 21 {
+            return Err(Error::Overflow);
+        }
+        value += usize::from(b & 0x7f) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+}
+
+/// A string literal (RFC 7541 5.2), Huffman-decoded when flagged.
+fn string(block: &mut &[u8]) -> Result<Vec<u8>, Error> {
+    let huffman = block.first().ok_or(Error::Truncated)? & 0x80 != 0;
+    let len = integer(block, 7)?;
+    if block.len() < len {
+        return Err(Error::Truncated);
+    }
+    let (raw, rest) = block.split_at(len);
+    *block = rest;
+    if !huffman {
+        return Ok(raw.to_vec());
+    }
+    let mut out = Vec::with_capacity(raw.len() * 8 / 5);
+    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
+        .map_err(|_| Error::Huffman)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
