@@ -94,6 +94,18 @@ impl Header {
     }
 }
 
+impl Header {
+    /// Whether a reader in sync may take this header as the next frame: a known type must be
+    /// plausible; an unknown (extension) type, which receivers skip, must be small.
+    pub fn sane(b: &[u8]) -> bool {
+        match Self::parse(b) {
+            Some(h) if h.kind <= CONTINUATION => Self::plausible(b),
+            Some(h) => h.len <= 16_384,
+            None => false,
+        }
+    }
+}
+
 /// The payload of a HEADERS or PUSH_PROMISE frame without padding and the priority fields,
 /// or None if the frame's own lengths do not add up.
 pub fn header_block<'a>(h: &Header, payload: &'a [u8]) -> Option<&'a [u8]> {

@@ -1,0 +1,233 @@
+//! Against Python's `h2` (tests/apps/h2_fixtures.py): gRPC unary, server streaming, a
+//! trailers-only error, a cancelled call and a plain GET, interleaved on one connection.
+
+use super::*;
+use crate::trace::exchange::Identity;
+
+fn writes() -> Vec<(usize, Vec<u8>)> {
+    let raw = include_bytes!("../testdata/grpc.bin");
+    let mut out = Vec::new();
+    let mut rest = &raw[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        out.push((usize::from(rest[0]), rest[5..5 + len].to_vec()));
+        rest = &rest[5 + len..];
+    }
+    out
+}
+
+/// (stream, method, path, status, grpc status, request messages, response messages, outcome)
+type Row = (
+    u32,
+    String,
+    String,
+    Option<u16>,
+    Option<u32>,
+    u64,
+    u64,
+    Outcome,
+);
+
+fn rows(done: &[H2Exchange]) -> Vec<Row> {
+    let mut r: Vec<Row> = done
+        .iter()
+        .map(|x| {
+            let (method, path) = match &x.exchange.request.start {
+                StartLine::Request { method, target } => (method.clone(), target.clone()),
+                StartLine::Response { .. } => unreachable!(),
+            };
+            let g = x.grpc.clone().unwrap_or_default();
+            (
+                x.stream_id,
+                method,
+                path,
+                x.exchange.response.as_ref().and_then(Head::status),
+                g.status,
+                g.requests,
+                g.responses,
+                x.exchange.outcome,
+            )
+        })
+        .collect();
+    r.sort_by_key(|r| r.0);
+    r
+}
+
+fn feed(s: &mut Session, writes: &[(usize, Vec<u8>)], split: usize) -> Vec<H2Exchange> {
+    let mut done = Vec::new();
+    let mut assign = |_: &Head, _: RequestStart| Identity::unexported();
+    for (i, (dir, bytes)) in writes.iter().enumerate() {
+        // Each write arrives in pieces of `split` bytes, as reads may cut it anywhere.
+        for piece in bytes.chunks(split.max(1)) {
+            let seg = vec![Segment::Data(Bytes::copy_from_slice(piece))];
+            done.extend(s.on_bytes(*dir, i as u64 * 10, 1, seg, &mut assign));
+        }
+    }
+    done
+}
+
+fn expected() -> Vec<Row> {
+    let s = String::from;
+    vec![
+        (
+            1,
+            s("POST"),
+            s("/shop.v1.Orders/Get"),
+            Some(200),
+            Some(0),
+            1,
+            1,
+            Outcome::Complete,
+        ),
+        (
+            3,
+            s("POST"),
+            s("/shop.v1.Orders/Watch"),
+            Some(200),
+            Some(0),
+            1,
+            3,
+            Outcome::Complete,
+        ),
+        (
+            5,
+            s("POST"),
+            s("/shop.v1.Orders/Get"),
+            Some(200),
+            Some(5),
+            1,
+            0,
+            Outcome::Complete,
+        ),
+        (
+            7,
+            s("GET"),
+            s("/static/app.js?v=3"),
+            Some(404),
+            None,
+            0,
+            0,
+            Outcome::Complete,
+        ),
+        (
+            9,
+            s("POST"),
+            s("/shop.v1.Orders/Slow"),
+            None,
+            None,
+            0,
+            0,
+            Outcome::Closed,
+        ),
+    ]
+}
+
+#[test]
+fn a_connection_seen_from_its_start_pairs_every_stream() {
+    for split in [1, 2, 7, 9, 64, 10_000] {
+        let mut s = Session::new(false);
+        let done = feed(&mut s, &writes(), split);
+        assert_eq!(rows(&done), expected(), "split {split}");
+        assert_eq!(s.open_streams(), 0);
+        assert_eq!(s.stats.resets, 1);
+        assert_eq!(
+            s.stats.hpack_errors + s.stats.resyncs + s.stats.unknown_fields,
+            0
+        );
+    }
+    // What spans read, and nothing else: the credential was decoded and dropped.
+    let done = feed(&mut Session::new(false), &writes(), 10_000);
+    let first = &done
+        .iter()
+        .find(|x| x.stream_id == 1)
+        .unwrap()
+        .exchange
+        .request;
+    assert_eq!(first.header_str("host"), Some("orders:50051"));
+    assert_eq!(
+        first.header_str("traceparent"),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
+    assert_eq!(first.header("authorization"), None);
+    let error = done.iter().find(|x| x.stream_id == 5).unwrap();
+    assert_eq!(
+        error.grpc.as_ref().unwrap().message.as_deref(),
+        Some("order not found")
+    );
+}
+
+#[test]
+fn joined_mid_stream_it_resyncs_and_decodes_nothing_wrong() {
+    let all = writes();
+    for skip in 1..all.len() {
+        for cut in [0, 3, 11] {
+            let mut rest = all[skip..].to_vec();
+            // The first write is seen from `cut` bytes in (a read that began mid-frame).
+            let first = &mut rest[0].1;
+            first.drain(..cut.min(first.len()));
+            let mut s = Session::new(true);
+            let done = feed(&mut s, &rest, 10_000);
+            for row in rows(&done) {
+                let want = expected().into_iter().find(|e| e.0 == row.0).unwrap();
+                // A stream whose request was seen is right in what it says; unknown header
+                // values are missing, never wrong.
+                if !row.2.is_empty() {
+                    assert_eq!(row.2, want.2, "skip {skip} cut {cut}");
+                }
+                if row.3.is_some() {
+                    assert_eq!(row.3, want.3, "skip {skip} cut {cut}");
+                }
+                if row.4.is_some() {
+                    assert_eq!(row.4, want.4, "skip {skip} cut {cut}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gaps_inside_bodies_cost_nothing_and_gaps_in_frames_resync() {
+    let all = writes();
+    let mut s = Session::new(false);
+    let mut assign = |_: &Head, _: RequestStart| Identity::unexported();
+    let mut done = Vec::new();
+    for (i, (dir, bytes)) in all.iter().enumerate() {
+        let segs = vec![Segment::Data(Bytes::copy_from_slice(bytes))];
+        done.extend(s.on_bytes(*dir, i as u64, 1, segs, &mut assign));
+    }
+    assert_eq!(done.len(), 5);
+    // Garbage then a gap: the reader looks for the next frame instead of misreading.
+    let mut s = Session::new(false);
+    let junk = vec![
+        Segment::Data(Bytes::from_static(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+        )),
+        Segment::Gap(100),
+    ];
+    assert!(s.on_bytes(REQUESTS, 0, 1, junk, &mut assign).is_empty());
+    assert!(s.stats.resyncs >= 1);
+    // Random bytes: never a panic, never unbounded state.
+    let mut x: u32 = 7;
+    for _ in 0..300 {
+        let mut s = Session::new(x & 1 == 0);
+        for _ in 0..20 {
+            let block: Vec<u8> = (0..97)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            let dir = (x & 1) as usize;
+            let _ = s.on_bytes(
+                dir,
+                0,
+                1,
+                vec![Segment::Data(Bytes::from(block))],
+                &mut assign,
+            );
+        }
+        assert!(s.open_streams() <= MAX_STREAMS);
+    }
+}
