@@ -76,7 +76,7 @@ const fn c(b: u8) -> i16 {
 /// Every signature, in the order the kernel tries them. Requests come first: either side of a
 /// fresh connection sees the client's first message (MySQL: the server's greeting). Response
 /// rows are for connections joined mid-stream, whose next payload may be an answer.
-pub const PREFILTER: [PrefilterRow; 31] = [
+pub const PREFILTER: [PrefilterRow; 38] = [
     // HTTP/1 request methods, and a response status line (joined mid-stream).
     ascii4(PROTO_HTTP1, b"GET "),
     ascii4(PROTO_HTTP1, b"POST"),
@@ -116,6 +116,16 @@ pub const PREFILTER: [PrefilterRow; 31] = [
     row(PROTO_REDIS, 3, &[c(b':')]),
     row(PROTO_REDIS, 4, &[c(b'$')]),
     row(PROTO_REDIS, 4, &[c(b'%')]),
+    // HTTP/2 frames of a connection joined mid-stream (length below 64 KiB, stream id below
+    // 2^24): SETTINGS, HEADERS, DATA, WINDOW_UPDATE, PING, RST_STREAM, GOAWAY. Loose on purpose;
+    // user space checks several frames in a row before it believes them.
+    row(PROTO_HTTP2, 8, &[0, 0, ANY, 4, ANY, 0, 0, 0]),
+    row(PROTO_HTTP2, 8, &[0, ANY, ANY, 1, ANY, 0]),
+    row(PROTO_HTTP2, 8, &[0, ANY, ANY, 0, ANY, 0]),
+    row(PROTO_HTTP2, 8, &[0, 0, 4, 8, 0]),
+    row(PROTO_HTTP2, 8, &[0, 0, 8, 6, ANY, 0, 0, 0]),
+    row(PROTO_HTTP2, 8, &[0, 0, 4, 3, 0, 0]),
+    row(PROTO_HTTP2, 8, &[0, 0, ANY, 7, 0, 0, 0, 0]),
 ];
 
 /// The protocol of the first matching row among `wanted` (a `proto_bit` mask; 0 means all), or
@@ -158,6 +168,10 @@ mod tests {
         assert_eq!(pf(b"GET / HTTP/1.1\r\n"), PROTO_HTTP1);
         assert_eq!(pf(b"HTTP/1.1 200 OK\r\n"), PROTO_HTTP1);
         assert_eq!(pf(b"PRI * HTTP/2.0\r\n"), PROTO_HTTP2);
+        // Joined mid-stream: a HEADERS frame, a DATA frame, a WINDOW_UPDATE.
+        assert_eq!(pf(b"\0\0\x2a\x01\x04\0\0\0\x03"), PROTO_HTTP2);
+        assert_eq!(pf(b"\0\0\x0d\x00\x01\0\0\0\x03"), PROTO_HTTP2);
+        assert_eq!(pf(b"\0\0\x04\x08\0\0\0\0\0"), PROTO_HTTP2);
         assert_eq!(pf(b"\0\0\0\x54\0\x03\0\0user\0postgres\0"), PROTO_POSTGRES);
         assert_eq!(pf(b"\0\0\0\x08\x04\xd2\x16\x2f"), PROTO_POSTGRES);
         assert_eq!(pf(b"Q\0\0\0\x0eSELECT 1\0"), PROTO_POSTGRES);

@@ -383,7 +383,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         None => "the terminal".to_string(),
     };
     tracing::info!(
-        "ready: {} programs attached, tracing HTTP, PostgreSQL, MySQL and Redis to {destination}",
+        "ready: {} programs attached, tracing HTTP/1, HTTP/2 and gRPC, PostgreSQL, MySQL and Redis to {destination}",
         probe.attached
     );
 

@@ -5,8 +5,9 @@ as the client and the server each wrote it.
 
     tests/.venv/bin/python tests/apps/h2_fixtures.py agent/src/protocol/http2/testdata
 
-grpc.bin: every write in the order it happened: 1 byte direction (0 client to server, 1 server
-to client), a 4-byte big-endian length, the bytes.
+grpc.bin: every write in the order it happened, in the format of `cargo xtask record`
+(agent/src/protocol/fixture.rs): a direction byte (C client to server, S back), a 4-byte
+little-endian length, the bytes. The protocol conformance suite replays it too.
 """
 import os
 import struct
@@ -91,6 +92,7 @@ pump()
 
 with open(os.path.join(out_dir, "grpc.bin"), "wb") as f:
     for d, data in writes:
-        f.write(struct.pack(">BI", d, len(data)))
+        f.write(b"C" if d == 0 else b"S")
+        f.write(struct.pack("<I", len(data)))
         f.write(data)
 print(f"{len(writes)} writes, {sum(len(d) for _, d in writes)} bytes")

@@ -5,7 +5,7 @@ fields), and what each block decodes to.
 
     tests/.venv/bin/python tests/apps/hpack_fixtures.py agent/src/protocol/http2/testdata
 
-blocks.bin: per block a 4-byte big-endian length, then the block.
+blocks.hpack: per block a 4-byte big-endian length, then the block.
 blocks.json: per block the list of [name, value] pairs (latin-1 strings).
 """
 import json
@@ -54,7 +54,7 @@ for i in range(120):
     if i % 10 == 0:
         emit([(":status", "200"), ("authorization", f"Bearer secret-{i}")], sensitive=("authorization",))
 
-with open(os.path.join(out_dir, "blocks.bin"), "wb") as f:
+with open(os.path.join(out_dir, "blocks.hpack"), "wb") as f:
     for b in blocks:
         f.write(struct.pack(">I", len(b)))
         f.write(b)

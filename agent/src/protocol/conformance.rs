@@ -6,7 +6,10 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 
-use super::{PROTO_HTTP1, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, REGISTRY, db, fixture, sql};
+use super::{
+    PROTO_HTTP1, PROTO_HTTP2, PROTO_MYSQL, PROTO_POSTGRES, PROTO_REDIS, REGISTRY, db, fixture,
+    http2, sql,
+};
 use crate::{
     conn::Segment,
     protocol::http1::Head,
@@ -64,6 +67,46 @@ fn describe_http(e: &exchange::Exchange) -> String {
     )
 }
 
+struct Http2(http2::session::Session, Vec<String>);
+
+impl Http2 {
+    fn describe(&mut self, done: Vec<http2::session::H2Exchange>) {
+        for x in done {
+            let grpc = x.grpc.map(|g| (g.status, g.requests, g.responses));
+            self.1.push(format!(
+                "{} {} {grpc:?}",
+                x.stream_id,
+                describe_http(&x.exchange)
+            ));
+        }
+    }
+}
+
+impl Harness for Http2 {
+    fn feed(&mut self, client: bool, seg: Segment, ts: u64) {
+        use http2::session::{REQUESTS, RESPONSES};
+        let dir = if client { REQUESTS } else { RESPONSES };
+        let done = self
+            .0
+            .on_bytes(dir, ts, 1, vec![seg], &mut |_: &Head, _: RequestStart| {
+                Identity::unexported()
+            });
+        self.describe(done);
+    }
+    fn finish(mut self: Box<Self>, ts: u64) -> Vec<String> {
+        let done = self.0.close(ts);
+        self.describe(done);
+        self.1
+    }
+    fn held(&self) -> (usize, usize) {
+        (self.0.buffered(), self.0.open_streams())
+    }
+    fn counted(&self) -> u64 {
+        let s = self.0.stats;
+        s.hpack_errors + s.resyncs + s.orphan_responses + s.unknown_fields
+    }
+}
+
 struct Db(db::Session, sql::Cache, Vec<String>);
 
 impl Harness for Db {
@@ -100,6 +143,7 @@ impl Harness for Db {
 fn harness(id: u8, midstream: bool) -> Box<dyn Harness> {
     match id {
         PROTO_HTTP1 => Box::new(Http1(exchange::Session::new(midstream), Vec::new())),
+        PROTO_HTTP2 => Box::new(Http2(http2::session::Session::new(midstream), Vec::new())),
         PROTO_POSTGRES | PROTO_MYSQL | PROTO_REDIS => {
             let parser = db::Parser::new(id, midstream, &db::DbOptions::default()).unwrap();
             Box::new(Db(
@@ -118,6 +162,7 @@ fn harness(id: u8, midstream: bool) -> Box<dyn Harness> {
 fn folder(id: u8) -> &'static str {
     match id {
         PROTO_HTTP1 => "http1",
+        PROTO_HTTP2 => "http2",
         PROTO_POSTGRES => "postgres",
         PROTO_MYSQL => "mysql",
         PROTO_REDIS => "redis",

@@ -23,8 +23,8 @@ mod conformance;
 pub mod fixture;
 
 pub use agent_common::protocol::{
-    PROTO_COUNT, PROTO_HTTP1, PROTO_MYSQL, PROTO_NAMES, PROTO_POSTGRES, PROTO_REDIS, PROTO_UNKNOWN,
-    proto_bit,
+    PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, PROTO_MYSQL, PROTO_NAMES, PROTO_POSTGRES, PROTO_REDIS,
+    PROTO_UNKNOWN, proto_bit,
 };
 
 /// A detector's answer about the first bytes of one direction.
@@ -55,6 +55,10 @@ pub const REGISTRY: &[Registered] = &[
     Registered {
         id: PROTO_POSTGRES,
         detect: postgres::detect,
+    },
+    Registered {
+        id: PROTO_HTTP2,
+        detect: http2::detect,
     },
     Registered {
         id: PROTO_MYSQL,

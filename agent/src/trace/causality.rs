@@ -109,6 +109,9 @@ pub struct RequestView<'a> {
     /// A local callee may pair with this CLIENT request by ordinal (HTTP). Database calls pair
     /// only when database SERVER spans are on: otherwise nobody would ever claim them.
     pub pairs_with_peer: bool,
+    /// The ordinal is the same on both ends even when joined mid-stream (HTTP/2 stream ids),
+    /// unlike a count of requests seen since attach (HTTP/1).
+    pub ordinals_absolute: bool,
 }
 
 impl<'a> RequestView<'a> {
@@ -117,6 +120,7 @@ impl<'a> RequestView<'a> {
             target: target(head),
             carried: extract(head),
             pairs_with_peer: true,
+            ordinals_absolute: false,
         }
     }
 }
@@ -250,7 +254,8 @@ impl Linker {
         st: RequestStart,
         kernel: Option<KernelContext>,
     ) -> Identity {
-        let peer = if conn.midstream {
+        let joined = conn.midstream && !view.ordinals_absolute;
+        let peer = if joined {
             None
         } else {
             self.peers.remove(&(conn.remote, conn.local, st.ordinal))
@@ -288,7 +293,7 @@ impl Linker {
                     }
                 };
                 // A local caller's event may still come: it is the more precise parent.
-                if !conn.midstream && self.orphans.len() < MAX_PEERS {
+                if !joined && self.orphans.len() < MAX_PEERS {
                     self.orphans.insert(
                         (conn.remote, conn.local, st.ordinal),
                         Orphan {
@@ -368,7 +373,7 @@ impl Linker {
             }
         }
         let key = (conn.local, conn.remote, st.ordinal);
-        if conn.midstream || !view.pairs_with_peer {
+        if (conn.midstream && !view.ordinals_absolute) || !view.pairs_with_peer {
             return identity;
         }
         if let Some(orphan) = self.orphans.remove(&key) {

@@ -20,8 +20,9 @@ use crate::{
     export::{ExportStats, offer},
     pipeline::Sink,
     protocol::{
-        PROTO_COUNT, PROTO_HTTP1, db,
+        PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, db,
         detect::{DetectStats, Detection, Verdict},
+        http2::{self, session::Session as Http2Session},
         sql,
         verdict::{NoVerdicts, Verdicts},
     },
@@ -87,6 +88,8 @@ enum Proto {
     // Boxed: a database session (parser buffers, statement maps) is larger than the rest, and
     // most connections are HTTP.
     Db(Box<db::Session>, u8),
+    /// Boxed: two HPACK tables and the open streams.
+    Http2(Box<Http2Session>),
     /// No parser wants it (or its side is unknown).
     Ignored,
 }
@@ -323,6 +326,8 @@ impl TraceSink {
                 let held = std::mem::take(held);
                 tracked.proto = if p == PROTO_HTTP1 {
                     Proto::Http1(Session::new(conn.midstream))
+                } else if p == PROTO_HTTP2 {
+                    Proto::Http2(Box::new(Http2Session::new(conn.midstream)))
                 } else {
                     match db::Parser::new(p, conn.midstream, &self.db) {
                         Some(parser) => Proto::Db(Box::new(db::Session::new(parser)), p),
@@ -412,6 +417,7 @@ impl TraceSink {
                             target: "",
                             carried: None,
                             pairs_with_peer: server_spans,
+                            ordinals_absolute: false,
                         };
                         Self::assign_identity(linker, kernel_spans, conn, view, st, kernel)
                     };
@@ -427,7 +433,70 @@ impl TraceSink {
                     self.emit_db(done, conn, proto, system);
                 }
             }
+            Proto::Http2(session) => {
+                let before = session.stats;
+                let side = if dir == requests_dir {
+                    http2::session::REQUESTS
+                } else {
+                    http2::session::RESPONSES
+                };
+                let mut assign = |head: &crate::protocol::http1::Head, st| {
+                    let view = RequestView {
+                        ordinals_absolute: true,
+                        ..RequestView::http(head)
+                    };
+                    Self::assign_identity(linker, kernel_spans, conn, view, st, kernel)
+                };
+                let done = session.on_bytes(side, ev.ts_ns, ev.tid, segments, &mut assign);
+                let after = session.stats;
+                self.account_h2(before, after);
+                if !done.is_empty() {
+                    self.emit_h2(done, conn);
+                }
+            }
             Proto::Detecting(..) | Proto::Ignored => {}
+        }
+    }
+
+    fn account_h2(
+        &self,
+        before: http2::session::SessionStats,
+        after: http2::session::SessionStats,
+    ) {
+        let l = &self.stats.l7;
+        add(
+            &l.malformed,
+            PROTO_HTTP2,
+            (after.hpack_errors + after.resyncs) - (before.hpack_errors + before.resyncs),
+        );
+        add(
+            &l.orphans,
+            PROTO_HTTP2,
+            after.orphan_responses - before.orphan_responses,
+        );
+        add(&l.overflow, PROTO_HTTP2, after.overflow - before.overflow);
+        add(
+            &l.unsolicited,
+            PROTO_HTTP2,
+            after.push_promises - before.push_promises,
+        );
+    }
+
+    fn emit_h2(&mut self, done: Vec<http2::session::H2Exchange>, conn: &ConnInfo) {
+        let kind = Self::kind(conn);
+        add(&self.stats.l7.exchanges, PROTO_HTTP2, done.len() as u64);
+        add(&self.stats.l7.spans, PROTO_HTTP2, done.len() as u64);
+        for mut x in done {
+            self.linker.finalize(&mut x.exchange.identity);
+            if kind == SpanKind::Server {
+                self.linker.server_end(
+                    conn.pid,
+                    x.exchange.started.tid,
+                    x.exchange.identity.span_id,
+                );
+            }
+            let span = http2::span::build(&x, conn, kind, &self.clock, &self.redaction);
+            offer(&self.out, &self.export_stats, span);
         }
     }
 }
@@ -527,6 +596,10 @@ impl Sink for TraceSink {
                 let system = session.parser.system();
                 self.emit_db(done, &info, proto, system);
             }
+            Proto::Http2(mut session) => {
+                let done = session.close(ts);
+                self.emit_h2(done, &info);
+            }
             Proto::Detecting(..) | Proto::Ignored => {}
         }
     }
@@ -541,6 +614,7 @@ impl Sink for TraceSink {
         let timeout = self.response_timeout_ns;
         let mut expired = Vec::new();
         let mut expired_db = Vec::new();
+        let mut expired_h2 = Vec::new();
         for t in self.conns.values_mut() {
             match &mut t.proto {
                 Proto::Http1(session) => {
@@ -555,8 +629,18 @@ impl Sink for TraceSink {
                         expired_db.push((done, t.info.clone(), *proto, session.parser.system()));
                     }
                 }
+                Proto::Http2(session) => {
+                    let done = session.expire(now_ns, timeout);
+                    if !done.is_empty() {
+                        expired_h2.push((done, t.info.clone()));
+                    }
+                }
                 Proto::Detecting(..) | Proto::Ignored => {}
             }
+        }
+        for (done, info) in expired_h2 {
+            add(&self.stats.l7.timeouts, PROTO_HTTP2, done.len() as u64);
+            self.emit_h2(done, &info);
         }
         for (done, info) in expired {
             self.stats

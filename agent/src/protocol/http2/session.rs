@@ -226,6 +226,14 @@ impl Session {
         }
     }
 
+    /// Bytes held between calls (frames and header blocks being gathered).
+    pub fn buffered(&self) -> usize {
+        self.readers
+            .iter()
+            .map(|r| r.buf.len() + r.block.as_ref().map_or(0, |b| b.3.len()))
+            .sum()
+    }
+
     pub fn open_streams(&self) -> usize {
         self.streams.len()
     }

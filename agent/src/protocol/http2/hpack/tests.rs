@@ -8,7 +8,7 @@ use super::*;
 type Expected = Vec<Vec<(Vec<u8>, Vec<u8>)>>;
 
 fn fixtures() -> (Vec<Vec<u8>>, Expected) {
-    let raw = include_bytes!("../testdata/blocks.bin");
+    let raw = include_bytes!("../testdata/blocks.hpack");
     let mut blocks = Vec::new();
     let mut rest = &raw[..];
     while rest.len() >= 4 {

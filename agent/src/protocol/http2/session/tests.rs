@@ -5,15 +5,10 @@ use super::*;
 use crate::trace::exchange::Identity;
 
 fn writes() -> Vec<(usize, Vec<u8>)> {
-    let raw = include_bytes!("../testdata/grpc.bin");
-    let mut out = Vec::new();
-    let mut rest = &raw[..];
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-        out.push((usize::from(rest[0]), rest[5..5 + len].to_vec()));
-        rest = &rest[5 + len..];
-    }
-    out
+    crate::protocol::fixture::named("http2", "grpc.bin")
+        .into_iter()
+        .map(|(client, bytes)| (if client { REQUESTS } else { RESPONSES }, bytes))
+        .collect()
 }
 
 /// (stream, method, path, status, grpc status, request messages, response messages, outcome)

@@ -1,0 +1,243 @@
+//! Spans of HTTP/2 streams. gRPC calls (content-type application/grpc) follow the RPC semantic
+//! conventions of semconv v1.45 (RPC stable): name `package.Service/Method`, `rpc.system.name`
+//! = grpc, fully qualified `rpc.method`, `rpc.response.status_code` as the code's name, status
+//! ERROR by the convention's rules for each side. Plain HTTP/2 requests are HTTP spans, as
+//! HTTP/1's, with `network.protocol.version` = 2.
+
+use super::session::{Grpc, H2Exchange};
+use crate::{
+    clock::WallClock,
+    conn::ConnInfo,
+    trace::{
+        exchange::Outcome,
+        span::{self, Redaction, SpanKind, SpanRecord, Value},
+    },
+};
+
+/// gRPC status codes by number (grpc/doc/statuscodes.md).
+const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// Codes that are errors on the server side: the server's own failures, not the caller's.
+const SERVER_ERRORS: [u32; 6] = [2, 4, 12, 13, 14, 15];
+
+pub fn code_name(code: u32) -> Option<&'static str> {
+    CODES.get(code as usize).copied()
+}
+
+pub fn build(
+    x: &H2Exchange,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+    redaction: &Redaction,
+) -> SpanRecord {
+    let mut s = span::build(&x.exchange, conn, kind, clock, redaction);
+    for (k, v) in s.attributes.iter_mut() {
+        if *k == "network.protocol.version" {
+            *v = Value::Static("2");
+        }
+    }
+    if let Some(g) = &x.grpc {
+        grpc(&mut s, x, g, kind);
+    }
+    s
+}
+
+/// Turns the HTTP span of a gRPC call into an RPC span.
+fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
+    let path = match &x.exchange.request.start {
+        crate::protocol::http1::StartLine::Request { target, .. } => target.as_str(),
+        _ => "",
+    };
+    // `/package.Service/Method`; anything else is not a method name a span may carry.
+    let method = path
+        .strip_prefix('/')
+        .filter(|m| m.split('/').count() == 2 && !m.contains('?'))
+        .map(str::to_string);
+    // HTTP attributes a gRPC span does not carry (the path is the method; the route and URL
+    // say nothing more, and the HTTP status is 200 for failed calls too).
+    s.attributes.retain(|(k, _)| {
+        !matches!(
+            *k,
+            "http.request.method"
+                | "http.request.method_original"
+                | "url.path"
+                | "url.query"
+                | "url.scheme"
+                | "url.full"
+                | "url.template"
+                | "http.route"
+                | "http.response.status_code"
+                | "error.type"
+        )
+    });
+    s.attributes
+        .push(("rpc.system.name", Value::Static("grpc")));
+    match &method {
+        Some(m) => s.attributes.push(("rpc.method", Value::Str(m.clone()))),
+        None => s.attributes.push(("rpc.method", Value::Static("_OTHER"))),
+    }
+    let code = g.status;
+    if let Some(name) = code.and_then(code_name) {
+        s.attributes
+            .push(("rpc.response.status_code", Value::Static(name)));
+    }
+    s.name = method.unwrap_or_else(|| "grpc".to_string());
+    let error = match (x.exchange.outcome, code) {
+        (_, Some(0)) => None,
+        (_, Some(c)) if kind == SpanKind::Client || SERVER_ERRORS.contains(&c) => {
+            Some(code_name(c).map_or_else(|| c.to_string(), str::to_string))
+        }
+        (_, Some(_)) => None,
+        (Outcome::Timeout, None) => Some("timeout".to_string()),
+        // Reset, refused or closed before any status: the call did not finish.
+        (_, None) => Some("CANCELLED".to_string()),
+    };
+    if let Some(e) = &error {
+        s.attributes.push(("error.type", Value::Str(e.clone())));
+    }
+    s.error = error;
+    s.status = code.map(|c| code_name(c).map_or_else(|| c.to_string(), str::to_string));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        conn::ConnInfo,
+        decode::{ConnKey, Role},
+        protocol::http1::{Head, StartLine},
+        trace::exchange::{Exchange, Identity, RequestStart},
+    };
+    use bytes::Bytes;
+
+    fn exchange(path: &str, status: Option<u32>, outcome: Outcome) -> H2Exchange {
+        H2Exchange {
+            exchange: Exchange {
+                identity: Identity::unexported(),
+                started: RequestStart {
+                    tid: 1,
+                    ts_ns: 0,
+                    ordinal: 1,
+                },
+                request: Head {
+                    start: StartLine::Request {
+                        method: "POST".into(),
+                        target: path.into(),
+                    },
+                    minor_version: 1,
+                    headers: vec![
+                        ("host", Bytes::from_static(b"orders:50051")),
+                        ("content-type", Bytes::from_static(b"application/grpc")),
+                    ],
+                    truncated: false,
+                },
+                response: Some(Head {
+                    start: StartLine::Response {
+                        status: 200,
+                        reason: String::new(),
+                    },
+                    minor_version: 1,
+                    headers: vec![],
+                    truncated: false,
+                }),
+                start_ns: 0,
+                end_ns: 1000,
+                outcome,
+            },
+            grpc: Some(Grpc {
+                status,
+                ..Grpc::default()
+            }),
+            stream_id: 1,
+        }
+    }
+
+    fn conn() -> ConnInfo {
+        ConnInfo {
+            key: ConnKey {
+                sk: 1,
+                generation: 1,
+            },
+            pid: 1,
+            comm: "c".into(),
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:50051".parse().unwrap(),
+            role: Role::Client,
+            protocol: 2,
+            midstream: false,
+        }
+    }
+
+    fn attr<'a>(s: &'a SpanRecord, k: &str) -> Option<&'a str> {
+        s.attributes
+            .iter()
+            .find(|(n, _)| *n == k)
+            .and_then(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn grpc_calls_follow_the_rpc_conventions() {
+        let clock = WallClock::new();
+        let r = Redaction::default();
+        let ok = build(
+            &exchange("/shop.v1.Orders/Get", Some(0), Outcome::Complete),
+            &conn(),
+            SpanKind::Client,
+            &clock,
+            &r,
+        );
+        assert_eq!(ok.name, "shop.v1.Orders/Get");
+        assert_eq!(attr(&ok, "rpc.system.name"), Some("grpc"));
+        assert_eq!(attr(&ok, "rpc.method"), Some("shop.v1.Orders/Get"));
+        assert_eq!(attr(&ok, "rpc.response.status_code"), Some("OK"));
+        assert_eq!(attr(&ok, "network.protocol.version"), Some("2"));
+        assert_eq!(attr(&ok, "server.address"), Some("orders"));
+        assert_eq!(attr(&ok, "url.path"), None);
+        assert_eq!(ok.error, None);
+
+        // NOT_FOUND is the caller's error, not the server's.
+        let x = exchange("/shop.v1.Orders/Get", Some(5), Outcome::Complete);
+        let client = build(&x, &conn(), SpanKind::Client, &clock, &r);
+        assert_eq!(client.error.as_deref(), Some("NOT_FOUND"));
+        assert_eq!(attr(&client, "error.type"), Some("NOT_FOUND"));
+        let server = build(&x, &conn(), SpanKind::Server, &clock, &r);
+        assert_eq!(server.error, None);
+        assert_eq!(server.status.as_deref(), Some("NOT_FOUND"));
+        // INTERNAL is an error on both sides.
+        let x = exchange("/shop.v1.Orders/Get", Some(13), Outcome::Complete);
+        let server = build(&x, &conn(), SpanKind::Server, &clock, &r);
+        assert_eq!(server.error.as_deref(), Some("INTERNAL"));
+        // No status at all: cancelled (reset) or timed out.
+        let x = exchange("/shop.v1.Orders/Slow", None, Outcome::Closed);
+        assert_eq!(
+            build(&x, &conn(), SpanKind::Client, &clock, &r)
+                .error
+                .as_deref(),
+            Some("CANCELLED")
+        );
+        // A path that is no method name.
+        let x = exchange("/not-grpc", Some(0), Outcome::Complete);
+        let s = build(&x, &conn(), SpanKind::Client, &clock, &r);
+        assert_eq!(attr(&s, "rpc.method"), Some("_OTHER"));
+        assert_eq!(s.name, "grpc");
+    }
+}
