@@ -268,6 +268,11 @@ impl Metrics {
                     get(&l.by_thread_creator),
                 ),
                 (
+                    "loupe_link_sole_request_total",
+                    "CLIENT spans from a thread handling nothing, parented by the only request their process was handling.",
+                    get(&l.by_sole_request),
+                ),
+                (
                     "loupe_link_target_total",
                     "CLIENT spans parented by request-target match on an event loop.",
                     get(&l.by_target),

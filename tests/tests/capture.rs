@@ -8,7 +8,7 @@ use std::{
 };
 
 use loupe_tests::{
-    Agent, Captured, contains, metric, pattern, privileged, python,
+    Agent, Captured, contains, metric, pattern, privileged,
     sockets::{Family, recv, send},
 };
 

@@ -69,6 +69,9 @@ pub struct LinkStats {
     pub by_target: AtomicU64,
     /// CLIENT spans parented through the thread that created theirs.
     pub by_thread_creator: AtomicU64,
+    /// CLIENT spans from a thread handling nothing, parented by the only request their process
+    /// was handling (work handed to a pool thread: gRPC servers, executors).
+    pub by_sole_request: AtomicU64,
     /// CLIENT exchanges whose thread handled several requests, none clearly theirs.
     pub ambiguous: AtomicU64,
     /// CLIENT exchanges made while their thread handled no request.
@@ -461,6 +464,19 @@ impl Linker {
                 bump(&self.stats.by_thread_creator);
                 return Some(p);
             }
+            // A pool thread: the request was read by another thread (a gRPC server's poller,
+            // an executor's acceptor). Only when the process handles exactly one request is
+            // it clearly the one; with several, none is chosen.
+            let mut handled = self
+                .in_flight
+                .iter()
+                .filter(|((p, _), _)| *p == pid)
+                .flat_map(|(_, l)| l.iter());
+            if let (Some(only), None) = (handled.next(), handled.next()) {
+                let only = only.clone();
+                bump(&self.stats.by_sole_request);
+                return Some(only);
+            }
             bump(&self.stats.unlinked_clients);
             return None;
         };
@@ -772,10 +788,28 @@ mod tests {
             (s.trace_id, Some(s.span_id))
         );
         assert_eq!(l.stats.by_thread_creator.load(Ordering::Relaxed), 1);
-        // A thread created before the request arrived (a pool) is not followed.
+        // A thread created before the request arrived (a pool) is not followed as a creation;
+        // while the process handles only this request, the pool thread's call is its child
+        // (work handed over: gRPC servers, executors), counted apart.
         l.thread_created(1, 10, 13, 50);
         let c = l.client_start(&up, &head("GET /b/1 HTTP/1.1\r\n\r\n"), st(13, 1), None);
+        assert_eq!(c.parent_span_id, Some(s.span_id));
+        assert_eq!(l.stats.by_thread_creator.load(Ordering::Relaxed), 1);
+        assert_eq!(l.stats.by_sole_request.load(Ordering::Relaxed), 1);
+        // With a second request in flight, the pool thread's call could be either's: none.
+        l.server_start(
+            &conn(1, "127.0.0.1:80", "127.0.0.1:7", Role::Server),
+            &head("GET /a/2 HTTP/1.1\r\n\r\n"),
+            RequestStart {
+                tid: 20,
+                ts_ns: 170,
+                ordinal: 0,
+            },
+            None,
+        );
+        let c = l.client_start(&up, &head("GET /b/3 HTTP/1.1\r\n\r\n"), st(13, 2), None);
         assert_eq!(c.parent_span_id, None);
+        assert_eq!(l.stats.by_sole_request.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -1,0 +1,243 @@
+//! Privileged: gRPC and HTTP/2 between real peers — a grpcio server (thread pool) and client
+//! over one multiplexed channel, opened before the agent started or after it; the handler
+//! calls an HTTP/1 service from its pool thread.
+
+use std::{
+    io::{BufRead as _, Write as _},
+    net::SocketAddr,
+    process::Stdio,
+    time::Duration,
+};
+
+use loupe_tests::{
+    Agent, Server, TestCgroup, free_port,
+    otlp::{ReceivedSpan, Receiver},
+    privileged, tests_dir, venv_bin,
+};
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+fn addr(port: u16) -> SocketAddr {
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+struct Services {
+    _leaf: Server,
+    grpc: Server,
+}
+
+fn services(cg: &TestCgroup) -> Services {
+    let apps = tests_dir().join("apps");
+    let leaf_port = free_port();
+    let leaf = Server::start(
+        cg.command(
+            "python3",
+            &[
+                apps.join("chain_service.py").to_str().unwrap(),
+                &leaf_port.to_string(),
+            ],
+        ),
+        addr(leaf_port),
+    );
+    let port = free_port();
+    let grpc = Server::start(
+        cg.command(
+            &venv_bin("python"),
+            &[
+                apps.join("grpc_service.py").to_str().unwrap(),
+                &port.to_string(),
+                &format!("http://127.0.0.1:{leaf_port}"),
+            ],
+        ),
+        addr(port),
+    );
+    Services { _leaf: leaf, grpc }
+}
+
+/// Runs the client: its channel is up (and used) before the agent starts; `fresh` makes the
+/// test's calls on a second channel opened after. Returns the spans and the agent's log.
+fn run(fresh: bool) -> (Vec<ReceivedSpan>, String, u32, u32) {
+    let cg = TestCgroup::new(if fresh { "grpc-fresh" } else { "grpc-joined" });
+    let s = services(&cg);
+    let script = tests_dir().join("apps/grpc_client.py");
+    let target = s.grpc.addr.to_string();
+    let mut args = vec![script.to_str().unwrap(), target.as_str()];
+    if fresh {
+        args.push("--fresh");
+    }
+    let mut client = cg
+        .command(&venv_bin("python"), &args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(client.stdout.take().unwrap());
+    let mut line = String::new();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    let receiver = Receiver::start();
+    let ep = format!("http://{}", receiver.grpc);
+    let agent = Agent::spawn(
+        &[
+            "--cgroup",
+            &cg.dir,
+            "--otlp-endpoint",
+            &ep,
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &[],
+    );
+    let mut stdin = client.stdin.take().unwrap();
+    writeln!(stdin).unwrap();
+    line.clear();
+    said.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done", "the client's calls failed");
+    let client_pid = client.id();
+    let server_pid = s.grpc.child.id();
+    // 3 calls x 2 sides, and the handler's HTTP call with its leaf's SERVER span.
+    receiver.wait_for(Duration::from_secs(20), |spans| spans.len() >= 8);
+    let (_, log) = agent.stop_raw();
+    writeln!(stdin).unwrap();
+    let _ = client.wait();
+    (receiver.spans(), log, client_pid, server_pid)
+}
+
+/// The first call carried traceparent in its metadata: both sides join that trace as children
+/// of the carried span (as for HTTP/1: the carried context wins). The others: each server span
+/// is the child of its client span, paired by stream id.
+fn assert_linked(cl: &[&ReceivedSpan], sv: &[&ReceivedSpan]) {
+    for s in [cl[0], sv[0]] {
+        assert_eq!(
+            (s.trace_id.as_str(), s.parent_span_id.as_str()),
+            ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+        );
+    }
+    for (c, s) in cl.iter().zip(sv).skip(1) {
+        assert_eq!(
+            (s.trace_id.as_str(), s.parent_span_id.as_str()),
+            (c.trace_id.as_str(), c.span_id.as_str()),
+            "paired by stream id"
+        );
+    }
+}
+
+/// One line per span, for failure messages.
+fn dump(spans: &[ReceivedSpan]) -> String {
+    spans
+        .iter()
+        .map(|s| {
+            format!(
+                "pid {} kind {} {} status {:?} error {:?} span {} parent {}",
+                pid(s),
+                s.kind,
+                s.name,
+                s.attr("rpc.response.status_code"),
+                s.attr("error.type"),
+                s.span_id,
+                s.parent_span_id
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn pid(s: &ReceivedSpan) -> u32 {
+    s.resource["process.pid"].parse().unwrap()
+}
+
+#[test]
+fn grpc_calls_on_a_fresh_channel_are_exact_and_linked() {
+    if !privileged() {
+        return;
+    }
+    let (spans, log, client, server) = run(true);
+    let log = format!("{log}\n{}", dump(&spans));
+    let calls = |p: u32, kind: i32| -> Vec<&ReceivedSpan> {
+        let mut v: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| pid(s) == p && s.kind == kind && s.attr("rpc.system.name") == Some("grpc"))
+            .collect();
+        v.sort_by_key(|s| s.start_unix_ns);
+        v
+    };
+    let (cl, sv) = (calls(client, CLIENT), calls(server, SERVER));
+    let names = |v: &[&ReceivedSpan]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    let want = [
+        "shop.v1.Orders/Get",
+        "shop.v1.Orders/Watch",
+        "shop.v1.Orders/Get",
+    ];
+    assert_eq!(names(&cl), want, "{log}");
+    assert_eq!(names(&sv), want, "{log}");
+    let codes = |v: &[&ReceivedSpan]| {
+        v.iter()
+            .map(|s| {
+                s.attr("rpc.response.status_code")
+                    .unwrap_or("-")
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(codes(&cl), ["OK", "OK", "NOT_FOUND"], "{log}");
+    assert_eq!(codes(&sv), ["OK", "OK", "NOT_FOUND"], "{log}");
+    // NOT_FOUND is the caller's error, not the server's.
+    assert_eq!(cl[2].status_code, 2);
+    assert_ne!(sv[2].status_code, 2);
+    for s in cl.iter().chain(&sv) {
+        assert_eq!(s.attr("network.protocol.version"), Some("2"));
+        assert_eq!(s.attr("rpc.method"), Some(s.name.as_str()));
+    }
+    assert_linked(&cl, &sv);
+    // The handler's HTTP call, made from a pool thread, inside the Get it served.
+    let http = spans
+        .iter()
+        .find(|s| pid(s) == server && s.kind == CLIENT && s.name.starts_with("GET /stock"))
+        .unwrap_or_else(|| panic!("no HTTP call from the handler\n{log}"));
+    assert_eq!(http.parent_span_id, sv[0].span_id, "{log}");
+}
+
+#[test]
+fn grpc_calls_on_a_channel_opened_before_the_agent_pair_and_say_nothing_wrong() {
+    if !privileged() {
+        return;
+    }
+    let (spans, log, client, server) = run(false);
+    let log = format!("{log}\n{}", dump(&spans));
+    let side = |p: u32, kind: i32| -> Vec<&ReceivedSpan> {
+        let mut v: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| {
+                pid(s) == p && s.kind == kind && s.attr("network.protocol.version") == Some("2")
+            })
+            .collect();
+        v.sort_by_key(|s| s.start_unix_ns);
+        v
+    };
+    let (cl, sv) = (side(client, CLIENT), side(server, SERVER));
+    assert_eq!(
+        (cl.len(), sv.len()),
+        (3, 3),
+        "one span per call on each side\n{log}"
+    );
+    assert_linked(&cl, &sv);
+    // The handler's HTTP call, made from a pool thread, inside the Get it served.
+    let http = spans
+        .iter()
+        .find(|s| pid(s) == server && s.kind == CLIENT && s.name.starts_with("GET /stock"))
+        .unwrap_or_else(|| panic!("no HTTP call from the handler\n{log}"));
+    assert_eq!(http.parent_span_id, sv[0].span_id, "{log}");
+    let want = [
+        "shop.v1.Orders/Get",
+        "shop.v1.Orders/Watch",
+        "shop.v1.Orders/Get",
+    ];
+    for (s, w) in cl.iter().chain(&sv).zip(want.iter().chain(&want)) {
+        // A name learned after attach is right; one the agent could not learn is not made up.
+        if s.attr("rpc.system.name") == Some("grpc") {
+            assert!(s.name == *w || s.name == "grpc", "{} vs {w}", s.name);
+        }
+    }
+}
