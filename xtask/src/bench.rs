@@ -109,6 +109,10 @@ fn ensure_tools(root: &Path) -> anyhow::Result<()> {
         step("installing bpftool (kernel program run times)");
         run(Command::new("apt-get").args(["install", "-y", "-qq", "bpftool"]))?;
     }
+    if Command::new("h2load").arg("--version").output().is_err() {
+        step("installing h2load (nghttp2-client: the gRPC load generator)");
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "nghttp2-client"]))?;
+    }
     run(Command::new("bash").arg(root.join("tests/setup.sh")))
 }
 
@@ -407,7 +411,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// A database server the database workloads drive, and the command that loads it.
+/// A server the client-and-server workloads drive (databases, gRPC), and the command that
+/// loads it.
 struct DbWorkload {
     name: &'static str,
     _server: Guard,
@@ -578,6 +583,74 @@ fn redis_benchmark(port: &str, n: u64, connections: usize) -> anyhow::Result<Loa
         p50_ms: p50.iter().copied().fold(0.0, f64::max),
         requests: 2 * n,
         ..Load::default()
+    })
+}
+
+/// A grpcio server (thread pool, tests/apps/grpc_service.py) loaded by h2load with unary calls
+/// to shop.v1.Orders/Ping over multiplexed HTTP/2 connections: gRPC without a gRPC client
+/// library to install (no Go module proxy for ghz here).
+fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port();
+    let apps = root.join("tests/apps");
+    let server = Command::new(root.join("tests/.venv/bin/python"))
+        .arg(apps.join("grpc_service.py"))
+        .args([port.to_string().as_str(), "http://127.0.0.1:9"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the gRPC service")?;
+    let guard = Guard(server);
+    wait_port(port)?;
+    // One gRPC message: flag 0, length 4, "ping".
+    let body = dir.join("ping.grpc");
+    std::fs::write(&body, b"\0\0\0\0\x04ping")?;
+    let url = format!("http://127.0.0.1:{port}/shop.v1.Orders/Ping");
+    Ok(DbWorkload {
+        name: "gRPC (grpcio, thread pool), h2load unary calls, 10 streams per connection",
+        _server: guard,
+        load: Box::new(move |seconds, connections| {
+            let out = Command::new("h2load")
+                .args([
+                    "-D",
+                    &seconds.to_string(),
+                    "-c",
+                    &connections.to_string(),
+                    "-m",
+                    "10",
+                ])
+                .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+                .arg("-d")
+                .arg(&body)
+                .arg(&url)
+                .output()
+                .context("running h2load")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            // "finished in 6.00s, 5123.45 req/s, ..." and "requests: N total, N started, N done,
+            // N succeeded, ..."
+            let rps = text
+                .lines()
+                .find_map(|l| l.strip_prefix("finished in "))
+                .and_then(|l| {
+                    l.split(", ")
+                        .nth(1)?
+                        .strip_suffix(" req/s")?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .with_context(|| format!("h2load printed no rate: {text}"))?;
+            let succeeded = text
+                .lines()
+                .find_map(|l| l.strip_prefix("requests: "))
+                .and_then(|l| l.split(", ").find_map(|f| f.strip_suffix(" succeeded")))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            Ok(Load {
+                rps,
+                requests: succeeded,
+                ..Load::default()
+            })
+        }),
     })
 }
 
@@ -842,7 +915,11 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         ));
     }
     // Database workloads: pgbench and redis-benchmark, client and server both traced.
-    for w in [postgres(&dir.join("postgres"))?, redis()?] {
+    for w in [
+        postgres(&dir.join("postgres"))?,
+        redis()?,
+        grpc(root, &dir.join("grpc"))?,
+    ] {
         report.push_str(&db_report(&bin, &otlp, &w, opts)?);
     }
     let _ = Command::new("sysctl")
