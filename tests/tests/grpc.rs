@@ -241,3 +241,113 @@ fn grpc_calls_on_a_channel_opened_before_the_agent_pair_and_say_nothing_wrong() 
         }
     }
 }
+
+#[test]
+fn plain_http2_between_curl_and_nginx_is_http_with_version_2() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("h2c");
+    let dir = loupe_tests::databases::TempDir::new("h2c");
+    let port = free_port();
+    let d = dir.0.display();
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\ndaemon off;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           server {{\n    listen 127.0.0.1:{port} http2;\n\
+             location /users/ {{ return 200 'ok'; }}\n    location / {{ return 404; }}\n  }}\n}}\n"
+    );
+    let conf_path = dir.0.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let _nginx = Server::start(
+        cg.command(
+            "nginx",
+            &["-p", &d.to_string(), "-c", conf_path.to_str().unwrap()],
+        ),
+        addr(port),
+    );
+    let receiver = Receiver::start();
+    let ep = format!("http://{}", receiver.grpc);
+    let agent = Agent::spawn(
+        &[
+            "--cgroup",
+            &cg.dir,
+            "--otlp-endpoint",
+            &ep,
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &[],
+    );
+    // Prior knowledge: h2c without an upgrade. (curl 7.88 fails a second URL reusing the
+    // connection against nginx 1.22, so one request per connection.)
+    let base = format!("http://127.0.0.1:{port}");
+    for path in ["/users/7", "/missing"] {
+        cg.run(
+            "curl",
+            &[
+                "-s",
+                "--http2-prior-knowledge",
+                "-o",
+                "/dev/null",
+                &format!("{base}{path}"),
+            ],
+        );
+    }
+    receiver.wait_for(Duration::from_secs(15), |s| s.len() >= 4);
+    let (_, log) = agent.stop_raw();
+    let spans = receiver.spans();
+    let log = format!("{log}\n{}", dump(&spans));
+    let mut got: Vec<(i32, String, Option<String>, Option<String>)> = spans
+        .iter()
+        .map(|s| {
+            (
+                s.kind,
+                s.name.clone(),
+                s.attr("http.response.status_code").map(str::to_string),
+                s.attr("network.protocol.version").map(str::to_string),
+            )
+        })
+        .collect();
+    got.sort();
+    let v2 = Some("2".to_string());
+    assert_eq!(
+        got,
+        vec![
+            (
+                SERVER,
+                "GET /missing".into(),
+                Some("404".into()),
+                v2.clone()
+            ),
+            (
+                SERVER,
+                "GET /users/{id}".into(),
+                Some("200".into()),
+                v2.clone()
+            ),
+            (
+                CLIENT,
+                "GET /missing".into(),
+                Some("404".into()),
+                v2.clone()
+            ),
+            (CLIENT, "GET /users/{id}".into(), Some("200".into()), v2),
+        ],
+        "{log}"
+    );
+    // Each nginx span is the child of curl's span for the same stream.
+    for s in spans.iter().filter(|s| s.kind == SERVER) {
+        let c = spans
+            .iter()
+            .find(|c| c.kind == CLIENT && c.name == s.name)
+            .unwrap();
+        assert_eq!(
+            (&s.trace_id, &s.parent_span_id),
+            (&c.trace_id, &c.span_id),
+            "{log}"
+        );
+    }
+}
