@@ -39,3 +39,14 @@ if [ ! -f "$stamp" ] || ! cmp -s "$here/apps/requirements.txt" "$stamp"; then
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/apps/requirements.txt"
   cp "$here/apps/requirements.txt" "$stamp"
 fi
+
+# Node.js peers (@grpc/grpc-js: pure JavaScript, no native build).
+node_dir="$here/.node"
+node_stamp="$node_dir/.loupe-package"
+if [ ! -f "$node_stamp" ] || ! cmp -s "$here/apps/package.json" "$node_stamp"; then
+  echo "setup: npm packages of tests/apps/package.json"
+  mkdir -p "$node_dir"
+  cp "$here/apps/package.json" "$node_dir/package.json"
+  (cd "$node_dir" && npm install --silent --no-audit --no-fund >/dev/null)
+  cp "$here/apps/package.json" "$node_stamp"
+fi

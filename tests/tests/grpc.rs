@@ -55,19 +55,44 @@ fn services(cg: &TestCgroup) -> Services {
     Services { _leaf: leaf, grpc }
 }
 
-/// Runs the client: its channel is up (and used) before the agent starts; `fresh` makes the
-/// test's calls on a second channel opened after. Returns the spans and the agent's log.
-fn run(fresh: bool) -> (Vec<ReceivedSpan>, String, u32, u32) {
-    let cg = TestCgroup::new(if fresh { "grpc-fresh" } else { "grpc-joined" });
+/// Which client makes the calls.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    /// grpcio, its channel up (and used) before the agent starts; calls on it.
+    PythonJoined,
+    /// grpcio, calls on a second channel opened after the agent started.
+    PythonFresh,
+    /// @grpc/grpc-js (Node.js), its channel opened after the agent started.
+    Node,
+}
+
+/// Runs the client against the services. Returns the spans, the agent's log, the client's
+/// and the server's pids.
+fn run(which: Client) -> (Vec<ReceivedSpan>, String, u32, u32) {
+    let cg = TestCgroup::new(match which {
+        Client::PythonJoined => "grpc-joined",
+        Client::PythonFresh => "grpc-fresh",
+        Client::Node => "grpc-node",
+    });
     let s = services(&cg);
-    let script = tests_dir().join("apps/grpc_client.py");
     let target = s.grpc.addr.to_string();
-    let mut args = vec![script.to_str().unwrap(), target.as_str()];
-    if fresh {
-        args.push("--fresh");
-    }
-    let mut client = cg
-        .command(&venv_bin("python"), &args)
+    let python = tests_dir().join("apps/grpc_client.py");
+    let node = tests_dir().join("apps/grpc_client.js");
+    let mut cmd = match which {
+        Client::Node => {
+            let mut c = cg.command("node", &[node.to_str().unwrap(), target.as_str()]);
+            c.env("NODE_PATH", tests_dir().join(".node/node_modules"));
+            c
+        }
+        _ => {
+            let mut args = vec![python.to_str().unwrap(), target.as_str()];
+            if which == Client::PythonFresh {
+                args.push("--fresh");
+            }
+            cg.command(&venv_bin("python"), &args)
+        }
+    };
+    let mut client = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -153,7 +178,7 @@ fn grpc_calls_on_a_fresh_channel_are_exact_and_linked() {
     if !privileged() {
         return;
     }
-    let (spans, log, client, server) = run(true);
+    let (spans, log, client, server) = run(Client::PythonFresh);
     let log = format!("{log}\n{}", dump(&spans));
     let calls = |p: u32, kind: i32| -> Vec<&ReceivedSpan> {
         let mut v: Vec<&ReceivedSpan> = spans
@@ -204,7 +229,7 @@ fn grpc_calls_on_a_channel_opened_before_the_agent_pair_and_say_nothing_wrong() 
     if !privileged() {
         return;
     }
-    let (spans, log, client, server) = run(false);
+    let (spans, log, client, server) = run(Client::PythonJoined);
     let log = format!("{log}\n{}", dump(&spans));
     let side = |p: u32, kind: i32| -> Vec<&ReceivedSpan> {
         let mut v: Vec<&ReceivedSpan> = spans
@@ -240,6 +265,42 @@ fn grpc_calls_on_a_channel_opened_before_the_agent_pair_and_say_nothing_wrong() 
             assert!(s.name == *w || s.name == "grpc", "{} vs {w}", s.name);
         }
     }
+}
+
+#[test]
+fn a_node_grpc_js_client_is_traced_exactly() {
+    if !privileged() {
+        return;
+    }
+    let (spans, log, client, server) = run(Client::Node);
+    let log = format!("{log}\n{}", dump(&spans));
+    let calls = |p: u32, kind: i32| -> Vec<(String, String)> {
+        let mut v: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|s| pid(s) == p && s.kind == kind && s.attr("rpc.system.name") == Some("grpc"))
+            .collect();
+        v.sort_by_key(|s| s.start_unix_ns);
+        v.iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.attr("rpc.response.status_code")
+                        .unwrap_or("-")
+                        .to_string(),
+                )
+            })
+            .collect()
+    };
+    let want: Vec<(String, String)> = [
+        ("shop.v1.Orders/Get", "OK"),
+        ("shop.v1.Orders/Watch", "OK"),
+        ("shop.v1.Orders/Get", "NOT_FOUND"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(calls(client, CLIENT), want, "{log}");
+    assert_eq!(calls(server, SERVER), want, "{log}");
 }
 
 #[test]
