@@ -513,7 +513,7 @@ fn l7_samples(t: &TraceStats) -> Vec<Sample> {
             &'a crate::protocol::detect::DetectStats,
         ) -> &'a [AtomicU64],
     );
-    let rows: [Row; 11] = [
+    let rows: [Row; 12] = [
         (
             "loupe_l7_detected_total",
             "Connections user-space detection gave to this protocol.",
@@ -568,6 +568,11 @@ fn l7_samples(t: &TraceStats) -> Vec<Sample> {
             "loupe_l7_not_executed_total",
             "Statements a server skipped after an earlier error in their pipeline (no span).",
             |l, _| &l.not_executed,
+        ),
+        (
+            "loupe_l7_unknown_fields_total",
+            "Header fields that referenced connection state from before the agent attached (HTTP/2 HPACK entries): left out of spans, never guessed.",
+            |l, _| &l.unknown_fields,
         ),
     ];
     let mut out = Vec::new();

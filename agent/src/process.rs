@@ -91,20 +91,15 @@ pub fn declared_attributes(environ: &[(String, String)]) -> Vec<(Cow<'static, st
         return Vec::new();
     };
     let mut out: Vec<(Cow<'static, str>, String)> = Vec::new();
-    for pair in list.split(',') {
-        let Some((k, v)) = pair.split_once('=') else {
-            continue;
-        };
-        let k = k.trim();
+    for (k, mut v) in crate::export::otlp_settings::key_value_list(list) {
         let owned_by_agent = k == "service.name"
             || ["process.", "host.", "telemetry."]
                 .iter()
                 .any(|p| k.starts_with(p));
-        if k.is_empty() || owned_by_agent || out.iter().any(|(have, _)| have == k) {
+        if owned_by_agent || out.iter().any(|(have, _)| *have == k) {
             continue;
         }
-        let mut v = percent_decode(v.trim());
-        if crate::redact::is_sensitive_name(k) {
+        if crate::redact::is_sensitive_name(&k) {
             v = crate::redact::MASK.to_string();
         }
         if v.len() > MAX_DECLARED_VALUE {
@@ -114,36 +109,12 @@ pub fn declared_attributes(environ: &[(String, String)]) -> Vec<(Cow<'static, st
             }
             v.truncate(end);
         }
-        out.push((Cow::Owned(k.to_string()), v));
+        out.push((Cow::Owned(k), v));
         if out.len() == MAX_DECLARED {
             break;
         }
     }
     out
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Interpreters run something else: name the program, not the interpreter.

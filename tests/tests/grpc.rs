@@ -66,9 +66,17 @@ enum Client {
     Node,
 }
 
-/// Runs the client against the services. Returns the spans, the agent's log, the client's
-/// and the server's pids.
-fn run(which: Client) -> (Vec<ReceivedSpan>, String, u32, u32) {
+/// What a run left: spans, the agent's log and metrics, the client's and the server's pids.
+struct Run {
+    spans: Vec<ReceivedSpan>,
+    log: String,
+    metrics: String,
+    client: u32,
+    server: u32,
+}
+
+/// Runs the client against the services.
+fn run(which: Client) -> Run {
     let cg = TestCgroup::new(match which {
         Client::PythonJoined => "grpc-joined",
         Client::PythonFresh => "grpc-fresh",
@@ -104,6 +112,7 @@ fn run(which: Client) -> (Vec<ReceivedSpan>, String, u32, u32) {
 
     let receiver = Receiver::start();
     let ep = format!("http://{}", receiver.grpc);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let agent = Agent::spawn(
         &[
             "--cgroup",
@@ -112,6 +121,8 @@ fn run(which: Client) -> (Vec<ReceivedSpan>, String, u32, u32) {
             &ep,
             "--otlp-protocol",
             "grpc",
+            "--metrics-addr",
+            &metrics_addr,
         ],
         &[],
     );
@@ -124,10 +135,23 @@ fn run(which: Client) -> (Vec<ReceivedSpan>, String, u32, u32) {
     let server_pid = s.grpc.child.id();
     // 3 calls x 2 sides, and the handler's HTTP call with its leaf's SERVER span.
     receiver.wait_for(Duration::from_secs(20), |spans| spans.len() >= 8);
+    let metrics = loupe_tests::scrape(&metrics_addr);
     let (_, log) = agent.stop_raw();
     writeln!(stdin).unwrap();
     let _ = client.wait();
-    (receiver.spans(), log, client_pid, server_pid)
+    Run {
+        spans: receiver.spans(),
+        log,
+        metrics,
+        client: client_pid,
+        server: server_pid,
+    }
+}
+
+/// HTTP/2 header fields the agent could not decode (HPACK entries from before it attached).
+fn unknown_fields(metrics: &str) -> u64 {
+    loupe_tests::metric(metrics, "loupe_l7_unknown_fields_total{protocol=\"http2\"}")
+        .unwrap_or_else(|| panic!("no unknown-fields counter:\n{metrics}"))
 }
 
 /// The first call carried traceparent in its metadata: both sides join that trace as children
@@ -178,7 +202,13 @@ fn grpc_calls_on_a_fresh_channel_are_exact_and_linked() {
     if !privileged() {
         return;
     }
-    let (spans, log, client, server) = run(Client::PythonFresh);
+    let Run {
+        spans,
+        log,
+        metrics,
+        client,
+        server,
+    } = run(Client::PythonFresh);
     let log = format!("{log}\n{}", dump(&spans));
     let calls = |p: u32, kind: i32| -> Vec<&ReceivedSpan> {
         let mut v: Vec<&ReceivedSpan> = spans
@@ -222,6 +252,11 @@ fn grpc_calls_on_a_fresh_channel_are_exact_and_linked() {
         .find(|s| pid(s) == server && s.kind == CLIENT && s.name.starts_with("GET /stock"))
         .unwrap_or_else(|| panic!("no HTTP call from the handler\n{log}"));
     assert_eq!(http.parent_span_id, sv[0].span_id, "{log}");
+    assert_eq!(
+        unknown_fields(&metrics),
+        0,
+        "a connection seen from its start"
+    );
 }
 
 #[test]
@@ -229,7 +264,13 @@ fn grpc_calls_on_a_channel_opened_before_the_agent_pair_and_say_nothing_wrong() 
     if !privileged() {
         return;
     }
-    let (spans, log, client, server) = run(Client::PythonJoined);
+    let Run {
+        spans,
+        log,
+        metrics,
+        client,
+        server,
+    } = run(Client::PythonJoined);
     let log = format!("{log}\n{}", dump(&spans));
     let side = |p: u32, kind: i32| -> Vec<&ReceivedSpan> {
         let mut v: Vec<&ReceivedSpan> = spans
@@ -265,6 +306,8 @@ fn grpc_calls_on_a_channel_opened_before_the_agent_pair_and_say_nothing_wrong() 
             assert!(s.name == *w || s.name == "grpc", "{} vs {w}", s.name);
         }
     }
+    // What was indexed before attach (content-type at least) is unknown, and counted.
+    assert!(unknown_fields(&metrics) > 0, "{log}");
 }
 
 #[test]
@@ -272,7 +315,13 @@ fn a_node_grpc_js_client_is_traced_exactly() {
     if !privileged() {
         return;
     }
-    let (spans, log, client, server) = run(Client::Node);
+    let Run {
+        spans,
+        log,
+        client,
+        server,
+        ..
+    } = run(Client::Node);
     let log = format!("{log}\n{}", dump(&spans));
     let calls = |p: u32, kind: i32| -> Vec<(String, String)> {
         let mut v: Vec<&ReceivedSpan> = spans

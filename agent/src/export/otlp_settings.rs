@@ -96,14 +96,17 @@ pub fn settings_from(
     };
     Ok(Settings {
         url,
-        headers: var("HEADERS").map(|h| headers(&h)).unwrap_or_default(),
+        headers: var("HEADERS")
+            .map(|h| key_value_list(&h))
+            .unwrap_or_default(),
         timeout,
         gzip,
     })
 }
 
-/// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage format, as the spec says).
-fn headers(list: &str) -> Vec<(String, String)> {
+/// `key1=value1,key2=value2`, values percent-encoded (W3C Baggage format, as the spec says for
+/// OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES alike).
+pub fn key_value_list(list: &str) -> Vec<(String, String)> {
     list.split(',')
         .filter_map(|pair| {
             let (k, v) = pair.split_once('=')?;

@@ -101,7 +101,7 @@ pub enum HeadParse {
 
 /// The headers the agent reads: framing, span attributes, trace context. Keeping only these
 /// saves two allocations per header of every message, and keeps secrets out of memory.
-const KEPT: [&str; 15] = [
+pub const KEPT: [&str; 15] = [
     "host",
     "user-agent",
     "content-length",

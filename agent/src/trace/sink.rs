@@ -63,6 +63,8 @@ pub struct L7Stats {
     pub unsolicited: [AtomicU64; PROTO_COUNT],
     /// Statements a server skipped after an earlier error in their pipeline (no span).
     pub not_executed: [AtomicU64; PROTO_COUNT],
+    /// Header fields that referenced state from before the agent attached (HPACK entries).
+    pub unknown_fields: [AtomicU64; PROTO_COUNT],
 }
 
 fn add(c: &[AtomicU64; PROTO_COUNT], proto: u8, n: u64) {
@@ -479,6 +481,11 @@ impl TraceSink {
             &l.unsolicited,
             PROTO_HTTP2,
             after.push_promises - before.push_promises,
+        );
+        add(
+            &l.unknown_fields,
+            PROTO_HTTP2,
+            after.unknown_fields - before.unknown_fields,
         );
     }
 

@@ -26,24 +26,18 @@ const MAX_BLOCK: usize = 256 << 10;
 /// Bytes kept while looking for a frame boundary after a gap or when joined mid-stream.
 const MAX_RESYNC: usize = 64 << 10;
 
-/// The headers a span reads, under their lowercase names. Everything else, credentials
-/// included, is decoded (the table needs it) and dropped.
-const KEPT: [&str; 14] = [
-    "user-agent",
-    "content-type",
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-    "uber-trace-id",
-    "x-forwarded-for",
-    "grpc-status",
-    "grpc-message",
-];
+/// The headers a span reads beyond HTTP/1's (`http1::KEPT`: trace context, user agent, ...),
+/// under their lowercase names. Everything else, credentials included, is decoded (the table
+/// needs it) and dropped.
+const KEPT_H2: [&str; 3] = ["content-type", "grpc-status", "grpc-message"];
+
+fn kept(name: &str) -> Option<&'static str> {
+    crate::protocol::http1::KEPT
+        .iter()
+        .chain(KEPT_H2.iter())
+        .find(|k| **k == name)
+        .copied()
+}
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SessionStats {
@@ -156,7 +150,7 @@ fn head_request(fields: &[(String, Bytes)]) -> Head {
         headers.push(("host", Bytes::from(a)));
     }
     for (k, v) in fields {
-        if let Some(name) = KEPT.iter().find(|n| **n == k) {
+        if let Some(name) = kept(k) {
             headers.push((name, v.clone()));
         }
     }
@@ -388,9 +382,10 @@ impl Session {
                     let n = (r.buf.len() as u64).min(left);
                     // The gRPC message prefixes inside a DATA body are counted as they pass.
                     let stream = r.data_stream;
-                    let skipped: Vec<u8> = r.buf.drain(..n as usize).collect();
-                    self.count_messages(dir, stream, &skipped);
-                    let r = &mut self.readers[dir];
+                    if let Some(s) = self.streams.get_mut(&stream) {
+                        count_messages(s, dir, &r.buf[..n as usize]);
+                    }
+                    r.buf.drain(..n as usize);
                     if n < left {
                         r.state = State::Skip(left - n);
                         return;
@@ -402,43 +397,6 @@ impl Session {
                         self.end(dir, stream, ts, done);
                     }
                 }
-            }
-        }
-    }
-
-    /// Counts gRPC messages by their 5-byte length prefixes in the DATA bytes passing by.
-    fn count_messages(&mut self, dir: usize, stream: u32, mut bytes: &[u8]) {
-        let Some(s) = self.streams.get_mut(&stream) else {
-            return;
-        };
-        let Some(g) = s.grpc.as_mut() else {
-            return;
-        };
-        let side = usize::from(dir == RESPONSES);
-        while !bytes.is_empty() {
-            let left = s.message_left[side];
-            if left > 0 {
-                let n = left.min(bytes.len() as u64);
-                s.message_left[side] -= n;
-                bytes = &bytes[n as usize..];
-                continue;
-            }
-            // A message starts: 1 flag byte and a 4-byte length, gathered across reads.
-            let (prefix, filled) = &mut s.prefix[side];
-            let n = (5 - *filled).min(bytes.len());
-            prefix[*filled..*filled + n].copy_from_slice(&bytes[..n]);
-            *filled += n;
-            bytes = &bytes[n..];
-            if *filled == 5 {
-                *filled = 0;
-                if dir == REQUESTS {
-                    g.requests += 1;
-                } else {
-                    g.responses += 1;
-                }
-                s.message_left[side] = u64::from(u32::from_be_bytes([
-                    prefix[1], prefix[2], prefix[3], prefix[4],
-                ]));
             }
         }
     }
@@ -576,7 +534,7 @@ impl Session {
             match (f.name, f.value) {
                 (Some(n), Some(v)) => {
                     let name = String::from_utf8_lossy(&n).into_owned();
-                    if name.starts_with(':') || KEPT.contains(&name.as_str()) {
+                    if name.starts_with(':') || kept(&name).is_some() {
                         fields.push((name, Bytes::from(v)));
                     }
                 }
@@ -691,6 +649,40 @@ impl Session {
 
     pub fn decoders_synced(&self) -> bool {
         self.decoders.iter().all(hpack::Decoder::synced)
+    }
+}
+
+/// Counts gRPC messages by their 5-byte length prefixes in the DATA bytes passing by.
+fn count_messages(s: &mut Stream, dir: usize, mut bytes: &[u8]) {
+    let Some(g) = s.grpc.as_mut() else {
+        return;
+    };
+    let side = usize::from(dir == RESPONSES);
+    while !bytes.is_empty() {
+        let left = s.message_left[side];
+        if left > 0 {
+            let n = left.min(bytes.len() as u64);
+            s.message_left[side] -= n;
+            bytes = &bytes[n as usize..];
+            continue;
+        }
+        // A message starts: 1 flag byte and a 4-byte length, gathered across reads.
+        let (prefix, filled) = &mut s.prefix[side];
+        let n = (5 - *filled).min(bytes.len());
+        prefix[*filled..*filled + n].copy_from_slice(&bytes[..n]);
+        *filled += n;
+        bytes = &bytes[n..];
+        if *filled == 5 {
+            *filled = 0;
+            if dir == REQUESTS {
+                g.requests += 1;
+            } else {
+                g.responses += 1;
+            }
+            s.message_left[side] = u64::from(u32::from_be_bytes([
+                prefix[1], prefix[2], prefix[3], prefix[4],
+            ]));
+        }
     }
 }
 
