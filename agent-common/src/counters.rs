@@ -27,7 +27,12 @@ pub const OPTION_READ: u32 = 12;
 /// No room left in the segment's option space (e.g. SACK blocks): that segment goes without.
 pub const OPTION_NO_SPACE: u32 = 13;
 
-pub const NUM_COUNTERS: u32 = 14;
+/// A TLS read returned plaintext but no socket could be tied to its session: the bytes are lost.
+pub const TLS_UNBOUND: u32 = 14;
+/// Not a drop: plaintext events from TLS uprobes.
+pub const TLS_PLAINTEXT: u32 = 15;
+
+pub const NUM_COUNTERS: u32 = 16;
 
 /// Names for display, indexed by counter.
 pub const NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -45,9 +50,11 @@ pub const NAMES: [&str; NUM_COUNTERS as usize] = [
     "option_written",
     "option_read",
     "option_no_space",
+    "tls_unbound",
+    "tls_plaintext",
 ];
 
 /// Which counters are losses (as opposed to volume).
 pub const fn is_drop(counter: u32) -> bool {
-    counter < EVENTS_EMITTED || counter == OPTION_NO_SPACE
+    counter < EVENTS_EMITTED || counter == OPTION_NO_SPACE || counter == TLS_UNBOUND
 }

@@ -28,6 +28,10 @@ pub const FLAG_NO_PAYLOAD: u8 = 1 << 1;
 /// The connection existed before the agent saw its first I/O (opened before the agent started,
 /// or its state was evicted): the stream starts mid-way and the role came from /proc.
 pub const FLAG_MIDSTREAM: u8 = 1 << 2;
+/// The payload is TLS plaintext from the library's uprobes (agent_common::tls), not the
+/// socket's bytes; set on the connection once its plaintext is seen, after which its
+/// ciphertext is no longer sent.
+pub const FLAG_TLS: u8 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -13,6 +13,7 @@ pub mod event;
 pub mod maps;
 pub mod protocol;
 pub mod syscall;
+pub mod tls;
 
 #[cfg(feature = "user")]
 mod pod {

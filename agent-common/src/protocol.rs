@@ -12,13 +12,16 @@ pub const PROTO_HTTP2: u8 = 2;
 pub const PROTO_POSTGRES: u8 = 3;
 pub const PROTO_MYSQL: u8 = 4;
 pub const PROTO_REDIS: u8 = 5;
+/// TLS records: no parser of their own; the connection waits for its plaintext (uprobes) or is
+/// counted as unhooked (agent/src/tls).
+pub const PROTO_TLS: u8 = 6;
 
 /// Ids are below this (they index per-protocol counters and `proto_bit`).
-pub const PROTO_COUNT: usize = 6;
+pub const PROTO_COUNT: usize = 7;
 
 /// Metric label / attribute value of each id (`PROTO_NAMES[id]`).
 pub const PROTO_NAMES: [&str; PROTO_COUNT] =
-    ["unknown", "http1", "http2", "postgresql", "mysql", "redis"];
+    ["unknown", "http1", "http2", "postgresql", "mysql", "redis", "tls"];
 
 // Every id has a bit in the u32 `LoupeConfig::protocols` mask.
 const _: () = assert!(PROTO_COUNT <= 32);
@@ -76,7 +79,7 @@ const fn c(b: u8) -> i16 {
 /// Every signature, in the order the kernel tries them. Requests come first: either side of a
 /// fresh connection sees the client's first message (MySQL: the server's greeting). Response
 /// rows are for connections joined mid-stream, whose next payload may be an answer.
-pub const PREFILTER: [PrefilterRow; 38] = [
+pub const PREFILTER: [PrefilterRow; 40] = [
     // HTTP/1 request methods, and a response status line (joined mid-stream).
     ascii4(PROTO_HTTP1, b"GET "),
     ascii4(PROTO_HTTP1, b"POST"),
@@ -126,6 +129,10 @@ pub const PREFILTER: [PrefilterRow; 38] = [
     row(PROTO_HTTP2, 8, &[0, 0, 8, 6, ANY, 0, 0, 0]),
     row(PROTO_HTTP2, 8, &[0, 0, 4, 3, 0, 0]),
     row(PROTO_HTTP2, 8, &[0, 0, ANY, 7, 0, 0, 0, 0]),
+    // TLS: a handshake record (ClientHello on a fresh connection), and application data of one
+    // joined mid-stream (TLS 1.2 and 1.3 both write 0x0303 there).
+    row(PROTO_TLS, 6, &[0x16, 0x03, ANY, ANY, ANY, 0x01]),
+    row(PROTO_TLS, 5, &[0x17, 0x03, 0x03]),
 ];
 
 /// The protocol of the first matching row among `wanted` (a `proto_bit` mask; 0 means all), or
@@ -180,11 +187,12 @@ mod tests {
         assert_eq!(pf(b"\x09\0\0\0\x03SELECT 1"), PROTO_MYSQL);
         assert_eq!(pf(b"*1\r\n$4\r\nPING\r\n"), PROTO_REDIS);
         assert_eq!(pf(b"+OK\r\n"), PROTO_REDIS);
+        assert_eq!(pf(b"\x16\x03\x01\x02\x00\x01\x00\x01"), PROTO_TLS); // ClientHello
+        assert_eq!(pf(b"\x17\x03\x03\x00\x2a\x11"), PROTO_TLS);
     }
 
     #[test]
     fn other_traffic_does_not() {
-        assert_eq!(pf(b"\x16\x03\x01\x02\x00\x01\x00\x01"), PROTO_UNKNOWN); // TLS ClientHello
         assert_eq!(pf(b"SSH-2.0-OpenSSH_9.2"), PROTO_UNKNOWN);
         assert_eq!(pf(b"get key\r\n"), PROTO_UNKNOWN); // memcached
         assert_eq!(pf(b"QU"), PROTO_UNKNOWN); // too short

@@ -8,6 +8,7 @@ use agent_common::{
     counters::NUM_COUNTERS,
     event::{DataEvent, MAX_PAYLOAD},
     syscall::ActiveCall,
+    tls::{ProcessKey, TlsCall, TlsSocket},
 };
 use aya_ebpf::{
     Global,
@@ -103,3 +104,23 @@ pub static PEER_CTX: LruHashMap<ConnTuple, TcpContext> = LruHashMap::with_max_en
 /// thread answers one.
 #[map]
 pub static THREAD_TRACE: LruHashMap<u32, [u8; 16]> = LruHashMap::with_max_entries(16384, 0);
+
+/// pid_tgid -> the TLS read or write the thread is inside (uprobes, agent_common::tls). Read by
+/// the sock tracepoints to tie the call to its socket. Rewritten in place like ACTIVE_CALLS.
+#[map]
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// (tgid, goroutine) -> a Go TLS read in flight: the goroutine may resume on another thread.
+#[map]
+pub static GO_READS: LruHashMap<ProcessKey, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+
+/// (tgid, TLS session) -> its socket, learnt from the first syscall inside one of its calls.
+/// LRU: sessions freed while the agent was not looking must not leak.
+#[map]
+pub static TLS_SOCKETS: LruHashMap<ProcessKey, TlsSocket> =
+    LruHashMap::with_max_entries(65536, 0);
+
+/// pid_tgid -> the TLS socket the thread last received on: where a read answered from the
+/// library's buffer (or a memory BIO, as in Node.js) came from.
+#[map]
+pub static TLS_LAST_RECV: LruHashMap<u64, TlsSocket> = LruHashMap::with_max_entries(16384, 0);

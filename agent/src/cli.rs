@@ -146,6 +146,10 @@ pub struct CommonArgs {
     /// on request segments, and read it from peers. Off: options peers send are ignored.
     #[arg(long, env = "LOUPE_TCP_CONTEXT", global = true)]
     pub tcp_context: bool,
+    /// Do not put uprobes on TLS libraries (OpenSSL, Go crypto/tls): encrypted connections are
+    /// then counted by library (loupe_tls_unhooked_total) but not traced.
+    #[arg(long, env = "LOUPE_NO_TLS", global = true)]
+    pub no_tls: bool,
     /// The agent's CPU scheduling: normal, or idle (SCHED_IDLE: the agent runs only on CPU time
     /// nothing else wants, so it never delays a traced service's threads; on a saturated node
     /// it falls behind and its drops are counted).

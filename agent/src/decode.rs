@@ -7,7 +7,7 @@ use agent_common::{
     conn::{AF_INET, AF_INET6, ROLE_CLIENT, ROLE_SERVER},
     context::{CTX_KERNEL, CTX_LOCAL, CTX_OPTION},
     event::{
-        CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
+        CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM, FLAG_TLS,
         FLAG_NO_PAYLOAD, FLAG_TRUNCATED, FORK_EVENT_SIZE, KIND_CLOSE, KIND_DATA, KIND_FORK,
         MAX_PAYLOAD,
     },
@@ -86,6 +86,31 @@ pub struct ConnKey {
     pub generation: u64,
 }
 
+impl ConnKey {
+    /// Marks the key of a connection's TLS plaintext: generations are monotonic nanoseconds,
+    /// far below this bit. The plaintext is a stream of its own, parsed from its own start;
+    /// the ciphertext before it (the handshake) stays under the plain key.
+    pub const PLAINTEXT: u64 = 1 << 63;
+
+    pub fn plaintext(self) -> ConnKey {
+        ConnKey {
+            sk: self.sk,
+            generation: self.generation | Self::PLAINTEXT,
+        }
+    }
+
+    pub fn ciphertext(self) -> ConnKey {
+        ConnKey {
+            sk: self.sk,
+            generation: self.generation & !Self::PLAINTEXT,
+        }
+    }
+
+    pub fn is_plaintext(self) -> bool {
+        self.generation & Self::PLAINTEXT != 0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataEvent {
     pub ts_ns: u64,
@@ -107,6 +132,8 @@ pub struct DataEvent {
     pub truncated: bool,
     pub no_payload: bool,
     pub midstream: bool,
+    /// TLS plaintext from the library probes (`conn` is then the plaintext key).
+    pub tls: bool,
     /// `--tcp-context`: the ids the kernel put this event's request under.
     pub context: Option<KernelContext>,
 }
@@ -133,6 +160,7 @@ impl DataEvent {
             truncated: false,
             no_payload: false,
             midstream: false,
+            tls: false,
             context: None,
         }
     }
@@ -404,6 +432,11 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         .iter()
         .position(|&b| b == 0)
         .unwrap_or(comm_raw.len());
+    let conn = if flags & FLAG_TLS != 0 {
+        conn.plaintext()
+    } else {
+        conn
+    };
     Ok(Event::Data(DataEvent {
         ts_ns: h.ts_ns,
         pid,
@@ -422,6 +455,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         truncated: flags & FLAG_TRUNCATED != 0,
         no_payload: flags & FLAG_NO_PAYLOAD != 0,
         midstream: flags & FLAG_MIDSTREAM != 0,
+        tls: flags & FLAG_TLS != 0,
         context,
     }))
 }

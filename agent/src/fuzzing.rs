@@ -56,6 +56,7 @@ fn conn(role: Role, midstream: bool) -> ConnInfo {
         role,
         protocol: 1,
         midstream,
+        tls: false,
     }
 }
 

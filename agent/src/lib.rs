@@ -24,4 +24,5 @@ pub mod redact;
 pub mod selection;
 pub mod service_rules;
 pub mod stdout;
+pub mod tls;
 pub mod trace;

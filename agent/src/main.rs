@@ -1,6 +1,9 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
-use agent_common::conn::{PROTO_HTTP1, PROTO_HTTP2, proto_bit};
+use agent_common::{
+    conn::{PROTO_HTTP1, PROTO_HTTP2, proto_bit},
+    protocol::PROTO_TLS,
+};
 use anyhow::Context as _;
 use clap::Parser as _;
 use loupe::{
@@ -120,6 +123,9 @@ fn main() -> ExitCode {
 /// The kernel side and the reader, running; what every command starts with.
 struct Capture {
     probe: Probe,
+    tls: Arc<loupe::tls::TlsStats>,
+    /// Keeps the TLS probes on new library files; stops when dropped.
+    _tls_watch: Option<loupe::tls::watch::TlsWatch>,
     events: mpsc::Receiver<Event>,
     metrics: Metrics,
     stop: watch::Sender<bool>,
@@ -138,6 +144,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         ring_buffer_bytes: common.ring_buffer_bytes,
         max_connections: common.max_connections,
         tcp_context: common.tcp_context.then_some(common.tcp_option_exid),
+        tls: !common.no_tls && protocols != 0,
     };
     let mut probe = Probe::load(&opts)?;
     // Loading parsed the kernel's BTF (~30 MiB of short-lived allocations). mimalloc keeps freed
@@ -157,12 +164,19 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         );
     }
     let ring = probe.take_events()?;
-    let metrics = Metrics::new(Some(probe.take_counters()?));
+    let mut metrics = Metrics::new(Some(probe.take_counters()?));
+    let tls = Arc::new(loupe::tls::TlsStats::default());
+    let tls_watch = probe
+        .tls_ready
+        .then(|| loupe::tls::watch::start(probe.handle(), tls.clone()));
+    metrics.tls = Some(tls.clone());
     let (stop, stop_rx) = watch::channel(false);
     let (tx, events) = mpsc::channel(65_536);
     let reader = tokio::spawn(reader::run(ring, tx, metrics.user.clone(), stop_rx));
     Ok(Capture {
         probe,
+        tls,
+        _tls_watch: tls_watch,
         events,
         metrics,
         stop,
@@ -258,10 +272,12 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
     let protocols = if args.all_protocols {
         0
     } else {
-        proto_bit(PROTO_HTTP1) | proto_bit(PROTO_HTTP2)
+        proto_bit(PROTO_HTTP1) | proto_bit(PROTO_HTTP2) | proto_bit(PROTO_TLS)
     };
     let Capture {
         probe,
+        tls: _,
+        _tls_watch,
         events,
         metrics,
         stop,
@@ -335,6 +351,8 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
 
     let Capture {
         mut probe,
+        tls,
+        _tls_watch,
         events,
         mut metrics,
         stop,
@@ -360,6 +378,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     )));
     metrics.export = Some(export_stats);
     metrics.exporting = otlp.is_some();
+    sink.tls = tls;
     metrics.traces = Some(sink.stats.clone());
     metrics.links = Some(sink.linker.stats.clone());
     metrics.k8s = k8s;

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub export: Option<Arc<ExportStats>>,
     pub traces: Option<Arc<TraceStats>>,
     pub links: Option<Arc<crate::trace::causality::LinkStats>>,
+    pub tls: Option<Arc<crate::tls::TlsStats>>,
     /// Whether spans go to an OTLP endpoint (the summary says "exported", else "written").
     pub exporting: bool,
     /// The pod store and watch counters, when Kubernetes metadata is on.
@@ -48,6 +49,7 @@ impl Metrics {
             export: None,
             traces: None,
             links: None,
+            tls: None,
             exporting: false,
             k8s: None,
         }
@@ -144,6 +146,9 @@ impl Metrics {
         if let Some(t) = &self.traces {
             out.extend(l7_samples(t));
         }
+        if let Some(tls) = &self.tls {
+            out.extend(tls_samples(tls));
+        }
         if let Some((pods, watch)) = &self.k8s {
             out.push(Sample {
                 name: "loupe_k8s_pods",
@@ -170,7 +175,63 @@ impl Metrics {
         }
         out
     }
+}
 
+fn tls_samples(tls: &crate::tls::TlsStats) -> Vec<Sample> {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut out = Vec::new();
+    for (library, c) in [("openssl", &tls.openssl_files), ("go", &tls.go_files)] {
+        out.push(Sample {
+            name: "loupe_tls_probed_files",
+            help: "TLS library files (libssl, executables) with uprobes on, by library.",
+            gauge: true,
+            labels: vec![("library", library)],
+            value: get(c),
+        });
+    }
+    for (i, library) in crate::tls::UNHOOKED_LIBRARIES.iter().enumerate() {
+        out.push(Sample {
+            name: "loupe_tls_unhooked_total",
+            help: "Encrypted connections whose plaintext was never seen, by the TLS library their process uses.",
+            gauge: false,
+            labels: vec![("library", library)],
+            value: get(&tls.unhooked[i]),
+        });
+    }
+    for (name, help, c) in [
+        (
+            "loupe_tls_hooked_connections_total",
+            "Encrypted connections traced from their plaintext.",
+            &tls.hooked_connections,
+        ),
+        (
+            "loupe_tls_missed_records_total",
+            "Encrypted application records seen before a connection's plaintext (sent before the probes were on).",
+            &tls.missed_records,
+        ),
+        (
+            "loupe_tls_attach_failed_total",
+            "TLS library files that could not be probed.",
+            &tls.attach_failed,
+        ),
+        (
+            "loupe_tls_go_unsupported_total",
+            "Go programs built before Go 1.17 (no register ABI): counted, not traced.",
+            &tls.go_unsupported,
+        ),
+    ] {
+        out.push(Sample {
+            name,
+            help,
+            gauge: false,
+            labels: Vec::new(),
+            value: get(c),
+        });
+    }
+    out
+}
+
+impl Metrics {
     /// Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -103,10 +103,15 @@ fn handle<S: Sink>(
         }
         Event::Fork(fork) => sink.fork(&fork),
         Event::Close(close) => {
-            if table.close(&close).is_some()
-                && let Some(conn) = table.remove(&close.conn)
-            {
-                finish(conn, Some(&close), sink);
+            // A TLS connection's plaintext is a connection of its own beside the ciphertext.
+            for key in [close.conn, close.conn.plaintext()] {
+                let mut close = close.clone();
+                close.conn = key;
+                if table.close(&close).is_some()
+                    && let Some(conn) = table.remove(&close.conn)
+                {
+                    finish(conn, Some(&close), sink);
+                }
             }
         }
     }

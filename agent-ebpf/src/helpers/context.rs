@@ -2,8 +2,9 @@
 //! request's first segment, long before the agent has read it.
 
 use agent_common::{
-    conn::{ConnState, ConnTuple},
-    context::{CTX_KERNEL, CTX_LOCAL, CTX_OPTION, TcpContext},
+    conn::{ConnState, ConnTuple, ROLE_CLIENT, ROLE_SERVER},
+    event::DIR_SEND,
+    context::{CTX_KERNEL, CTX_LOCAL, CTX_NONE, CTX_OPTION, TcpContext},
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 
@@ -99,4 +100,19 @@ pub fn on_server_send(tid: u32) {
 pub fn forget(tuple: &ConnTuple) {
     let _ = OUT_CTX.remove(tuple);
     let _ = PEER_CTX.remove(tuple);
+}
+
+/// `--tcp-context`: the ids this event's request runs under (see helpers/context.rs).
+#[inline(always)]
+pub fn request_context(conn: &mut ConnState, direction: u8, tid: u32) -> (u8, TcpContext) {
+    if conn.role == ROLE_SERVER {
+        if direction == DIR_SEND {
+            on_server_send(tid);
+            return (CTX_NONE, TcpContext::default());
+        }
+        on_server_recv(conn, tid);
+    } else if conn.role != ROLE_CLIENT || direction != DIR_SEND {
+        return (CTX_NONE, TcpContext::default());
+    }
+    (conn.ctx_source, conn.ctx)
 }

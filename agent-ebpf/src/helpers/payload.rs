@@ -149,7 +149,7 @@ fn copy_iov(dst: *mut u8, iov: u64, iovcnt: u64, want: u64) -> Result<u64, ()> {
 /// Reads `len` user bytes at `src` into `dst[off..]`, with off < MAX_PAYLOAD and len <= MAX_PAYLOAD
 /// made visible to the verifier.
 #[inline(always)]
-fn read_into(dst: *mut u8, off: u64, len: u64, src: u64) -> Result<(), ()> {
+pub fn read_into(dst: *mut u8, off: u64, len: u64, src: u64) -> Result<(), ()> {
     let off = opaque(off) & MASK;
     let len = clamp(len, MAX_PAYLOAD as u64);
     if len == 0 {

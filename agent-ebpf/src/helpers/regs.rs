@@ -31,6 +31,8 @@ mod abi {
     pub const ARG1: usize = 1;
     pub const ARG2: usize = 0;
     pub const NR: usize = 3;
+    /// r14
+    pub const GOROUTINE: u64 = 8;
 }
 
 /// arm64 (the generic syscall table); not exercised by the tests on this project's machines.
@@ -49,6 +51,8 @@ mod abi {
     pub const ARG1: usize = 0;
     pub const ARG2: usize = 1;
     pub const SYSCALLNO: u64 = 280;
+    /// regs[28]
+    pub const GOROUTINE: u64 = 224;
 }
 
 /// The in-flight call of the current thread when it is one of the single-buffer socket
@@ -104,4 +108,19 @@ fn read(regs: u64) -> Option<(u64, u64, u64)> {
     let nr: u64 =
         unsafe { bpf_probe_read_kernel((regs + abi::SYSCALLNO) as *const i32) }.ok()? as u64;
     Some((nr, w[abi::ARG1], w[abi::ARG2]))
+}
+
+/// The goroutine (`g`) running the current syscall, from the user registers saved at entry: Go
+/// keeps it in r14 (amd64) / x28 (arm64) across its own code and its raw syscall stubs. Compared
+/// with the goroutine a Go TLS call was made on, so that another goroutine's syscall on the same
+/// thread is never taken for it.
+#[inline(always)]
+pub fn syscall_goroutine() -> u64 {
+    // SAFETY: as in current_call.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return 0;
+    }
+    // SAFETY: fault-tolerant kernel read.
+    unsafe { bpf_probe_read_kernel((regs + abi::GOROUTINE) as *const u64) }.unwrap_or(0)
 }

@@ -3,3 +3,4 @@ pub mod lineage;
 pub mod sched;
 pub mod sock;
 pub mod syscalls;
+pub mod tls;

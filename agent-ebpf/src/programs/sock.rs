@@ -12,8 +12,10 @@ use agent_common::{
     counters,
     event::{
         CLOSE_EVENT_SIZE, CloseEvent, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION,
-        EventHeader, FLAG_MIDSTREAM, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA, MAX_PAYLOAD,
+        EventHeader, FLAG_MIDSTREAM, FLAG_TLS, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
+        MAX_PAYLOAD,
     },
+    protocol::PROTO_TLS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -24,13 +26,15 @@ use aya_ebpf::{
 use crate::{
     helpers::{
         classify::classify,
-        context::{forget, on_server_recv, on_server_send},
+        context::{forget, request_context},
         copy::{copy_words, zero_words},
         count::count,
-        emit::{emit, emit_data},
+        emit::emit,
+        event::{Transfer, send_data},
         filter::process_selected,
         payload::copy_from_call,
         sock::{read_tuple, track},
+        tls::{inside_tls_call, note_tls_recv},
     },
     maps::{CONNS, LOUPE_CONFIG, SCRATCH},
 };
@@ -112,6 +116,18 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     };
     // SAFETY: pointer from a successful lookup/insert, valid for this program run.
     let conn: &mut ConnState = unsafe { &mut *conn };
+    // TLS: a syscall inside a hooked library call carries that call's ciphertext; the plaintext
+    // goes out instead (helpers/tls.rs). A connection whose plaintext is seen sends no more
+    // ciphertext at all.
+    if inside_tls_call(&cfg, pid_tgid, sk, conn, direction) {
+        return Ok(());
+    }
+    if conn.protocol == PROTO_TLS && direction == DIR_RECV {
+        note_tls_recv(pid_tgid, sk, conn.generation);
+    }
+    if conn.flags & FLAG_TLS != 0 {
+        return Ok(());
+    }
     if conn.status == STATUS_IGNORED {
         return Ok(());
     }
@@ -161,55 +177,17 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
         flags |= FLAG_TRUNCATED;
         count(counters::PAYLOAD_TRUNCATED);
     }
-    // SAFETY: as above.
-    let event = unsafe { &mut (*scratch).event };
-    event.header = EventHeader {
-        kind: KIND_DATA,
-        version: EVENT_VERSION,
-        len: DATA_EVENT_SIZE as u32 + copied.captured,
-        // SAFETY: helper without arguments.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        pid_tgid,
+    let transfer = Transfer {
+        direction,
+        seq,
+        bytes,
+        captured: copied.captured,
+        flags,
+        syscall: copied.syscall,
+        first,
     };
-    event.sk = sk;
-    event.conn_gen = conn.generation;
-    copy_words(&mut event.tuple, &conn.tuple);
-    event.seq = seq;
-    event.bytes = bytes;
-    event.captured = copied.captured;
-    // Written in place: through bpf_get_current_comm()'s returned array the BPF backend adds a
-    // byte-at-a-time memset and copy.
-    // SAFETY: the helper writes at most 16 bytes into the 16-byte field.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_get_current_comm(
-            core::ptr::addr_of_mut!(event.comm).cast(),
-            16,
-        )
-    };
-    event.direction = direction;
-    event.role = conn.role;
-    event.protocol = conn.protocol;
-    event.syscall = copied.syscall;
-    event.flags = flags;
-    event.ctx_source = ctx_source;
-    event.ctx = ctx;
-    emit_data(scratch, copied.captured, first);
+    send_data(scratch, pid_tgid, sk, conn, &transfer, ctx_source, ctx);
     Ok(())
-}
-
-/// `--tcp-context`: the ids this event's request runs under (see helpers/context.rs).
-#[inline(always)]
-fn request_context(conn: &mut ConnState, direction: u8, tid: u32) -> (u8, TcpContext) {
-    if conn.role == ROLE_SERVER {
-        if direction == DIR_SEND {
-            on_server_send(tid);
-            return (CTX_NONE, TcpContext::default());
-        }
-        on_server_recv(conn, tid);
-    } else if conn.role != ROLE_CLIENT || direction != DIR_SEND {
-        return (CTX_NONE, TcpContext::default());
-    }
-    (conn.ctx_source, conn.ctx)
 }
 
 /// Classifies on the first payload. Returns whether this event should be emitted.

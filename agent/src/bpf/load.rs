@@ -40,6 +40,8 @@ pub struct LoadOptions {
     pub max_connections: u32,
     /// `--tcp-context`: the ExID of the TCP option that carries trace context across nodes.
     pub tcp_context: Option<u16>,
+    /// Load the TLS uprobe programs (attached per library file by `crate::tls`).
+    pub tls: bool,
 }
 
 struct Hook {
@@ -140,9 +142,23 @@ pub fn agents_loaded() -> usize {
         .count()
 }
 
-/// The loaded programs. Dropping it detaches everything.
+/// The uprobe programs of `crate::tls`, loaded at start so that a verifier rejection shows then.
+pub const TLS_PROGRAMS: &[(&str, bool)] = &[
+    ("ssl_write", false),
+    ("ssl_read", false),
+    ("ssl_read_ex", false),
+    ("ssl_read_ret", true),
+    ("go_tls_write", false),
+    ("go_tls_read", false),
+    ("go_tls_read_ret", false),
+];
+
+/// The loaded programs. Dropping it detaches everything (the TLS watcher holds a clone of the
+/// handle and stops with it).
 pub struct Probe {
-    ebpf: Ebpf,
+    ebpf: std::sync::Arc<std::sync::Mutex<Ebpf>>,
+    /// Whether the TLS programs loaded.
+    pub tls_ready: bool,
     /// What is missing, in words for the log.
     pub degraded: Vec<String>,
     pub attached: usize,
@@ -224,58 +240,42 @@ impl Probe {
             }
         }
 
-        let mut probe = Self {
-            ebpf,
+        let mut tls_ready = false;
+        if opts.tls {
+            match load_tls(&mut ebpf) {
+                Ok(()) => tls_ready = true,
+                Err(err) => degraded.push(format!(
+                    "TLS uprobes unavailable ({err:#}): encrypted connections are counted, not traced"
+                )),
+            }
+        }
+        fill_filters(&mut ebpf, opts)?;
+        Ok(Self {
+            ebpf: std::sync::Arc::new(std::sync::Mutex::new(ebpf)),
+            tls_ready,
             degraded,
             attached,
-        };
-        probe.fill_filters(opts)?;
-        Ok(probe)
+        })
     }
 
-    fn fill_filters(&mut self, opts: &LoadOptions) -> anyhow::Result<()> {
-        if let Some(sel) = &opts.processes {
-            let mut pids: HashMap<_, u32, u8> = HashMap::try_from(self.map_mut(maps::PID_FILTER)?)?;
-            for pid in &sel.roots {
-                pids.insert(pid, PID_SELECTED, 0)?;
-            }
-            for pid in &sel.descendants {
-                pids.insert(pid, PID_DESCENDANT, 0)?;
-            }
-            let mut names: HashMap<_, [u8; 16], u8> =
-                HashMap::try_from(self.map_mut(maps::EXE_FILTER)?)?;
-            for name in &sel.exec_names {
-                names.insert(name, 1, 0)?;
-            }
-        }
-        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(self.map_mut(maps::PORT_FILTER)?)?;
-        for port in &opts.ports {
-            ports.insert(port, 1, 0)?;
-        }
-        let mut cgroups: HashMap<_, u64, u8> =
-            HashMap::try_from(self.map_mut(maps::CGROUP_FILTER)?)?;
-        for id in &opts.cgroups {
-            cgroups.insert(id, 1, 0)?;
-        }
-        let mut netns: HashMap<_, u32, u8> = HashMap::try_from(self.map_mut(maps::NETNS_FILTER)?)?;
-        for ino in &opts.netns {
-            netns.insert(ino, 1, 0)?;
-        }
-        Ok(())
+    /// The shared handle, for the TLS watcher's attachments.
+    pub fn handle(&self) -> std::sync::Arc<std::sync::Mutex<Ebpf>> {
+        self.ebpf.clone()
     }
 
-    fn map_mut(&mut self, name: &str) -> anyhow::Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .with_context(|| format!("kernel object has no map {name}"))
+    fn take(&mut self, name: &str, what: &str) -> anyhow::Result<aya::maps::Map> {
+        let mut ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the kernel object's lock is poisoned"))?;
+        ebpf.take_map(name)
+            .with_context(|| format!("the {what} was already taken"))
     }
+
 
     /// The ring buffer of events; can be taken once.
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self
-            .ebpf
-            .take_map(maps::EVENTS)
-            .context("the events ring buffer was already taken")?;
+        let map = self.take(maps::EVENTS, "events ring buffer")?;
         Ok(RingBuf::try_from(map)?)
     }
 
@@ -284,23 +284,66 @@ impl Probe {
     pub fn take_conns(
         &mut self,
     ) -> anyhow::Result<HashMap<MapData, u64, agent_common::conn::ConnState>> {
-        let map = self
-            .ebpf
-            .take_map(maps::CONNS)
-            .context("the connection map was already taken")?;
+        let map = self.take(maps::CONNS, "connection map")?;
         Ok(HashMap::try_from(map)?)
     }
 
     /// A handle on the kernel's per-CPU counters; can be taken once.
     pub fn take_counters(&mut self) -> anyhow::Result<KernelCounters> {
-        let map = self
-            .ebpf
-            .take_map(maps::COUNTERS)
-            .context("the counters map was already taken")?;
+        let map = self.take(maps::COUNTERS, "counters map")?;
         Ok(KernelCounters {
             map: PerCpuArray::try_from(map)?,
         })
     }
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .with_context(|| format!("kernel object has no map {name}"))
+}
+
+fn fill_filters(ebpf: &mut Ebpf, opts: &LoadOptions) -> anyhow::Result<()> {
+        if let Some(sel) = &opts.processes {
+            let mut pids: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::PID_FILTER)?)?;
+            for pid in &sel.roots {
+                pids.insert(pid, PID_SELECTED, 0)?;
+            }
+            for pid in &sel.descendants {
+                pids.insert(pid, PID_DESCENDANT, 0)?;
+            }
+            let mut names: HashMap<_, [u8; 16], u8> =
+                HashMap::try_from(map_mut(ebpf, maps::EXE_FILTER)?)?;
+            for name in &sel.exec_names {
+                names.insert(name, 1, 0)?;
+            }
+        }
+        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(map_mut(ebpf, maps::PORT_FILTER)?)?;
+        for port in &opts.ports {
+            ports.insert(port, 1, 0)?;
+        }
+        let mut cgroups: HashMap<_, u64, u8> =
+            HashMap::try_from(map_mut(ebpf, maps::CGROUP_FILTER)?)?;
+        for id in &opts.cgroups {
+            cgroups.insert(id, 1, 0)?;
+        }
+        let mut netns: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::NETNS_FILTER)?)?;
+        for ino in &opts.netns {
+            netns.insert(ino, 1, 0)?;
+        }
+        Ok(())
+}
+
+fn load_tls(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for (name, _) in TLS_PROGRAMS {
+        let program: &mut aya::programs::UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("kernel object has no program {name}"))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the verifier rejected {name}"))?;
+    }
+    Ok(())
 }
 
 /// The kernel-side counters (`agent_common::counters`), summed over CPUs.

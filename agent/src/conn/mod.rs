@@ -40,6 +40,8 @@ pub struct ConnInfo {
     pub protocol: u8,
     /// First seen mid-stream: opened before the agent was looking.
     pub midstream: bool,
+    /// The stream is TLS plaintext (the key is `ConnKey::plaintext`).
+    pub tls: bool,
 }
 
 #[derive(Debug)]
@@ -129,6 +131,7 @@ impl ConnTable {
                         role,
                         protocol: ev.protocol,
                         midstream: ev.midstream,
+                        tls: ev.tls,
                     },
                     streams: [Stream::new(cap), Stream::new(cap)],
                     last_seen_ns: ev.ts_ns,
@@ -256,6 +259,7 @@ mod tests {
             truncated: false,
             no_payload: false,
             midstream: true,
+            tls: false,
             context: None,
         }
     }

@@ -15,6 +15,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod sql;
+pub mod tls;
 pub mod verdict;
 
 #[cfg(test)]
@@ -24,7 +25,7 @@ pub mod fixture;
 
 pub use agent_common::protocol::{
     PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, PROTO_MYSQL, PROTO_NAMES, PROTO_POSTGRES, PROTO_REDIS,
-    PROTO_UNKNOWN, proto_bit,
+    PROTO_TLS as PROTO_TLS_ID, PROTO_UNKNOWN, proto_bit,
 };
 
 /// A detector's answer about the first bytes of one direction.
@@ -72,7 +73,12 @@ pub const REGISTRY: &[Registered] = &[
 
 /// The kernel prefilter mask for every registered protocol.
 pub fn wanted_mask() -> u32 {
-    REGISTRY.iter().fold(0, |m, r| m | proto_bit(r.id))
+    // TLS too: its connections are watched until their plaintext shows (or counted unhooked).
+    REGISTRY
+        .iter()
+        .fold(proto_bit(agent_common::protocol::PROTO_TLS), |m, r| {
+            m | proto_bit(r.id)
+        })
 }
 
 pub fn name(id: u8) -> &'static str {

@@ -565,6 +565,7 @@ mod tests {
             role,
             protocol: 1,
             midstream: false,
+            tls: false,
         }
     }
 

@@ -21,6 +21,7 @@ use crate::{
     pipeline::Sink,
     protocol::{
         PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, db,
+        PROTO_TLS_ID as PROTO_TLS,
         detect::{DetectStats, Detection, Verdict},
         http2::{self, session::Session as Http2Session},
         sql,
@@ -92,6 +93,8 @@ enum Proto {
     Db(Box<db::Session>, u8),
     /// Boxed: two HPACK tables and the open streams.
     Http2(Box<Http2Session>),
+    /// TLS ciphertext, waiting for its plaintext (a connection of its own, `ConnKey::plaintext`).
+    Tls(crate::protocol::tls::TlsWatch),
     /// No parser wants it (or its side is unknown).
     Ignored,
 }
@@ -121,6 +124,7 @@ pub struct TraceSink {
     /// and tracing them would export a span per export, forever.
     exclude: Vec<std::net::SocketAddr>,
     excluded: std::collections::HashSet<ConnKey>,
+    pub tls: Arc<crate::tls::TlsStats>,
 }
 
 /// Whether a connection is the agent's own export path (seen from the collector's side).
@@ -177,6 +181,44 @@ impl TraceSink {
             processes,
             exclude: Vec::new(),
             excluded: std::collections::HashSet::new(),
+            tls: Arc::new(crate::tls::TlsStats::default()),
+        }
+    }
+
+    /// The first plaintext of a TLS connection: its ciphertext side has nothing more to say.
+    fn tls_hooked(&mut self, conn: &ConnInfo) {
+        self.tls.hooked_connections.fetch_add(1, Ordering::Relaxed);
+        if let Some(t) = self.conns.get_mut(&conn.key.ciphertext())
+            && let Proto::Tls(w) = &t.proto
+        {
+            self.tls
+                .missed_records
+                .fetch_add(w.application_records as u64, Ordering::Relaxed);
+            t.proto = Proto::Ignored;
+        }
+    }
+
+    /// Ciphertext of a connection not (yet) seen in plaintext.
+    fn tls_watch(&mut self, conn: &ConnInfo, segments: &[Segment]) {
+        let Some(t) = self.conns.get_mut(&conn.key) else {
+            return;
+        };
+        let Proto::Tls(w) = &mut t.proto else {
+            return;
+        };
+        w.offer(segments);
+        if w.unhooked() {
+            let library = crate::tls::discover::library_of(conn.pid);
+            self.tls.count_unhooked(library);
+            tracing::debug!(
+                "TLS connection of pid {} ({}) to {} (server name {:?}) is not hooked: {library}",
+                conn.pid,
+                conn.comm,
+                conn.remote,
+                w.server_name
+            );
+            t.proto = Proto::Ignored;
+            self.verdicts.ignore(conn.key);
         }
     }
 
@@ -456,7 +498,7 @@ impl TraceSink {
                     self.emit_h2(done, conn);
                 }
             }
-            Proto::Detecting(..) | Proto::Ignored => {}
+            Proto::Detecting(..) | Proto::Tls(_) | Proto::Ignored => {}
         }
     }
 
@@ -541,6 +583,10 @@ impl Sink for TraceSink {
         // One lookup decides the path (this runs for every event of every traced connection).
         let detecting = match self.conns.get(&conn.key).map(|t| &t.proto) {
             Some(Proto::Detecting(..)) => true,
+            Some(Proto::Tls(_)) => {
+                self.tls_watch(conn, &segments);
+                return;
+            }
             // Until the kernel takes the verdict, or for a side that cannot be told.
             Some(Proto::Ignored) => return,
             Some(_) => false,
@@ -555,9 +601,15 @@ impl Sink for TraceSink {
                     self.stats.other_agents.fetch_add(1, Ordering::Relaxed);
                     self.verdicts.ignore(conn.key);
                     Proto::Ignored
+                } else if !conn.tls && conn.protocol == PROTO_TLS {
+                    Proto::Tls(Default::default())
                 } else {
+                    if conn.tls {
+                        self.tls_hooked(conn);
+                    }
                     Proto::Detecting(Detection::default(), Vec::new())
                 };
+                let watch = matches!(proto, Proto::Tls(_));
                 self.conns.insert(
                     conn.key,
                     Tracked {
@@ -566,6 +618,10 @@ impl Sink for TraceSink {
                     },
                 );
                 if other_agent {
+                    return;
+                }
+                if watch {
+                    self.tls_watch(conn, &segments);
                     return;
                 }
                 true
@@ -607,7 +663,7 @@ impl Sink for TraceSink {
                 let done = session.close(ts);
                 self.emit_h2(done, &info);
             }
-            Proto::Detecting(..) | Proto::Ignored => {}
+            Proto::Detecting(..) | Proto::Tls(_) | Proto::Ignored => {}
         }
     }
 
@@ -642,7 +698,7 @@ impl Sink for TraceSink {
                         expired_h2.push((done, t.info.clone()));
                     }
                 }
-                Proto::Detecting(..) | Proto::Ignored => {}
+                Proto::Detecting(..) | Proto::Tls(_) | Proto::Ignored => {}
             }
         }
         for (done, info) in expired_h2 {
@@ -683,6 +739,7 @@ mod tests {
             role: Role::Server,
             protocol: crate::protocol::PROTO_HTTP1,
             midstream: false,
+            tls: false,
         };
         let ex = vec!["127.0.0.1:4318".parse().unwrap()];
         assert!(is_excluded(&ex, &conn("127.0.0.1:4318", "127.0.0.1:50000")));
@@ -708,6 +765,7 @@ mod tests {
             role,
             protocol: crate::protocol::PROTO_REDIS,
             midstream: false,
+            tls: false,
         }
     }
 

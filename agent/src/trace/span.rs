@@ -209,7 +209,8 @@ pub fn build(
     if let Some(q) = query {
         a.push(("url.query", Value::Str(redact_query(q, redaction))));
     }
-    a.push(("url.scheme", Value::Static("http")));
+    let scheme = if conn.tls { "https" } else { "http" };
+    a.push(("url.scheme", Value::Static(scheme)));
     a.push(("network.protocol.name", Value::Static("http")));
     a.push((
         "network.protocol.version",
@@ -252,7 +253,7 @@ pub fn build(
             };
             a.push((
                 "url.full",
-                Value::Str(format!("http://{authority}{path}{q}")),
+                Value::Str(format!("{scheme}://{authority}{path}{q}")),
             ));
             a.push(("server.address", Value::Str(addr)));
             a.push(("server.port", Value::Int(port.into())));
@@ -332,6 +333,7 @@ mod tests {
             role: Role::Server,
             protocol: 1,
             midstream: false,
+            tls: false,
         }
     }
     fn exchange(request: &str, response: Option<&str>, outcome: Outcome) -> Exchange {

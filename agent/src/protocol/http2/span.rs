@@ -184,6 +184,7 @@ mod tests {
             role: Role::Client,
             protocol: 2,
             midstream: false,
+            tls: false,
         }
     }
 

@@ -1,0 +1,73 @@
+//! Assembling a DataEvent in the per-CPU scratch and handing it to the ring: one place for the
+//! socket tracepoints and the TLS probes.
+
+use agent_common::{
+    conn::ConnState,
+    context::TcpContext,
+    event::{DATA_EVENT_SIZE, EVENT_VERSION, EventHeader, KIND_DATA},
+};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+
+use crate::{
+    helpers::{copy::copy_words, emit::emit_data},
+    maps::Scratch,
+};
+
+/// What moved, beside the connection it moved on.
+pub struct Transfer {
+    pub direction: u8,
+    /// Offset in this direction's stream of the first byte.
+    pub seq: u64,
+    pub bytes: u32,
+    /// Payload bytes already in the scratch buffer.
+    pub captured: u32,
+    pub flags: u8,
+    pub syscall: u8,
+    /// The connection's first event: wakes the reader at once.
+    pub first: bool,
+}
+
+#[inline(always)]
+pub fn send_data(
+    scratch: *mut Scratch,
+    pid_tgid: u64,
+    sk: u64,
+    conn: &ConnState,
+    t: &Transfer,
+    ctx_source: u8,
+    ctx: TcpContext,
+) {
+    // SAFETY: per-CPU scratch; the programs are not re-entered on one CPU.
+    let event = unsafe { &mut (*scratch).event };
+    event.header = EventHeader {
+        kind: KIND_DATA,
+        version: EVENT_VERSION,
+        len: DATA_EVENT_SIZE as u32 + t.captured,
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        pid_tgid,
+    };
+    event.sk = sk;
+    event.conn_gen = conn.generation;
+    copy_words(&mut event.tuple, &conn.tuple);
+    event.seq = t.seq;
+    event.bytes = t.bytes;
+    event.captured = t.captured;
+    // Written in place: through bpf_get_current_comm()'s returned array the BPF backend adds a
+    // byte-at-a-time memset and copy.
+    // SAFETY: the helper writes at most 16 bytes into the 16-byte field.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            core::ptr::addr_of_mut!(event.comm).cast(),
+            16,
+        )
+    };
+    event.direction = t.direction;
+    event.role = conn.role;
+    event.protocol = conn.protocol;
+    event.syscall = t.syscall;
+    event.flags = t.flags;
+    event.ctx_source = ctx_source;
+    event.ctx = ctx;
+    emit_data(scratch, t.captured, t.first);
+}

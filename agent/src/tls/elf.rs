@@ -1,0 +1,244 @@
+//! What an ELF file offers the TLS probes: OpenSSL's entry points (libssl, or an executable that
+//! links OpenSSL in and exports them, as node does), or Go's crypto/tls with the offsets of its
+//! read's RET instructions. Offsets are file offsets, what a uprobe is attached at.
+
+use std::path::Path;
+
+use object::{Object, ObjectSection, ObjectSymbol};
+
+/// File offsets of the OpenSSL functions present.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct OpenSsl {
+    pub write: Option<u64>,
+    pub write_ex: Option<u64>,
+    pub read: Option<u64>,
+    pub read_ex: Option<u64>,
+}
+
+/// A Go program using crypto/tls.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GoTls {
+    /// `go1.19.8`, from the build info.
+    pub version: String,
+    pub write: u64,
+    pub read: u64,
+    /// Every RET of `(*Conn).Read`.
+    pub read_returns: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    OpenSsl(OpenSsl),
+    Go(GoTls),
+    /// A Go program too old for the register ABI the probes read (before 1.17).
+    GoUnsupported(String),
+    None,
+}
+
+pub const GO_WRITE: &str = "crypto/tls.(*Conn).Write";
+pub const GO_READ: &str = "crypto/tls.(*Conn).Read";
+
+/// Reads and examines a file. Large executables (node is ~100 MB) are read once per inode.
+pub fn examine(path: &Path) -> anyhow::Result<Target> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: a read-only private mapping; a file truncated meanwhile faults only this
+    // examination's reads of it, which the agent accepts for the libraries it probes (the
+    // kernel itself maps them the same way into the traced processes).
+    let data = unsafe { memmap2::Mmap::map(&file)? };
+    examine_bytes(&data)
+}
+
+pub fn examine_bytes(data: &[u8]) -> anyhow::Result<Target> {
+    let file = object::File::parse(data)?;
+    if let Some(version) = go_version(&file) {
+        return go(&file, data, version);
+    }
+    let mut found = OpenSsl::default();
+    // Exported (dynamic) symbols first: a static OpenSSL is usable only where it is exported,
+    // an internal copy may be a different library under the same names.
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if !sym.is_definition() || sym.address() == 0 {
+            continue;
+        }
+        let slot = match sym.name() {
+            Ok("SSL_write") => &mut found.write,
+            Ok("SSL_write_ex") => &mut found.write_ex,
+            Ok("SSL_read") => &mut found.read,
+            Ok("SSL_read_ex") => &mut found.read_ex,
+            _ => continue,
+        };
+        if slot.is_none() {
+            *slot = file_offset(&file, sym.address());
+        }
+    }
+    if found.write.is_some() && found.read.is_some() {
+        Ok(Target::OpenSsl(found))
+    } else {
+        Ok(Target::None)
+    }
+}
+
+fn go(file: &object::File<'_>, data: &[u8], version: String) -> anyhow::Result<Target> {
+    let (mut write, mut read) = (None, None);
+    for sym in file.symbols() {
+        match sym.name() {
+            Ok(GO_WRITE) => write = Some((sym.address(), sym.size())),
+            Ok(GO_READ) => read = Some((sym.address(), sym.size())),
+            _ => {}
+        }
+    }
+    let (Some((write, _)), Some((read, read_size))) = (write, read) else {
+        // A Go program without crypto/tls (or stripped of its symbols).
+        return Ok(Target::None);
+    };
+    if !register_abi(&version) {
+        return Ok(Target::GoUnsupported(version));
+    }
+    let (Some(write_off), Some(read_off)) = (file_offset(file, write), file_offset(file, read))
+    else {
+        anyhow::bail!("{GO_READ} is outside the file's sections");
+    };
+    let body = data
+        .get(read_off as usize..(read_off + read_size) as usize)
+        .ok_or_else(|| anyhow::anyhow!("{GO_READ} extends past the end of the file"))?;
+    let read_returns = return_offsets(file.architecture(), body)?
+        .into_iter()
+        .map(|o| read_off + o)
+        .collect::<Vec<_>>();
+    if read_returns.is_empty() {
+        anyhow::bail!("no RET instruction found in {GO_READ}");
+    }
+    Ok(Target::Go(GoTls {
+        version,
+        write: write_off,
+        read: read_off,
+        read_returns,
+    }))
+}
+
+/// Offsets (from the function start) of every return instruction, by disassembling the body.
+fn return_offsets(arch: object::Architecture, body: &[u8]) -> anyhow::Result<Vec<u64>> {
+    match arch {
+        object::Architecture::X86_64 => {
+            use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+            let mut decoder = Decoder::with_ip(64, body, 0, DecoderOptions::NONE);
+            let mut out = Vec::new();
+            for insn in &mut decoder {
+                if insn.mnemonic() == Mnemonic::Ret {
+                    out.push(insn.ip());
+                }
+            }
+            Ok(out)
+        }
+        // Fixed-width instructions: RET is 0xd65f03c0 (ret x30).
+        object::Architecture::Aarch64 => Ok(body
+            .chunks_exact(4)
+            .enumerate()
+            .filter(|(_, w)| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) == 0xd65f_03c0)
+            .map(|(i, _)| i as u64 * 4)
+            .collect()),
+        other => anyhow::bail!("no return-probe support for {other:?} Go programs"),
+    }
+}
+
+/// A virtual address as a file offset, through the section that holds it.
+fn file_offset(file: &object::File<'_>, addr: u64) -> Option<u64> {
+    file.sections().find_map(|s| {
+        let (start, size) = (s.address(), s.size());
+        let (off, _) = s.file_range()?;
+        (addr >= start && addr < start + size).then(|| addr - start + off)
+    })
+}
+
+/// The Go version from `.go.buildinfo` (Go 1.18+ stores it inline after a 32-byte header; 1.13-1.17
+/// through pointers, which this does not follow: those report "go?").
+fn go_version(file: &object::File<'_>) -> Option<String> {
+    let section = file.section_by_name(".go.buildinfo")?;
+    let data = section.data().ok()?;
+    if !data.starts_with(b"\xff Go buildinf:") {
+        return None;
+    }
+    let inline = data.get(15).is_some_and(|flags| flags & 2 != 0);
+    if !inline {
+        return Some("go?".to_string());
+    }
+    let rest = data.get(32..)?;
+    let (len, used) = uvarint(rest)?;
+    let v = rest.get(used..used + len as usize)?;
+    Some(String::from_utf8_lossy(v).into_owned())
+}
+
+fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut x = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        x |= ((byte & 0x7f) as u64) << (7 * i);
+        if byte < 0x80 {
+            return Some((x, i + 1));
+        }
+    }
+    None
+}
+
+/// Go 1.17 introduced the register ABI on amd64 (1.18 on arm64).
+fn register_abi(version: &str) -> bool {
+    let Some(rest) = version.strip_prefix("go1.") else {
+        return false;
+    };
+    let minor: u32 = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    minor >= 18 || (minor == 17 && cfg!(target_arch = "x86_64"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_versions_with_the_register_abi() {
+        assert!(register_abi("go1.19.8"));
+        assert!(register_abi("go1.22rc1"));
+        assert!(!register_abi("go1.16.15"));
+        assert!(!register_abi("go?"));
+        assert!(!register_abi("devel"));
+    }
+
+    #[test]
+    fn returns_are_found_between_other_instructions() {
+        // mov rax, rbx; ret; nop; add rsp, 0x10; pop rbp; ret
+        let body = [
+            0x48, 0x89, 0xd8, 0xc3, 0x90, 0x48, 0x83, 0xc4, 0x10, 0x5d, 0xc3,
+        ];
+        let r = return_offsets(object::Architecture::X86_64, &body).unwrap();
+        assert_eq!(r, [3, 10]);
+        // A 0xc3 byte inside an instruction is not a return: mov eax, 0xc3
+        let body = [0xb8, 0xc3, 0x00, 0x00, 0x00, 0xc3];
+        assert_eq!(
+            return_offsets(object::Architecture::X86_64, &body).unwrap(),
+            [5]
+        );
+    }
+
+    #[test]
+    fn the_system_libssl_offers_the_openssl_entry_points() {
+        let path = ["/usr/lib/x86_64-linux-gnu/libssl.so.3", "/usr/lib/aarch64-linux-gnu/libssl.so.3"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .expect("Debian's libssl3, which curl and python3 need, is on every test machine");
+        match examine(path).unwrap() {
+            Target::OpenSsl(o) => {
+                assert!(o.write.is_some() && o.read.is_some() && o.read_ex.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_crash() {
+        assert!(examine_bytes(b"\x7fELF\x02\x01\x01garbage").is_err());
+        assert!(examine_bytes(&[]).is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! The thread that keeps the TLS probes on every library in use: a scan of every process at
+//! start, then new processes within `NEW_PROCESS_POLL` (each looked at again after
+//! `SECOND_LOOK`, for libraries loaded after start: Python imports `ssl` when first needed),
+//! and a full rescan every `FULL_RESCAN`. Each file is examined once; the probes stay until the
+//! agent exits, when closing their perf events removes them (also after kill -9).
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf,
+    programs::{UProbe, uprobe::UProbeScope},
+};
+
+use super::{
+    TlsStats,
+    discover::{self, Candidate, FileId},
+    elf::{self, Target},
+};
+
+const NEW_PROCESS_POLL: Duration = Duration::from_millis(200);
+const SECOND_LOOK: Duration = Duration::from_secs(2);
+const FULL_RESCAN: Duration = Duration::from_secs(10);
+
+/// Stops the thread when dropped.
+pub struct TlsWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for TlsWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Scans every process once before returning (so that "ready" means the probes of running
+/// processes are on), then watches in the background.
+pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>) -> TlsWatch {
+    let mut attacher = Attacher {
+        ebpf,
+        stats,
+        examined: HashMap::new(),
+        own_pid: std::process::id(),
+    };
+    let mut seen: HashMap<u32, (Instant, bool)> = HashMap::new();
+    let now = Instant::now();
+    for pid in discover::pids() {
+        attacher.scan(pid);
+        seen.insert(pid, (now, true));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("loupe-tls".into())
+        .spawn(move || {
+            let mut last_full = Instant::now();
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(NEW_PROCESS_POLL);
+                let now = Instant::now();
+                let full = now.duration_since(last_full) >= FULL_RESCAN;
+                if full {
+                    last_full = now;
+                }
+                let pids = discover::pids();
+                let mut alive = HashMap::with_capacity(pids.len());
+                for pid in pids {
+                    let entry = match seen.get(&pid) {
+                        None => {
+                            attacher.scan(pid);
+                            (now, false)
+                        }
+                        Some(&(first, looked_again)) => {
+                            if full || (!looked_again && now.duration_since(first) >= SECOND_LOOK)
+                            {
+                                attacher.scan(pid);
+                                (first, true)
+                            } else {
+                                (first, looked_again)
+                            }
+                        }
+                    };
+                    alive.insert(pid, entry);
+                }
+                seen = alive;
+            }
+        })
+        .expect("spawning a thread");
+    TlsWatch {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+struct Attacher {
+    ebpf: Arc<Mutex<Ebpf>>,
+    stats: Arc<TlsStats>,
+    /// Every file looked at, probed or not: each is examined once.
+    examined: HashMap<FileId, ()>,
+    own_pid: u32,
+}
+
+impl Attacher {
+    fn scan(&mut self, pid: u32) {
+        if pid == self.own_pid {
+            return;
+        }
+        for c in discover::candidates(pid) {
+            if self.examined.insert(c.id, ()).is_some() {
+                continue;
+            }
+            self.examine(pid, &c);
+        }
+    }
+
+    fn examine(&mut self, pid: u32, c: &Candidate) {
+        let target = match elf::examine(&c.open_path) {
+            Ok(t) => t,
+            // Not an ELF file (a script's interpreter is the exe), or gone already.
+            Err(_) => return,
+        };
+        let result = match &target {
+            Target::None => return,
+            Target::GoUnsupported(version) => {
+                self.stats.go_unsupported.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "TLS: {} (pid {pid}) is built with {version}; Loupe reads Go 1.17+ (register ABI): its TLS is counted, not traced",
+                    c.shown_path
+                );
+                return;
+            }
+            Target::OpenSsl(o) => self.attach_openssl(&c.open_path, o).map(|()| {
+                self.stats.openssl_files.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("TLS: OpenSSL probed in {} (pid {pid})", c.shown_path);
+            }),
+            Target::Go(g) => self.attach_go(&c.open_path, g).map(|()| {
+                self.stats.go_files.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    "TLS: Go {} crypto/tls probed in {} (pid {pid}, {} return points)",
+                    g.version,
+                    c.shown_path,
+                    g.read_returns.len()
+                );
+            }),
+        };
+        if let Err(err) = result {
+            self.stats.attach_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                "TLS: cannot probe {} (pid {pid}): {err:#}; its encrypted connections are counted, not traced",
+                c.shown_path
+            );
+        }
+    }
+
+    fn attach_openssl(&self, path: &Path, o: &elf::OpenSsl) -> anyhow::Result<()> {
+        let mut ebpf = self.lock()?;
+        let (Some(write), Some(read)) = (o.write, o.read) else {
+            anyhow::bail!("SSL_write or SSL_read is missing");
+        };
+        attach(&mut ebpf, "ssl_write", path, write)?;
+        attach(&mut ebpf, "ssl_read", path, read)?;
+        attach(&mut ebpf, "ssl_read_ret", path, read)?;
+        if let Some(w) = o.write_ex {
+            attach(&mut ebpf, "ssl_write", path, w)?;
+        }
+        if let Some(r) = o.read_ex {
+            attach(&mut ebpf, "ssl_read_ex", path, r)?;
+            attach(&mut ebpf, "ssl_read_ret", path, r)?;
+        }
+        Ok(())
+    }
+
+    fn attach_go(&self, path: &Path, g: &elf::GoTls) -> anyhow::Result<()> {
+        let mut ebpf = self.lock()?;
+        attach(&mut ebpf, "go_tls_write", path, g.write)?;
+        attach(&mut ebpf, "go_tls_read", path, g.read)?;
+        for &ret in &g.read_returns {
+            attach(&mut ebpf, "go_tls_read_ret", path, ret)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Ebpf>> {
+        self.ebpf
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the kernel object's lock is poisoned"))
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, program: &str, path: &Path, offset: u64) -> anyhow::Result<()> {
+    let p: &mut UProbe = ebpf
+        .program_mut(program)
+        .with_context(|| format!("kernel object has no program {program}"))?
+        .try_into()?;
+    p.attach(offset, path, UProbeScope::AllProcesses)
+        .with_context(|| format!("{program} at {offset:#x}"))?;
+    Ok(())
+}
