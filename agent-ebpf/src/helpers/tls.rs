@@ -79,7 +79,11 @@ pub fn inside_tls_call(
     } else {
         TLS_RECV
     };
-    if call.state != wanted {
+    // Inside a read, a send is the handshake or a key update of the same session: it names the
+    // socket too (a read's record is cleared at its return, so it is never stale). A write's
+    // record may outlive its call (Node.js sends after SSL_write returns): only a send counts.
+    let other_way = call.state == TLS_RECV && direction == DIR_SEND;
+    if call.state != wanted && !other_way {
         return false;
     }
     // Another goroutine's syscall on the thread the Go call started on.
@@ -101,6 +105,10 @@ pub fn inside_tls_call(
         }
     } else {
         bind(&key, sk, conn.generation);
+    }
+    if other_way {
+        // Ciphertext: dropped by the caller once the connection is hooked.
+        return false;
     }
     if call.state == TLS_SEND {
         call.state = TLS_IDLE;

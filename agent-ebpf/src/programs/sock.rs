@@ -122,10 +122,10 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     if inside_tls_call(&cfg, pid_tgid, sk, conn, direction) {
         return Ok(());
     }
-    if conn.protocol == PROTO_TLS && direction == DIR_RECV {
-        note_tls_recv(pid_tgid, sk, conn.generation);
-    }
     if conn.flags & FLAG_TLS != 0 {
+        if direction == DIR_RECV {
+            note_tls_recv(pid_tgid, sk, conn.generation);
+        }
         return Ok(());
     }
     if conn.status == STATUS_IGNORED {
@@ -165,6 +165,10 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
             forget(&conn.tuple);
         }
         return Ok(());
+    }
+    // Where a TLS read served without a syscall (Node's memory BIO) got its bytes from.
+    if conn.protocol == PROTO_TLS && direction == DIR_RECV {
+        note_tls_recv(pid_tgid, sk, conn.generation);
     }
     let (ctx_source, ctx) = if cfg.tcp_context != 0 {
         request_context(conn, direction, pid_tgid as u32)

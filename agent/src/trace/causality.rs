@@ -132,6 +132,12 @@ impl<'a> RequestView<'a> {
 /// request ordinal).
 type RequestKey = (SocketAddr, SocketAddr, u64);
 
+/// The ordinal slot of a connection joined mid-stream, where each side may have seen a different
+/// number of requests: only its latest CLIENT request waits there, and the callee takes it if it
+/// started no later (requests on one HTTP/1 connection follow each other, so the caller's latest
+/// request is the one the callee is reading).
+const JOINED: u64 = u64::MAX;
+
 pub struct Linker {
     ids: Box<dyn IdSource + Send>,
     /// (pid, tid) -> SERVER exchanges that thread is handling.
@@ -259,7 +265,11 @@ impl Linker {
     ) -> Identity {
         let joined = conn.midstream && !view.ordinals_absolute;
         let peer = if joined {
-            None
+            let key = (conn.remote, conn.local, JOINED);
+            match self.peers.get(&key) {
+                Some((_, started)) if *started <= st.ts_ns => self.peers.remove(&key),
+                _ => None,
+            }
         } else {
             self.peers.remove(&(conn.remote, conn.local, st.ordinal))
         };
@@ -375,10 +385,19 @@ impl Linker {
                 bump(&self.stats.tcp_context_mismatch);
             }
         }
-        let key = (conn.local, conn.remote, st.ordinal);
-        if (conn.midstream && !view.ordinals_absolute) || !view.pairs_with_peer {
+        if !view.pairs_with_peer {
             return identity;
         }
+        if conn.midstream && !view.ordinals_absolute {
+            if self.peers.len() < MAX_PEERS {
+                self.peers.insert(
+                    (conn.local, conn.remote, JOINED),
+                    (identity.clone(), st.ts_ns),
+                );
+            }
+            return identity;
+        }
+        let key = (conn.local, conn.remote, st.ordinal);
         if let Some(orphan) = self.orphans.remove(&key) {
             self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
         } else if self.peers.len() < MAX_PEERS {
@@ -622,6 +641,32 @@ mod tests {
         let sa = l.server_start(&svc, &head("GET /a HTTP/1.1\r\n\r\n"), st(2, 0), None);
         assert_eq!(sa.parent_span_id, Some(a.span_id));
         assert_eq!(sb.parent_span_id, Some(b.span_id));
+    }
+
+    #[test]
+    fn a_connection_joined_mid_stream_pairs_the_callers_latest_request() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let at = |tid, ordinal, ts_ns| RequestStart {
+            tid,
+            ts_ns,
+            ordinal,
+        };
+        let mut up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let mut svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        up.midstream = true;
+        svc.midstream = true;
+        // The caller's side saw one request more than the callee's (its ordinals are ahead).
+        let _lost = l.client_start(&up, &head("GET /a HTTP/1.1\r\n\r\n"), at(1, 0, 10), None);
+        let b = l.client_start(&up, &head("GET /b HTTP/1.1\r\n\r\n"), at(1, 1, 20), None);
+        let sb = l.server_start(&svc, &head("GET /b HTTP/1.1\r\n\r\n"), at(2, 0, 21), None);
+        assert_eq!(sb.parent_span_id, Some(b.span_id));
+        // A request the caller was never seen making is not given the previous one's span.
+        let sc = l.server_start(&svc, &head("GET /c HTTP/1.1\r\n\r\n"), at(2, 1, 30), None);
+        assert_eq!(sc.parent_span_id, None);
+        // Nor is one the callee started before the caller's request (another connection's).
+        let _d = l.client_start(&up, &head("GET /d HTTP/1.1\r\n\r\n"), at(1, 2, 50), None);
+        let se = l.server_start(&svc, &head("GET /e HTTP/1.1\r\n\r\n"), at(2, 2, 40), None);
+        assert_eq!(se.parent_span_id, None);
     }
 
     #[test]

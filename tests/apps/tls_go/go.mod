@@ -1,0 +1,3 @@
+module loupe.test/tlsgo
+
+go 1.19
