@@ -17,6 +17,11 @@ command -v capsh >/dev/null 2>&1 || [ -x /usr/sbin/capsh ] || need_apt+=(libcap2
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15 postgresql-client-15)
 [ -x /usr/sbin/mariadbd ] || need_apt+=(mariadb-server mariadb-client)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server redis-tools)
+# TLS peers: the openssl CLI makes the tests' certificates; Go builds the crypto/tls test program
+# (stdlib only, offline); the JDK (already on these machines) runs a JSSE client.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
+command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -20,8 +20,15 @@ pub const PROTO_TLS: u8 = 6;
 pub const PROTO_COUNT: usize = 7;
 
 /// Metric label / attribute value of each id (`PROTO_NAMES[id]`).
-pub const PROTO_NAMES: [&str; PROTO_COUNT] =
-    ["unknown", "http1", "http2", "postgresql", "mysql", "redis", "tls"];
+pub const PROTO_NAMES: [&str; PROTO_COUNT] = [
+    "unknown",
+    "http1",
+    "http2",
+    "postgresql",
+    "mysql",
+    "redis",
+    "tls",
+];
 
 // Every id has a bit in the u32 `LoupeConfig::protocols` mask.
 const _: () = assert!(PROTO_COUNT <= 32);

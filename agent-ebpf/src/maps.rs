@@ -117,8 +117,7 @@ pub static GO_READS: LruHashMap<ProcessKey, TlsCall> = LruHashMap::with_max_entr
 /// (tgid, TLS session) -> its socket, learnt from the first syscall inside one of its calls.
 /// LRU: sessions freed while the agent was not looking must not leak.
 #[map]
-pub static TLS_SOCKETS: LruHashMap<ProcessKey, TlsSocket> =
-    LruHashMap::with_max_entries(65536, 0);
+pub static TLS_SOCKETS: LruHashMap<ProcessKey, TlsSocket> = LruHashMap::with_max_entries(65536, 0);
 
 /// pid_tgid -> the TLS socket the thread last received on: where a read answered from the
 /// library's buffer (or a memory BIO, as in Node.js) came from.

@@ -562,14 +562,60 @@ pub fn venv_bin(name: &str) -> String {
 
 /// nginx with its own prefix and configuration, answering fixed bodies.
 pub fn nginx(cg: &TestCgroup, dir: &std::path::Path) -> Server {
+    nginx_with(cg, dir, None)
+}
+
+/// A self-signed certificate and key for 127.0.0.1 / localhost, made with the openssl CLI.
+pub fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// nginx answering HTTPS with a certificate made by `self_signed`.
+pub fn nginx_tls(cg: &TestCgroup, dir: &std::path::Path) -> Server {
+    let (cert, key) = self_signed(dir);
+    nginx_with(cg, dir, Some((cert, key)))
+}
+
+fn nginx_with(cg: &TestCgroup, dir: &std::path::Path, tls: Option<(PathBuf, PathBuf)>) -> Server {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let listen = match &tls {
+        Some((cert, key)) => format!(
+            "{addr} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {}",
+            cert.display(),
+            key.display()
+        ),
+        None => addr.to_string(),
+    };
     let conf = format!(
         "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen {addr};\n    location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n\
+           server {{\n    listen {listen};\n    location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n\
              location / {{ return 404; }}\n  }}\n}}\n",
         d = dir.display()
     );

@@ -3,8 +3,8 @@
 
 use agent_common::{
     conn::{ConnState, ConnTuple, ROLE_CLIENT, ROLE_SERVER},
-    event::DIR_SEND,
     context::{CTX_KERNEL, CTX_LOCAL, CTX_NONE, CTX_OPTION, TcpContext},
+    event::DIR_SEND,
 };
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 

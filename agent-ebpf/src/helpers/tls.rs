@@ -154,11 +154,7 @@ pub fn finish_read(
         tgid: pid_tgid >> 32,
         id: session,
     };
-    let found = if own.sk != 0 {
-        live(own)
-    } else {
-        None
-    };
+    let found = if own.sk != 0 { live(own) } else { None };
     let found = match found {
         Some(f) => Some(f),
         None => match session_socket(&key) {

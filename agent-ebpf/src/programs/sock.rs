@@ -11,9 +11,8 @@ use agent_common::{
     context::{CTX_NONE, TcpContext},
     counters,
     event::{
-        CLOSE_EVENT_SIZE, CloseEvent, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION,
-        EventHeader, FLAG_MIDSTREAM, FLAG_TLS, FLAG_TRUNCATED, KIND_CLOSE, KIND_DATA,
-        MAX_PAYLOAD,
+        CLOSE_EVENT_SIZE, CloseEvent, DIR_RECV, DIR_SEND, EVENT_VERSION, EventHeader,
+        FLAG_MIDSTREAM, FLAG_TLS, FLAG_TRUNCATED, KIND_CLOSE, MAX_PAYLOAD,
     },
     protocol::PROTO_TLS,
 };

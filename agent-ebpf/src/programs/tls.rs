@@ -215,7 +215,7 @@ pub fn go_tls_read(ctx: ProbeContext) -> u32 {
         tgid: pid_tgid >> 32,
         id: goroutine,
     };
-    if GO_READS.insert(&key, &call, 0).is_err() {
+    if GO_READS.insert(key, call, 0).is_err() {
         count(agent_common::counters::ARGS_MAP_FULL);
     }
     record(pid_tgid, call);
@@ -233,10 +233,10 @@ pub fn go_tls_read_ret(ctx: ProbeContext) -> u32 {
         id: goroutine,
     };
     // SAFETY: map lookup of a plain key; the value is copied out before the delete.
-    let Some(call) = (unsafe { GO_READS.get(&key) }).copied() else {
+    let Some(call) = (unsafe { GO_READS.get(key) }).copied() else {
         return 0;
     };
-    let _ = GO_READS.remove(&key);
+    let _ = GO_READS.remove(key);
     if let Some(entry) = TLS_CALLS.get_ptr_mut(pid_tgid) {
         // SAFETY: pointer from a successful lookup; only this thread writes its entry.
         let entry = unsafe { &mut *entry };

@@ -272,7 +272,6 @@ impl Probe {
             .with_context(|| format!("the {what} was already taken"))
     }
 
-
     /// The ring buffer of events; can be taken once.
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
         let map = self.take(maps::EVENTS, "events ring buffer")?;
@@ -303,34 +302,33 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
 }
 
 fn fill_filters(ebpf: &mut Ebpf, opts: &LoadOptions) -> anyhow::Result<()> {
-        if let Some(sel) = &opts.processes {
-            let mut pids: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::PID_FILTER)?)?;
-            for pid in &sel.roots {
-                pids.insert(pid, PID_SELECTED, 0)?;
-            }
-            for pid in &sel.descendants {
-                pids.insert(pid, PID_DESCENDANT, 0)?;
-            }
-            let mut names: HashMap<_, [u8; 16], u8> =
-                HashMap::try_from(map_mut(ebpf, maps::EXE_FILTER)?)?;
-            for name in &sel.exec_names {
-                names.insert(name, 1, 0)?;
-            }
+    if let Some(sel) = &opts.processes {
+        let mut pids: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::PID_FILTER)?)?;
+        for pid in &sel.roots {
+            pids.insert(pid, PID_SELECTED, 0)?;
         }
-        let mut ports: HashMap<_, u16, u8> = HashMap::try_from(map_mut(ebpf, maps::PORT_FILTER)?)?;
-        for port in &opts.ports {
-            ports.insert(port, 1, 0)?;
+        for pid in &sel.descendants {
+            pids.insert(pid, PID_DESCENDANT, 0)?;
         }
-        let mut cgroups: HashMap<_, u64, u8> =
-            HashMap::try_from(map_mut(ebpf, maps::CGROUP_FILTER)?)?;
-        for id in &opts.cgroups {
-            cgroups.insert(id, 1, 0)?;
+        let mut names: HashMap<_, [u8; 16], u8> =
+            HashMap::try_from(map_mut(ebpf, maps::EXE_FILTER)?)?;
+        for name in &sel.exec_names {
+            names.insert(name, 1, 0)?;
         }
-        let mut netns: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::NETNS_FILTER)?)?;
-        for ino in &opts.netns {
-            netns.insert(ino, 1, 0)?;
-        }
-        Ok(())
+    }
+    let mut ports: HashMap<_, u16, u8> = HashMap::try_from(map_mut(ebpf, maps::PORT_FILTER)?)?;
+    for port in &opts.ports {
+        ports.insert(port, 1, 0)?;
+    }
+    let mut cgroups: HashMap<_, u64, u8> = HashMap::try_from(map_mut(ebpf, maps::CGROUP_FILTER)?)?;
+    for id in &opts.cgroups {
+        cgroups.insert(id, 1, 0)?;
+    }
+    let mut netns: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::NETNS_FILTER)?)?;
+    for ino in &opts.netns {
+        netns.insert(ino, 1, 0)?;
+    }
+    Ok(())
 }
 
 fn load_tls(ebpf: &mut Ebpf) -> anyhow::Result<()> {

@@ -77,7 +77,8 @@ pub fn client_hello_server_name(record: &[u8]) -> Option<String> {
                 let s = std::str::from_utf8(name).ok()?;
                 let valid = !s.is_empty()
                     && s.len() <= 253
-                    && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"-._".contains(&c));
+                    && s.bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || b"-._".contains(&c));
                 return valid.then(|| s.to_ascii_lowercase());
             }
         }

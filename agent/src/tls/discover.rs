@@ -70,7 +70,8 @@ pub struct Mapping<'a> {
 pub fn parse_maps(maps: &str) -> impl Iterator<Item = Mapping<'_>> {
     maps.lines().filter_map(|line| {
         let mut f = line.split_whitespace();
-        let (_range, _perms, _off, dev, ino) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let (_range, _perms, _off, dev, ino) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
         let path = f.next()?;
         if !path.starts_with('/') {
             return None;

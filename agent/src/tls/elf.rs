@@ -54,8 +54,9 @@ pub fn examine_bytes(data: &[u8]) -> anyhow::Result<Target> {
         return go(&file, data, version);
     }
     let mut found = OpenSsl::default();
-    // Exported (dynamic) symbols first: a static OpenSSL is usable only where it is exported,
-    // an internal copy may be a different library under the same names.
+    // Exported (dynamic) symbols first, then the static symbol table: an executable that links
+    // OpenSSL in without exporting it (cargo does) still names its functions there. BoringSSL
+    // keeps OpenSSL's names and signatures for these four, so it is probed the same way.
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         if !sym.is_definition() || sym.address() == 0 {
             continue;
@@ -223,11 +224,14 @@ mod tests {
 
     #[test]
     fn the_system_libssl_offers_the_openssl_entry_points() {
-        let path = ["/usr/lib/x86_64-linux-gnu/libssl.so.3", "/usr/lib/aarch64-linux-gnu/libssl.so.3"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| p.exists())
-            .expect("Debian's libssl3, which curl and python3 need, is on every test machine");
+        let path = [
+            "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+            "/usr/lib/aarch64-linux-gnu/libssl.so.3",
+        ]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("Debian's libssl3, which curl and python3 need, is on every test machine");
         match examine(path).unwrap() {
             Target::OpenSsl(o) => {
                 assert!(o.write.is_some() && o.read.is_some() && o.read_ex.is_some());

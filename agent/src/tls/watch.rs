@@ -83,8 +83,7 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>) -> TlsWatch {
                             (now, false)
                         }
                         Some(&(first, looked_again)) => {
-                            if full || (!looked_again && now.duration_since(first) >= SECOND_LOOK)
-                            {
+                            if full || (!looked_again && now.duration_since(first) >= SECOND_LOOK) {
                                 attacher.scan(pid);
                                 (first, true)
                             } else {

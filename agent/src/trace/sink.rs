@@ -20,8 +20,7 @@ use crate::{
     export::{ExportStats, offer},
     pipeline::Sink,
     protocol::{
-        PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, db,
-        PROTO_TLS_ID as PROTO_TLS,
+        PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, PROTO_TLS_ID as PROTO_TLS, db,
         detect::{DetectStats, Detection, Verdict},
         http2::{self, session::Session as Http2Session},
         sql,
