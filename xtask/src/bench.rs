@@ -116,15 +116,35 @@ fn ensure_tools(root: &Path) -> anyhow::Result<()> {
     run(Command::new("bash").arg(root.join("tests/setup.sh")))
 }
 
-fn nginx(dir: &Path) -> anyhow::Result<Workload> {
+/// nginx answering a fixed body; over TLS (a self-signed certificate made here) when `tls`.
+fn nginx(dir: &Path, tls: bool) -> anyhow::Result<Workload> {
     let port = free_port();
     std::fs::create_dir_all(dir.join("logs"))?;
+    let listen = if tls {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        run(Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null()))?;
+        format!(
+            "127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {}",
+            cert.display(),
+            key.display()
+        )
+    } else {
+        format!("127.0.0.1:{port}")
+    };
     let conf = format!(
         "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
            proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n\
-           scgi_temp_path {d}/scgi;\n  server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
+           scgi_temp_path {d}/scgi;\n  server {{\n    listen {listen};\n    location / {{ return 200 \"ok\\n\"; }}\n  }}\n}}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
@@ -140,9 +160,14 @@ fn nginx(dir: &Path) -> anyhow::Result<Workload> {
         .spawn()
         .context("starting nginx")?;
     wait_port(port)?;
+    let (name, scheme) = if tls {
+        ("nginx over TLS (uprobes on libssl), tiny response", "https")
+    } else {
+        ("nginx, tiny response", "http")
+    };
     Ok(Workload {
-        name: "nginx, tiny response",
-        url: format!("http://127.0.0.1:{port}/"),
+        name,
+        url: format!("{scheme}://127.0.0.1:{port}/"),
         pids: process_tree(child.id()),
         _server: Guard(child),
     })
@@ -192,6 +217,10 @@ fn oha(url: &str, seconds: u64, connections: usize, rate: Option<f64>) -> anyhow
         &format!("{seconds}s"),
     ])
     .args(["-c", &connections.to_string()]);
+    if url.starts_with("https:") {
+        // The benchmark's own self-signed certificate.
+        cmd.arg("--insecure");
+    }
     if let Some(q) = rate {
         cmd.args(["-q", &format!("{q:.0}")]);
     }
@@ -764,7 +793,11 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .status();
     let dir: PathBuf = root.join("target/bench");
     let _ = std::fs::remove_dir_all(&dir);
-    let workloads = [nginx(&dir.join("nginx"))?, python(root)?];
+    let workloads = [
+        nginx(&dir.join("nginx"), false)?,
+        nginx(&dir.join("nginx-tls"), true)?,
+        python(root)?,
+    ];
     let mut report = String::new();
     for w in &workloads {
         let pids: &[u32] = if opts.trace_load_generator {
