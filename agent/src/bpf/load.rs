@@ -457,7 +457,7 @@ fn needs(tcp_context: bool) -> Vec<Need> {
         Need {
             bit: CAP_SYS_PTRACE,
             name: "CAP_SYS_PTRACE",
-            why: "read other processes' executables and environments (service names)",
+            why: "read other processes' executables and environments (service names) and their TLS libraries (uprobes)",
             required: false,
         },
     ];

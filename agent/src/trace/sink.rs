@@ -187,12 +187,14 @@ impl TraceSink {
     /// The first plaintext of a TLS connection: its ciphertext side has nothing more to say.
     fn tls_hooked(&mut self, conn: &ConnInfo) {
         self.tls.hooked_connections.fetch_add(1, Ordering::Relaxed);
-        if let Some(t) = self.conns.get_mut(&conn.key.ciphertext())
-            && let Proto::Tls(w) = &t.proto
-        {
-            self.tls
-                .missed_records
-                .fetch_add(w.application_records as u64, Ordering::Relaxed);
+        // The ciphertext key may also have been taken for its cleartext prologue (PostgreSQL's
+        // SSLRequest): either way its bytes from here are the plaintext key's.
+        if let Some(t) = self.conns.get_mut(&conn.key.ciphertext()) {
+            if let Proto::Tls(w) = &t.proto {
+                self.tls
+                    .missed_records
+                    .fetch_add(w.application_records as u64, Ordering::Relaxed);
+            }
             t.proto = Proto::Ignored;
         }
     }
@@ -828,5 +830,122 @@ mod tests {
         let (spans, _) = one_get(Role::Server, true);
         assert_eq!(spans.len(), 1, "databases: server_spans: true");
         assert_eq!(spans[0].kind, SpanKind::Server);
+    }
+
+    fn sink() -> (TraceSink, mpsc::Receiver<SpanRecord>) {
+        let (tx, rx) = mpsc::channel(16);
+        let sink = TraceSink::new(
+            tx,
+            Arc::new(ExportStats::default()),
+            Redaction::default(),
+            1_000_000_000,
+            crate::process::ProcessCache::shared(Vec::new(), true),
+        );
+        (sink, rx)
+    }
+
+    fn tls_conn(plaintext: bool) -> ConnInfo {
+        let key = ConnKey {
+            sk: 7,
+            generation: 5,
+        };
+        ConnInfo {
+            key: if plaintext { key.plaintext() } else { key },
+            // No such process: its library is "unknown".
+            pid: u32::MAX - 1,
+            comm: "client".into(),
+            local: "127.0.0.1:50000".parse().unwrap(),
+            remote: "127.0.0.1:443".parse().unwrap(),
+            role: Role::Client,
+            protocol: agent_common::protocol::PROTO_TLS,
+            midstream: false,
+            tls: plaintext,
+        }
+    }
+
+    fn push(sink: &mut TraceSink, conn: &ConnInfo, dir: Direction, ts: u64, b: &'static [u8]) {
+        let ev = DataEvent {
+            ts_ns: ts,
+            direction: dir,
+            tls: conn.tls,
+            ..DataEvent::for_tests(conn.key)
+        };
+        sink.data(
+            conn,
+            &ev,
+            dir,
+            vec![Segment::Data(bytes::Bytes::from_static(b))],
+        );
+    }
+
+    #[test]
+    fn tls_plaintext_is_parsed_as_its_protocol_and_the_ciphertext_dropped() {
+        let (mut sink, mut rx) = sink();
+        let (cipher, plain) = (tls_conn(false), tls_conn(true));
+        push(
+            &mut sink,
+            &cipher,
+            Direction::Send,
+            1,
+            b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",
+        );
+        push(
+            &mut sink,
+            &plain,
+            Direction::Send,
+            2,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        push(
+            &mut sink,
+            &plain,
+            Direction::Recv,
+            3,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        let span = rx.try_recv().expect("a span from the plaintext");
+        let scheme = span
+            .attributes
+            .iter()
+            .find(|(k, _)| *k == "url.scheme")
+            .and_then(|(_, v)| v.as_str());
+        assert_eq!(scheme, Some("https"));
+        assert_eq!(sink.tls.hooked_connections.load(Ordering::Relaxed), 1);
+        // Late ciphertext of the same connection is neither parsed nor counted as unhooked.
+        for ts in 4..8 {
+            push(
+                &mut sink,
+                &cipher,
+                Direction::Recv,
+                ts,
+                b"\x17\x03\x03\x00\x10",
+            );
+        }
+        assert!(rx.try_recv().is_err());
+        let unhooked: u64 = sink
+            .tls
+            .unhooked
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(unhooked, 0);
+    }
+
+    #[test]
+    fn tls_never_seen_in_plaintext_is_counted_unhooked_once() {
+        let (mut sink, _rx) = sink();
+        let cipher = tls_conn(false);
+        for ts in 1..6 {
+            push(
+                &mut sink,
+                &cipher,
+                Direction::Send,
+                ts,
+                b"\x17\x03\x03\x00\x10",
+            );
+        }
+        let unknown = crate::tls::UNHOOKED_LIBRARIES.len() - 1;
+        assert_eq!(sink.tls.unhooked[unknown].load(Ordering::Relaxed), 1);
+        assert_eq!(sink.tls.hooked_connections.load(Ordering::Relaxed), 0);
     }
 }
