@@ -349,26 +349,41 @@ fn assert_rates(rows: &[(&'static str, &'static str, Tally)], min: f64, label: &
 
 #[test]
 fn uninstrumented_chains_come_out_as_whole_traces() {
-    scenario(false);
+    scenario(false, false);
+}
+
+/// The same on a node that was already running: the services have served requests, and nginx's
+/// upstream pool and Node.js's agent hold keep-alive connections, before the agent starts.
+#[test]
+fn uninstrumented_chains_come_out_whole_on_a_node_already_running() {
+    scenario(false, true);
 }
 
 /// The same with the kernel picking ids per request (`--tcp-context`): on one node the agent's
 /// own linking and the kernel's ids must agree.
 #[test]
 fn uninstrumented_chains_come_out_whole_with_tcp_context_on() {
-    scenario(true);
+    scenario(true, false);
 }
 
 /// The scenarios share two cores: one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn scenario(tcp_context: bool) {
+fn scenario(tcp_context: bool, warm_before_agent: bool) {
     if !privileged() {
         return;
     }
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let cg = TestCgroup::new(if tcp_context { "chain-tc" } else { "chain" });
+    let cg = TestCgroup::new(match (tcp_context, warm_before_agent) {
+        (true, _) => "chain-tc",
+        (false, true) => "chain-warm",
+        (false, false) => "chain",
+    });
     let topo = topology(&cg);
+    if warm_before_agent {
+        // Ids outside every evaluated range; 16 threads so that nginx's pool fills.
+        drive(&cg, topo.front, 16, 3, 900_000);
+    }
     let receiver = Receiver::start();
     let ep = format!("http://{}", receiver.grpc);
     let mut args = vec![
@@ -420,7 +435,11 @@ fn scenario(tcp_context: bool) {
         &spans,
         PARALLEL.2..PARALLEL.2 + (PARALLEL.0 * PARALLEL.1) as u64,
     );
-    let mode = if tcp_context { ", --tcp-context" } else { "" };
+    let mode = match (tcp_context, warm_before_agent) {
+        (true, _) => ", --tcp-context",
+        (false, true) => ", connections opened before the agent",
+        (false, false) => "",
+    };
     report(&format!("concurrency 1{mode}"), &serial);
     report(&format!("concurrency 16{mode}"), &parallel);
     if let Some(line) = log.lines().rev().find(|l| l.contains("events=")) {

@@ -461,3 +461,84 @@ fn plain_http2_between_curl_and_nginx_is_http_with_version_2() {
         );
     }
 }
+
+/// The handler runs on a pool thread that was not created for the request: its outgoing call is
+/// linked to the SERVER span only when the process is handling that one request. Measured at
+/// concurrency 1 (every call linked) and 8 (linked only when unambiguous; never to a request
+/// that was not in flight).
+#[test]
+fn handler_calls_from_the_pool_link_at_concurrency_1_and_are_never_guessed_at_8() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("grpc-load");
+    let s = services(&cg);
+    let receiver = Receiver::start();
+    let ep = format!("http://{}", receiver.grpc);
+    let agent = Agent::spawn(
+        &[
+            "--cgroup",
+            &cg.dir,
+            "--otlp-endpoint",
+            &ep,
+            "--otlp-protocol",
+            "grpc",
+        ],
+        &[],
+    );
+    let load = tests_dir().join("apps/grpc_load.py");
+    let target = s.grpc.addr.to_string();
+    let n = 40;
+    for (prefix, c) in [("one", "1"), ("eight", "8")] {
+        let out = cg.run(
+            &venv_bin("python"),
+            &[load.to_str().unwrap(), &target, prefix, &n.to_string(), c],
+        );
+        assert!(out.contains("done"), "{out}");
+    }
+    // Per call: client and server Get spans, and the handler's leaf call with the leaf's span.
+    receiver.wait_for(Duration::from_secs(30), |spans| spans.len() >= 2 * n * 4);
+    let (_, log) = agent.stop_raw();
+    let spans = receiver.spans();
+    let server = s.grpc.child.id();
+    let gets: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|x| pid(x) == server && x.kind == SERVER && x.name == "shop.v1.Orders/Get")
+        .collect();
+    let mut report = String::new();
+    for prefix in ["one", "eight"] {
+        let calls: Vec<&ReceivedSpan> = spans
+            .iter()
+            .filter(|x| {
+                pid(x) == server
+                    && x.kind == CLIENT
+                    && x.attr("url.path")
+                        .is_some_and(|p| p.starts_with(&format!("/stock/{prefix}")))
+            })
+            .collect();
+        assert_eq!(calls.len(), n, "{log}\n{}", dump(&spans));
+        let (mut linked, mut wrong) = (0, 0);
+        for call in &calls {
+            let Some(parent) = gets.iter().find(|g| g.span_id == call.parent_span_id) else {
+                assert!(call.parent_span_id.is_empty(), "a parent that is no Get span");
+                continue;
+            };
+            // The parent must have been in flight around the call.
+            if parent.start_unix_ns <= call.start_unix_ns && call.end_unix_ns <= parent.end_unix_ns
+            {
+                linked += 1;
+            } else {
+                wrong += 1;
+            }
+        }
+        report.push_str(&format!(
+            "{prefix}: {linked}/{n} handler calls linked, {} orphans, {wrong} wrong\n",
+            n - linked - wrong
+        ));
+        assert_eq!(wrong, 0, "{report}");
+        if prefix == "one" {
+            assert_eq!(linked, n, "{report}");
+        }
+    }
+    eprintln!("gRPC handler links by concurrency:\n{report}");
+}
