@@ -520,7 +520,10 @@ fn handler_calls_from_the_pool_link_at_concurrency_1_and_are_never_guessed_at_8(
         let (mut linked, mut wrong) = (0, 0);
         for call in &calls {
             let Some(parent) = gets.iter().find(|g| g.span_id == call.parent_span_id) else {
-                assert!(call.parent_span_id.is_empty(), "a parent that is no Get span");
+                assert!(
+                    call.parent_span_id.is_empty(),
+                    "a parent that is no Get span"
+                );
                 continue;
             };
             // The parent must have been in flight around the call.
