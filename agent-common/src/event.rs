@@ -5,11 +5,12 @@
 use crate::conn::ConnTuple;
 
 /// Bumped whenever a record's layout changes.
-pub const EVENT_VERSION: u16 = 2;
+pub const EVENT_VERSION: u16 = 3;
 
 pub const KIND_DATA: u16 = 1;
 pub const KIND_CLOSE: u16 = 2;
 pub const KIND_FORK: u16 = 3;
+pub const KIND_HANDOFF: u16 = 4;
 
 /// Largest payload prefix one event can carry. The runtime cap (`LoupeConfig::capture_bytes`) is
 /// at most this. A power of two: the kernel side bounds offsets by masking with `MAX_PAYLOAD - 1`.
@@ -76,9 +77,13 @@ pub struct DataEvent {
     pub ctx_source: u8,
     pub _pad: [u8; 2],
     pub ctx: crate::context::TcpContext,
+    /// The user register where Go keeps the running goroutine (`g`: r14 on amd64, x28 on
+    /// arm64), as saved at the syscall or probe. Meaningful for Go programs only: the agent
+    /// uses it in place of the thread id for them (goroutines move between threads).
+    pub goroutine: u64,
 }
 pub const DATA_EVENT_SIZE: usize = core::mem::size_of::<DataEvent>();
-const _: () = assert!(DATA_EVENT_SIZE == 144);
+const _: () = assert!(DATA_EVENT_SIZE == 152);
 
 /// The connection reached TCP_CLOSE.
 #[repr(C)]
@@ -108,3 +113,16 @@ pub struct ForkEvent {
 }
 pub const FORK_EVENT_SIZE: usize = core::mem::size_of::<ForkEvent>();
 const _: () = assert!(FORK_EVENT_SIZE == 32);
+
+/// A Go program handed an HTTP request from the goroutine that made it (`to`, in
+/// `net/http.(*persistConn).roundTrip`) to the connection's writer goroutine (`from`, in
+/// `net/http.(*Request).write`): the writer's next socket writes are the caller's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandoffEvent {
+    pub header: EventHeader,
+    pub from: u64,
+    pub to: u64,
+}
+pub const HANDOFF_EVENT_SIZE: usize = core::mem::size_of::<HandoffEvent>();
+const _: () = assert!(HANDOFF_EVENT_SIZE == 40);

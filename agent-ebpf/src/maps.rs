@@ -123,3 +123,8 @@ pub static TLS_SOCKETS: LruHashMap<ProcessKey, TlsSocket> = LruHashMap::with_max
 /// library's buffer (or a memory BIO, as in Node.js) came from.
 #[map]
 pub static TLS_LAST_RECV: LruHashMap<u64, TlsSocket> = LruHashMap::with_max_entries(16384, 0);
+
+/// (tgid, *http.Request) -> the goroutine that called `(*persistConn).roundTrip` with it, until
+/// the connection's writer goroutine writes it (programs/go_http.rs).
+#[map]
+pub static GO_ROUND_TRIPS: LruHashMap<ProcessKey, u64> = LruHashMap::with_max_entries(16384, 0);

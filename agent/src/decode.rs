@@ -8,8 +8,8 @@ use agent_common::{
     context::{CTX_KERNEL, CTX_LOCAL, CTX_OPTION},
     event::{
         CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
-        FLAG_NO_PAYLOAD, FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, KIND_CLOSE, KIND_DATA,
-        KIND_FORK, MAX_PAYLOAD,
+        FLAG_NO_PAYLOAD, FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE,
+        KIND_DATA, KIND_FORK, KIND_HANDOFF, MAX_PAYLOAD,
     },
 };
 use bytes::Bytes;
@@ -134,6 +134,9 @@ pub struct DataEvent {
     pub midstream: bool,
     /// TLS plaintext from the library probes (`conn` is then the plaintext key).
     pub tls: bool,
+    /// Go's goroutine register at the syscall (`agent_common::event::DataEvent::goroutine`);
+    /// meaningless for other programs.
+    pub goroutine: u64,
     /// `--tcp-context`: the ids the kernel put this event's request under.
     pub context: Option<KernelContext>,
 }
@@ -161,6 +164,7 @@ impl DataEvent {
             no_payload: false,
             midstream: false,
             tls: false,
+            goroutine: 0,
             context: None,
         }
     }
@@ -259,11 +263,20 @@ pub struct ForkEvent {
     pub child_tid: u32,
 }
 
+/// In Go program `pid`, the writer goroutine `from` now writes a request for goroutine `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandoffEvent {
+    pub pid: u32,
+    pub from: u64,
+    pub to: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Data(DataEvent),
     Close(CloseEvent),
     Fork(ForkEvent),
+    Handoff(HandoffEvent),
 }
 
 /// A little cursor over native-endian fields; every read is checked.
@@ -362,6 +375,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         KIND_DATA => (DATA_EVENT_SIZE, KIND_DATA),
         KIND_CLOSE => (CLOSE_EVENT_SIZE, KIND_CLOSE),
         KIND_FORK => (FORK_EVENT_SIZE, KIND_FORK),
+        KIND_HANDOFF => (HANDOFF_EVENT_SIZE, KIND_HANDOFF),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if buf.len() < need {
@@ -379,6 +393,13 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     }
     let pid = (h.pid_tgid >> 32) as u32;
     let tid = h.pid_tgid as u32;
+    if kind == KIND_HANDOFF {
+        return Ok(Event::Handoff(HandoffEvent {
+            pid,
+            from: f.u64(),
+            to: f.u64(),
+        }));
+    }
     if kind == KIND_FORK {
         return Ok(Event::Fork(ForkEvent {
             ts_ns: h.ts_ns,
@@ -422,6 +443,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     let ctx_trace: [u8; 16] = f.take();
     let ctx_span: [u8; 8] = f.take();
     let context = KernelContext::from_wire(ctx_source, ctx_trace, ctx_span);
+    let goroutine = f.u64();
     if captured > bytes as usize || captured > MAX_PAYLOAD || need + captured != h.len {
         return Err(DecodeError::Payload {
             captured,
@@ -456,6 +478,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         no_payload: flags & FLAG_NO_PAYLOAD != 0,
         midstream: flags & FLAG_MIDSTREAM != 0,
         tls: flags & FLAG_TLS != 0,
+        goroutine,
         context,
     }))
 }
@@ -518,10 +541,34 @@ pub(crate) mod tests {
             ctx_source: 0,
             _pad: [0; 2],
             ctx: Default::default(),
+            goroutine: 0x00c0_0000_61a0,
         };
         let mut out = as_bytes(&ev).to_vec();
         out.extend_from_slice(payload);
         out
+    }
+
+    #[test]
+    fn decodes_a_handoff_record() {
+        let ev = wire::HandoffEvent {
+            header: wire::EventHeader {
+                kind: KIND_HANDOFF,
+                version: EVENT_VERSION,
+                len: HANDOFF_EVENT_SIZE as u32,
+                ts_ns: 5,
+                pid_tgid: (42 << 32) | 44,
+            },
+            from: 0x00c0_0000_0100,
+            to: 0x00c0_0000_0900,
+        };
+        assert_eq!(
+            decode(as_bytes(&ev)).unwrap(),
+            Event::Handoff(HandoffEvent {
+                pid: 42,
+                from: 0x00c0_0000_0100,
+                to: 0x00c0_0000_0900
+            })
+        );
     }
 
     #[test]
@@ -531,6 +578,7 @@ pub(crate) mod tests {
             panic!("not data")
         };
         assert_eq!((ev.pid, ev.tid), (42, 43));
+        assert_eq!(ev.goroutine, 0x00c0_0000_61a0);
         assert_eq!(ev.comm.as_str(), "server");
         assert_eq!(ev.local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(ev.remote, "127.0.0.2:40000".parse().unwrap());

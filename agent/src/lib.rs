@@ -13,6 +13,7 @@ pub mod decode;
 pub mod drop_warnings;
 pub mod export;
 pub mod fuzzing;
+pub mod goroutines;
 pub mod k8s;
 pub mod metrics;
 pub mod pipeline;

@@ -124,6 +124,8 @@ fn main() -> ExitCode {
 struct Capture {
     probe: Probe,
     tls: Arc<loupe::tls::TlsStats>,
+    /// Go programs (filled by the TLS watcher): their events are keyed by goroutine.
+    go_pids: loupe::tls::watch::GoPids,
     /// Keeps the TLS probes on new library files; stops when dropped.
     _tls_watch: Option<loupe::tls::watch::TlsWatch>,
     events: mpsc::Receiver<Event>,
@@ -166,9 +168,10 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     let ring = probe.take_events()?;
     let mut metrics = Metrics::new(Some(probe.take_counters()?));
     let tls = Arc::new(loupe::tls::TlsStats::default());
+    let go_pids = loupe::tls::watch::GoPids::default();
     let tls_watch = probe
         .tls_ready
-        .then(|| loupe::tls::watch::start(probe.handle(), tls.clone()));
+        .then(|| loupe::tls::watch::start(probe.handle(), tls.clone(), go_pids.clone()));
     metrics.tls = Some(tls.clone());
     let (stop, stop_rx) = watch::channel(false);
     let (tx, events) = mpsc::channel(65_536);
@@ -176,6 +179,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     Ok(Capture {
         probe,
         tls,
+        go_pids,
         _tls_watch: tls_watch,
         events,
         metrics,
@@ -277,6 +281,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
     let Capture {
         probe,
         tls: _,
+        go_pids,
         _tls_watch,
         events,
         metrics,
@@ -311,7 +316,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
             format,
             !show_secrets,
         );
-        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
+        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
     });
     shutdown.wait().await;
     let _ = stop.send(true);
@@ -352,6 +357,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     let Capture {
         mut probe,
         tls,
+        go_pids,
         _tls_watch,
         events,
         mut metrics,
@@ -412,7 +418,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     };
     let stats = metrics.user.clone();
     let consumer = tokio::spawn(async move {
-        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats).await;
+        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
         // Dropping the sink closes the export queue: the exporter flushes and ends.
         drop(sink);
     });

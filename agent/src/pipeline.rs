@@ -15,6 +15,7 @@ use crate::{
     clock,
     conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segment, TableStats},
     decode::{CloseEvent, DataEvent, Direction, Event},
+    goroutines::Goroutines,
 };
 
 /// Counters written by the userspace stages.
@@ -51,7 +52,9 @@ pub async fn run<S: Sink>(
     mut resolver: impl RoleResolver,
     sink: &mut S,
     stats: Arc<Userspace>,
+    go: crate::tls::watch::GoPids,
 ) {
+    let mut goroutines = Goroutines::new(go);
     let mut table = ConnTable::new(limits);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
@@ -59,7 +62,7 @@ pub async fn run<S: Sink>(
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break };
-                handle(&mut table, event, &mut resolver, sink);
+                handle(&mut table, &mut goroutines, event, &mut resolver, sink);
             }
             _ = tick.tick() => {
                 let now = clock::monotonic_ns();
@@ -82,12 +85,14 @@ pub async fn run<S: Sink>(
 
 fn handle<S: Sink>(
     table: &mut ConnTable,
+    goroutines: &mut Goroutines,
     event: Event,
     resolver: &mut dyn RoleResolver,
     sink: &mut S,
 ) {
     match event {
         Event::Data(mut ev) => {
+            goroutines.rekey(&mut ev);
             let dir = ev.direction;
             // The sink sees the payload through the stream; keep the event light.
             let payload = std::mem::take(&mut ev.payload);
@@ -102,6 +107,7 @@ fn handle<S: Sink>(
             }
         }
         Event::Fork(fork) => sink.fork(&fork),
+        Event::Handoff(h) => goroutines.handoff(&h),
         Event::Close(close) => {
             // A TLS connection's plaintext is a connection of its own beside the ciphertext.
             for key in [close.conn, close.conn.plaintext()] {

@@ -25,6 +25,8 @@ pub struct Transfer {
     pub syscall: u8,
     /// The connection's first event: wakes the reader at once.
     pub first: bool,
+    /// Go's goroutine register (see `DataEvent::goroutine`).
+    pub goroutine: u64,
 }
 
 #[inline(always)]
@@ -69,5 +71,6 @@ pub fn send_data(
     event.flags = t.flags;
     event.ctx_source = ctx_source;
     event.ctx = ctx;
+    event.goroutine = t.goroutine;
     emit_data(scratch, t.captured, t.first);
 }

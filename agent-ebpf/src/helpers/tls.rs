@@ -250,6 +250,8 @@ pub fn emit_plaintext(
         flags,
         syscall: SYS_NONE,
         first,
+        // In a uprobe, the registers saved at the probe's trap: the caller's goroutine for Go.
+        goroutine: syscall_goroutine(),
     };
     send_data(scratch, pid_tgid, sk, conn, &transfer, ctx_source, ctx);
     count(counters::TLS_PLAINTEXT);

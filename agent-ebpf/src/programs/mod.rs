@@ -1,4 +1,5 @@
 pub mod context;
+pub mod go_http;
 pub mod lineage;
 pub mod sched;
 pub mod sock;

@@ -32,6 +32,7 @@ use crate::{
         event::{Transfer, send_data},
         filter::process_selected,
         payload::copy_from_call,
+        regs::syscall_goroutine,
         sock::{read_tuple, track},
         tls::{inside_tls_call, note_tls_recv},
     },
@@ -188,6 +189,7 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
         flags,
         syscall: copied.syscall,
         first,
+        goroutine: syscall_goroutine(),
     };
     send_data(scratch, pid_tgid, sk, conn, &transfer, ctx_source, ctx);
     Ok(())

@@ -151,6 +151,8 @@ pub const TLS_PROGRAMS: &[(&str, bool)] = &[
     ("go_tls_write", false),
     ("go_tls_read", false),
     ("go_tls_read_ret", false),
+    ("go_http_round_trip", false),
+    ("go_http_request_write", false),
 ];
 
 /// The loaded programs. Dropping it detaches everything (the TLS watcher holds a clone of the

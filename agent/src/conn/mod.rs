@@ -260,6 +260,7 @@ mod tests {
             no_payload: false,
             midstream: true,
             tls: false,
+            goroutine: 0,
             context: None,
         }
     }

@@ -15,21 +15,35 @@ pub struct OpenSsl {
     pub read_ex: Option<u64>,
 }
 
-/// A Go program using crypto/tls.
+/// A Go program (register ABI), with what of it the probes use.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct GoTls {
+pub struct GoProgram {
     /// `go1.19.8`, from the build info.
     pub version: String,
+    pub tls: Option<GoTls>,
+    pub http: Option<GoHttp>,
+}
+
+/// crypto/tls.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GoTls {
     pub write: u64,
     pub read: u64,
     /// Every RET of `(*Conn).Read`.
     pub read_returns: Vec<u64>,
 }
 
+/// net/http's client handoff to the connection's writer goroutine (programs/go_http.rs).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GoHttp {
+    pub round_trip: u64,
+    pub request_write: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     OpenSsl(OpenSsl),
-    Go(GoTls),
+    Go(GoProgram),
     /// A Go program too old for the register ABI the probes read (before 1.17).
     GoUnsupported(String),
     None,
@@ -37,6 +51,8 @@ pub enum Target {
 
 pub const GO_WRITE: &str = "crypto/tls.(*Conn).Write";
 pub const GO_READ: &str = "crypto/tls.(*Conn).Read";
+pub const GO_ROUND_TRIP: &str = "net/http.(*persistConn).roundTrip";
+pub const GO_REQUEST_WRITE: &str = "net/http.(*Request).write";
 
 /// Reads and examines a file. Large executables (node is ~100 MB) are read once per inode.
 pub fn examine(path: &Path) -> anyhow::Result<Target> {
@@ -80,41 +96,46 @@ pub fn examine_bytes(data: &[u8]) -> anyhow::Result<Target> {
 }
 
 fn go(file: &object::File<'_>, data: &[u8], version: String) -> anyhow::Result<Target> {
-    let (mut write, mut read) = (None, None);
-    for sym in file.symbols() {
-        match sym.name() {
-            Ok(GO_WRITE) => write = Some((sym.address(), sym.size())),
-            Ok(GO_READ) => read = Some((sym.address(), sym.size())),
-            _ => {}
-        }
-    }
-    let (Some((write, _)), Some((read, read_size))) = (write, read) else {
-        // A Go program without crypto/tls (or stripped of its symbols).
-        return Ok(Target::None);
-    };
     if !register_abi(&version) {
         return Ok(Target::GoUnsupported(version));
     }
-    let (Some(write_off), Some(read_off)) = (file_offset(file, write), file_offset(file, read))
-    else {
-        anyhow::bail!("{GO_READ} is outside the file's sections");
-    };
-    let body = data
-        .get(read_off as usize..(read_off + read_size) as usize)
-        .ok_or_else(|| anyhow::anyhow!("{GO_READ} extends past the end of the file"))?;
-    let read_returns = return_offsets(file.architecture(), body)?
-        .into_iter()
-        .map(|o| read_off + o)
-        .collect::<Vec<_>>();
-    if read_returns.is_empty() {
-        anyhow::bail!("no RET instruction found in {GO_READ}");
+    let mut found: std::collections::HashMap<&str, (u64, u64)> = Default::default();
+    for sym in file.symbols() {
+        if let Ok(name @ (GO_WRITE | GO_READ | GO_ROUND_TRIP | GO_REQUEST_WRITE)) = sym.name() {
+            found.insert(name, (sym.address(), sym.size()));
+        }
     }
-    Ok(Target::Go(GoTls {
-        version,
-        write: write_off,
-        read: read_off,
-        read_returns,
-    }))
+    let offset = |name: &str| found.get(name).and_then(|&(a, _)| file_offset(file, a));
+    let http = match (offset(GO_ROUND_TRIP), offset(GO_REQUEST_WRITE)) {
+        (Some(round_trip), Some(request_write)) => Some(GoHttp {
+            round_trip,
+            request_write,
+        }),
+        _ => None,
+    };
+    let tls = match (offset(GO_WRITE), offset(GO_READ), found.get(GO_READ)) {
+        (Some(write), Some(read), Some(&(_, size))) => {
+            let body = data
+                .get(read as usize..(read + size) as usize)
+                .ok_or_else(|| anyhow::anyhow!("{GO_READ} extends past the end of the file"))?;
+            let read_returns: Vec<u64> = return_offsets(file.architecture(), body)?
+                .into_iter()
+                .map(|o| read + o)
+                .collect();
+            if read_returns.is_empty() {
+                anyhow::bail!("no RET instruction found in {GO_READ}");
+            }
+            Some(GoTls {
+                write,
+                read,
+                read_returns,
+            })
+        }
+        _ => None,
+    };
+    // A Go program without them (or stripped of its symbols) is still a Go program: the agent
+    // keys its events by goroutine.
+    Ok(Target::Go(GoProgram { version, tls, http }))
 }
 
 /// Offsets (from the function start) of every return instruction, by disassembling the body.

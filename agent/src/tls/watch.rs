@@ -47,12 +47,15 @@ impl Drop for TlsWatch {
 }
 
 /// Scans every process once before returning (so that "ready" means the probes of running
-/// processes are on), then watches in the background.
-pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>) -> TlsWatch {
+/// processes are on), then watches in the background. `go` learns which processes are Go
+/// programs (their events are keyed by goroutine).
+pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWatch {
     let mut attacher = Attacher {
         ebpf,
         stats,
         examined: HashMap::new(),
+        go_files: std::collections::HashSet::new(),
+        go,
         own_pid: std::process::id(),
     };
     let mut seen: HashMap<u32, (Instant, bool)> = HashMap::new();
@@ -93,6 +96,7 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>) -> TlsWatch {
                     };
                     alive.insert(pid, entry);
                 }
+                attacher.go.retain(|pid| alive.contains_key(pid));
                 seen = alive;
             }
         })
@@ -103,11 +107,51 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>) -> TlsWatch {
     }
 }
 
+/// The processes that run a Go program, shared with the pipeline.
+#[derive(Clone, Default)]
+pub struct GoPids {
+    pids: Arc<std::sync::RwLock<std::collections::HashSet<u32>>>,
+    /// Bumped on every change, so that readers copy the set only then.
+    pub version: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl GoPids {
+    fn insert(&self, pid: u32) {
+        if let Ok(mut p) = self.pids.write()
+            && p.insert(pid)
+        {
+            self.version.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn retain(&self, keep: impl Fn(&u32) -> bool) {
+        if let Ok(mut p) = self.pids.write() {
+            let before = p.len();
+            p.retain(keep);
+            if p.len() != before {
+                self.version.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn insert_for_tests(&self, pid: u32) {
+        self.insert(pid);
+    }
+
+    pub fn snapshot(&self) -> std::collections::HashSet<u32> {
+        self.pids.read().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
 struct Attacher {
     ebpf: Arc<Mutex<Ebpf>>,
     stats: Arc<TlsStats>,
     /// Every file looked at, probed or not: each is examined once.
     examined: HashMap<FileId, ()>,
+    /// Executables that are Go programs (register ABI).
+    go_files: std::collections::HashSet<FileId>,
+    go: GoPids,
     own_pid: u32,
 }
 
@@ -117,10 +161,12 @@ impl Attacher {
             return;
         }
         for c in discover::candidates(pid) {
-            if self.examined.insert(c.id, ()).is_some() {
-                continue;
+            if self.examined.insert(c.id, ()).is_none() {
+                self.examine(pid, &c);
             }
-            self.examine(pid, &c);
+            if self.go_files.contains(&c.id) {
+                self.go.insert(pid);
+            }
         }
     }
 
@@ -135,7 +181,7 @@ impl Attacher {
             Target::GoUnsupported(version) => {
                 self.stats.go_unsupported.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
-                    "TLS: {} (pid {pid}) is built with {version}; Loupe reads Go 1.17+ (register ABI): its TLS is counted, not traced",
+                    "{} (pid {pid}) is built with {version}; Loupe reads Go 1.18+ programs (register ABI, inline build info): its TLS is counted, not traced, and its requests are followed by thread, not goroutine",
                     c.shown_path
                 );
                 return;
@@ -144,15 +190,27 @@ impl Attacher {
                 self.stats.openssl_files.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("TLS: OpenSSL probed in {} (pid {pid})", c.shown_path);
             }),
-            Target::Go(g) => self.attach_go(&c.open_path, g).map(|()| {
-                self.stats.go_files.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    "TLS: Go {} crypto/tls probed in {} (pid {pid}, {} return points)",
-                    g.version,
-                    c.shown_path,
-                    g.read_returns.len()
-                );
-            }),
+            Target::Go(g) => {
+                self.go_files.insert(c.id);
+                self.attach_go(&c.open_path, g).map(|()| {
+                    if let Some(tls) = &g.tls {
+                        self.stats.go_files.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            "TLS: Go {} crypto/tls probed in {} (pid {pid}, {} return points)",
+                            g.version,
+                            c.shown_path,
+                            tls.read_returns.len()
+                        );
+                    }
+                    if g.http.is_some() {
+                        tracing::info!(
+                            "Go {} net/http client handoff probed in {} (pid {pid})",
+                            g.version,
+                            c.shown_path
+                        );
+                    }
+                })
+            }
         };
         if let Err(err) = result {
             self.stats.attach_failed.fetch_add(1, Ordering::Relaxed);
@@ -181,12 +239,18 @@ impl Attacher {
         Ok(())
     }
 
-    fn attach_go(&self, path: &Path, g: &elf::GoTls) -> anyhow::Result<()> {
+    fn attach_go(&self, path: &Path, g: &elf::GoProgram) -> anyhow::Result<()> {
         let mut ebpf = self.lock()?;
-        attach(&mut ebpf, "go_tls_write", path, g.write)?;
-        attach(&mut ebpf, "go_tls_read", path, g.read)?;
-        for &ret in &g.read_returns {
-            attach(&mut ebpf, "go_tls_read_ret", path, ret)?;
+        if let Some(tls) = &g.tls {
+            attach(&mut ebpf, "go_tls_write", path, tls.write)?;
+            attach(&mut ebpf, "go_tls_read", path, tls.read)?;
+            for &ret in &tls.read_returns {
+                attach(&mut ebpf, "go_tls_read_ret", path, ret)?;
+            }
+        }
+        if let Some(http) = &g.http {
+            attach(&mut ebpf, "go_http_round_trip", path, http.round_trip)?;
+            attach(&mut ebpf, "go_http_request_write", path, http.request_write)?;
         }
         Ok(())
     }

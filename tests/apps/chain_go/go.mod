@@ -1,0 +1,3 @@
+module loupe.test/chaingo
+
+go 1.19
