@@ -408,8 +408,13 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         None => "the terminal".to_string(),
     };
     tracing::info!(
-        "ready: {} programs attached, tracing HTTP/1, HTTP/2 and gRPC, PostgreSQL, MySQL and Redis to {destination}",
-        probe.attached
+        "ready: {} programs attached, tracing HTTP/1, HTTP/2 and gRPC, PostgreSQL, MySQL and Redis{} to {destination}",
+        probe.attached,
+        if probe.tls_ready {
+            ", cleartext and inside TLS (OpenSSL, Go)"
+        } else {
+            ", cleartext only"
+        }
     );
 
     let limits = Limits {

@@ -191,6 +191,33 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// crypto/tls.(*Conn).handshakeContext: the handshake's own reads and writes name the socket.
+/// Go's HTTP server shakes hands before its first Read, and may read the client's first records
+/// into the connection's buffer while doing so: that Read then makes no syscall.
+#[uprobe]
+pub fn go_tls_handshake(ctx: ProbeContext) -> u32 {
+    let cfg = LOUPE_CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !process_selected(&cfg, pid_tgid) {
+        return 0;
+    }
+    // SAFETY: the context's registers are valid for this program run.
+    let (session, _, _, goroutine) = go_abi::args(unsafe { &*ctx.regs });
+    // A read record without a buffer: it binds the session, and a read's return never finds it
+    // (those look in GO_READS).
+    record(
+        pid_tgid,
+        TlsCall {
+            session,
+            goroutine,
+            state: TLS_RECV,
+            lib: LIB_GO,
+            ..TlsCall::default()
+        },
+    );
+    0
+}
+
 /// crypto/tls.(*Conn).Read(b []byte): recorded per goroutine for its return, and per thread
 /// for the syscall that names the socket.
 #[uprobe]

@@ -151,6 +151,7 @@ pub const TLS_PROGRAMS: &[(&str, bool)] = &[
     ("go_tls_write", false),
     ("go_tls_read", false),
     ("go_tls_read_ret", false),
+    ("go_tls_handshake", false),
     ("go_http_round_trip", false),
     ("go_http_request_write", false),
 ];

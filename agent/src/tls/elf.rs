@@ -29,6 +29,8 @@ pub struct GoProgram {
 pub struct GoTls {
     pub write: u64,
     pub read: u64,
+    /// `(*Conn).handshakeContext`, where the session meets its socket first (absent before 1.17).
+    pub handshake: Option<u64>,
     /// Every RET of `(*Conn).Read`.
     pub read_returns: Vec<u64>,
 }
@@ -51,6 +53,7 @@ pub enum Target {
 
 pub const GO_WRITE: &str = "crypto/tls.(*Conn).Write";
 pub const GO_READ: &str = "crypto/tls.(*Conn).Read";
+pub const GO_HANDSHAKE: &str = "crypto/tls.(*Conn).handshakeContext";
 pub const GO_ROUND_TRIP: &str = "net/http.(*persistConn).roundTrip";
 pub const GO_REQUEST_WRITE: &str = "net/http.(*Request).write";
 
@@ -101,7 +104,9 @@ fn go(file: &object::File<'_>, data: &[u8], version: String) -> anyhow::Result<T
     }
     let mut found: std::collections::HashMap<&str, (u64, u64)> = Default::default();
     for sym in file.symbols() {
-        if let Ok(name @ (GO_WRITE | GO_READ | GO_ROUND_TRIP | GO_REQUEST_WRITE)) = sym.name() {
+        if let Ok(name @ (GO_WRITE | GO_READ | GO_HANDSHAKE | GO_ROUND_TRIP | GO_REQUEST_WRITE)) =
+            sym.name()
+        {
             found.insert(name, (sym.address(), sym.size()));
         }
     }
@@ -128,6 +133,7 @@ fn go(file: &object::File<'_>, data: &[u8], version: String) -> anyhow::Result<T
             Some(GoTls {
                 write,
                 read,
+                handshake: offset(GO_HANDSHAKE),
                 read_returns,
             })
         }

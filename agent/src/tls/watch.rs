@@ -244,6 +244,9 @@ impl Attacher {
         if let Some(tls) = &g.tls {
             attach(&mut ebpf, "go_tls_write", path, tls.write)?;
             attach(&mut ebpf, "go_tls_read", path, tls.read)?;
+            if let Some(h) = tls.handshake {
+                attach(&mut ebpf, "go_tls_handshake", path, h)?;
+            }
             for &ret in &tls.read_returns {
                 attach(&mut ebpf, "go_tls_read_ret", path, ret)?;
             }
