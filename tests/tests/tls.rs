@@ -398,6 +398,45 @@ fn a_go_https_server_and_client_over_http2() {
     let _ = std::fs::remove_file(bin);
 }
 
+/// A Go program started after the agent is probed when it execs (the kernel reports the exec),
+/// and its HTTPS requests are traced once the probes are on.
+#[test]
+fn a_go_program_started_after_the_agent_is_probed_at_exec() {
+    if !privileged() {
+        return;
+    }
+    let bin = build_go();
+    let cg = TestCgroup::new("tls-go-late");
+    let dir = std::env::temp_dir().join(format!("loupe-tls-gol-{}", std::process::id()));
+    let (cert, key) = loupe_tests::self_signed(&dir);
+    let t = trace(&cg);
+    let port = free_port().to_string();
+    let mut go = Stepped::start(cg.command(
+        bin.to_str().unwrap(),
+        &[cert.to_str().unwrap(), key.to_str().unwrap(), &port],
+    ));
+    let go_pid = go.child.id();
+    // Probing takes tens of milliseconds (the ELF is examined, then each probe attached); the
+    // program's warm-up request may come before. Its next requests must not.
+    let probed = format!("crypto/tls probed in {} (pid {go_pid}", bin.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !t.agent.log().contains(&probed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not probed within 10 s\n{}",
+            t.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    go.step();
+    t.receiver
+        .wait_for(Duration::from_secs(20), |s| s.len() >= 6);
+    let (_, log) = t.agent.stop_raw();
+    go.finish();
+    assert_exact_and_linked(&t.receiver.spans(), go_pid, go_pid, &log);
+    let _ = std::fs::remove_file(bin);
+}
+
 /// Uprobes live as long as the agent's perf event descriptors, and hold its TLS programs: once
 /// the programs are gone after kill -9, no probe is left on any library.
 #[test]

@@ -59,11 +59,14 @@ pub const GO_REQUEST_WRITE: &str = "net/http.(*Request).write";
 
 /// Reads and examines a file. Large executables (node is ~100 MB) are read once per inode.
 pub fn examine(path: &Path) -> anyhow::Result<Target> {
-    let file = std::fs::File::open(path)?;
+    examine_file(&std::fs::File::open(path)?)
+}
+
+pub fn examine_file(file: &std::fs::File) -> anyhow::Result<Target> {
     // SAFETY: a read-only private mapping; a file truncated meanwhile faults only this
     // examination's reads of it, which the agent accepts for the libraries it probes (the
     // kernel itself maps them the same way into the traced processes).
-    let data = unsafe { memmap2::Mmap::map(&file)? };
+    let data = unsafe { memmap2::Mmap::map(file)? };
     examine_bytes(&data)
 }
 

@@ -71,7 +71,13 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWat
         .spawn(move || {
             let mut last_full = Instant::now();
             while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(NEW_PROCESS_POLL);
+                // An exec is looked at when it is reported: a static program (Go, node) is probed
+                // before most of its first requests; the rest within NEW_PROCESS_POLL.
+                // (The poll below still treats it as new: its libraries, mapped by the loader
+                // after exec, are looked for again then and after SECOND_LOOK.)
+                for pid in attacher.go.clone().wait_execs(NEW_PROCESS_POLL) {
+                    attacher.scan(pid);
+                }
                 let now = Instant::now();
                 let full = now.duration_since(last_full) >= FULL_RESCAN;
                 if full {
@@ -107,15 +113,48 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWat
     }
 }
 
-/// The processes that run a Go program, shared with the pipeline.
+/// What the watcher shares with the pipeline: the processes that run a Go program (read by
+/// the pipeline), and the processes that just called exec (told by the pipeline).
 #[derive(Clone, Default)]
 pub struct GoPids {
     pids: Arc<std::sync::RwLock<std::collections::HashSet<u32>>>,
     /// Bumped on every change, so that readers copy the set only then.
     pub version: Arc<std::sync::atomic::AtomicU64>,
+    execs: Arc<(Mutex<Vec<u32>>, std::sync::Condvar)>,
 }
 
+/// Execs queued for the watcher at most (a fork bomb must not grow the agent).
+const MAX_EXECS: usize = 4096;
+
 impl GoPids {
+    /// Process `pid` just called exec: the watcher looks at it now rather than at its next poll.
+    pub fn exec(&self, pid: u32) {
+        let (queue, wake) = &*self.execs;
+        if let Ok(mut q) = queue.lock()
+            && q.len() < MAX_EXECS
+        {
+            q.push(pid);
+            wake.notify_one();
+        }
+    }
+
+    /// Waits up to `timeout` for exec notices; returns those queued.
+    fn wait_execs(&self, timeout: Duration) -> Vec<u32> {
+        let (queue, wake) = &*self.execs;
+        let Ok(q) = queue.lock() else {
+            return Vec::new();
+        };
+        let mut q = if q.is_empty() {
+            match wake.wait_timeout(q, timeout) {
+                Ok((q, _)) => q,
+                Err(_) => return Vec::new(),
+            }
+        } else {
+            q
+        };
+        std::mem::take(&mut *q)
+    }
+
     fn insert(&self, pid: u32) {
         if let Ok(mut p) = self.pids.write()
             && p.insert(pid)
@@ -171,11 +210,21 @@ impl Attacher {
     }
 
     fn examine(&mut self, pid: u32, c: &Candidate) {
-        let target = match elf::examine(&c.open_path) {
+        // Held open while probing and probed through /proc/self/fd: the process (and with it
+        // /proc/PID/exe or /proc/PID/root) may be gone a millisecond after its exec.
+        let Ok(file) = std::fs::File::open(&c.open_path) else {
+            return;
+        };
+        let target = match elf::examine_file(&file) {
             Ok(t) => t,
-            // Not an ELF file (a script's interpreter is the exe), or gone already.
+            // Not an ELF file (a script's interpreter is the exe).
             Err(_) => return,
         };
+        let path = std::path::PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&file)
+        ));
+        let path = path.as_path();
         let result = match &target {
             Target::None => return,
             Target::GoUnsupported(version) => {
@@ -186,13 +235,13 @@ impl Attacher {
                 );
                 return;
             }
-            Target::OpenSsl(o) => self.attach_openssl(&c.open_path, o).map(|()| {
+            Target::OpenSsl(o) => self.attach_openssl(path, o).map(|()| {
                 self.stats.openssl_files.fetch_add(1, Ordering::Relaxed);
                 tracing::info!("TLS: OpenSSL probed in {} (pid {pid})", c.shown_path);
             }),
             Target::Go(g) => {
                 self.go_files.insert(c.id);
-                self.attach_go(&c.open_path, g).map(|()| {
+                self.attach_go(path, g).map(|()| {
                     if let Some(tls) = &g.tls {
                         self.stats.go_files.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(
@@ -222,38 +271,58 @@ impl Attacher {
     }
 
     fn attach_openssl(&self, path: &Path, o: &elf::OpenSsl) -> anyhow::Result<()> {
-        let mut ebpf = self.lock()?;
         let (Some(write), Some(read)) = (o.write, o.read) else {
             anyhow::bail!("SSL_write or SSL_read is missing");
         };
-        attach(&mut ebpf, "ssl_write", path, write)?;
-        attach(&mut ebpf, "ssl_read", path, read)?;
-        attach(&mut ebpf, "ssl_read_ret", path, read)?;
+        let mut points = vec![
+            ("ssl_write", write),
+            ("ssl_read", read),
+            ("ssl_read_ret", read),
+        ];
         if let Some(w) = o.write_ex {
-            attach(&mut ebpf, "ssl_write", path, w)?;
+            points.push(("ssl_write", w));
         }
         if let Some(r) = o.read_ex {
-            attach(&mut ebpf, "ssl_read_ex", path, r)?;
-            attach(&mut ebpf, "ssl_read_ret", path, r)?;
+            points.extend([("ssl_read_ex", r), ("ssl_read_ret", r)]);
         }
-        Ok(())
+        self.attach_all(path, &points)
     }
 
     fn attach_go(&self, path: &Path, g: &elf::GoProgram) -> anyhow::Result<()> {
-        let mut ebpf = self.lock()?;
+        let mut points = Vec::new();
         if let Some(tls) = &g.tls {
-            attach(&mut ebpf, "go_tls_write", path, tls.write)?;
-            attach(&mut ebpf, "go_tls_read", path, tls.read)?;
+            points.extend([("go_tls_write", tls.write), ("go_tls_read", tls.read)]);
             if let Some(h) = tls.handshake {
-                attach(&mut ebpf, "go_tls_handshake", path, h)?;
+                points.push(("go_tls_handshake", h));
             }
-            for &ret in &tls.read_returns {
-                attach(&mut ebpf, "go_tls_read_ret", path, ret)?;
-            }
+            points.extend(tls.read_returns.iter().map(|&r| ("go_tls_read_ret", r)));
         }
         if let Some(http) = &g.http {
-            attach(&mut ebpf, "go_http_round_trip", path, http.round_trip)?;
-            attach(&mut ebpf, "go_http_request_write", path, http.request_write)?;
+            points.extend([
+                ("go_http_round_trip", http.round_trip),
+                ("go_http_request_write", http.request_write),
+            ]);
+        }
+        self.attach_all(path, &points)
+    }
+
+    /// All or nothing: a file probed in part would deliver, say, writes without reads.
+    fn attach_all(&self, path: &Path, points: &[(&str, u64)]) -> anyhow::Result<()> {
+        let mut ebpf = self.lock()?;
+        let mut done = Vec::with_capacity(points.len());
+        for &(program, offset) in points {
+            match attach(&mut ebpf, program, path, offset) {
+                Ok(link) => done.push((program, link)),
+                Err(err) => {
+                    for (program, link) in done {
+                        if let Some(Ok(p)) = ebpf.program_mut(program).map(<&mut UProbe>::try_from)
+                        {
+                            let _ = p.detach(link);
+                        }
+                    }
+                    return Err(err);
+                }
+            }
         }
         Ok(())
     }
@@ -265,12 +334,16 @@ impl Attacher {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, program: &str, path: &Path, offset: u64) -> anyhow::Result<()> {
+fn attach(
+    ebpf: &mut Ebpf,
+    program: &str,
+    path: &Path,
+    offset: u64,
+) -> anyhow::Result<aya::programs::uprobe::UProbeLinkId> {
     let p: &mut UProbe = ebpf
         .program_mut(program)
         .with_context(|| format!("kernel object has no program {program}"))?
         .try_into()?;
     p.attach(offset, path, UProbeScope::AllProcesses)
-        .with_context(|| format!("{program} at {offset:#x}"))?;
-    Ok(())
+        .with_context(|| format!("{program} at {offset:#x}"))
 }
