@@ -11,9 +11,6 @@ pub const KIND_DATA: u16 = 1;
 pub const KIND_CLOSE: u16 = 2;
 pub const KIND_FORK: u16 = 3;
 pub const KIND_HANDOFF: u16 = 4;
-/// A selected process called exec: the agent looks at the new program (TLS libraries, Go) at
-/// once instead of at its next scan of /proc. The header says everything.
-pub const KIND_EXEC: u16 = 5;
 
 /// Largest payload prefix one event can carry. The runtime cap (`LoupeConfig::capture_bytes`) is
 /// at most this. A power of two: the kernel side bounds offsets by masking with `MAX_PAYLOAD - 1`.

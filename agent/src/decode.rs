@@ -9,7 +9,7 @@ use agent_common::{
     event::{
         CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
         FLAG_NO_PAYLOAD, FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE,
-        KIND_DATA, KIND_EXEC, KIND_FORK, KIND_HANDOFF, MAX_PAYLOAD,
+        KIND_DATA, KIND_FORK, KIND_HANDOFF, MAX_PAYLOAD,
     },
 };
 use bytes::Bytes;
@@ -277,8 +277,6 @@ pub enum Event {
     Close(CloseEvent),
     Fork(ForkEvent),
     Handoff(HandoffEvent),
-    /// Process `pid` called exec.
-    Exec(u32),
 }
 
 /// A little cursor over native-endian fields; every read is checked.
@@ -378,7 +376,6 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         KIND_CLOSE => (CLOSE_EVENT_SIZE, KIND_CLOSE),
         KIND_FORK => (FORK_EVENT_SIZE, KIND_FORK),
         KIND_HANDOFF => (HANDOFF_EVENT_SIZE, KIND_HANDOFF),
-        KIND_EXEC => (size_of::<agent_common::event::EventHeader>(), KIND_EXEC),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if buf.len() < need {
@@ -396,9 +393,6 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     }
     let pid = (h.pid_tgid >> 32) as u32;
     let tid = h.pid_tgid as u32;
-    if kind == KIND_EXEC {
-        return Ok(Event::Exec(pid));
-    }
     if kind == KIND_HANDOFF {
         return Ok(Event::Handoff(HandoffEvent {
             pid,

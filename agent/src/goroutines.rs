@@ -40,11 +40,6 @@ impl Goroutines {
         }
     }
 
-    /// Passes an exec on to the TLS watcher (which also learns whether it is a Go program).
-    pub fn exec(&self, pid: u32) {
-        self.shared.exec(pid);
-    }
-
     pub fn handoff(&mut self, ev: &HandoffEvent) {
         if self.writers.len() >= MAX_WRITERS {
             self.writers.clear();

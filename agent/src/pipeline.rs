@@ -108,7 +108,6 @@ fn handle<S: Sink>(
         }
         Event::Fork(fork) => sink.fork(&fork),
         Event::Handoff(h) => goroutines.handoff(&h),
-        Event::Exec(pid) => goroutines.exec(pid),
         Event::Close(close) => {
             // A TLS connection's plaintext is a connection of its own beside the ciphertext.
             for key in [close.conn, close.conn.plaintext()] {

@@ -5,6 +5,7 @@ instrumentations, the span opens right before the request is written and closes 
 response is read."""
 import http.client
 import json
+import os
 import sys
 import urllib.parse
 
@@ -33,4 +34,5 @@ print(json.dumps({
     "start_unix_ns": span.start_time,
     "end_unix_ns": span.end_time,
     "status": resp.status,
+    "pid": os.getpid(),
 }))

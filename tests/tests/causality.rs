@@ -424,6 +424,7 @@ fn scenario(tcp_context: bool, warm_before_agent: bool) {
     let sdk: serde_json::Value = serde_json::from_slice(&out.stdout).expect("SDK client JSON");
     let sdk_trace = sdk["trace_id"].as_str().unwrap().to_string();
     let sdk_span = sdk["span_id"].as_str().unwrap().to_string();
+    let sdk_pid = sdk["pid"].as_u64().unwrap().to_string();
 
     let expected = 12 * (SERIAL.0 * SERIAL.1 + PARALLEL.0 * PARALLEL.1 + 2);
     receiver.wait_for(Duration::from_secs(30), |s| s.len() >= expected);
@@ -485,13 +486,19 @@ fn scenario(tcp_context: bool, warm_before_agent: bool) {
     }
     // Under the SDK's CLIENT span: the agent's CLIENT span of that process and nginx's SERVER
     // span (it joins the carried context, as it would across nodes); the rest hangs below nginx.
+    // The client is named by its pid: it exits right after its request, and when the agent is
+    // behind by more than that it cannot read the process's name any more.
     let mut roots: Vec<String> = mixed
         .iter()
         .filter(|s| s.parent_span_id == sdk_span)
         .map(|s| {
+            let who = if s.resource.get("process.pid") == Some(&sdk_pid) {
+                "sdk-client"
+            } else {
+                s.service()
+            };
             format!(
-                "{} {}",
-                s.service(),
+                "{who} {}",
                 if s.kind == SERVER { "SERVER" } else { "CLIENT" }
             )
         })

@@ -398,10 +398,10 @@ fn a_go_https_server_and_client_over_http2() {
     let _ = std::fs::remove_file(bin);
 }
 
-/// A Go program started after the agent is probed when it execs (the kernel reports the exec),
-/// and its HTTPS requests are traced once the probes are on.
+/// A Go program started after the agent is found and probed, and its HTTPS requests are traced
+/// once the probes are on.
 #[test]
-fn a_go_program_started_after_the_agent_is_probed_at_exec() {
+fn a_go_program_started_after_the_agent_is_probed() {
     if !privileged() {
         return;
     }

@@ -2,21 +2,16 @@
 //! selected process is selected (task:task_newtask, in the parent), a process that execs a
 //! selected executable name is selected (sched:sched_process_exec), and a descendant that exits
 //! leaves the set (sched:sched_process_exit), so that its pid, once reused, is not traced.
-//! Every exec of a selected process is also reported, so that the agent probes a new program's
-//! TLS library at once.
 
-use agent_common::{
-    config::{FILTER_PID, PID_DESCENDANT},
-    event::{EVENT_VERSION, EventHeader, KIND_EXEC},
-};
+use agent_common::config::{FILTER_PID, PID_DESCENDANT};
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
     programs::TracePointContext,
 };
 
 use crate::{
-    helpers::{emit::emit, filter::process_selected, record::field},
+    helpers::record::field,
     maps::{EXE_FILTER, LOUPE_CONFIG, PID_FILTER},
 };
 
@@ -51,29 +46,19 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     let cfg = LOUPE_CONFIG.load();
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if cfg.filter & FILTER_PID != 0 {
-        // After exec the task's name is the new executable's (first 15 bytes).
-        let Ok(comm) = bpf_get_current_comm() else {
-            return 0;
-        };
-        let tgid = (pid_tgid >> 32) as u32;
-        // SAFETY: map lookups and updates of plain keys.
-        unsafe {
-            if EXE_FILTER.get(comm).is_some() {
-                let _ = PID_FILTER.insert(tgid, PID_DESCENDANT, 0);
-            }
-        }
+    if cfg.filter & FILTER_PID == 0 {
+        return 0;
     }
-    if process_selected(&cfg, pid_tgid) {
-        emit(&EventHeader {
-            kind: KIND_EXEC,
-            version: EVENT_VERSION,
-            len: core::mem::size_of::<EventHeader>() as u32,
-            // SAFETY: helper without arguments.
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-            pid_tgid,
-        });
+    // After exec the task's name is the new executable's (first 15 bytes).
+    let Ok(comm) = bpf_get_current_comm() else {
+        return 0;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: map lookups and updates of plain keys.
+    unsafe {
+        if EXE_FILTER.get(comm).is_some() {
+            let _ = PID_FILTER.insert(tgid, PID_DESCENDANT, 0);
+        }
     }
     0
 }

@@ -71,13 +71,7 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWat
         .spawn(move || {
             let mut last_full = Instant::now();
             while !flag.load(Ordering::Relaxed) {
-                // An exec is looked at when it is reported: a static program (Go, node) is probed
-                // before most of its first requests; the rest within NEW_PROCESS_POLL.
-                // (The poll below still treats it as new: its libraries, mapped by the loader
-                // after exec, are looked for again then and after SECOND_LOOK.)
-                for pid in attacher.go.clone().wait_execs(NEW_PROCESS_POLL) {
-                    attacher.scan(pid);
-                }
+                std::thread::sleep(NEW_PROCESS_POLL);
                 let now = Instant::now();
                 let full = now.duration_since(last_full) >= FULL_RESCAN;
                 if full {
@@ -113,48 +107,15 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWat
     }
 }
 
-/// What the watcher shares with the pipeline: the processes that run a Go program (read by
-/// the pipeline), and the processes that just called exec (told by the pipeline).
+/// The processes that run a Go program: found by the watcher, read by the pipeline.
 #[derive(Clone, Default)]
 pub struct GoPids {
     pids: Arc<std::sync::RwLock<std::collections::HashSet<u32>>>,
     /// Bumped on every change, so that readers copy the set only then.
     pub version: Arc<std::sync::atomic::AtomicU64>,
-    execs: Arc<(Mutex<Vec<u32>>, std::sync::Condvar)>,
 }
 
-/// Execs queued for the watcher at most (a fork bomb must not grow the agent).
-const MAX_EXECS: usize = 4096;
-
 impl GoPids {
-    /// Process `pid` just called exec: the watcher looks at it now rather than at its next poll.
-    pub fn exec(&self, pid: u32) {
-        let (queue, wake) = &*self.execs;
-        if let Ok(mut q) = queue.lock()
-            && q.len() < MAX_EXECS
-        {
-            q.push(pid);
-            wake.notify_one();
-        }
-    }
-
-    /// Waits up to `timeout` for exec notices; returns those queued.
-    fn wait_execs(&self, timeout: Duration) -> Vec<u32> {
-        let (queue, wake) = &*self.execs;
-        let Ok(q) = queue.lock() else {
-            return Vec::new();
-        };
-        let mut q = if q.is_empty() {
-            match wake.wait_timeout(q, timeout) {
-                Ok((q, _)) => q,
-                Err(_) => return Vec::new(),
-            }
-        } else {
-            q
-        };
-        std::mem::take(&mut *q)
-    }
-
     fn insert(&self, pid: u32) {
         if let Ok(mut p) = self.pids.write()
             && p.insert(pid)

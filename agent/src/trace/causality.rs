@@ -138,6 +138,10 @@ type RequestKey = (SocketAddr, SocketAddr, u64);
 /// request is the one the callee is reading).
 const JOINED: u64 = u64::MAX;
 
+/// How far apart a caller's and a callee's starts of one request on a joined connection may be
+/// when the callee's event reached the agent first (measured: tens of microseconds on loopback).
+const JOINED_LATE_NS: u64 = 1_000_000;
+
 pub struct Linker {
     ids: Box<dyn IdSource + Send>,
     /// (pid, tid) -> SERVER exchanges that thread is handling.
@@ -305,10 +309,12 @@ impl Linker {
                         self.root(kernel)
                     }
                 };
-                // A local caller's event may still come: it is the more precise parent.
-                if !joined && self.orphans.len() < MAX_PEERS {
+                // A local caller's event may still come: it is the more precise parent. On a
+                // joined connection only the latest callee request waits (see client_request).
+                if self.orphans.len() < MAX_PEERS {
+                    let ordinal = if joined { JOINED } else { st.ordinal };
                     self.orphans.insert(
-                        (conn.remote, conn.local, st.ordinal),
+                        (conn.remote, conn.local, ordinal),
                         Orphan {
                             span_id: identity.span_id,
                             trace_id: identity.trace_id,
@@ -389,6 +395,19 @@ impl Linker {
             return identity;
         }
         if conn.midstream && !view.ordinals_absolute {
+            // The callee's event came first (on loopback the receiver can read before the
+            // sender's tracepoint fires): its latest request is this one if the two started
+            // within JOINED_LATE_NS of each other. An earlier request of the callee's is a full
+            // round trip older than this one.
+            let key = (conn.local, conn.remote, JOINED);
+            if let Some(o) = self.orphans.get(&key)
+                && o.started_ns.abs_diff(st.ts_ns) <= JOINED_LATE_NS
+            {
+                let orphan = *o;
+                self.orphans.remove(&key);
+                self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
+                return identity;
+            }
             if self.peers.len() < MAX_PEERS {
                 self.peers.insert(
                     (conn.local, conn.remote, JOINED),
@@ -667,6 +686,53 @@ mod tests {
         let _d = l.client_start(&up, &head("GET /d HTTP/1.1\r\n\r\n"), at(1, 2, 50), None);
         let se = l.server_start(&svc, &head("GET /e HTTP/1.1\r\n\r\n"), at(2, 2, 40), None);
         assert_eq!(se.parent_span_id, None);
+    }
+
+    #[test]
+    fn a_joined_callee_whose_event_came_first_is_adopted_by_its_caller() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let at = |tid, ordinal, ts_ns| RequestStart {
+            tid,
+            ts_ns,
+            ordinal,
+        };
+        let mut up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let mut svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        up.midstream = true;
+        svc.midstream = true;
+        // The callee's event first, 20 µs before the caller's start.
+        let s = l.server_start(
+            &svc,
+            &head("GET /a HTTP/1.1\r\n\r\n"),
+            at(2, 0, 1_000_000),
+            None,
+        );
+        assert_eq!(s.parent_span_id, None);
+        let c = l.client_start(
+            &up,
+            &head("GET /a HTTP/1.1\r\n\r\n"),
+            at(1, 5, 1_020_000),
+            None,
+        );
+        let mut adopted = s.clone();
+        l.finalize(&mut adopted);
+        assert_eq!(adopted.parent_span_id, Some(c.span_id));
+        assert_eq!(adopted.trace_id, c.trace_id);
+        // A callee request a round trip older than the caller's is not taken.
+        let _old = l.server_start(
+            &svc,
+            &head("GET /b HTTP/1.1\r\n\r\n"),
+            at(2, 1, 2_000_000),
+            None,
+        );
+        let later = l.client_start(
+            &up,
+            &head("GET /c HTTP/1.1\r\n\r\n"),
+            at(1, 6, 9_000_000),
+            None,
+        );
+        assert!(l.peers.contains_key(&(up.local, up.remote, JOINED)));
+        let _ = later;
     }
 
     #[test]
