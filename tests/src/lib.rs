@@ -632,3 +632,23 @@ fn nginx_with(cg: &TestCgroup, dir: &std::path::Path, tls: Option<(PathBuf, Path
     );
     Server::start(cmd, addr)
 }
+
+/// Builds the Go program in tests/apps/APP with the machine's Go (stdlib only, offline), into
+/// a file of the temp dir named `loupe-APP-PID`; the caller removes it.
+pub fn build_go(app: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("loupe-{app}-{}", std::process::id()));
+    let cache = std::env::temp_dir().join("loupe-go-cache");
+    let status = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(tests_dir().join("apps").join(app))
+        .env("GOCACHE", &cache)
+        .env("GOPATH", cache.join("path"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .status()
+        .expect("go (Debian's golang-go; tests/setup.sh installs it)");
+    assert!(status.success(), "go build of tests/apps/{app} failed");
+    out
+}

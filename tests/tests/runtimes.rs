@@ -41,24 +41,6 @@ fn named(mut cmd: Command, name: &str) -> Command {
     cmd
 }
 
-fn build_go() -> PathBuf {
-    let out = std::env::temp_dir().join(format!("loupe-chain-go-{}", std::process::id()));
-    let cache = std::env::temp_dir().join("loupe-go-cache");
-    let status = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(tests_dir().join("apps/chain_go"))
-        .env("GOCACHE", &cache)
-        .env("GOPATH", cache.join("path"))
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOPROXY", "off")
-        .status()
-        .expect("go (Debian's golang-go; tests/setup.sh installs it)");
-    assert!(status.success(), "go build failed");
-    out
-}
-
 struct Topology {
     _servers: Vec<Server>,
     front: SocketAddr,
@@ -101,7 +83,7 @@ fn topology(cg: &TestCgroup) -> Topology {
         &[&app("ChainJava.java"), &java.to_string(), &base(py), "p"],
     );
     servers.push(Server::start(named(cmd, "svc-java"), addr(java)));
-    let go_bin = build_go();
+    let go_bin = loupe_tests::build_go("chain_go");
     let cmd = cg.command(
         go_bin.to_str().unwrap(),
         &[&go.to_string(), &base(java), "j"],

@@ -6,7 +6,6 @@
 
 use std::{
     io::{BufRead as _, Write as _},
-    path::PathBuf,
     process::{Child, ChildStdin, Command, Stdio},
     time::Duration,
 };
@@ -323,32 +322,12 @@ fn a_node_https_server_and_client_in_one_process() {
     assert_no_secret(&t.receiver, &log);
 }
 
-/// Builds tests/apps/tls_go with the machine's Go (stdlib only, offline).
-fn build_go() -> PathBuf {
-    let src = tests_dir().join("apps/tls_go");
-    let out = std::env::temp_dir().join(format!("loupe-tls-go-{}", std::process::id()));
-    let cache = std::env::temp_dir().join("loupe-go-cache");
-    let status = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&out)
-        .arg(".")
-        .current_dir(&src)
-        .env("GOCACHE", &cache)
-        .env("GOPATH", cache.join("path"))
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOPROXY", "off")
-        .status()
-        .expect("go (Debian's golang-go; tests/setup.sh installs it)");
-    assert!(status.success(), "go build failed");
-    out
-}
-
 #[test]
 fn a_go_https_server_and_client_over_http2() {
     if !privileged() {
         return;
     }
-    let bin = build_go();
+    let bin = loupe_tests::build_go("tls_go");
     let cg = TestCgroup::new("tls-go");
     let dir = std::env::temp_dir().join(format!("loupe-tls-goc-{}", std::process::id()));
     let (cert, key) = loupe_tests::self_signed(&dir);
@@ -405,7 +384,7 @@ fn a_go_program_started_after_the_agent_is_probed() {
     if !privileged() {
         return;
     }
-    let bin = build_go();
+    let bin = loupe_tests::build_go("tls_go");
     let cg = TestCgroup::new("tls-go-late");
     let dir = std::env::temp_dir().join(format!("loupe-tls-gol-{}", std::process::id()));
     let (cert, key) = loupe_tests::self_signed(&dir);
