@@ -11,6 +11,7 @@ pub const KIND_DATA: u16 = 1;
 pub const KIND_CLOSE: u16 = 2;
 pub const KIND_FORK: u16 = 3;
 pub const KIND_HANDOFF: u16 = 4;
+pub const KIND_EXEC: u16 = 5;
 
 /// Largest payload prefix one event can carry. The runtime cap (`LoupeConfig::capture_bytes`) is
 /// at most this. A power of two: the kernel side bounds offsets by masking with `MAX_PAYLOAD - 1`.
@@ -126,3 +127,35 @@ pub struct HandoffEvent {
 }
 pub const HANDOFF_EVENT_SIZE: usize = core::mem::size_of::<HandoffEvent>();
 const _: () = assert!(HANDOFF_EVENT_SIZE == 40);
+
+/// How much of an exec the kernel hands over (`ExecEvent`).
+pub const EXEC_FILENAME_MAX: usize = 256;
+pub const EXEC_ARGV_MAX: usize = 1024;
+/// Each of the two `OTEL_*` variables a process can name itself with.
+pub const EXEC_ENV_MAX: usize = 256;
+
+/// A selected process finished an exec: its new program, command line and the `OTEL_*`
+/// variables that name a service, read from its fresh stack while it cannot have exited yet.
+/// The agent reads /proc for a process's resource; a client that runs for a millisecond (curl)
+/// is gone before its first event reaches user space, and this is what names it then.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// Valid bytes of each area below.
+    pub filename_len: u16,
+    /// The argument strings, NUL-separated (cut at EXEC_ARGV_MAX).
+    pub argv_len: u16,
+    pub service_name_len: u16,
+    pub resource_attributes_len: u16,
+    pub argc: u32,
+    pub _pad: u32,
+    /// The path the program was executed by (the tracepoint's `filename`).
+    pub filename: [u8; EXEC_FILENAME_MAX],
+    pub argv: [u8; EXEC_ARGV_MAX],
+    /// `OTEL_SERVICE_NAME=...` and `OTEL_RESOURCE_ATTRIBUTES=...` as found in the environment.
+    pub service_name: [u8; EXEC_ENV_MAX],
+    pub resource_attributes: [u8; EXEC_ENV_MAX],
+}
+pub const EXEC_EVENT_SIZE: usize = core::mem::size_of::<ExecEvent>();
+const _: () = assert!(EXEC_EVENT_SIZE == 40 + 256 + 1024 + 512);

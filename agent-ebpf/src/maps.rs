@@ -6,7 +6,7 @@ use agent_common::{
     conn::{ConnState, ConnTuple},
     context::TcpContext,
     counters::NUM_COUNTERS,
-    event::{DataEvent, MAX_PAYLOAD},
+    event::{DataEvent, ExecEvent, MAX_PAYLOAD},
     syscall::ActiveCall,
     tls::{ProcessKey, TlsCall, TlsSocket},
 };
@@ -88,6 +88,10 @@ pub struct Scratch {
 
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where an exec record is assembled (helpers/exec.rs): too big for the stack.
+#[map]
+pub static EXEC_SCRATCH: PerCpuArray<ExecEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// `--tcp-context`: client tuple -> ids of the request in flight on it. Written when a request
 /// starts (tcp_sendmsg_locked, before any segment leaves), read by the sock_ops program that

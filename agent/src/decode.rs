@@ -7,9 +7,10 @@ use agent_common::{
     conn::{AF_INET, AF_INET6, ROLE_CLIENT, ROLE_SERVER},
     context::{CTX_KERNEL, CTX_LOCAL, CTX_OPTION},
     event::{
-        CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, FLAG_MIDSTREAM,
-        FLAG_NO_PAYLOAD, FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE,
-        KIND_DATA, KIND_FORK, KIND_HANDOFF, MAX_PAYLOAD,
+        CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, EXEC_ARGV_MAX,
+        EXEC_ENV_MAX, EXEC_EVENT_SIZE, EXEC_FILENAME_MAX, FLAG_MIDSTREAM, FLAG_NO_PAYLOAD,
+        FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE, KIND_DATA,
+        KIND_EXEC, KIND_FORK, KIND_HANDOFF, MAX_PAYLOAD,
     },
 };
 use bytes::Bytes;
@@ -271,12 +272,27 @@ pub struct HandoffEvent {
     pub to: u64,
 }
 
+/// Process `pid` now runs a new program (agent_common::event::ExecEvent): what /proc would say
+/// of it, for when it is gone before the agent looks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    /// The path it was executed by.
+    pub filename: String,
+    /// At most `argc` arguments; the last may be cut short.
+    pub argv: Vec<String>,
+    /// `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, when set.
+    pub environ: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Data(DataEvent),
     Close(CloseEvent),
     Fork(ForkEvent),
     Handoff(HandoffEvent),
+    Exec(ExecEvent),
 }
 
 /// A little cursor over native-endian fields; every read is checked.
@@ -368,6 +384,48 @@ fn tuple(f: &mut Fields<'_>) -> Result<(SocketAddr, SocketAddr), DecodeError> {
     ))
 }
 
+/// The fields after the header of an exec record (its fixed length is checked by the caller).
+fn exec(f: &mut Fields<'_>, ts_ns: u64, pid: u32) -> ExecEvent {
+    let filename_len = f.u16() as usize;
+    let argv_len = f.u16() as usize;
+    let name_len = f.u16() as usize;
+    let attrs_len = f.u16() as usize;
+    let argc = f.u32() as usize;
+    f.skip(4);
+    let area = |f: &mut Fields<'_>, size: usize, len: usize| -> Vec<u8> {
+        let bytes = f
+            .buf
+            .get(f.pos..f.pos + len.min(size))
+            .unwrap_or_default()
+            .to_vec();
+        f.skip(size);
+        bytes
+    };
+    let filename = area(f, EXEC_FILENAME_MAX, filename_len);
+    let argv = area(f, EXEC_ARGV_MAX, argv_len);
+    let name = area(f, EXEC_ENV_MAX, name_len);
+    let attrs = area(f, EXEC_ENV_MAX, attrs_len);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    // Each argument ends in a NUL: the piece after the last one is not an argument.
+    let argv: Vec<String> = argv.split(|&b| b == 0).take(argc).map(text).collect();
+    let environ = [name, attrs]
+        .iter()
+        .filter_map(|var| {
+            let (k, v) = text(var)
+                .split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))?;
+            matches!(k.as_str(), "OTEL_SERVICE_NAME" | "OTEL_RESOURCE_ATTRIBUTES").then_some((k, v))
+        })
+        .collect();
+    ExecEvent {
+        ts_ns,
+        pid,
+        filename: text(&filename),
+        argv,
+        environ,
+    }
+}
+
 pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
     let mut f = Fields { buf, pos: 0 };
     let h = header(&mut f)?;
@@ -376,6 +434,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         KIND_CLOSE => (CLOSE_EVENT_SIZE, KIND_CLOSE),
         KIND_FORK => (FORK_EVENT_SIZE, KIND_FORK),
         KIND_HANDOFF => (HANDOFF_EVENT_SIZE, KIND_HANDOFF),
+        KIND_EXEC => (EXEC_EVENT_SIZE, KIND_EXEC),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if buf.len() < need {
@@ -399,6 +458,9 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             from: f.u64(),
             to: f.u64(),
         }));
+    }
+    if kind == KIND_EXEC {
+        return Ok(Event::Exec(exec(&mut f, h.ts_ns, pid)));
     }
     if kind == KIND_FORK {
         return Ok(Event::Fork(ForkEvent {
@@ -668,6 +730,62 @@ pub(crate) mod tests {
         for len in 0..rec.len() {
             assert!(decode(&rec[..len]).is_err());
         }
+    }
+
+    #[test]
+    fn decodes_an_exec_record() {
+        let mut ev = wire::ExecEvent {
+            header: wire::EventHeader {
+                kind: KIND_EXEC,
+                version: EVENT_VERSION,
+                len: EXEC_EVENT_SIZE as u32,
+                ts_ns: 9,
+                pid_tgid: (42 << 32) | 42,
+            },
+            filename_len: 13,
+            argv_len: 0,
+            service_name_len: 0,
+            resource_attributes_len: 0,
+            argc: 3,
+            _pad: 0,
+            filename: [0xff; EXEC_FILENAME_MAX],
+            argv: [0xff; EXEC_ARGV_MAX],
+            service_name: [0; EXEC_ENV_MAX],
+            resource_attributes: [0; EXEC_ENV_MAX],
+        };
+        ev.filename[..13].copy_from_slice(b"/usr/bin/curl");
+        // The argument area as the kernel lays it out: each string NUL-terminated.
+        let args = b"curl\0-s\0\0";
+        ev.argv[..args.len()].copy_from_slice(args);
+        ev.argv_len = args.len() as u16;
+        let name = b"OTEL_SERVICE_NAME=probe";
+        ev.service_name[..name.len()].copy_from_slice(name);
+        ev.service_name_len = name.len() as u16;
+        // Anything else in a slot is not taken for a naming variable.
+        let other = b"OTEL_RESOURCE_ATTRIBUTESX=a=b";
+        ev.resource_attributes[..other.len()].copy_from_slice(other);
+        ev.resource_attributes_len = other.len() as u16;
+        let rec = as_bytes(&ev).to_vec();
+        for len in 0..rec.len() {
+            assert!(decode(&rec[..len]).is_err());
+        }
+        assert_eq!(
+            decode(&rec),
+            Ok(Event::Exec(ExecEvent {
+                ts_ns: 9,
+                pid: 42,
+                filename: "/usr/bin/curl".into(),
+                argv: vec!["curl".into(), "-s".into(), "".into()],
+                environ: vec![("OTEL_SERVICE_NAME".into(), "probe".into())],
+            }))
+        );
+        // An argument area cut at its cap keeps the part it has.
+        ev.argc = 5;
+        ev.argv_len = 7;
+        let Ok(Event::Exec(cut)) = decode(as_bytes(&ev)) else {
+            panic!("exec record")
+        };
+        assert_eq!(cut.argv, ["curl", "-s"]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub trait Sink {
     fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>);
     /// Thread `ev.parent_tid` created `ev.child_tid`.
     fn fork(&mut self, _ev: &crate::decode::ForkEvent) {}
+    /// A selected process ran a new program.
+    fn exec(&mut self, _ev: crate::decode::ExecEvent) {}
     /// Called about once a second with the monotonic time: for timeouts.
     fn tick(&mut self, _now_ns: u64) {}
     fn flush(&mut self) {}
@@ -107,6 +109,7 @@ fn handle<S: Sink>(
             }
         }
         Event::Fork(fork) => sink.fork(&fork),
+        Event::Exec(exec) => sink.exec(exec),
         Event::Handoff(h) => goroutines.handoff(&h),
         Event::Close(close) => {
             // A TLS connection's plaintext is a connection of its own beside the ciphertext.

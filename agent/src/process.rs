@@ -3,7 +3,7 @@
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -19,6 +19,9 @@ pub type SharedProcesses = Arc<Mutex<ProcessCache>>;
 
 /// How long the info of an exited process is kept: its last spans may still be queued.
 const KEEP_EXITED: Duration = Duration::from_secs(120);
+/// Exec reports kept for processes not yet looked up: enough for a burst of short-lived
+/// programs between two reads of the ring.
+const EXECS_KEPT: usize = 4096;
 
 pub use crate::service_rules::ServiceNameRule;
 
@@ -177,11 +180,15 @@ fn read_nul_separated(path: &Path) -> Vec<String> {
 }
 
 /// Field 22 of /proc/PID/stat: start time in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
+/// The process's start time, and whether it has exited (a zombie not yet reaped by its parent
+/// still has a stat but no command line, executable or environment).
+fn start_time(pid: u32) -> Option<(u64, bool)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // comm may contain spaces and parentheses: fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let exited = matches!(fields.next()?, "Z" | "X");
+    Some((fields.nth(18)?.parse().ok()?, exited))
 }
 
 struct Entry {
@@ -195,6 +202,10 @@ pub struct ProcessCache {
     /// Mask secrets in command lines (`redact::command_line`).
     redact_command_line: bool,
     by_pid: HashMap<u32, Entry>,
+    /// The latest exec of each process (oldest first in `exec_order`): what names a process
+    /// that exited before it was looked up.
+    execs: HashMap<u32, crate::decode::ExecEvent>,
+    exec_order: VecDeque<u32>,
     /// The pods of this node, when Kubernetes metadata is on.
     pods: Option<SharedPods>,
 }
@@ -205,6 +216,8 @@ impl ProcessCache {
             rules,
             redact_command_line: true,
             by_pid: HashMap::new(),
+            execs: HashMap::new(),
+            exec_order: VecDeque::new(),
             pods: None,
         }
     }
@@ -242,16 +255,41 @@ impl ProcessCache {
         Arc::new(Mutex::new(cache))
     }
 
-    /// The process's info; `comm` is the fallback name for a process already gone. Read as
-    /// early as possible (on a connection's first event): short-lived clients exit quickly.
+    /// A process ran a new program: its next lookup reads it afresh, and if it is gone by then,
+    /// this report names it.
+    pub fn exec(&mut self, ev: crate::decode::ExecEvent) {
+        self.by_pid.remove(&ev.pid);
+        if self.execs.insert(ev.pid, ev.clone()).is_none() {
+            self.exec_order.push_back(ev.pid);
+        }
+        while self.exec_order.len() > EXECS_KEPT {
+            if let Some(old) = self.exec_order.pop_front() {
+                self.execs.remove(&old);
+            }
+        }
+    }
+
+    /// The process's info; `comm` is the fallback name for a process already gone and never
+    /// reported by an exec. Read as early as possible (on a connection's first event).
     pub fn get(&mut self, pid: u32, comm: &str) -> &ProcessInfo {
-        let started = start_time(pid);
+        let (started, exited) = match start_time(pid) {
+            Some((t, exited)) => (Some(t), exited),
+            None => (None, true),
+        };
         let stale = self
             .by_pid
             .get(&pid)
             .is_none_or(|e| started.is_some() && e.started != started);
         if stale {
-            let info = self.read(pid, comm);
+            // A process that is exiting has released its memory before it becomes a zombie:
+            // /proc then shows no command line either.
+            let info = match self.execs.get(&pid) {
+                Some(exec) if exited => self.reported(exec),
+                Some(exec) => Some(self.read(pid, comm))
+                    .filter(|info| !info.command_line.is_empty())
+                    .unwrap_or_else(|| self.reported(exec)),
+                None => self.read(pid, comm),
+            };
             self.by_pid.insert(
                 pid,
                 Entry {
@@ -268,11 +306,12 @@ impl ProcessCache {
 
     fn read(&self, pid: u32, comm: &str) -> ProcessInfo {
         let root = Path::new("/proc").join(pid.to_string());
+        // The command line last: a process that exits releases its memory (and with it all
+        // three) once, so a command line read means the two before it were read whole.
         let exe = std::fs::read_link(root.join("exe"))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| comm.to_string());
-        let argv = read_nul_separated(&root.join("cmdline"));
         let environ: Vec<(String, String)> = read_nul_separated(&root.join("environ"))
             .into_iter()
             .filter(|kv| kv.starts_with("OTEL_"))
@@ -281,10 +320,29 @@ impl ProcessCache {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
             })
             .collect();
-        let explicit = explicit_service_name(&exe, &argv, &environ, &self.rules);
+        let argv = read_nul_separated(&root.join("cmdline"));
         let container = std::fs::read_to_string(root.join("cgroup"))
             .ok()
             .and_then(|text| container_of(&text));
+        self.build(pid, exe, argv, &environ, container)
+    }
+
+    /// A process gone before it was looked up, as its exec described it. The container is not
+    /// known (its cgroup went with it).
+    fn reported(&self, exec: &crate::decode::ExecEvent) -> ProcessInfo {
+        let exe = executable_of(&exec.filename, &exec.argv);
+        self.build(exec.pid, exe, exec.argv.clone(), &exec.environ, None)
+    }
+
+    fn build(
+        &self,
+        pid: u32,
+        exe: String,
+        argv: Vec<String>,
+        environ: &[(String, String)],
+        container: Option<ContainerRef>,
+    ) -> ProcessInfo {
+        let explicit = explicit_service_name(&exe, &argv, environ, &self.rules);
         ProcessInfo {
             pid,
             named_explicitly: explicit.is_some(),
@@ -298,7 +356,7 @@ impl ProcessCache {
             attributes: container
                 .iter()
                 .map(|c| (Cow::Borrowed("container.id"), c.id.clone()))
-                .chain(declared_attributes(&environ))
+                .chain(declared_attributes(environ))
                 .collect(),
             container,
         }
@@ -312,12 +370,74 @@ impl ProcessCache {
     }
 }
 
+/// The executable's file name as /proc/PID/exe would give it: symbolic links resolved; for a
+/// script (`#!`), its interpreter, which the kernel put first in the arguments.
+fn executable_of(filename: &str, argv: &[String]) -> String {
+    let script = std::fs::File::open(filename).is_ok_and(|mut f| {
+        let mut magic = [0u8; 2];
+        std::io::Read::read_exact(&mut f, &mut magic).is_ok() && &magic == b"#!"
+    });
+    let path = match argv.first() {
+        Some(interpreter) if script => interpreter.as_str(),
+        _ => filename,
+    };
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.into());
+    resolved
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn argv(s: &str) -> Vec<String> {
         s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_process_gone_before_its_lookup_is_named_from_its_exec() {
+        // Above any pid_max: never a live process.
+        let pid = 4_194_304 + 7;
+        let mut cache = ProcessCache::new(Vec::new());
+        assert_eq!(cache.get(pid, "curl").service_name, "curl");
+        assert_eq!(cache.get(pid, "curl").command_line, "");
+        cache.exec(crate::decode::ExecEvent {
+            ts_ns: 1,
+            pid,
+            filename: "/usr/bin/python3".into(),
+            argv: argv("python3 /srv/sdk_client.py --token=abc"),
+            environ: vec![("OTEL_RESOURCE_ATTRIBUTES".into(), "team=payments".into())],
+        });
+        let info = cache.get(pid, "python3").clone();
+        assert_eq!(info.service_name, "sdk_client");
+        assert!(info.executable_name.starts_with("python3"), "{info:?}");
+        assert_eq!(
+            info.command_line,
+            "python3 /srv/sdk_client.py --token=REDACTED"
+        );
+        assert!(
+            info.attributes
+                .iter()
+                .any(|(k, v)| k == "team" && v == "payments")
+        );
+    }
+
+    #[test]
+    fn a_script_is_named_by_its_interpreter_like_proc_does() {
+        let dir = std::env::temp_dir().join(format!("loupe-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("job.sh");
+        std::fs::write(&script, "#!/bin/sh\necho\n").unwrap();
+        let path = script.to_string_lossy().into_owned();
+        let sh = std::fs::canonicalize("/bin/sh").unwrap();
+        assert_eq!(
+            executable_of(&path, &argv(&format!("/bin/sh {path}"))),
+            sh.file_name().unwrap().to_string_lossy()
+        );
+        assert_eq!(executable_of("/nonexistent/curl", &argv("curl")), "curl");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -531,3 +531,61 @@ fn service_name_rules_match_what_they_say_and_processes_declare_their_resource()
     );
     drop(server);
 }
+
+/// A client that runs for a millisecond is gone before its first event reaches user space: it is
+/// named from its exec (read in the kernel while it cannot have exited), not from /proc. Many
+/// in a row, because each one is a race the agent used to lose now and then.
+#[test]
+fn short_lived_clients_are_named_from_their_exec() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("shortlived");
+    let server = http_server(&cg);
+    let receiver = Receiver::start();
+    let agent = agent(&cg, &receiver, "grpc", &[]);
+    const CLIENTS: usize = 60;
+    for i in 0..CLIENTS {
+        let url = format!("http://{}/missing-{i}", server.addr);
+        let out = cg
+            .command("curl", &["-s", "-o", "/dev/null", &url])
+            .env("OTEL_SERVICE_NAME", format!("batch-{}", i % 3))
+            .env("OTEL_RESOURCE_ATTRIBUTES", format!("job.index={i}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    receiver.wait_for(Duration::from_secs(20), |s| {
+        by_kind(s, CLIENT).len() >= CLIENTS
+    });
+    let (_, log) = agent.stop_raw();
+    let spans = receiver.spans();
+    let clients = by_kind(&spans, CLIENT);
+    assert_eq!(clients.len(), CLIENTS, "{log}");
+    let mut wrong = Vec::new();
+    for s in &clients {
+        let i: usize = s
+            .attr("url.path")
+            .and_then(|p| p.strip_prefix("/missing-"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("path: {s:?}"));
+        let want_cmd = format!("curl -s -o /dev/null http://{}/missing-{i}", server.addr);
+        let got = (
+            s.service().to_string(),
+            s.resource.get("process.command_line").cloned(),
+            s.resource.get("process.executable.name").cloned(),
+            s.resource.get("job.index").cloned(),
+        );
+        let want = (
+            format!("batch-{}", i % 3),
+            Some(want_cmd),
+            Some("curl".to_string()),
+            Some(i.to_string()),
+        );
+        if got != want {
+            wrong.push(format!("{got:?} != {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{} of {CLIENTS}: {wrong:#?}", wrong.len());
+    drop(server);
+}

@@ -5,6 +5,7 @@ pub mod copy;
 pub mod count;
 pub mod emit;
 pub mod event;
+pub mod exec;
 pub mod filter;
 pub mod payload;
 pub mod record;

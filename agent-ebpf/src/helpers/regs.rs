@@ -33,6 +33,8 @@ mod abi {
     pub const NR: usize = 3;
     /// r14
     pub const GOROUTINE: u64 = 8;
+    /// sp
+    pub const SP: u64 = 152;
 }
 
 /// arm64 (the generic syscall table); not exercised by the tests on this project's machines.
@@ -53,6 +55,8 @@ mod abi {
     pub const SYSCALLNO: u64 = 280;
     /// regs[28]
     pub const GOROUTINE: u64 = 224;
+    /// sp, after regs[0..31]
+    pub const SP: u64 = 248;
 }
 
 /// The in-flight call of the current thread when it is one of the single-buffer socket
@@ -123,4 +127,18 @@ pub fn syscall_goroutine() -> u64 {
     }
     // SAFETY: fault-tolerant kernel read.
     unsafe { bpf_probe_read_kernel((regs + abi::GOROUTINE) as *const u64) }.unwrap_or(0)
+}
+
+/// The user stack pointer the current task returns to. Right after an exec it points at the
+/// new program's `argc`, followed by the `argv` and `envp` pointer arrays (the ELF process
+/// entry ABI of both architectures).
+#[inline(always)]
+pub fn user_stack_pointer() -> u64 {
+    // SAFETY: as in current_call.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return 0;
+    }
+    // SAFETY: fault-tolerant kernel read.
+    unsafe { bpf_probe_read_kernel((regs + abi::SP) as *const u64) }.unwrap_or(0)
 }

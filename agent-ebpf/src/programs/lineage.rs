@@ -1,6 +1,7 @@
 //! Keeping `--pid`/`--exe` selections true as processes come and go: a child process of a
 //! selected process is selected (task:task_newtask, in the parent), a process that execs a
-//! selected executable name is selected (sched:sched_process_exec), and a descendant that exits
+//! selected executable name is selected (sched:sched_process_exec, which also reports the
+//! exec's command line: helpers/exec.rs), and a descendant that exits
 //! leaves the set (sched:sched_process_exit), so that its pid, once reused, is not traced.
 
 use agent_common::config::{FILTER_PID, PID_DESCENDANT};
@@ -11,7 +12,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    helpers::record::field,
+    helpers::{exec::emit_exec, filter::process_selected, record::field},
     maps::{EXE_FILTER, LOUPE_CONFIG, PID_FILTER},
 };
 
@@ -44,21 +45,23 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint]
-pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let cfg = LOUPE_CONFIG.load();
-    if cfg.filter & FILTER_PID == 0 {
-        return 0;
-    }
-    // After exec the task's name is the new executable's (first 15 bytes).
-    let Ok(comm) = bpf_get_current_comm() else {
-        return 0;
-    };
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: map lookups and updates of plain keys.
-    unsafe {
-        if EXE_FILTER.get(comm).is_some() {
-            let _ = PID_FILTER.insert(tgid, PID_DESCENDANT, 0);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if cfg.filter & FILTER_PID != 0 {
+        // After exec the task's name is the new executable's (first 15 bytes).
+        if let Ok(comm) = bpf_get_current_comm() {
+            let tgid = (pid_tgid >> 32) as u32;
+            // SAFETY: map lookups and updates of plain keys.
+            unsafe {
+                if EXE_FILTER.get(comm).is_some() {
+                    let _ = PID_FILTER.insert(tgid, PID_DESCENDANT, 0);
+                }
+            }
         }
+    }
+    if process_selected(&cfg, pid_tgid) {
+        emit_exec(&ctx, pid_tgid);
     }
     0
 }

@@ -93,7 +93,7 @@ const HOOKS: &[Hook] = &[
         "sched_process_exec",
         "sched",
         false,
-        "selecting processes started later with an --exe name",
+        "selecting processes started later with an --exe name; naming a short-lived process (one gone before its first event is read shows its 15-byte name only)",
     ),
     hook(
         "sched_process_exit",

@@ -668,6 +668,12 @@ impl Sink for TraceSink {
         }
     }
 
+    fn exec(&mut self, ev: crate::decode::ExecEvent) {
+        if let Ok(mut p) = self.processes.lock() {
+            p.exec(ev);
+        }
+    }
+
     fn fork(&mut self, ev: &crate::decode::ForkEvent) {
         self.linker
             .thread_created(ev.pid, ev.parent_tid, ev.child_tid, ev.ts_ns);
