@@ -12,6 +12,7 @@ pub const KIND_CLOSE: u16 = 2;
 pub const KIND_FORK: u16 = 3;
 pub const KIND_HANDOFF: u16 = 4;
 pub const KIND_EXEC: u16 = 5;
+pub const KIND_WAKE: u16 = 6;
 
 /// Largest payload prefix one event can carry. The runtime cap (`LoupeConfig::capture_bytes`) is
 /// at most this. A power of two: the kernel side bounds offsets by masking with `MAX_PAYLOAD - 1`.
@@ -159,3 +160,18 @@ pub struct ExecEvent {
 }
 pub const EXEC_EVENT_SIZE: usize = core::mem::size_of::<ExecEvent>();
 const _: () = assert!(EXEC_EVENT_SIZE == 40 + 256 + 1024 + 512);
+
+/// A thread of a thread-pool runtime (agent_common::config: the JVM) woke another thread of its
+/// process through a futex (a lock handed over, a condition signalled, a future completed): the
+/// waker is in the header's pid_tgid. Lets the agent find which request's thread a pool thread
+/// was working for when the pool thread completes its task (FutureTask wakes its waiter).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WakeEvent {
+    pub header: EventHeader,
+    /// Thread id of the woken task.
+    pub wakee: u32,
+    pub _pad: u32,
+}
+pub const WAKE_EVENT_SIZE: usize = core::mem::size_of::<WakeEvent>();
+const _: () = assert!(WAKE_EVENT_SIZE == 32);

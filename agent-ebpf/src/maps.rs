@@ -74,6 +74,10 @@ pub static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
 pub static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(256, 0);
 /// Executable names (as the task's comm: NUL-padded, first 15 bytes) whose new processes are
 /// selected when they exec.
+/// tgid -> 1 for processes of a thread-pool runtime (the JVM), whose futex wakes the agent
+/// follows (programs/sched.rs). Filled by the agent's process watcher.
+#[map]
+pub static POOL_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static EXE_FILTER: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 

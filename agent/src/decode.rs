@@ -10,7 +10,7 @@ use agent_common::{
         CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, EXEC_ARGV_MAX,
         EXEC_ENV_MAX, EXEC_EVENT_SIZE, EXEC_FILENAME_MAX, FLAG_MIDSTREAM, FLAG_NO_PAYLOAD,
         FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE, KIND_DATA,
-        KIND_EXEC, KIND_FORK, KIND_HANDOFF, MAX_PAYLOAD,
+        KIND_EXEC, KIND_FORK, KIND_HANDOFF, KIND_WAKE, MAX_PAYLOAD, WAKE_EVENT_SIZE,
     },
 };
 use bytes::Bytes;
@@ -286,6 +286,15 @@ pub struct ExecEvent {
     pub environ: Vec<(String, String)>,
 }
 
+/// In process `pid`, thread `waker` woke thread `wakee` through a futex (pool runtimes only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub waker: u32,
+    pub wakee: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Data(DataEvent),
@@ -293,6 +302,7 @@ pub enum Event {
     Fork(ForkEvent),
     Handoff(HandoffEvent),
     Exec(ExecEvent),
+    Wake(WakeEvent),
 }
 
 /// A little cursor over native-endian fields; every read is checked.
@@ -435,6 +445,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         KIND_FORK => (FORK_EVENT_SIZE, KIND_FORK),
         KIND_HANDOFF => (HANDOFF_EVENT_SIZE, KIND_HANDOFF),
         KIND_EXEC => (EXEC_EVENT_SIZE, KIND_EXEC),
+        KIND_WAKE => (WAKE_EVENT_SIZE, KIND_WAKE),
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if buf.len() < need {
@@ -457,6 +468,14 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
             pid,
             from: f.u64(),
             to: f.u64(),
+        }));
+    }
+    if kind == KIND_WAKE {
+        return Ok(Event::Wake(WakeEvent {
+            ts_ns: h.ts_ns,
+            pid,
+            waker: tid,
+            wakee: f.u32(),
         }));
     }
     if kind == KIND_EXEC {
@@ -725,6 +744,34 @@ pub(crate) mod tests {
                 pid: 42,
                 parent_tid: 43,
                 child_tid: 44
+            }))
+        );
+        for len in 0..rec.len() {
+            assert!(decode(&rec[..len]).is_err());
+        }
+    }
+
+    #[test]
+    fn decodes_a_wake_record() {
+        let ev = wire::WakeEvent {
+            header: wire::EventHeader {
+                kind: KIND_WAKE,
+                version: EVENT_VERSION,
+                len: WAKE_EVENT_SIZE as u32,
+                ts_ns: 9,
+                pid_tgid: (42 << 32) | 43,
+            },
+            wakee: 44,
+            _pad: 0,
+        };
+        let rec = as_bytes(&ev);
+        assert_eq!(
+            decode(rec),
+            Ok(Event::Wake(WakeEvent {
+                ts_ns: 9,
+                pid: 42,
+                waker: 43,
+                wakee: 44
             }))
         );
         for len in 0..rec.len() {

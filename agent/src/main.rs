@@ -169,9 +169,12 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     let mut metrics = Metrics::new(Some(probe.take_counters()?));
     let tls = Arc::new(loupe::tls::TlsStats::default());
     let go_pids = loupe::tls::watch::GoPids::default();
-    let tls_watch = probe
-        .tls_ready
-        .then(|| loupe::tls::watch::start(probe.handle(), tls.clone(), go_pids.clone()));
+    let tls_watch = Some(loupe::tls::watch::start(
+        probe.handle(),
+        tls.clone(),
+        go_pids.clone(),
+        probe.tls_ready,
+    ));
     metrics.tls = Some(tls.clone());
     let (stop, stop_rx) = watch::channel(false);
     let (tx, events) = mpsc::channel(65_536);

@@ -299,6 +299,11 @@ impl Metrics {
                     "Connections of another Loupe agent on this host, not traced.",
                     get(&t.other_agents),
                 ),
+                (
+                    "loupe_link_held_overflow_total",
+                    "Spans waiting for a pool thread's handback sent as they were: too many held (50 000).",
+                    get(&t.held_overflow),
+                ),
             ]);
         }
         if let Some(l) = &self.links {
@@ -332,6 +337,11 @@ impl Metrics {
                     "loupe_link_sole_request_total",
                     "CLIENT spans from a thread handling nothing, parented by the only request their process was handling.",
                     get(&l.by_sole_request),
+                ),
+                (
+                    "loupe_link_handback_total",
+                    "CLIENT spans of a pool thread (JVM) parented by the request whose thread it woke right after the call: the task's result handed back.",
+                    get(&l.by_handback),
                 ),
                 (
                     "loupe_link_target_total",

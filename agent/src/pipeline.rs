@@ -43,9 +43,13 @@ pub trait Sink {
     fn fork(&mut self, _ev: &crate::decode::ForkEvent) {}
     /// A selected process ran a new program.
     fn exec(&mut self, _ev: crate::decode::ExecEvent) {}
+    /// A thread of a pool runtime woke another.
+    fn wake(&mut self, _ev: &crate::decode::WakeEvent) {}
     /// Called about once a second with the monotonic time: for timeouts.
     fn tick(&mut self, _now_ns: u64) {}
     fn flush(&mut self) {}
+    /// The run is over: nothing is held back any more.
+    fn drain(&mut self) {}
 }
 
 pub async fn run<S: Sink>(
@@ -82,6 +86,7 @@ pub async fn run<S: Sink>(
             *t = table.stats();
         }
     }
+    sink.drain();
     sink.flush();
 }
 
@@ -110,6 +115,7 @@ fn handle<S: Sink>(
         }
         Event::Fork(fork) => sink.fork(&fork),
         Event::Exec(exec) => sink.exec(exec),
+        Event::Wake(wake) => sink.wake(&wake),
         Event::Handoff(h) => goroutines.handoff(&h),
         Event::Close(close) => {
             // A TLS connection's plaintext is a connection of its own beside the ciphertext.

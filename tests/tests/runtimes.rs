@@ -190,10 +190,10 @@ const HOPS: [Hop; 11] = [
     ),
     (
         "java in -> out",
-        "pool",
+        "handback",
         ("svc-java", CLIENT, "p", 2),
         ("svc-java", SERVER, "j", 1),
-        false,
+        true,
     ),
     (
         "java -> asyncio",

@@ -26,6 +26,7 @@ mod abi {
     pub const NR_RECVFROM: u64 = 45;
     pub const NR_SENDMSG: u64 = 46;
     pub const NR_RECVMSG: u64 = 47;
+    pub const NR_FUTEX: u64 = 202;
     /// dx, si, di, orig_ax: four consecutive words (di, the fd, is not needed).
     pub const WINDOW: u64 = 96;
     pub const ARG1: usize = 1;
@@ -48,6 +49,7 @@ mod abi {
     pub const NR_RECVFROM: u64 = 207;
     pub const NR_SENDMSG: u64 = 211;
     pub const NR_RECVMSG: u64 = 212;
+    pub const NR_FUTEX: u64 = 98;
     /// regs[1], regs[2] at 8 and 16; syscallno (s32) at 280.
     pub const WINDOW: u64 = 8;
     pub const ARG1: usize = 0;
@@ -141,4 +143,13 @@ pub fn user_stack_pointer() -> u64 {
     }
     // SAFETY: fault-tolerant kernel read.
     unsafe { bpf_probe_read_kernel((regs + abi::SP) as *const u64) }.unwrap_or(0)
+}
+
+/// Whether the current task is inside a futex syscall (a lock or condition handing over to
+/// another thread), as opposed to waking a task from an interrupt or another syscall.
+#[inline(always)]
+pub fn in_futex() -> bool {
+    // SAFETY: as in current_call.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    regs != 0 && read(regs).is_some_and(|(nr, _, _)| nr == abi::NR_FUTEX)
 }

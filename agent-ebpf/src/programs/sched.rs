@@ -1,7 +1,11 @@
 //! sched:sched_process_fork: thread (and process) creation by selected processes, so the agent
-//! can follow a request handed to a newly created thread.
+//! can follow a request handed to a newly created thread; sched:sched_waking: futex wakes
+//! between the threads of a pool runtime, so it can follow work handed to a pool thread.
 
-use agent_common::event::{EVENT_VERSION, EventHeader, FORK_EVENT_SIZE, ForkEvent, KIND_FORK};
+use agent_common::event::{
+    EVENT_VERSION, EventHeader, FORK_EVENT_SIZE, ForkEvent, KIND_FORK, KIND_WAKE, WAKE_EVENT_SIZE,
+    WakeEvent,
+};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::tracepoint,
@@ -9,8 +13,8 @@ use aya_ebpf::{
 };
 
 use crate::{
-    helpers::{emit::emit, filter::process_selected},
-    maps::LOUPE_CONFIG,
+    helpers::{emit::emit, filter::process_selected, record::field, regs::in_futex},
+    maps::{LOUPE_CONFIG, POOL_PIDS},
 };
 
 /// Offset of child_pid in the sched_process_fork record (tracefs format file).
@@ -34,6 +38,47 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
             pid_tgid,
         },
         child_tid: child_tid as u32,
+        _pad: 0,
+    };
+    emit(&event);
+    0
+}
+
+/// sched_waking record: the woken `pid` (a thread id) at 24. (The common fields, where the
+/// interrupt flags are, are out of a BPF program's reach.)
+const WAKING_PID: usize = 24;
+
+/// Fires on every wakeup of the host, in the waker's context: the cheapest test first (a
+/// process of a pool runtime), then only a wake from inside a futex syscall is sent (a wake
+/// from an interrupt has a random current task, seldom one inside futex).
+#[tracepoint]
+pub fn sched_waking(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: map lookup of a plain key.
+    if unsafe { POOL_PIDS.get((pid_tgid >> 32) as u32) }.is_none() {
+        return 0;
+    }
+    if !in_futex() {
+        return 0;
+    }
+    let wakee = field::<i32>(&ctx, WAKING_PID) as u32;
+    if wakee == pid_tgid as u32 {
+        return 0;
+    }
+    let cfg = LOUPE_CONFIG.load();
+    if !process_selected(&cfg, pid_tgid) {
+        return 0;
+    }
+    let event = WakeEvent {
+        header: EventHeader {
+            kind: KIND_WAKE,
+            version: EVENT_VERSION,
+            len: WAKE_EVENT_SIZE as u32,
+            // SAFETY: helper without arguments.
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+            pid_tgid,
+        },
+        wakee,
         _pad: 0,
     };
     emit(&event);

@@ -84,6 +84,12 @@ const HOOKS: &[Hook] = &[
         "following requests handed to new threads",
     ),
     hook(
+        "sched_waking",
+        "sched",
+        false,
+        "following calls a Java thread pool makes for a request another thread handles",
+    ),
+    hook(
         "task_newtask",
         "task",
         false,

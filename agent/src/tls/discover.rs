@@ -22,16 +22,28 @@ pub struct Candidate {
     pub shown_path: String,
 }
 
-/// Files of `pid` worth examining: its executable, and each mapped `libssl.so*`.
-pub fn candidates(pid: u32) -> Vec<Candidate> {
-    let mut out = Vec::new();
+/// What one look at a process finds.
+#[derive(Default)]
+pub struct Found {
+    /// Files worth examining: its executable, and each mapped `libssl.so*`.
+    pub candidates: Vec<Candidate>,
+    /// It runs a JVM (`libjvm.so` mapped): a thread-pool runtime whose futex wakes are followed.
+    pub jvm: bool,
+}
+
+pub fn candidates(pid: u32) -> Found {
+    let mut found = Found::default();
+    let out = &mut found.candidates;
     if let Some(exe) = exe(pid) {
         out.push(exe);
     }
     let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
-        return out;
+        return found;
     };
     for m in parse_maps(&maps) {
+        if basename(m.path).starts_with("libjvm.so") {
+            found.jvm = true;
+        }
         if is_libssl(m.path) && !out.iter().any(|c| c.id == m.id) {
             out.push(Candidate {
                 id: m.id,
@@ -40,7 +52,7 @@ pub fn candidates(pid: u32) -> Vec<Candidate> {
             });
         }
     }
-    out
+    found
 }
 
 fn exe(pid: u32) -> Option<Candidate> {
@@ -172,8 +184,10 @@ mod tests {
 
     #[test]
     fn this_process_is_found_with_its_executable() {
-        let c = candidates(std::process::id());
+        let found = candidates(std::process::id());
+        let c = &found.candidates;
         assert!(!c.is_empty());
         assert!(c[0].open_path.ends_with("exe"));
+        assert!(!found.jvm);
     }
 }

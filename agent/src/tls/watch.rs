@@ -49,13 +49,17 @@ impl Drop for TlsWatch {
 /// Scans every process once before returning (so that "ready" means the probes of running
 /// processes are on), then watches in the background. `go` learns which processes are Go
 /// programs (their events are keyed by goroutine).
-pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWatch {
+/// `probes`: the uprobe programs are loaded (TLS on and accepted by the verifier); without
+/// them the watcher still finds Go programs and JVMs.
+pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids, probes: bool) -> TlsWatch {
     let mut attacher = Attacher {
         ebpf,
         stats,
         examined: HashMap::new(),
         go_files: std::collections::HashSet::new(),
         go,
+        jvms: std::collections::HashSet::new(),
+        probes,
         own_pid: std::process::id(),
     };
     let mut seen: HashMap<u32, (Instant, bool)> = HashMap::new();
@@ -97,6 +101,7 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids) -> TlsWat
                     alive.insert(pid, entry);
                 }
                 attacher.go.retain(|pid| alive.contains_key(pid));
+                attacher.forget_jvms(|pid| alive.contains_key(pid));
                 seen = alive;
             }
         })
@@ -152,6 +157,9 @@ struct Attacher {
     /// Executables that are Go programs (register ABI).
     go_files: std::collections::HashSet<FileId>,
     go: GoPids,
+    /// Processes running a JVM, as put in the kernel's POOL_PIDS.
+    jvms: std::collections::HashSet<u32>,
+    probes: bool,
     own_pid: u32,
 }
 
@@ -160,13 +168,46 @@ impl Attacher {
         if pid == self.own_pid {
             return;
         }
-        for c in discover::candidates(pid) {
+        let found = discover::candidates(pid);
+        for c in &found.candidates {
             if self.examined.insert(c.id, ()).is_none() {
-                self.examine(pid, &c);
+                self.examine(pid, c);
             }
             if self.go_files.contains(&c.id) {
                 self.go.insert(pid);
             }
+        }
+        if found.jvm && !self.jvms.contains(&pid) {
+            self.pool_pid(pid, true);
+        }
+    }
+
+    /// Marks (or unmarks) a process whose futex wakes the kernel reports (programs/sched.rs).
+    fn pool_pid(&mut self, pid: u32, on: bool) {
+        let Ok(mut ebpf) = self.lock() else { return };
+        let Some(map) = ebpf.map_mut("POOL_PIDS") else {
+            return;
+        };
+        let Ok(mut map) = aya::maps::HashMap::<_, u32, u8>::try_from(map) else {
+            return;
+        };
+        let ok = if on {
+            map.insert(pid, 1, 0).is_ok()
+        } else {
+            map.remove(&pid).is_ok()
+        };
+        drop(ebpf);
+        if on && ok {
+            self.jvms.insert(pid);
+        } else if !on {
+            self.jvms.remove(&pid);
+        }
+    }
+
+    fn forget_jvms(&mut self, alive: impl Fn(&u32) -> bool) {
+        let gone: Vec<u32> = self.jvms.iter().copied().filter(|p| !alive(p)).collect();
+        for pid in gone {
+            self.pool_pid(pid, false);
         }
     }
 
@@ -186,6 +227,12 @@ impl Attacher {
             std::os::fd::AsRawFd::as_raw_fd(&file)
         ));
         let path = path.as_path();
+        if !self.probes {
+            if let Target::Go(_) = target {
+                self.go_files.insert(c.id);
+            }
+            return;
+        }
         let result = match &target {
             Target::None => return,
             Target::GoUnsupported(version) => {

@@ -58,6 +58,11 @@ const MAX_THREADS: usize = 100_000;
 const THREAD_MAX_AGE_NS: u64 = 600_000_000_000;
 /// How long a SERVER start without a peer waits for its caller's CLIENT start to show up.
 const ORPHAN_WAIT_NS: u64 = 1_000_000_000;
+/// How long after its response a pool thread's unparented CLIENT exchange waits for the wake
+/// that hands its result to the requesting thread (FutureTask wakes its waiter right away).
+const HANDBACK_WAIT_NS: u64 = 50_000_000;
+/// A pool thread's CLIENT exchange without a response is given up after this long.
+const HANDBACK_MAX_NS: u64 = 30_000_000_000;
 
 #[derive(Debug, Default)]
 pub struct LinkStats {
@@ -72,6 +77,9 @@ pub struct LinkStats {
     /// CLIENT spans from a thread handling nothing, parented by the only request their process
     /// was handling (work handed to a pool thread: gRPC servers, executors).
     pub by_sole_request: AtomicU64,
+    /// CLIENT spans of a pool thread (JVM) parented by the request whose thread the pool
+    /// thread woke right after the exchange: the task's result handed back to its submitter.
+    pub by_handback: AtomicU64,
     /// CLIENT exchanges whose thread handled several requests, none clearly theirs.
     pub ambiguous: AtomicU64,
     /// CLIENT exchanges made while their thread handled no request.
@@ -91,6 +99,16 @@ struct InFlight {
     carried: Option<[u8; 8]>,
     target: String,
     started_ns: u64,
+}
+
+/// An unparented CLIENT exchange of a pool thread, waiting to see which request's thread it
+/// hands its result to. Its spans (and its callees') are held until then (`provisional`).
+#[derive(Debug, Clone, Copy)]
+struct Handback {
+    span_id: [u8; 8],
+    trace_id: [u8; 16],
+    started_ns: u64,
+    ended_ns: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -155,8 +173,16 @@ pub struct Linker {
     aliases: HashMap<[u8; 16], ([u8; 16], u64)>,
     /// (pid, thread) -> (the thread that created it, when).
     creators: HashMap<(u32, u32), (u32, u64)>,
-    /// Server span id -> (trace id, parent span id) adopted after the span started.
-    adopted: HashMap<[u8; 8], ([u8; 16], [u8; 8])>,
+    /// Span id -> (trace id, parent span id, parent is remote) adopted after the span started.
+    adopted: HashMap<[u8; 8], ([u8; 16], [u8; 8], bool)>,
+    /// Processes of a pool runtime (they report futex wakes): (pid, pool thread) -> the
+    /// unparented CLIENT exchange that thread made last.
+    pools: std::collections::HashSet<u32>,
+    handbacks: HashMap<(u32, u32), Handback>,
+    /// Traces started by a waiting handback: their spans are held until it is settled.
+    provisional: std::collections::HashSet<[u8; 16]>,
+    /// Provisional traces settled since the sink last asked (`take_settled`).
+    settled: Vec<[u8; 16]>,
     pub stats: std::sync::Arc<LinkStats>,
 }
 
@@ -199,6 +225,10 @@ impl Linker {
             aliases: HashMap::new(),
             creators: HashMap::new(),
             adopted: HashMap::new(),
+            pools: Default::default(),
+            handbacks: HashMap::new(),
+            provisional: Default::default(),
+            settled: Vec::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
         }
     }
@@ -384,6 +414,31 @@ impl Linker {
             (None, Some(p)) => self.child_of(p.trace_id, p.span_id, false, None),
             (None, None) => self.root(kernel),
         };
+        // A pool thread's call made for nobody it handles: which request's thread it wakes
+        // when done will tell (see `woke`). Its earlier call, if still waiting, is settled.
+        if self.pools.contains(&conn.pid) {
+            let previous = if identity.parent_span_id.is_none()
+                && !has_header
+                && !self.in_flight.contains_key(&(conn.pid, st.tid))
+                && self.handbacks.len() < MAX_PEERS
+            {
+                self.provisional.insert(identity.trace_id);
+                self.handbacks.insert(
+                    (conn.pid, st.tid),
+                    Handback {
+                        span_id: identity.span_id,
+                        trace_id: identity.trace_id,
+                        started_ns: st.ts_ns,
+                        ended_ns: None,
+                    },
+                )
+            } else {
+                self.handbacks.remove(&(conn.pid, st.tid))
+            };
+            if let Some(h) = previous {
+                self.settle(h.trace_id);
+            }
+        }
         if let Some(k) = kernel {
             identity.span_id = k.span_id;
             // Header context travels with the request and wins on the other side anyway.
@@ -435,7 +490,13 @@ impl Linker {
         } else {
             self.stats.by_tcp_option.fetch_sub(1, Ordering::Relaxed);
         }
-        // Everything still running under the orphan's trace moves too.
+        self.move_trace(own_trace, trace_id, now_ns);
+        self.adopted.insert(server_span, (trace_id, parent, true));
+    }
+
+    /// Everything still running under `own_trace` moves to `trace_id`; what finishes later
+    /// follows through the alias.
+    fn move_trace(&mut self, own_trace: [u8; 16], trace_id: [u8; 16], now_ns: u64) {
         for list in self.in_flight.values_mut() {
             for f in list.iter_mut().filter(|f| f.trace_id == own_trace) {
                 f.trace_id = trace_id;
@@ -448,23 +509,120 @@ impl Linker {
         {
             identity.trace_id = trace_id;
         }
+        for h in self.handbacks.values_mut() {
+            if h.trace_id == own_trace {
+                h.trace_id = trace_id;
+            }
+        }
         if own_trace != trace_id && self.aliases.len() < MAX_PEERS {
             self.aliases.insert(own_trace, (trace_id, now_ns));
         }
-        self.adopted.insert(server_span, (trace_id, parent));
+    }
+
+    /// The CLIENT exchange `span_id` made on `tid` of `pid` has its response.
+    pub fn client_end(&mut self, pid: u32, tid: u32, span_id: [u8; 8], now_ns: u64) {
+        if let Some(h) = self.handbacks.get_mut(&(pid, tid))
+            && h.span_id == span_id
+        {
+            h.ended_ns = Some(now_ns);
+        }
+    }
+
+    /// Thread `waker` of a pool runtime's process `pid` woke `wakee` through a futex. The first
+    /// such wake of a request-handling thread after a pool thread's unparented CLIENT exchange
+    /// ended is the task's result handed to the thread that waits for it (an executor's
+    /// `Future.get`): that thread's request is the exchange's parent. A wake of a thread handling
+    /// nothing (another pool thread: the queue's signal) is passed over; one handling several
+    /// requests settles nothing (no guess).
+    pub fn woke(&mut self, pid: u32, waker: u32, wakee: u32, ts_ns: u64) {
+        if self.pools.insert(pid) {
+            tracing::debug!(pid, "process reports futex wakes: pool handbacks followed");
+        }
+        let Some(h) = self.handbacks.get(&(pid, waker)).copied() else {
+            return;
+        };
+        let Some(ended) = h.ended_ns.filter(|&e| e <= ts_ns) else {
+            return;
+        };
+        let Some(list) = self.in_flight.get(&(pid, wakee)).filter(|l| !l.is_empty()) else {
+            return;
+        };
+        self.handbacks.remove(&(pid, waker));
+        let before: Vec<&InFlight> = list
+            .iter()
+            .filter(|f| f.started_ns <= h.started_ns)
+            .collect();
+        if let [r] = before.as_slice()
+            && ts_ns - ended <= HANDBACK_WAIT_NS
+        {
+            let (trace_id, parent) = (r.trace_id, r.span_id);
+            bump(&self.stats.by_handback);
+            self.stats.unlinked_clients.fetch_sub(1, Ordering::Relaxed);
+            self.move_trace(h.trace_id, trace_id, ts_ns);
+            self.adopted.insert(h.span_id, (trace_id, parent, false));
+        }
+        self.settle(h.trace_id);
+    }
+
+    /// Gives every waiting handback up (the agent is stopping).
+    pub fn settle_all(&mut self) {
+        self.handbacks.clear();
+        self.settled.extend(self.provisional.drain());
+    }
+
+    fn settle(&mut self, trace_id: [u8; 16]) {
+        if self.provisional.remove(&trace_id) {
+            self.settled.push(trace_id);
+        }
+    }
+
+    /// Whether spans of this trace wait for a handback to be settled.
+    pub fn is_provisional(&self, trace_id: &[u8; 16]) -> bool {
+        !self.provisional.is_empty() && self.provisional.contains(trace_id)
+    }
+
+    /// Provisional traces settled since the last call: their held spans may go (through
+    /// `finalize_span`).
+    pub fn take_settled(&mut self) -> Vec<[u8; 16]> {
+        std::mem::take(&mut self.settled)
     }
 
     /// Applies a late adoption to a finished exchange's identity.
     pub fn finalize(&mut self, identity: &mut Identity) {
-        if let Some((trace_id, parent)) = self.adopted.remove(&identity.span_id) {
-            identity.trace_id = trace_id;
-            identity.parent_span_id = Some(parent);
-            identity.parent_is_remote = true;
+        self.finalize_ids(
+            &mut identity.trace_id,
+            identity.span_id,
+            &mut identity.parent_span_id,
+            &mut identity.parent_is_remote,
+        );
+    }
+
+    /// `finalize` for a span already built (held while its trace was provisional).
+    pub fn finalize_span(&mut self, span: &mut crate::trace::span::SpanRecord) {
+        self.finalize_ids(
+            &mut span.trace_id,
+            span.span_id,
+            &mut span.parent_span_id,
+            &mut span.parent_is_remote,
+        );
+    }
+
+    fn finalize_ids(
+        &mut self,
+        trace: &mut [u8; 16],
+        span_id: [u8; 8],
+        parent_span: &mut Option<[u8; 8]>,
+        remote: &mut bool,
+    ) {
+        if let Some((trace_id, parent, is_remote)) = self.adopted.remove(&span_id) {
+            *trace = trace_id;
+            *parent_span = Some(parent);
+            *remote = is_remote;
         }
         // A descendant that started before its ancestor was adopted (chains are short; bounded).
         for _ in 0..8 {
-            match self.aliases.get(&identity.trace_id) {
-                Some((to, _)) if *to != identity.trace_id => identity.trace_id = *to,
+            match self.aliases.get(trace) {
+                Some((to, _)) if to != trace => *trace = *to,
                 _ => break,
             }
         }
@@ -555,6 +713,20 @@ impl Linker {
         // An adoption whose exchange never finished (evicted) must not pile up.
         if self.adopted.len() > MAX_PEERS {
             self.adopted.clear();
+        }
+        let expired: Vec<(u32, u32)> = self
+            .handbacks
+            .iter()
+            .filter(|(_, h)| match h.ended_ns {
+                Some(e) => now_ns.saturating_sub(e) > HANDBACK_WAIT_NS,
+                None => now_ns.saturating_sub(h.started_ns) > HANDBACK_MAX_NS,
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(h) = self.handbacks.remove(&key) {
+                self.settle(h.trace_id);
+            }
         }
         self.in_flight.retain(|_, list| {
             list.retain(|f| now_ns.saturating_sub(f.started_ns) < IN_FLIGHT_MAX_NS);
@@ -922,6 +1094,115 @@ mod tests {
         let c = l.client_start(&up, &head("GET /b/3 HTTP/1.1\r\n\r\n"), st(13, 2), None);
         assert_eq!(c.parent_span_id, None);
         assert_eq!(l.stats.by_sole_request.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_pool_threads_call_is_parented_by_the_thread_it_hands_its_result_to() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let at = |tid, ts_ns| RequestStart {
+            tid,
+            ts_ns,
+            ordinal: 0,
+        };
+        // The process reports futex wakes: a pool runtime.
+        l.woke(1, 50, 51, 10);
+        // Two requests in flight, on request threads 10 and 20.
+        let a = l.server_start(
+            &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
+            &head("GET /a/1 HTTP/1.1\r\n\r\n"),
+            at(10, 100),
+            None,
+        );
+        let b = l.server_start(
+            &conn(1, "127.0.0.1:80", "127.0.0.1:6", Role::Server),
+            &head("GET /a/2 HTTP/1.1\r\n\r\n"),
+            at(20, 110),
+            None,
+        );
+        // Pool threads 30 and 31 make one call each: no parent yet, their traces provisional.
+        let up = |port| {
+            conn(
+                1,
+                &format!("127.0.0.1:{port}"),
+                "127.0.0.1:81",
+                Role::Client,
+            )
+        };
+        let c30 = l.client_start(
+            &up(7),
+            &head("GET /x/9 HTTP/1.1\r\n\r\n"),
+            at(30, 120),
+            None,
+        );
+        let c31 = l.client_start(
+            &up(8),
+            &head("GET /x/8 HTTP/1.1\r\n\r\n"),
+            at(31, 125),
+            None,
+        );
+        assert_eq!((c30.parent_span_id, c31.parent_span_id), (None, None));
+        assert!(l.is_provisional(&c30.trace_id) && l.is_provisional(&c31.trace_id));
+        // A callee of c30 on this node is in c30's trace meanwhile.
+        let callee = l.server_start(
+            &conn(2, "127.0.0.1:81", "127.0.0.1:7", Role::Server),
+            &head("GET /x/9 HTTP/1.1\r\n\r\n"),
+            at(40, 121),
+            None,
+        );
+        assert_eq!(callee.trace_id, c30.trace_id);
+        // Wakes during the call, and of a thread handling nothing, decide nothing.
+        l.woke(1, 30, 20, 130);
+        l.client_end(1, 30, c30.span_id, 140);
+        l.woke(1, 30, 32, 141);
+        assert!(l.take_settled().is_empty());
+        // Thread 30's result goes to thread 20 (request b), thread 31's to thread 10 (a): the
+        // order of the submissions does not matter, the handback does.
+        l.woke(1, 30, 20, 142);
+        l.client_end(1, 31, c31.span_id, 150);
+        l.woke(1, 31, 10, 151);
+        let settled = l.take_settled();
+        assert_eq!(settled, vec![c30.trace_id, c31.trace_id]);
+        let fin = |l: &mut Linker, id: &Identity| {
+            let mut id = id.clone();
+            l.finalize(&mut id);
+            (id.trace_id, id.parent_span_id, id.parent_is_remote)
+        };
+        assert_eq!(fin(&mut l, &c30), (b.trace_id, Some(b.span_id), false));
+        assert_eq!(fin(&mut l, &c31), (a.trace_id, Some(a.span_id), false));
+        // The callee follows its caller into the request's trace.
+        assert_eq!(fin(&mut l, &callee).0, b.trace_id);
+        assert_eq!(l.stats.by_handback.load(Ordering::Relaxed), 2);
+
+        // A handback too late, or to a thread handling several requests, settles with no parent.
+        let c = l.client_start(
+            &up(9),
+            &head("GET /x/7 HTTP/1.1\r\n\r\n"),
+            at(30, 200),
+            None,
+        );
+        l.client_end(1, 30, c.span_id, 210);
+        l.woke(1, 30, 20, 210 + HANDBACK_WAIT_NS + 1);
+        assert_eq!(l.take_settled(), vec![c.trace_id]);
+        assert_eq!(fin(&mut l, &c).1, None);
+        // A call whose handback never comes is let go by expiry.
+        let c = l.client_start(
+            &up(9),
+            &head("GET /x/6 HTTP/1.1\r\n\r\n"),
+            at(30, 300),
+            None,
+        );
+        l.client_end(1, 30, c.span_id, 310);
+        l.expire(310 + HANDBACK_WAIT_NS + 1);
+        assert_eq!(l.take_settled(), vec![c.trace_id]);
+        assert_eq!(l.stats.by_handback.load(Ordering::Relaxed), 2);
+        // Processes that report no wakes keep nothing provisional.
+        let other = l.client_start(
+            &conn(3, "127.0.0.1:9", "127.0.0.1:81", Role::Client),
+            &head("GET /y HTTP/1.1\r\n\r\n"),
+            at(60, 400),
+            None,
+        );
+        assert!(!l.is_provisional(&other.trace_id));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::{
     },
     trace::{
         causality::{Linker, RequestView},
-        exchange::{Exchange, Identity, Session},
+        exchange::{Exchange, Identity, RequestStart, Session},
         span::{RandomIds, Redaction, SpanKind, SpanRecord, build},
     },
 };
@@ -46,6 +46,8 @@ pub struct TraceStats {
     pub unknown_role: AtomicU64,
     /// Connections of another Loupe agent on this host (its exports, its scrapes): not traced.
     pub other_agents: AtomicU64,
+    /// Spans of a provisional trace sent without waiting: the hold was full.
+    pub held_overflow: AtomicU64,
     /// Per protocol id (`loupe_l7_*{protocol=...}`); HTTP/1 also feeds the fields above.
     pub l7: L7Stats,
     pub detect: DetectStats,
@@ -124,7 +126,14 @@ pub struct TraceSink {
     exclude: Vec<std::net::SocketAddr>,
     excluded: std::collections::HashSet<ConnKey>,
     pub tls: Arc<crate::tls::TlsStats>,
+    /// Spans of provisional traces (a pool thread's call whose parent its handback will tell),
+    /// held until the linker settles them; at most MAX_HELD_SPANS.
+    held: HashMap<[u8; 16], Vec<SpanRecord>>,
+    held_count: usize,
 }
+
+/// Spans held for provisional traces at most; beyond, they go out as they are (counted).
+const MAX_HELD_SPANS: usize = 50_000;
 
 /// Whether a connection is the agent's own export path (seen from the collector's side).
 pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
@@ -181,7 +190,45 @@ impl TraceSink {
             exclude: Vec::new(),
             excluded: std::collections::HashSet::new(),
             tls: Arc::new(crate::tls::TlsStats::default()),
+            held: HashMap::new(),
+            held_count: 0,
         }
+    }
+
+    /// To the exporter, or held while its trace is provisional.
+    fn send(&mut self, span: SpanRecord) {
+        if self.linker.is_provisional(&span.trace_id) {
+            if self.held_count < MAX_HELD_SPANS {
+                self.held_count += 1;
+                self.held.entry(span.trace_id).or_default().push(span);
+                return;
+            }
+            self.stats.held_overflow.fetch_add(1, Ordering::Relaxed);
+        }
+        offer(&self.out, &self.export_stats, span);
+    }
+
+    /// Lets the held spans of settled traces go, with the ids the settlement gave them.
+    fn release_settled(&mut self) {
+        for trace in self.linker.take_settled() {
+            for mut span in self.held.remove(&trace).unwrap_or_default() {
+                self.held_count -= 1;
+                self.linker.finalize_span(&mut span);
+                offer(&self.out, &self.export_stats, span);
+            }
+        }
+    }
+
+    /// A CLIENT exchange is over: the linker may be waiting for its handback.
+    fn client_ended(
+        &mut self,
+        conn: &ConnInfo,
+        started: &RequestStart,
+        identity: &Identity,
+        end_ns: u64,
+    ) {
+        self.linker
+            .client_end(conn.pid, started.tid, identity.span_id, end_ns);
     }
 
     /// The first plaintext of a TLS connection: its ciphertext side has nothing more to say.
@@ -240,9 +287,11 @@ impl TraceSink {
             if kind == SpanKind::Server {
                 self.linker
                     .server_end(conn.pid, ex.started.tid, ex.identity.span_id);
+            } else {
+                self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
             let span = build(&ex, conn, kind, &self.clock, &self.redaction);
-            offer(&self.out, &self.export_stats, span);
+            self.send(span);
         }
     }
 
@@ -266,9 +315,11 @@ impl TraceSink {
             if kind == SpanKind::Server {
                 self.linker
                     .server_end(conn.pid, ex.started.tid, ex.identity.span_id);
+            } else {
+                self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
             let span = db::build(&ex, conn, kind, system, &self.clock);
-            offer(&self.out, &self.export_stats, span);
+            self.send(span);
         }
     }
 
@@ -544,9 +595,16 @@ impl TraceSink {
                     x.exchange.started.tid,
                     x.exchange.identity.span_id,
                 );
+            } else {
+                self.client_ended(
+                    conn,
+                    &x.exchange.started,
+                    &x.exchange.identity,
+                    x.exchange.end_ns,
+                );
             }
             let span = http2::span::build(&x, conn, kind, &self.clock, &self.redaction);
-            offer(&self.out, &self.export_stats, span);
+            self.send(span);
         }
     }
 }
@@ -668,6 +726,11 @@ impl Sink for TraceSink {
         }
     }
 
+    fn wake(&mut self, ev: &crate::decode::WakeEvent) {
+        self.linker.woke(ev.pid, ev.waker, ev.wakee, ev.ts_ns);
+        self.release_settled();
+    }
+
     fn exec(&mut self, ev: crate::decode::ExecEvent) {
         if let Ok(mut p) = self.processes.lock() {
             p.exec(ev);
@@ -681,6 +744,7 @@ impl Sink for TraceSink {
 
     fn tick(&mut self, now_ns: u64) {
         self.linker.expire(now_ns);
+        self.release_settled();
         let timeout = self.response_timeout_ns;
         let mut expired = Vec::new();
         let mut expired_db = Vec::new();
@@ -726,6 +790,11 @@ impl Sink for TraceSink {
     }
 
     fn flush(&mut self) {}
+
+    fn drain(&mut self) {
+        self.linker.settle_all();
+        self.release_settled();
+    }
 }
 
 #[cfg(test)]
