@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// This node's name (downward API: fieldRef spec.nodeName); only its pods are watched.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// Series each RED and service-graph metric keeps at most; new series beyond fold into one
+    /// with otel.metric.overflow=true (memory stays bounded whatever the routes and peers).
+    #[arg(long, env = "LOUPE_METRICS_SERIES", default_value_t = crate::red::DEFAULT_SERIES_LIMIT as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub metrics_series: u32,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -11,6 +11,13 @@
 //!   server_spans: false     # SERVER spans on the database's own side too (default: metrics only)
 //!   redis_keys: false       # put the Redis key in db.query.text (`GET user:42 ?`); never values
 //!   query_text_max: 2048    # bytes of sanitized db.query.text kept (then marked truncated)
+//! sampling:                 # the head sampler is OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG
+//!   keep_errors: true       # keep a trace the sampler drops when a span here is an error
+//!   keep_slower_than: 500ms # ...or when its local root took longer
+//!   rules:                  # by the local root's service and span name; first match wins
+//!     - service: catalog
+//!       operation: GET /health
+//!       ratio: 0            # or `per_second: 5`: at most 5 traces a second
 //! ```
 
 use std::path::Path;
@@ -19,7 +26,7 @@ use serde::Deserialize;
 
 use crate::process::ServiceNameRule;
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 #[derive(Default)]
 pub struct FileConfig {
@@ -29,6 +36,8 @@ pub struct FileConfig {
     pub redaction: RedactionConfig,
     #[serde(default)]
     pub databases: DatabasesConfig,
+    #[serde(default)]
+    pub sampling: crate::trace::sampling::SamplingConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -90,7 +99,9 @@ impl Default for RedactionConfig {
 
 impl FileConfig {
     pub fn parse(text: &str) -> Result<Self, String> {
-        serde_yaml::from_str(text).map_err(|e| e.to_string())
+        let c: Self = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+        c.sampling.validate().map_err(|e| e.to_string())?;
+        Ok(c)
     }
 
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
@@ -110,6 +121,25 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_rules_say_what_is_wrong() {
+        let c = FileConfig::parse(
+            "sampling:\n  keep_errors: true\n  keep_slower_than: 500ms\n  rules:\n    - service: catalog\n      per_second: 5\n    - operation: GET /health\n      ratio: 0\n",
+        )
+        .unwrap();
+        assert!(c.sampling.keep_errors);
+        assert_eq!(
+            c.sampling.keep_slower_than,
+            Some(std::time::Duration::from_millis(500))
+        );
+        assert_eq!(c.sampling.rules.len(), 2);
+        let err = FileConfig::parse("sampling:\n  rules:\n    - ratio: 0.5\n      per_second: 1\n")
+            .unwrap_err();
+        assert!(err.contains("exactly one of `ratio`"), "{err}");
+        let err = FileConfig::parse("sampling:\n  keep_slower_than: 500\n").unwrap_err();
+        assert!(err.contains("needs a unit"), "{err}");
+    }
 
     #[test]
     fn parses_the_documented_example() {

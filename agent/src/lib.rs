@@ -21,6 +21,7 @@ pub mod process;
 pub mod procfs;
 pub mod protocol;
 pub mod reader;
+pub mod red;
 pub mod redact;
 pub mod selection;
 pub mod service_rules;

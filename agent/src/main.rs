@@ -376,8 +376,9 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         export_stats.clone(),
         redaction,
         args.response_timeout * 1_000_000_000,
-        processes,
+        processes.clone(),
     );
+    let sink_processes = processes;
     if let Some(o) = &otlp {
         sink.exclude(loupe::export::otlp::endpoint_addrs(o));
     }
@@ -385,6 +386,28 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     sink.verdicts(Box::new(loupe::protocol::verdict::KernelVerdicts::new(
         probe.take_conns()?,
     )));
+    // RED metrics and the service graph: scraped on --metrics-addr, pushed with the spans.
+    let red_otlp = match &otlp {
+        Some(o) => {
+            loupe::export::otlp_metrics::exporter(o)?.map(loupe::export::otlp_metrics::periodic)
+        }
+        None => None,
+    };
+    let red = loupe::red::Red::new(
+        sink_processes.clone(),
+        args.metrics_series as usize,
+        &host_name(),
+        red_otlp,
+    );
+    let head = loupe::trace::sampling::HeadSampler::from_env(
+        std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
+        std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
+    )?;
+    sink.sampler = loupe::trace::sampling::Sampler::new(head, file.sampling.clone());
+    metrics.sampling = Some(sink.sampler.stats.clone());
+    let red_provider = red.provider();
+    metrics.red = Some(red.reader());
+    sink.red(red);
     metrics.export = Some(export_stats);
     metrics.exporting = otlp.is_some();
     sink.tls = tls;
@@ -443,6 +466,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     if let Some(m) = metrics_export {
         m.shutdown().await;
     }
+    loupe::export::otlp_metrics::shutdown(red_provider).await;
     tracing::info!("{}", metrics.summary_at_exit());
     drop(probe);
     Ok(())

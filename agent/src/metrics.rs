@@ -34,6 +34,9 @@ pub struct Metrics {
     pub tls: Option<Arc<crate::tls::TlsStats>>,
     /// Whether spans go to an OTLP endpoint (the summary says "exported", else "written").
     pub exporting: bool,
+    /// RED metrics and the service graph (`red`), appended to the Prometheus text.
+    pub red: Option<crate::red::SharedReader>,
+    pub sampling: Option<Arc<crate::trace::sampling::SamplingStats>>,
     /// The pod store and watch counters, when Kubernetes metadata is on.
     pub k8s: Option<(
         crate::k8s::pods::SharedPods,
@@ -51,6 +54,8 @@ impl Metrics {
             links: None,
             tls: None,
             exporting: false,
+            red: None,
+            sampling: None,
             k8s: None,
         }
     }
@@ -256,6 +261,9 @@ impl Metrics {
                 let _ = writeln!(out, "{}{{{}}} {}", s.name, labels.join(","), s.value);
             }
         }
+        if let Some(red) = &self.red {
+            out.push_str(&crate::red::prometheus::render(red));
+        }
         out
     }
 
@@ -303,6 +311,45 @@ impl Metrics {
                     "loupe_link_held_overflow_total",
                     "Spans waiting for a pool thread's handback sent as they were: too many held (50 000).",
                     get(&t.held_overflow),
+                ),
+            ]);
+        }
+        if let Some(sm) = &self.sampling {
+            rows.extend([
+                (
+                    "loupe_sampling_traces_kept_total",
+                    "Traces sampling kept on this node (measured either way: RED metrics count everything).",
+                    get(&sm.traces_kept),
+                ),
+                (
+                    "loupe_sampling_traces_dropped_total",
+                    "Traces sampling dropped on this node.",
+                    get(&sm.traces_dropped),
+                ),
+                (
+                    "loupe_sampling_spans_kept_total",
+                    "Spans sampling let through to export.",
+                    get(&sm.spans_kept),
+                ),
+                (
+                    "loupe_sampling_spans_dropped_total",
+                    "Spans sampling dropped (by decision, not loss).",
+                    get(&sm.spans_dropped),
+                ),
+                (
+                    "loupe_sampling_kept_for_error_total",
+                    "Traces the sampler would drop, kept because a span here is an error (keep_errors).",
+                    get(&sm.kept_for_error),
+                ),
+                (
+                    "loupe_sampling_kept_for_latency_total",
+                    "Traces the sampler would drop, kept because the local root was slow (keep_slower_than).",
+                    get(&sm.kept_for_latency),
+                ),
+                (
+                    "loupe_sampling_decided_early_total",
+                    "Traces decided before their local root finished (too many spans waiting, or 30 s).",
+                    get(&sm.decided_early),
                 ),
             ]);
         }

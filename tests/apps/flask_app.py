@@ -1,4 +1,6 @@
 """A small uninstrumented Flask service for the end-to-end tests (run under gunicorn)."""
+import time
+
 from flask import Flask, Response
 
 app = Flask(__name__)
@@ -34,3 +36,9 @@ def work(item_id):
     for i in range(60_000):
         total += i * item_id % 7
     return {"id": item_id, "total": total}
+
+
+@app.get("/slow/<int:item_id>")
+def slow(item_id):
+    time.sleep(0.6)
+    return {"id": item_id}

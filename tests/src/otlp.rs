@@ -65,10 +65,23 @@ pub struct ReceivedPoint {
     pub monotonic: bool,
 }
 
+/// One histogram data point (cumulative, as the agent exports them).
+#[derive(Debug, Clone)]
+pub struct ReceivedHistogram {
+    pub metric: String,
+    pub unit: String,
+    pub attributes: HashMap<String, String>,
+    pub count: u64,
+    pub sum: f64,
+    pub bounds: Vec<f64>,
+    pub bucket_counts: Vec<u64>,
+}
+
 #[derive(Default)]
 struct Store {
     spans: Mutex<Vec<ReceivedSpan>>,
     points: Mutex<Vec<ReceivedPoint>>,
+    histograms: Mutex<Vec<ReceivedHistogram>>,
     raw: Mutex<Vec<u8>>,
     /// Count only (floods): keep no spans and no bytes.
     count_only: bool,
@@ -152,6 +165,21 @@ impl Store {
                 let (dps, monotonic) = match &m.data {
                     Some(Data::Sum(s)) => (&s.data_points, s.is_monotonic),
                     Some(Data::Gauge(g)) => (&g.data_points, false),
+                    Some(Data::Histogram(h)) => {
+                        let mut hs = self.histograms.lock().unwrap();
+                        for dp in &h.data_points {
+                            hs.push(ReceivedHistogram {
+                                metric: m.name.clone(),
+                                unit: m.unit.clone(),
+                                attributes: map(&dp.attributes),
+                                count: dp.count,
+                                sum: dp.sum.unwrap_or_default(),
+                                bounds: dp.explicit_bounds.clone(),
+                                bucket_counts: dp.bucket_counts.clone(),
+                            });
+                        }
+                        continue;
+                    }
                     _ => continue,
                 };
                 for dp in dps {
@@ -342,6 +370,11 @@ impl Receiver {
     /// Every metric data point received so far.
     pub fn points(&self) -> Vec<ReceivedPoint> {
         self.store.points.lock().unwrap().clone()
+    }
+
+    /// Every histogram data point received so far (each export repeats the cumulative ones).
+    pub fn histograms(&self) -> Vec<ReceivedHistogram> {
+        self.store.histograms.lock().unwrap().clone()
     }
 
     /// Every byte of every export request received.

@@ -25,23 +25,14 @@ pub fn otlp_name(prometheus: &str) -> String {
     }
 }
 
-/// Keeps the meter provider (and so the periodic export) alive; flushes on shutdown.
-pub struct MetricsExport {
-    provider: SdkMeterProvider,
-}
-
-impl MetricsExport {
-    pub fn start(
-        cfg: &OtlpConfig,
-        metrics: Arc<Metrics>,
-        host_name: &str,
-    ) -> anyhow::Result<Option<Self>> {
-        let disabled = std::env::var("OTEL_METRICS_EXPORTER")
-            .is_ok_and(|v| v.split(',').any(|e| e.trim() == "none"));
-        if disabled {
-            return Ok(None);
-        }
-        let exporter = match cfg.protocol {
+/// The OTLP metrics exporter for `cfg`; None when OTEL_METRICS_EXPORTER=none.
+pub fn exporter(cfg: &OtlpConfig) -> anyhow::Result<Option<opentelemetry_otlp::MetricExporter>> {
+    let disabled = std::env::var("OTEL_METRICS_EXPORTER")
+        .is_ok_and(|v| v.split(',').any(|e| e.trim() == "none"));
+    if disabled {
+        return Ok(None);
+    }
+    let exporter = match cfg.protocol {
             Protocol::Grpc => {
                 let mut b = opentelemetry_otlp::MetricExporter::builder().with_tonic();
                 if let Some(e) = &cfg.endpoint {
@@ -58,9 +49,33 @@ impl MetricsExport {
                 }
                 b.build()
             }
-        }
-        .context("configuring the OTLP metrics exporter: check OTEL_EXPORTER_OTLP_* or set OTEL_METRICS_EXPORTER=none")?;
-        let reader = PeriodicReader::builder(exporter, runtime::Tokio).build();
+    }
+    .context("configuring the OTLP metrics exporter: check OTEL_EXPORTER_OTLP_* or set OTEL_METRICS_EXPORTER=none")?;
+    Ok(Some(exporter))
+}
+
+/// The periodic reader that exports to OTLP every OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
+pub fn periodic(
+    exporter: opentelemetry_otlp::MetricExporter,
+) -> PeriodicReader<opentelemetry_otlp::MetricExporter> {
+    PeriodicReader::builder(exporter, runtime::Tokio).build()
+}
+
+/// Keeps the meter provider (and so the periodic export) alive; flushes on shutdown.
+pub struct MetricsExport {
+    provider: SdkMeterProvider,
+}
+
+impl MetricsExport {
+    pub fn start(
+        cfg: &OtlpConfig,
+        metrics: Arc<Metrics>,
+        host_name: &str,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(exporter) = exporter(cfg)? else {
+            return Ok(None);
+        };
+        let reader = periodic(exporter);
         let provider = SdkMeterProvider::builder()
             .with_reader(reader)
             .with_resource(
@@ -110,13 +125,17 @@ impl MetricsExport {
 
     /// Exports the final values (at most 2 s: shutdown stays within its 5 s).
     pub async fn shutdown(self) {
-        let provider = self.provider;
-        let done = tokio::task::spawn_blocking(move || provider.shutdown());
-        match tokio::time::timeout(std::time::Duration::from_secs(2), done).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::debug!("OTLP metrics shutdown: {e}"),
-            _ => tracing::debug!("OTLP metrics shutdown did not finish in 2 s"),
-        }
+        shutdown(self.provider).await;
+    }
+}
+
+/// Exports a provider's final values, at most 2 s.
+pub async fn shutdown(provider: SdkMeterProvider) {
+    let done = tokio::task::spawn_blocking(move || provider.shutdown());
+    match tokio::time::timeout(std::time::Duration::from_secs(2), done).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::debug!("OTLP metrics shutdown: {e}"),
+        _ => tracing::debug!("OTLP metrics shutdown did not finish in 2 s"),
     }
 }
 

@@ -111,8 +111,18 @@ struct Handback {
     ended_ns: Option<u64>,
 }
 
+/// Who served a CLIENT span on this node (for the service graph).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Callee {
+    pub pid: u32,
+    pub server_span: [u8; 8],
+    /// The server side's duration, once it finished.
+    pub server_seconds: Option<f64>,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Orphan {
+    pid: u32,
     span_id: [u8; 8],
     trace_id: [u8; 16],
     started_ns: u64,
@@ -183,6 +193,11 @@ pub struct Linker {
     provisional: std::collections::HashSet<[u8; 16]>,
     /// Provisional traces settled since the sink last asked (`take_settled`).
     settled: Vec<[u8; 16]>,
+    /// CLIENT span -> the local SERVER span that answered it; SERVER span -> its CLIENT span.
+    callees: HashMap<[u8; 8], Callee>,
+    callers: HashMap<[u8; 8], [u8; 8]>,
+    /// Trace id -> the `sampled` flag it arrived with (parent-based sampling).
+    carried_flags: HashMap<[u8; 16], bool>,
     pub stats: std::sync::Arc<LinkStats>,
 }
 
@@ -229,12 +244,19 @@ impl Linker {
             handbacks: HashMap::new(),
             provisional: Default::default(),
             settled: Vec::new(),
+            callees: HashMap::new(),
+            callers: HashMap::new(),
+            carried_flags: HashMap::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
         }
     }
 
     fn carried(&mut self, c: Option<Carried>) -> Option<Identity> {
         let c = c?;
+        if self.carried_flags.len() >= MAX_PEERS {
+            self.carried_flags.clear();
+        }
+        self.carried_flags.insert(c.trace_id, c.sampled);
         Some(Identity {
             trace_id: c.trace_id,
             span_id: self.ids.span_id(),
@@ -242,6 +264,8 @@ impl Linker {
             parent_is_remote: true,
             trace_state: c.trace_state,
             carried: Some(c.span_id),
+            local_parent: false,
+            carried_sampled: Some(c.sampled),
         })
     }
 
@@ -258,15 +282,19 @@ impl Linker {
             parent_is_remote: false,
             trace_state: String::new(),
             carried: None,
+            local_parent: false,
+            carried_sampled: None,
         }
     }
 
+    /// A child of `parent`, a span of this node unless it came in a TCP option (`local`).
     fn child_of(
         &mut self,
         trace_id: [u8; 16],
         parent: [u8; 8],
         remote: bool,
         carried: Option<[u8; 8]>,
+        local: bool,
     ) -> Identity {
         Identity {
             trace_id,
@@ -275,7 +303,14 @@ impl Linker {
             parent_is_remote: remote,
             trace_state: String::new(),
             carried,
+            local_parent: local,
+            carried_sampled: None,
         }
+    }
+
+    /// The `sampled` flag a trace arrived with on this node, if it carried context.
+    pub fn carried_flag(&self, trace_id: &[u8; 16]) -> Option<bool> {
+        self.carried_flags.get(trace_id).copied()
     }
 
     /// An HTTP/1 request arrived on the server side of `conn`.
@@ -308,6 +343,7 @@ impl Linker {
             self.peers.remove(&(conn.remote, conn.local, st.ordinal))
         };
         let carried = self.carried(view.carried);
+        let caller_span = peer.as_ref().map(|(caller, _)| caller.span_id);
         let identity = match (carried, peer) {
             // The caller forwarded the context it received (a proxy: its CLIENT span hangs off a
             // local parent), so it is the closer parent. When the caller's CLIENT span hangs off
@@ -317,7 +353,7 @@ impl Linker {
                 if caller.carried == c.carried && caller.parent_span_id != c.carried =>
             {
                 bump(&self.stats.by_peer);
-                self.child_of(caller.trace_id, caller.span_id, true, c.carried)
+                self.child_of(caller.trace_id, caller.span_id, true, c.carried, true)
             }
             (Some(c), _) => {
                 bump(&self.stats.by_context);
@@ -325,14 +361,14 @@ impl Linker {
             }
             (None, Some((caller, _))) => {
                 bump(&self.stats.by_peer);
-                self.child_of(caller.trace_id, caller.span_id, true, None)
+                self.child_of(caller.trace_id, caller.span_id, true, None, true)
             }
             (None, None) => {
                 let option = kernel.filter(|k| k.source == ContextSource::Option);
                 let identity = match option {
                     Some(o) => {
                         bump(&self.stats.by_tcp_option);
-                        self.child_of(o.trace_id, o.span_id, true, None)
+                        self.child_of(o.trace_id, o.span_id, true, None, false)
                     }
                     None => {
                         bump(&self.stats.roots);
@@ -346,6 +382,7 @@ impl Linker {
                     self.orphans.insert(
                         (conn.remote, conn.local, ordinal),
                         Orphan {
+                            pid: conn.pid,
                             span_id: identity.span_id,
                             trace_id: identity.trace_id,
                             started_ns: st.ts_ns,
@@ -356,6 +393,9 @@ impl Linker {
                 identity
             }
         };
+        if let Some(caller) = caller_span {
+            self.paired(caller, conn.pid, identity.span_id);
+        }
         self.in_flight
             .entry((conn.pid, st.tid))
             .or_default()
@@ -405,13 +445,13 @@ impl Linker {
         let mut identity = match (carried, local) {
             // The header was forwarded unchanged from the request this thread is handling.
             (Some(c), Some(p)) if p.carried == c.carried => {
-                self.child_of(p.trace_id, p.span_id, false, c.carried)
+                self.child_of(p.trace_id, p.span_id, false, c.carried, true)
             }
             (Some(c), _) => {
                 bump(&self.stats.by_context);
                 c
             }
-            (None, Some(p)) => self.child_of(p.trace_id, p.span_id, false, None),
+            (None, Some(p)) => self.child_of(p.trace_id, p.span_id, false, None, true),
             (None, None) => self.root(kernel),
         };
         // A pool thread's call made for nobody it handles: which request's thread it wakes
@@ -484,6 +524,7 @@ impl Linker {
     /// (and what it is still handling) under the caller.
     fn adopt(&mut self, orphan: Orphan, trace_id: [u8; 16], parent: [u8; 8], now_ns: u64) {
         let (server_span, own_trace) = (orphan.span_id, orphan.trace_id);
+        self.paired(parent, orphan.pid, server_span);
         bump(&self.stats.by_peer_late);
         if orphan.root {
             self.stats.roots.fetch_sub(1, Ordering::Relaxed);
@@ -517,6 +558,39 @@ impl Linker {
         if own_trace != trace_id && self.aliases.len() < MAX_PEERS {
             self.aliases.insert(own_trace, (trace_id, now_ns));
         }
+    }
+
+    fn paired(&mut self, client_span: [u8; 8], pid: u32, server_span: [u8; 8]) {
+        if self.callees.len() >= MAX_PEERS {
+            // CLIENT spans that never finished (evicted connections) must not pile up.
+            self.callees.clear();
+            self.callers.clear();
+        }
+        self.callees.insert(
+            client_span,
+            Callee {
+                pid,
+                server_span,
+                server_seconds: None,
+            },
+        );
+        self.callers.insert(server_span, client_span);
+    }
+
+    /// A SERVER span finished: its duration, for its caller's edge of the service graph.
+    pub fn server_finished(&mut self, span_id: [u8; 8], seconds: f64) {
+        if let Some(client) = self.callers.remove(&span_id)
+            && let Some(c) = self.callees.get_mut(&client)
+        {
+            c.server_seconds = Some(seconds);
+        }
+    }
+
+    /// Who answered this CLIENT span on this node, if anyone (asked once, when it finished).
+    pub fn take_callee(&mut self, client_span: [u8; 8]) -> Option<Callee> {
+        let c = self.callees.remove(&client_span)?;
+        self.callers.remove(&c.server_span);
+        Some(c)
     }
 
     /// The CLIENT exchange `span_id` made on `tid` of `pid` has its response.
@@ -589,22 +663,24 @@ impl Linker {
 
     /// Applies a late adoption to a finished exchange's identity.
     pub fn finalize(&mut self, identity: &mut Identity) {
-        self.finalize_ids(
+        let adopted = self.finalize_ids(
             &mut identity.trace_id,
             identity.span_id,
             &mut identity.parent_span_id,
             &mut identity.parent_is_remote,
         );
+        identity.local_parent |= adopted;
     }
 
-    /// `finalize` for a span already built (held while its trace was provisional).
-    pub fn finalize_span(&mut self, span: &mut crate::trace::span::SpanRecord) {
+    /// `finalize` for a span already built (held while its trace was provisional); whether it
+    /// was adopted by a local parent.
+    pub fn finalize_span(&mut self, span: &mut crate::trace::span::SpanRecord) -> bool {
         self.finalize_ids(
             &mut span.trace_id,
             span.span_id,
             &mut span.parent_span_id,
             &mut span.parent_is_remote,
-        );
+        )
     }
 
     fn finalize_ids(
@@ -613,8 +689,9 @@ impl Linker {
         span_id: [u8; 8],
         parent_span: &mut Option<[u8; 8]>,
         remote: &mut bool,
-    ) {
-        if let Some((trace_id, parent, is_remote)) = self.adopted.remove(&span_id) {
+    ) -> bool {
+        let adopted = self.adopted.remove(&span_id);
+        if let Some((trace_id, parent, is_remote)) = adopted {
             *trace = trace_id;
             *parent_span = Some(parent);
             *remote = is_remote;
@@ -626,6 +703,7 @@ impl Linker {
                 _ => break,
             }
         }
+        adopted.is_some()
     }
 
     /// Thread `parent_tid` of `pid` created `child_tid` at `ts_ns`.

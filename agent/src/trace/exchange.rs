@@ -33,6 +33,11 @@ pub struct Identity {
     pub trace_state: String,
     /// The span id the request carried in its headers, if any.
     pub carried: Option<[u8; 8]>,
+    /// The parent is a span of this node (a local caller, the request its thread handles):
+    /// otherwise this span is a local root of its trace, where sampling decides.
+    pub local_parent: bool,
+    /// The `sampled` flag the request carried with its context, if any.
+    pub carried_sampled: Option<bool>,
 }
 
 impl Identity {
@@ -45,6 +50,8 @@ impl Identity {
             parent_is_remote: false,
             trace_state: String::new(),
             carried: None,
+            local_parent: false,
+            carried_sampled: None,
         }
     }
 }
@@ -305,6 +312,8 @@ mod tests {
             parent_is_remote: false,
             trace_state: String::new(),
             carried: None,
+            local_parent: false,
+            carried_sampled: None,
         }
     }
 

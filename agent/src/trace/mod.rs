@@ -1,9 +1,11 @@
 //! From reassembled streams to spans: pairing requests with responses (`exchange`), trace
-//! context carried in headers (`context`), span building (`span`) and naming (`route`).
+//! context carried in headers (`context`), causality (`causality`), span building (`span`),
+//! naming (`route`) and what of it is exported (`sampling`).
 
 pub mod causality;
 pub mod context;
 pub mod exchange;
 pub mod route;
+pub mod sampling;
 pub mod sink;
 pub mod span;

@@ -128,12 +128,34 @@ pub struct TraceSink {
     pub tls: Arc<crate::tls::TlsStats>,
     /// Spans of provisional traces (a pool thread's call whose parent its handback will tell),
     /// held until the linker settles them; at most MAX_HELD_SPANS.
-    held: HashMap<[u8; 16], Vec<SpanRecord>>,
+    held: HashMap<[u8; 16], Vec<(SpanRecord, bool)>>,
     held_count: usize,
+    /// RED metrics and the service graph, fed every span before any sampling.
+    red: Option<crate::red::Red>,
+    /// What is exported of what was measured.
+    pub sampler: crate::trace::sampling::Sampler,
 }
 
 /// Spans held for provisional traces at most; beyond, they go out as they are (counted).
 const MAX_HELD_SPANS: usize = 50_000;
+
+/// An untraced server as the service graph names it: the host the request named (or the peer's
+/// address) and the port.
+fn peer_name(span: &SpanRecord) -> String {
+    let text = |k: &str| {
+        span.attr(k).map(|v| match v {
+            crate::trace::span::Value::Int(i) => i.to_string(),
+            other => other.as_str().unwrap_or_default().to_string(),
+        })
+    };
+    let host = text("server.address").or_else(|| text("network.peer.address"));
+    let port = text("server.port").or_else(|| text("network.peer.port"));
+    match (host, port) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h,
+        _ => "unknown".to_string(),
+    }
+}
 
 /// Whether a connection is the agent's own export path (seen from the collector's side).
 pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
@@ -192,30 +214,98 @@ impl TraceSink {
             tls: Arc::new(crate::tls::TlsStats::default()),
             held: HashMap::new(),
             held_count: 0,
+            red: None,
+            sampler: crate::trace::sampling::Sampler::new(
+                crate::trace::sampling::HeadSampler {
+                    head: crate::trace::sampling::Head::AlwaysOn,
+                    parent_based: false,
+                },
+                Default::default(),
+            ),
         }
     }
 
-    /// To the exporter, or held while its trace is provisional.
-    fn send(&mut self, span: SpanRecord) {
+    pub fn red(&mut self, red: crate::red::Red) {
+        self.red = Some(red);
+    }
+
+    /// RED metrics and the service graph count every span.
+    fn measure(&mut self, span: &SpanRecord) {
+        let Some(red) = self.red.as_mut() else {
+            return;
+        };
+        red.record(span);
+        match span.kind {
+            SpanKind::Server => {
+                let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
+                if !red.server_done(span.span_id, seconds) {
+                    self.linker.server_finished(span.span_id, seconds);
+                }
+            }
+            SpanKind::Client => {
+                let peer = match self.linker.take_callee(span.span_id) {
+                    Some(c) => crate::red::Peer::Process(c.pid, c.server_span, c.server_seconds),
+                    None => crate::red::Peer::Address(peer_name(span)),
+                };
+                red.edge(span, peer);
+            }
+        }
+    }
+
+    /// Measured, then to sampling, or held while its trace is provisional. `local_root`: the
+    /// span has no parent on this node.
+    fn send(&mut self, span: SpanRecord, local_root: bool) {
+        self.measure(&span);
         if self.linker.is_provisional(&span.trace_id) {
             if self.held_count < MAX_HELD_SPANS {
                 self.held_count += 1;
-                self.held.entry(span.trace_id).or_default().push(span);
+                self.held
+                    .entry(span.trace_id)
+                    .or_default()
+                    .push((span, local_root));
                 return;
             }
             self.stats.held_overflow.fetch_add(1, Ordering::Relaxed);
         }
-        offer(&self.out, &self.export_stats, span);
+        self.sample(span, local_root);
+    }
+
+    /// Sampling decides what is exported.
+    fn sample(&mut self, span: SpanRecord, local_root: bool) {
+        let carried = self.linker.carried_flag(&span.trace_id);
+        if let Some(keep) = self.sampler.without_waiting(carried) {
+            if let Some(span) = self.sampler.count_one(keep, span) {
+                offer(&self.out, &self.export_stats, span);
+            }
+            return;
+        }
+        let service = match (local_root, self.red.as_mut()) {
+            (true, Some(red)) => red.service(span.pid, &span.comm).to_string(),
+            _ => span.comm.clone(),
+        };
+        let root = local_root.then_some(crate::trace::sampling::Root {
+            service: &service,
+            carried_sampled: carried,
+        });
+        for span in self.sampler.offer(span, root) {
+            offer(&self.out, &self.export_stats, span);
+        }
     }
 
     /// Lets the held spans of settled traces go, with the ids the settlement gave them.
     fn release_settled(&mut self) {
         for trace in self.linker.take_settled() {
-            for mut span in self.held.remove(&trace).unwrap_or_default() {
+            for (mut span, local_root) in self.held.remove(&trace).unwrap_or_default() {
                 self.held_count -= 1;
-                self.linker.finalize_span(&mut span);
-                offer(&self.out, &self.export_stats, span);
+                let adopted = self.linker.finalize_span(&mut span);
+                self.sample(span, local_root && !adopted);
             }
+        }
+    }
+
+    fn sampled_out(&mut self, spans: Vec<SpanRecord>) {
+        for span in spans {
+            offer(&self.out, &self.export_stats, span);
         }
     }
 
@@ -291,7 +381,7 @@ impl TraceSink {
                 self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
             let span = build(&ex, conn, kind, &self.clock, &self.redaction);
-            self.send(span);
+            self.send(span, !ex.identity.local_parent);
         }
     }
 
@@ -319,7 +409,7 @@ impl TraceSink {
                 self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
             let span = db::build(&ex, conn, kind, system, &self.clock);
-            self.send(span);
+            self.send(span, !ex.identity.local_parent);
         }
     }
 
@@ -604,7 +694,7 @@ impl TraceSink {
                 );
             }
             let span = http2::span::build(&x, conn, kind, &self.clock, &self.redaction);
-            self.send(span);
+            self.send(span, !x.exchange.identity.local_parent);
         }
     }
 }
@@ -745,6 +835,8 @@ impl Sink for TraceSink {
     fn tick(&mut self, now_ns: u64) {
         self.linker.expire(now_ns);
         self.release_settled();
+        let late = self.sampler.expire();
+        self.sampled_out(late);
         let timeout = self.response_timeout_ns;
         let mut expired = Vec::new();
         let mut expired_db = Vec::new();
@@ -794,6 +886,8 @@ impl Sink for TraceSink {
     fn drain(&mut self) {
         self.linker.settle_all();
         self.release_settled();
+        let rest = self.sampler.drain();
+        self.sampled_out(rest);
     }
 }
 

@@ -345,6 +345,8 @@ mod tests {
                 parent_is_remote: false,
                 trace_state: String::new(),
                 carried: None,
+                local_parent: false,
+                carried_sampled: None,
             },
             started: crate::trace::exchange::RequestStart {
                 tid: 1,

@@ -1,0 +1,522 @@
+//! RED metrics and the service graph, from every finished exchange of every protocol, before
+//! any sampling: the OpenTelemetry semantic-convention duration histograms
+//! (`http.server.request.duration`, `http.client.request.duration`,
+//! `db.client.operation.duration`, `rpc.server.call.duration`, `rpc.client.call.duration`) with
+//! `service.name` on every series, and the edges between services under the names Tempo and the
+//! Collector's servicegraph connector use (`traces_service_graph_request_total`, ...).
+//!
+//! Aggregation is the OpenTelemetry metrics SDK's: one meter provider with a manual reader
+//! (scraped for `--metrics-addr` and `loupe top`, see `prometheus.rs`) and, when an OTLP endpoint
+//! is configured, a periodic OTLP reader. Every instrument has a series limit (`--metrics-series`
+//! per metric); beyond it the SDK folds new series into one `otel.metric.overflow=true` series.
+
+pub mod prometheus;
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram, MeterProvider as _},
+};
+use opentelemetry_sdk::{
+    Resource,
+    metrics::{Instrument, ManualReader, SdkMeterProvider, Stream},
+};
+
+use crate::trace::span::{SpanKind, SpanRecord, Value};
+
+/// The conventions' advised bucket boundaries (seconds): HTTP and RPC durations.
+pub const HTTP_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// Database client operations.
+pub const DB_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+
+/// Series per metric by default (the SDK's own default is 2000).
+pub const DEFAULT_SERIES_LIMIT: usize = 2000;
+
+/// How long a process's service name is reused before it is looked up again (Kubernetes
+/// metadata may name a pod's process later than its first connection).
+const NAME_TTL: Duration = Duration::from_secs(10);
+
+/// What the Prometheus side reads.
+pub type SharedReader = Arc<ManualReader>;
+
+/// The manual reader as the provider holds it (the SDK takes readers by value).
+#[derive(Debug, Clone)]
+struct Scraped(SharedReader);
+
+impl opentelemetry_sdk::metrics::reader::MetricReader for Scraped {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
+        self.0.register_pipeline(pipeline)
+    }
+    fn collect(
+        &self,
+        rm: &mut opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(
+        &self,
+        kind: opentelemetry_sdk::metrics::InstrumentKind,
+    ) -> opentelemetry_sdk::metrics::Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+struct Instruments {
+    http_server: Histogram<f64>,
+    http_client: Histogram<f64>,
+    db_client: Histogram<f64>,
+    rpc_server: Histogram<f64>,
+    rpc_client: Histogram<f64>,
+    graph_requests: Counter<u64>,
+    graph_failed: Counter<u64>,
+    graph_server_seconds: Histogram<f64>,
+    graph_client_seconds: Histogram<f64>,
+}
+
+/// The process that handled a span, as the service graph names it.
+pub enum Peer {
+    /// A traced process on this node: its SERVER span, and that span's duration when it has
+    /// finished (on loopback the caller may see the response before the callee's send is
+    /// reported).
+    Process(u32, [u8; 8], Option<f64>),
+    /// Not traced here: its address (or host name when the request named one).
+    Address(String),
+}
+
+pub struct Red {
+    provider: SdkMeterProvider,
+    reader: SharedReader,
+    instruments: Instruments,
+    names: HashMap<u32, (Arc<str>, Instant)>,
+    processes: crate::process::SharedProcesses,
+    /// Edges whose server side had not finished when the client's did: SERVER span -> labels.
+    awaiting_server: HashMap<[u8; 8], [KeyValue; 3]>,
+}
+
+impl Red {
+    /// `otlp`: the periodic OTLP reader, when metrics go to an endpoint.
+    pub fn new(
+        processes: crate::process::SharedProcesses,
+        series_limit: usize,
+        host_name: &str,
+        otlp: Option<
+            opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader<
+                opentelemetry_otlp::MetricExporter,
+            >,
+        >,
+    ) -> Self {
+        let reader: SharedReader = Arc::new(ManualReader::builder().build());
+        let limit = series_limit.max(1);
+        let mut builder = SdkMeterProvider::builder()
+            .with_reader(Scraped(reader.clone()))
+            .with_view(move |_: &Instrument| {
+                Stream::builder().with_cardinality_limit(limit).build().ok()
+            })
+            .with_resource(
+                Resource::builder_empty()
+                    .with_attributes([
+                        KeyValue::new("service.name", "loupe"),
+                        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+                        KeyValue::new("host.name", host_name.to_string()),
+                    ])
+                    .build(),
+            );
+        if let Some(r) = otlp {
+            builder = builder.with_reader(r);
+        }
+        let provider = builder.build();
+        let meter = provider.meter("loupe.red");
+        let histogram = |name: &'static str, help: &'static str, buckets: &[f64]| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(help)
+                .with_boundaries(buckets.to_vec())
+                .build()
+        };
+        let instruments = Instruments {
+            http_server: histogram(
+                "http.server.request.duration",
+                "Duration of HTTP server requests.",
+                &HTTP_BUCKETS,
+            ),
+            http_client: histogram(
+                "http.client.request.duration",
+                "Duration of HTTP client requests.",
+                &HTTP_BUCKETS,
+            ),
+            db_client: histogram(
+                "db.client.operation.duration",
+                "Duration of database client operations.",
+                &DB_BUCKETS,
+            ),
+            rpc_server: histogram(
+                "rpc.server.call.duration",
+                "Duration of RPC calls served.",
+                &HTTP_BUCKETS,
+            ),
+            rpc_client: histogram(
+                "rpc.client.call.duration",
+                "Duration of RPC calls made.",
+                &HTTP_BUCKETS,
+            ),
+            graph_requests: meter
+                .u64_counter("traces_service_graph_request_total")
+                .with_description("Requests between two services (an edge of the service graph).")
+                .build(),
+            graph_failed: meter
+                .u64_counter("traces_service_graph_request_failed_total")
+                .with_description("Failed requests between two services.")
+                .build(),
+            graph_server_seconds: histogram(
+                "traces_service_graph_request_server_seconds",
+                "Duration of requests between two services, seen by the server.",
+                &HTTP_BUCKETS,
+            ),
+            graph_client_seconds: histogram(
+                "traces_service_graph_request_client_seconds",
+                "Duration of requests between two services, seen by the client.",
+                &HTTP_BUCKETS,
+            ),
+        };
+        Self {
+            provider,
+            reader,
+            instruments,
+            names: HashMap::new(),
+            processes,
+            awaiting_server: HashMap::new(),
+        }
+    }
+
+    pub fn reader(&self) -> SharedReader {
+        self.reader.clone()
+    }
+
+    /// The service name of a process, looked up at most every NAME_TTL.
+    pub fn service(&mut self, pid: u32, comm: &str) -> Arc<str> {
+        if let Some((name, at)) = self.names.get(&pid)
+            && at.elapsed() < NAME_TTL
+        {
+            return name.clone();
+        }
+        let name: Arc<str> = match self.processes.lock() {
+            Ok(mut p) => p.resolve(pid, comm).service_name.into(),
+            Err(_) => comm.into(),
+        };
+        if self.names.len() > 100_000 {
+            self.names.clear();
+        }
+        self.names.insert(pid, (name.clone(), Instant::now()));
+        name
+    }
+
+    /// One finished exchange: its duration histogram.
+    pub fn record(&mut self, span: &SpanRecord) {
+        let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
+        let service = self.service(span.pid, &span.comm);
+        let server = span.kind == SpanKind::Server;
+        let (instrument, keys): (&Histogram<f64>, &[&str]) =
+            if span.attr("rpc.system.name").is_some() {
+                let keys: &[&str] = &[
+                    "rpc.system.name",
+                    "rpc.method",
+                    "rpc.response.status_code",
+                    "error.type",
+                    "server.address",
+                    "server.port",
+                ];
+                if server {
+                    (&self.instruments.rpc_server, &keys[..4])
+                } else {
+                    (&self.instruments.rpc_client, keys)
+                }
+            } else if span.attr("http.request.method").is_some() {
+                if server {
+                    (
+                        &self.instruments.http_server,
+                        &[
+                            "http.request.method",
+                            "http.response.status_code",
+                            "http.route",
+                            "url.scheme",
+                            "network.protocol.version",
+                            "error.type",
+                        ],
+                    )
+                } else {
+                    (
+                        &self.instruments.http_client,
+                        &[
+                            "http.request.method",
+                            "http.response.status_code",
+                            "server.address",
+                            "server.port",
+                            "url.scheme",
+                            "network.protocol.version",
+                            "error.type",
+                        ],
+                    )
+                }
+            } else if span.attr("db.system.name").is_some() && !server {
+                (
+                    &self.instruments.db_client,
+                    &[
+                        "db.system.name",
+                        "db.operation.name",
+                        "db.collection.name",
+                        "db.namespace",
+                        "db.response.status_code",
+                        "error.type",
+                        "server.address",
+                        "server.port",
+                    ],
+                )
+            } else {
+                return;
+            };
+        let mut attrs = Vec::with_capacity(keys.len() + 1);
+        attrs.push(KeyValue::new("service.name", service.to_string()));
+        for key in keys {
+            if let Some(v) = span.attr(key) {
+                attrs.push(KeyValue::new(*key, value(v)));
+            }
+        }
+        instrument.record(seconds, &attrs);
+    }
+
+    /// An edge of the service graph: a CLIENT span and who served it.
+    pub fn edge(&mut self, client: &SpanRecord, server: Peer) {
+        let client_service = self.service(client.pid, &client.comm);
+        let database = client.attr("db.system.name").is_some();
+        let (server_name, connection_type, server_side): (Arc<str>, &str, _) = match server {
+            Peer::Process(pid, span, seconds) => (self.service(pid, ""), "", Some((span, seconds))),
+            Peer::Address(a) => (
+                a.into(),
+                if database { "database" } else { "virtual_node" },
+                None,
+            ),
+        };
+        let attrs = [
+            KeyValue::new("client", client_service.to_string()),
+            KeyValue::new("server", server_name.to_string()),
+            KeyValue::new("connection_type", connection_type),
+        ];
+        let i = &self.instruments;
+        i.graph_requests.add(1, &attrs);
+        if client.error.is_some() {
+            i.graph_failed.add(1, &attrs);
+        }
+        let seconds = client.end_unix_ns.saturating_sub(client.start_unix_ns) as f64 / 1e9;
+        i.graph_client_seconds.record(seconds, &attrs);
+        match server_side {
+            Some((_, Some(s))) => i.graph_server_seconds.record(s, &attrs),
+            Some((span, None)) => {
+                if self.awaiting_server.len() >= 100_000 {
+                    self.awaiting_server.clear();
+                }
+                self.awaiting_server.insert(span, attrs);
+            }
+            None => {}
+        }
+    }
+
+    /// A SERVER span finished; true when its caller's edge was waiting for its duration.
+    pub fn server_done(&mut self, span_id: [u8; 8], seconds: f64) -> bool {
+        match self.awaiting_server.remove(&span_id) {
+            Some(attrs) => {
+                self.instruments
+                    .graph_server_seconds
+                    .record(seconds, &attrs);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The provider, to export what is left at exit (`export::otlp_metrics::shutdown`).
+    pub fn provider(&self) -> SdkMeterProvider {
+        self.provider.clone()
+    }
+}
+
+fn value(v: &Value) -> opentelemetry::Value {
+    match v {
+        Value::Int(i) => (*i).into(),
+        other => other.as_str().unwrap_or_default().to_string().into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Above any pid_max: the service name is the command name given.
+    const FRONTEND: u32 = 4_194_304 + 1;
+    const CATALOG: u32 = 4_194_304 + 2;
+
+    fn red(limit: usize) -> Red {
+        Red::new(
+            crate::process::ProcessCache::shared(Vec::new(), true),
+            limit,
+            "node-1",
+            None,
+        )
+    }
+
+    fn span(kind: SpanKind, pid: u32, ms: u64, status: i64, route: &str) -> SpanRecord {
+        let comm = if pid == FRONTEND {
+            "frontend"
+        } else {
+            "catalog"
+        };
+        SpanRecord {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+            name: format!("GET {route}"),
+            kind,
+            start_unix_ns: 1_000_000_000,
+            end_unix_ns: 1_000_000_000 + ms * 1_000_000,
+            attributes: vec![
+                ("http.request.method", Value::Static("GET")),
+                ("http.response.status_code", Value::Int(status)),
+                ("http.route", Value::Str(route.to_string())),
+                ("server.address", Value::Static("catalog.local")),
+            ],
+            error: (status >= 500).then(|| status.to_string()),
+            status: Some(status.to_string()),
+            pid,
+            comm: comm.to_string(),
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str, labels: &[&str]) -> Option<&'a str> {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && labels.iter().all(|want| l.contains(want)))
+            .and_then(|l| l.rsplit(' ').next())
+    }
+
+    #[test]
+    fn counts_equal_the_requests_and_land_in_their_buckets() {
+        let mut r = red(DEFAULT_SERIES_LIMIT);
+        for _ in 0..7 {
+            r.record(&span(SpanKind::Server, CATALOG, 3, 200, "/items/{id}"));
+        }
+        for _ in 0..2 {
+            r.record(&span(SpanKind::Server, CATALOG, 20, 500, "/items/{id}"));
+        }
+        r.record(&span(SpanKind::Server, CATALOG, 600, 200, "/slow"));
+        let text = prometheus::render(&r.reader());
+        let ok = [
+            "service_name=\"catalog\"",
+            "http_response_status_code=\"200\"",
+            "http_route=\"/items/{id}\"",
+        ];
+        let count = "http_server_request_duration_seconds_count";
+        assert_eq!(line(&text, count, &ok), Some("7"), "{text}");
+        let failed = ["http_response_status_code=\"500\""];
+        assert_eq!(line(&text, count, &failed), Some("2"), "{text}");
+        let bucket = "http_server_request_duration_seconds_bucket";
+        let at = |labels: &[&str], le: &str| {
+            let mut l = labels.to_vec();
+            let le = format!("le=\"{le}\"");
+            l.push(&le);
+            line(&text, bucket, &l).map(str::to_string)
+        };
+        assert_eq!(at(&ok, "0.005").as_deref(), Some("7"));
+        assert_eq!(at(&failed, "0.01").as_deref(), Some("0"));
+        assert_eq!(at(&failed, "0.025").as_deref(), Some("2"));
+        let slow = ["http_route=\"/slow\""];
+        assert_eq!(at(&slow, "0.5").as_deref(), Some("0"));
+        assert_eq!(at(&slow, "0.75").as_deref(), Some("1"));
+        assert_eq!(at(&slow, "+Inf").as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn series_beyond_the_limit_fold_into_the_overflow_series() {
+        let mut r = red(3);
+        for i in 0..10 {
+            r.record(&span(SpanKind::Server, CATALOG, 1, 200, &format!("/r{i}")));
+        }
+        let text = prometheus::render(&r.reader());
+        let count = "http_server_request_duration_seconds_count";
+        let series: Vec<&str> = text.lines().filter(|l| l.starts_with(count)).collect();
+        // Three series as recorded, then one more for everything beyond.
+        assert_eq!(series.len(), 4, "{text}");
+        let overflow = line(&text, count, &["otel_metric_overflow=\"true\""]);
+        assert_eq!(overflow, Some("7"), "{text}");
+    }
+
+    #[test]
+    fn edges_name_both_services_or_the_untraced_peer() {
+        let mut r = red(DEFAULT_SERIES_LIMIT);
+        // The callee's own span named it first (it finishes before its caller's).
+        r.record(&span(SpanKind::Server, CATALOG, 4, 200, "/items/{id}"));
+        for status in [200, 200, 503] {
+            let c = span(SpanKind::Client, FRONTEND, 5, status, "/items/1");
+            r.edge(&c, Peer::Process(CATALOG, [9; 8], Some(0.004)));
+        }
+        // The server's side finishing after its caller's still counts once.
+        let c = span(SpanKind::Client, FRONTEND, 5, 200, "/items/2");
+        r.edge(&c, Peer::Process(CATALOG, [8; 8], None));
+        assert!(r.server_done([8; 8], 0.004));
+        assert!(!r.server_done([8; 8], 0.004));
+        let c = span(SpanKind::Client, FRONTEND, 5, 200, "/x");
+        r.edge(&c, Peer::Address("payments.example:443".into()));
+        let text = prometheus::render(&r.reader());
+        let edge = [
+            "client=\"frontend\"",
+            "server=\"catalog\"",
+            "connection_type=\"\"",
+        ];
+        assert_eq!(
+            line(&text, "traces_service_graph_request_total", &edge),
+            Some("4"),
+            "{text}"
+        );
+        assert_eq!(
+            line(&text, "traces_service_graph_request_failed_total", &edge),
+            Some("1")
+        );
+        assert_eq!(
+            line(
+                &text,
+                "traces_service_graph_request_server_seconds_count",
+                &edge
+            ),
+            Some("4")
+        );
+        let virt = [
+            "server=\"payments.example:443\"",
+            "connection_type=\"virtual_node\"",
+        ];
+        assert_eq!(
+            line(&text, "traces_service_graph_request_total", &virt),
+            Some("1")
+        );
+        assert_eq!(
+            line(
+                &text,
+                "traces_service_graph_request_server_seconds_count",
+                &virt
+            ),
+            None
+        );
+    }
+}
