@@ -22,6 +22,8 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server redis-tools)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v go >/dev/null 2>&1 || need_apt+=(golang-go)
 command -v java >/dev/null 2>&1 || need_apt+=(openjdk-17-jdk-headless)
+# `loupe top` is tested in a real terminal.
+command -v tmux >/dev/null 2>&1 || need_apt+=(tmux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

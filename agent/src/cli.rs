@@ -29,6 +29,22 @@ pub enum Command {
     Run(RunArgs),
     /// Print one line per captured send/receive (process, 4-tuple, direction, bytes, payload).
     Capture(CaptureArgs),
+    /// A live view of this node's services: request rate, error share, p50/p99 and the edges
+    /// between them (traces as `run` does; spans still go to OTLP or --output when configured).
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct TopArgs {
+    /// Read a running agent's metrics (its --metrics-addr, e.g. 127.0.0.1:9464) instead of
+    /// tracing: no second set of kernel programs.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Seconds between refreshes.
+    #[arg(long, default_value_t = 1)]
+    pub refresh: u64,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Debug, Args, Clone, Default)]

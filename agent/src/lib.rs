@@ -27,4 +27,5 @@ pub mod selection;
 pub mod service_rules;
 pub mod stdout;
 pub mod tls;
+pub mod top;
 pub mod trace;

@@ -78,13 +78,20 @@ fn main() -> ExitCode {
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOUPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
     let json_logs = cli.common.log_format == loupe::cli::LogFormat::Json;
-    match cli.common.log_format {
-        loupe::cli::LogFormat::Json => logs.json().with_ansi(false).init(),
-        loupe::cli::LogFormat::Text => logs.with_ansi(colour).init(),
+    // `loupe top` owns the terminal: its log lines are shown at the bottom of the view.
+    let tail = loupe::top::LogTail::default();
+    match (&cli.command, cli.common.log_format) {
+        (Some(Command::Top(_)), _) => logs.with_writer(tail.clone()).with_ansi(false).init(),
+        (_, loupe::cli::LogFormat::Json) => logs
+            .with_writer(std::io::stderr)
+            .json()
+            .with_ansi(false)
+            .init(),
+        (_, loupe::cli::LogFormat::Text) => {
+            logs.with_writer(std::io::stderr).with_ansi(colour).init()
+        }
     }
     if cli.common.cpu_scheduling == loupe::cli::CpuScheduling::Idle {
         sched_idle();
@@ -103,8 +110,23 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Capture(args)) => capture_command(&cli.common, &args).await,
-            Some(Command::Run(args)) => run_command(&cli.common, &args).await,
-            None => run_command(&cli.common, &cli.run).await,
+            Some(Command::Run(args)) => run_command(&cli.common, &args, None).await,
+            Some(Command::Top(args)) => match args.from.clone() {
+                Some(addr) => {
+                    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let refresh = Duration::from_secs(args.refresh.max(1));
+                    tokio::task::spawn_blocking(move || {
+                        loupe::top::run(loupe::top::Source::Remote(addr), tail, refresh, stop)
+                    })
+                    .await
+                    .context("the view")?
+                }
+                None => {
+                    let view = (tail, Duration::from_secs(args.refresh.max(1)));
+                    run_command(&cli.common, &args.run, Some(view)).await
+                }
+            },
+            None => run_command(&cli.common, &cli.run, None).await,
         }
     });
     match result {
@@ -330,11 +352,16 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
     Ok(())
 }
 
-async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> {
+/// `top`: draw the live view (with its log tail and refresh period) instead of printing trees.
+async fn run_command(
+    common: &CommonArgs,
+    args: &RunArgs,
+    top: Option<(loupe::top::LogTail, Duration)>,
+) -> anyhow::Result<()> {
     let shutdown = Shutdown::install()?;
     let file = FileConfig::load(args.config.as_deref())?;
     let otlp = otlp_config(args)?;
-    let console = console_wanted(args, otlp.is_some());
+    let console = top.is_none() && console_wanted(args, otlp.is_some());
     let export_cfg = ExportConfig {
         otlp: otlp.clone(),
         console,
@@ -406,6 +433,7 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
     sink.sampler = loupe::trace::sampling::Sampler::new(head, file.sampling.clone());
     metrics.sampling = Some(sink.sampler.stats.clone());
     let red_provider = red.provider();
+    let red_reader = red.reader();
     metrics.red = Some(red.reader());
     sink.red(red);
     metrics.export = Some(export_stats);
@@ -453,7 +481,23 @@ async fn run_command(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<()> 
         // Dropping the sink closes the export queue: the exporter flushes and ends.
         drop(sink);
     });
-    shutdown.wait().await;
+    match top {
+        None => shutdown.wait().await,
+        Some((tail, refresh)) => {
+            let stop_view = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = stop_view.clone();
+            let mut view = tokio::task::spawn_blocking(move || {
+                loupe::top::run(loupe::top::Source::Local(red_reader), tail, refresh, flag)
+            });
+            tokio::select! {
+                _ = shutdown.wait() => {
+                    stop_view.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let _ = view.await;
+                }
+                done = &mut view => done.context("the view")??,
+            }
+        }
+    }
     let _ = stop.send(true);
     reader.await.context("reader task")??;
     consumer.await.context("pipeline task")?;
