@@ -985,5 +985,15 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         "--",
         "--noplot",
     ]))?;
+    step("what RED metrics, the service graph and sampling cost per span (criterion, one core)");
+    run(Command::new("cargo").args([
+        "bench",
+        "--package",
+        "loupe",
+        "--bench",
+        "red",
+        "--",
+        "--noplot",
+    ]))?;
     Ok(())
 }
