@@ -222,3 +222,29 @@ fn the_image_builds_with_the_projects_own_command() {
         );
     }
 }
+
+/// The Collector tiers for cluster-wide tail sampling route by trace id and keep errors, slow
+/// traces and a share of the rest.
+#[test]
+fn the_tail_sampling_collector_tiers_route_by_trace_and_keep_errors() {
+    let dir = tests_dir().join("../deploy/collector");
+    let lb = &documents_of(&dir.join("loadbalancer.yaml"))[0];
+    let exporter = &lb["exporters"]["loadbalancing"];
+    assert_eq!(exporter["routing_key"], "traceID");
+    assert!(exporter["resolver"]["dns"]["hostname"].is_string());
+    assert_eq!(
+        lb["service"]["pipelines"]["traces"]["exporters"][0],
+        "loadbalancing"
+    );
+    let ts = &documents_of(&dir.join("tail-sampling.yaml"))[0];
+    let policies = ts["processors"]["tail_sampling"]["policies"]
+        .as_array()
+        .unwrap();
+    let types: Vec<&str> = policies.iter().filter_map(|p| p["type"].as_str()).collect();
+    assert_eq!(types, ["status_code", "latency", "probabilistic"]);
+    assert_eq!(policies[0]["status_code"]["status_codes"][0], "ERROR");
+    assert_eq!(
+        ts["service"]["pipelines"]["traces"]["processors"][0],
+        "tail_sampling"
+    );
+}
