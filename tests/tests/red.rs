@@ -149,10 +149,22 @@ fn red_metrics_the_service_graph_and_sampling_on_a_real_service() {
     // RED metrics on /metrics: every request, exactly, before sampling.
     let server_count = "http_server_request_duration_seconds_count";
     let catalog = "service_name=\"catalog\"";
+    let client_count = "http_client_request_duration_seconds_count";
+    let frontend = "service_name=\"frontend\"";
+    // Both sides' spans finish a little apart: wait until each has counted every request.
     let mut text = String::new();
     for _ in 0..100 {
         text = scrape(&metrics_addr);
-        if sum(&text, server_count, &[catalog]) as usize >= TOTAL {
+        if sum(&text, server_count, &[catalog]) as usize >= TOTAL
+            && sum(&text, client_count, &[frontend]) as usize >= TOTAL
+            && sum(&text, "traces_service_graph_request_total", &[]) as usize >= TOTAL
+            && sum(
+                &text,
+                "traces_service_graph_request_server_seconds_count",
+                &[],
+            ) as usize
+                >= TOTAL
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -168,8 +180,6 @@ fn red_metrics_the_service_graph_and_sampling_on_a_real_service() {
         sum(&text, server_count, &[catalog, failed]) as usize,
         FAILING
     );
-    let client_count = "http_client_request_duration_seconds_count";
-    let frontend = "service_name=\"frontend\"";
     assert_eq!(sum(&text, client_count, &[frontend]) as usize, TOTAL);
     // The slow requests are above 0.5 s and below 0.75 s; nothing else is.
     let bucket = "http_server_request_duration_seconds_bucket";

@@ -43,12 +43,13 @@ pub const DEFAULT_SERIES_LIMIT: usize = 2000;
 /// metadata may name a pod's process later than its first connection).
 const NAME_TTL: Duration = Duration::from_secs(10);
 
-/// What the Prometheus side reads.
-pub type SharedReader = Arc<ManualReader>;
+/// What the Prometheus side and `loupe top` read: the cumulative store over the manual
+/// reader's deltas (`prometheus::Store`).
+pub type SharedReader = Arc<std::sync::Mutex<prometheus::Store>>;
 
 /// The manual reader as the provider holds it (the SDK takes readers by value).
 #[derive(Debug, Clone)]
-struct Scraped(SharedReader);
+struct Scraped(Arc<ManualReader>);
 
 impl opentelemetry_sdk::metrics::reader::MetricReader for Scraped {
     fn register_pipeline(&self, pipeline: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
@@ -118,12 +119,25 @@ impl Red {
             >,
         >,
     ) -> Self {
-        let reader: SharedReader = Arc::new(ManualReader::builder().build());
+        // Deltas: the store adds them up and can forget idle series, which the SDK's cumulative
+        // state never does.
+        let manual = Arc::new(
+            ManualReader::builder()
+                .with_temporality(opentelemetry_sdk::metrics::Temporality::Delta)
+                .build(),
+        );
         let limit = series_limit.max(1);
+        let reader: SharedReader = Arc::new(std::sync::Mutex::new(prometheus::Store::new(
+            manual.clone(),
+            limit,
+        )));
         let mut builder = SdkMeterProvider::builder()
-            .with_reader(Scraped(reader.clone()))
+            .with_reader(Scraped(manual))
             .with_view(move |_: &Instrument| {
-                Stream::builder().with_cardinality_limit(limit).build().ok()
+                Stream::builder()
+                    .with_cardinality_limit(limit + 1)
+                    .build()
+                    .ok()
             })
             .with_resource(
                 Resource::builder_empty()
@@ -461,6 +475,28 @@ mod tests {
         assert_eq!(series.len(), 4, "{text}");
         let overflow = line(&text, count, &["otel_metric_overflow=\"true\""]);
         assert_eq!(overflow, Some("7"), "{text}");
+    }
+
+    #[test]
+    fn idle_series_expire_and_busy_ones_accumulate() {
+        let mut r = red(DEFAULT_SERIES_LIMIT);
+        r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/old"));
+        let store = r.reader();
+        let start = Instant::now();
+        store.lock().unwrap().update(start);
+        let later = start + prometheus::IDLE - Duration::from_secs(1);
+        r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/new"));
+        r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/new"));
+        store.lock().unwrap().update(later);
+        // Past the idle time of /old only.
+        let mut s = store.lock().unwrap();
+        s.update(start + prometheus::IDLE + Duration::from_secs(1));
+        let text = s.text();
+        let count = "http_server_request_duration_seconds_count";
+        assert_eq!(line(&text, count, &["/old"]), None, "{text}");
+        assert_eq!(line(&text, count, &["/new"]), Some("2"), "{text}");
+        assert_eq!(s.expired, 1);
+        assert!(text.contains("loupe_red_series_expired_total 1"), "{text}");
     }
 
     #[test]
