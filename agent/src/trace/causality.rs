@@ -128,6 +128,8 @@ struct Orphan {
     started_ns: u64,
     /// Counted as a root (not parented by a TCP option) until adopted.
     root: bool,
+    /// Parented by carried context already: a late caller only names the service-graph edge.
+    graph_only: bool,
 }
 
 /// What causality needs of a request, whatever its protocol: never a protocol's own types.
@@ -196,6 +198,8 @@ pub struct Linker {
     /// CLIENT span -> the local SERVER span that answered it; SERVER span -> its CLIENT span.
     callees: HashMap<[u8; 8], Callee>,
     callers: HashMap<[u8; 8], [u8; 8]>,
+    /// Finished SERVER spans no caller has claimed yet -> (seconds, when).
+    finished_orphans: HashMap<[u8; 8], (f64, u64)>,
     /// Trace id -> the `sampled` flag it arrived with (parent-based sampling).
     carried_flags: HashMap<[u8; 16], bool>,
     pub stats: std::sync::Arc<LinkStats>,
@@ -246,6 +250,7 @@ impl Linker {
             settled: Vec::new(),
             callees: HashMap::new(),
             callers: HashMap::new(),
+            finished_orphans: HashMap::new(),
             carried_flags: HashMap::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
         }
@@ -355,8 +360,12 @@ impl Linker {
                 bump(&self.stats.by_peer);
                 self.child_of(caller.trace_id, caller.span_id, true, c.carried, true)
             }
-            (Some(c), _) => {
+            (Some(c), peer) => {
                 bump(&self.stats.by_context);
+                if peer.is_none() {
+                    // The caller's event may still come: it names the edge, not the parent.
+                    self.await_caller(conn, st, joined, &c, false, true);
+                }
                 c
             }
             (None, Some((caller, _))) => {
@@ -377,19 +386,7 @@ impl Linker {
                 };
                 // A local caller's event may still come: it is the more precise parent. On a
                 // joined connection only the latest callee request waits (see client_request).
-                if self.orphans.len() < MAX_PEERS {
-                    let ordinal = if joined { JOINED } else { st.ordinal };
-                    self.orphans.insert(
-                        (conn.remote, conn.local, ordinal),
-                        Orphan {
-                            pid: conn.pid,
-                            span_id: identity.span_id,
-                            trace_id: identity.trace_id,
-                            started_ns: st.ts_ns,
-                            root: option.is_none(),
-                        },
-                    );
-                }
+                self.await_caller(conn, st, joined, &identity, option.is_none(), false);
                 identity
             }
         };
@@ -520,11 +517,41 @@ impl Linker {
         identity
     }
 
+    /// A SERVER request with no local caller yet: one may still show up (its event can reach
+    /// the agent after the callee's).
+    fn await_caller(
+        &mut self,
+        conn: &ConnInfo,
+        st: RequestStart,
+        joined: bool,
+        identity: &Identity,
+        root: bool,
+        graph_only: bool,
+    ) {
+        if self.orphans.len() < MAX_PEERS {
+            let ordinal = if joined { JOINED } else { st.ordinal };
+            self.orphans.insert(
+                (conn.remote, conn.local, ordinal),
+                Orphan {
+                    pid: conn.pid,
+                    span_id: identity.span_id,
+                    trace_id: identity.trace_id,
+                    started_ns: st.ts_ns,
+                    root,
+                    graph_only,
+                },
+            );
+        }
+    }
+
     /// The callee `server_span` started a trace of its own before its caller showed up: move it
     /// (and what it is still handling) under the caller.
     fn adopt(&mut self, orphan: Orphan, trace_id: [u8; 16], parent: [u8; 8], now_ns: u64) {
         let (server_span, own_trace) = (orphan.span_id, orphan.trace_id);
         self.paired(parent, orphan.pid, server_span);
+        if orphan.graph_only {
+            return;
+        }
         bump(&self.stats.by_peer_late);
         if orphan.root {
             self.stats.roots.fetch_sub(1, Ordering::Relaxed);
@@ -566,23 +593,33 @@ impl Linker {
             self.callees.clear();
             self.callers.clear();
         }
+        let finished = self.finished_orphans.remove(&server_span).map(|(s, _)| s);
         self.callees.insert(
             client_span,
             Callee {
                 pid,
                 server_span,
-                server_seconds: None,
+                server_seconds: finished,
             },
         );
-        self.callers.insert(server_span, client_span);
+        if finished.is_none() {
+            self.callers.insert(server_span, client_span);
+        }
     }
 
-    /// A SERVER span finished: its duration, for its caller's edge of the service graph.
-    pub fn server_finished(&mut self, span_id: [u8; 8], seconds: f64) {
-        if let Some(client) = self.callers.remove(&span_id)
-            && let Some(c) = self.callees.get_mut(&client)
-        {
-            c.server_seconds = Some(seconds);
+    /// A SERVER span finished: its duration, for its caller's edge of the service graph. One
+    /// without a caller yet (`orphan`: a local root) may still be adopted by a caller whose
+    /// event comes late, so its duration is kept until then.
+    pub fn server_finished(&mut self, span_id: [u8; 8], seconds: f64, orphan: bool, now_ns: u64) {
+        if let Some(client) = self.callers.remove(&span_id) {
+            if let Some(c) = self.callees.get_mut(&client) {
+                c.server_seconds = Some(seconds);
+            }
+        } else if orphan {
+            if self.finished_orphans.len() >= MAX_PEERS {
+                self.finished_orphans.clear();
+            }
+            self.finished_orphans.insert(span_id, (seconds, now_ns));
         }
     }
 
@@ -786,6 +823,8 @@ impl Linker {
             .retain(|_, o| now_ns.saturating_sub(o.started_ns) < ORPHAN_WAIT_NS);
         self.aliases
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < IN_FLIGHT_MAX_NS);
+        self.finished_orphans
+            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
         self.creators
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < THREAD_MAX_AGE_NS);
         // An adoption whose exchange never finished (evicted) must not pile up.
@@ -1047,6 +1086,38 @@ mod tests {
             );
             assert_ne!(Some(id.span_id), id.parent_span_id);
         }
+    }
+
+    #[test]
+    fn a_late_caller_with_carried_context_still_names_the_edge() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let h = head(
+            "GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n",
+        );
+        // The callee's event first, parented by the header; then its caller's.
+        let server = l.server_start(
+            &conn(1, "127.0.0.1:80", "127.0.0.1:5", Role::Server),
+            &h,
+            st(1, 0),
+            None,
+        );
+        l.server_finished(server.span_id, 0.002, true, 5);
+        let client = l.client_start(
+            &conn(3, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
+            &h,
+            st(7, 0),
+            None,
+        );
+        let callee = l.take_callee(client.span_id).expect("the edge's server");
+        assert_eq!(
+            (callee.pid, callee.server_span, callee.server_seconds),
+            (1, server.span_id, Some(0.002))
+        );
+        // The callee keeps the header's parent.
+        let mut fin = server.clone();
+        l.finalize(&mut fin);
+        assert_eq!(fin.parent_span_id, server.parent_span_id);
+        assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl TraceSink {
     }
 
     /// RED metrics and the service graph count every span.
-    fn measure(&mut self, span: &SpanRecord) {
+    fn measure(&mut self, span: &SpanRecord, local_root: bool) {
         let Some(red) = self.red.as_mut() else {
             return;
         };
@@ -239,7 +239,9 @@ impl TraceSink {
             SpanKind::Server => {
                 let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
                 if !red.server_done(span.span_id, seconds) {
-                    self.linker.server_finished(span.span_id, seconds);
+                    let now = crate::clock::monotonic_ns();
+                    self.linker
+                        .server_finished(span.span_id, seconds, local_root, now);
                 }
             }
             SpanKind::Client => {
@@ -255,7 +257,7 @@ impl TraceSink {
     /// Measured, then to sampling, or held while its trace is provisional. `local_root`: the
     /// span has no parent on this node.
     fn send(&mut self, span: SpanRecord, local_root: bool) {
-        self.measure(&span);
+        self.measure(&span, local_root);
         if self.linker.is_provisional(&span.trace_id) {
             if self.held_count < MAX_HELD_SPANS {
                 self.held_count += 1;
