@@ -257,6 +257,31 @@ fn grpc_calls_on_a_fresh_channel_are_exact_and_linked() {
         0,
         "a connection seen from its start"
     );
+    // RED: the RPC call durations count each call once, by method and status code.
+    let count = |metric: &str, labels: &[&str]| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(metric) && labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    for metric in [
+        "rpc_server_call_duration_seconds_count",
+        "rpc_client_call_duration_seconds_count",
+    ] {
+        let get = "rpc_method=\"shop.v1.Orders/Get\"";
+        assert_eq!(
+            count(metric, &[get, "rpc_response_status_code=\"OK\""]),
+            1,
+            "{metric}\n{metrics}"
+        );
+        assert_eq!(
+            count(metric, &[get, "rpc_response_status_code=\"NOT_FOUND\""]),
+            1
+        );
+        assert_eq!(count(metric, &["rpc_method=\"shop.v1.Orders/Watch\""]), 1);
+        assert_eq!(count(metric, &["rpc_system_name=\"grpc\""]), 3);
+    }
 }
 
 #[test]

@@ -18,6 +18,9 @@ pub struct TlsWatch {
     /// The ClientHello's server_name, when the handshake was seen.
     pub server_name: Option<String>,
     pub application_records: u32,
+    /// The TLS library the process uses, read when the connection was first seen: a client
+    /// may have exited by the time its connection is declared unhooked.
+    pub library: Option<&'static str>,
 }
 
 impl TlsWatch {

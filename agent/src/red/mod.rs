@@ -478,6 +478,41 @@ mod tests {
     }
 
     #[test]
+    fn database_calls_have_their_own_histogram_and_buckets() {
+        let mut r = red(DEFAULT_SERIES_LIMIT);
+        let mut db = span(SpanKind::Client, FRONTEND, 2, 0, "");
+        db.attributes = vec![
+            ("db.system.name", Value::Static("postgresql")),
+            ("db.operation.name", Value::Static("SELECT")),
+            ("db.collection.name", Value::Str("items".into())),
+            (
+                "db.query.text",
+                Value::Str("SELECT * FROM items WHERE id = $1".into()),
+            ),
+        ];
+        db.error = None;
+        r.record(&db);
+        // The database's own side feeds nothing (unless it is a CLIENT).
+        let mut own = db.clone();
+        own.kind = SpanKind::Server;
+        r.record(&own);
+        let text = prometheus::render(&r.reader());
+        let count = "db_client_operation_duration_seconds_count";
+        let labels = [
+            "db_system_name=\"postgresql\"",
+            "db_operation_name=\"SELECT\"",
+            "db_collection_name=\"items\"",
+            "service_name=\"frontend\"",
+        ];
+        assert_eq!(line(&text, count, &labels), Some("1"), "{text}");
+        // Never the query text: it is not an attribute of the metric.
+        assert!(!text.contains("db_query_text"), "{text}");
+        let bucket = "db_client_operation_duration_seconds_bucket";
+        assert_eq!(line(&text, bucket, &["le=\"0.001\""]), Some("0"));
+        assert_eq!(line(&text, bucket, &["le=\"0.005\""]), Some("1"));
+    }
+
+    #[test]
     fn idle_series_expire_and_busy_ones_accumulate() {
         let mut r = red(DEFAULT_SERIES_LIMIT);
         r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/old"));

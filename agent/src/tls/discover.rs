@@ -142,7 +142,12 @@ pub fn library_of(pid: u32) -> &'static str {
 }
 
 fn is_go(pid: u32) -> bool {
-    let Ok(data) = std::fs::read(format!("/proc/{pid}/exe")) else {
+    let Ok(file) = std::fs::File::open(format!("/proc/{pid}/exe")) else {
+        return false;
+    };
+    // SAFETY: a read-only private mapping of an executable; only its section headers are read
+    // (a file truncated under us would fault, as for the TLS probes' own mapping in elf.rs).
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&file) }) else {
         return false;
     };
     object::File::parse(&*data).is_ok_and(|f| {

@@ -134,6 +134,8 @@ pub struct TraceSink {
     red: Option<crate::red::Red>,
     /// What is exported of what was measured.
     pub sampler: crate::trace::sampling::Sampler,
+    /// pid -> the TLS library it uses (`tls_library`).
+    tls_libraries: HashMap<u32, &'static str>,
 }
 
 /// Spans held for provisional traces at most; beyond, they go out as they are (counted).
@@ -215,6 +217,7 @@ impl TraceSink {
             held: HashMap::new(),
             held_count: 0,
             red: None,
+            tls_libraries: HashMap::new(),
             sampler: crate::trace::sampling::Sampler::new(
                 crate::trace::sampling::HeadSampler {
                     head: crate::trace::sampling::Head::AlwaysOn,
@@ -338,6 +341,17 @@ impl TraceSink {
         }
     }
 
+    /// The TLS library of a process, read once per process (its maps can be large: a JVM's).
+    fn tls_library(&mut self, pid: u32) -> &'static str {
+        if self.tls_libraries.len() > 10_000 {
+            self.tls_libraries.clear();
+        }
+        *self
+            .tls_libraries
+            .entry(pid)
+            .or_insert_with(|| crate::tls::discover::library_of(pid))
+    }
+
     /// Ciphertext of a connection not (yet) seen in plaintext.
     fn tls_watch(&mut self, conn: &ConnInfo, segments: &[Segment]) {
         let Some(t) = self.conns.get_mut(&conn.key) else {
@@ -348,7 +362,9 @@ impl TraceSink {
         };
         w.offer(segments);
         if w.unhooked() {
-            let library = crate::tls::discover::library_of(conn.pid);
+            let library = w
+                .library
+                .unwrap_or_else(|| crate::tls::discover::library_of(conn.pid));
             self.tls.count_unhooked(library);
             tracing::debug!(
                 "TLS connection of pid {} ({}) to {} (server name {:?}) is not hooked: {library}",
@@ -753,7 +769,10 @@ impl Sink for TraceSink {
                     self.verdicts.ignore(conn.key);
                     Proto::Ignored
                 } else if !conn.tls && conn.protocol == PROTO_TLS {
-                    Proto::Tls(Default::default())
+                    Proto::Tls(crate::protocol::tls::TlsWatch {
+                        library: Some(self.tls_library(conn.pid)),
+                        ..Default::default()
+                    })
                 } else {
                     if conn.tls {
                         self.tls_hooked(conn);
