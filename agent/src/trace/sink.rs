@@ -346,8 +346,7 @@ impl TraceSink {
         if self.tls_libraries.len() > 10_000 {
             self.tls_libraries.clear();
         }
-        *self
-            .tls_libraries
+        self.tls_libraries
             .entry(pid)
             .or_insert_with(|| crate::tls::discover::library_of(pid))
     }
