@@ -652,3 +652,28 @@ pub fn build_go(app: &str) -> PathBuf {
     assert!(status.success(), "go build of tests/apps/{app} failed");
     out
 }
+
+/// The test Flask app (tests/apps/flask_app.py) under gunicorn with `workers` workers, in `cg`,
+/// named `service` (OTEL_SERVICE_NAME) when given.
+pub fn gunicorn(cg: &TestCgroup, workers: u32, service: Option<&str>) -> Server {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let apps = tests_dir().join("apps");
+    let (bind, workers) = (addr.to_string(), workers.to_string());
+    let mut cmd = cg.command(
+        &venv_bin("gunicorn"),
+        &[
+            "--chdir",
+            apps.to_str().unwrap(),
+            "-b",
+            &bind,
+            "-w",
+            &workers,
+            "flask_app:app",
+        ],
+    );
+    cmd.current_dir(&apps);
+    if let Some(name) = service {
+        cmd.env("OTEL_SERVICE_NAME", name);
+    }
+    Server::start(cmd, addr)
+}

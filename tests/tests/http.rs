@@ -34,23 +34,7 @@ fn agent(cg: &TestCgroup, r: &Receiver, protocol: &str, extra: &[&str]) -> Agent
 }
 
 fn gunicorn(cg: &TestCgroup) -> Server {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let apps = tests_dir().join("apps");
-    let bind = addr.to_string();
-    let mut cmd = cg.command(
-        &venv_bin("gunicorn"),
-        &[
-            "--chdir",
-            apps.to_str().unwrap(),
-            "-b",
-            &bind,
-            "-w",
-            "2",
-            "flask_app:app",
-        ],
-    );
-    cmd.current_dir(&apps);
-    Server::start(cmd, addr)
+    loupe_tests::gunicorn(cg, 2, None)
 }
 
 fn http_server(cg: &TestCgroup) -> Server {

@@ -8,9 +8,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
-use loupe_tests::{
-    Agent, Server, TestCgroup, free_port, otlp::Receiver, privileged, scrape, tests_dir, venv_bin,
-};
+use loupe_tests::{Agent, TestCgroup, free_port, otlp::Receiver, privileged, scrape};
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
@@ -21,26 +19,6 @@ const SLOW: usize = 4;
 const SAMPLED: usize = 30;
 const UNSAMPLED: usize = 30;
 const TOTAL: usize = OK + FAILING + SLOW + SAMPLED + UNSAMPLED;
-
-fn catalog(cg: &TestCgroup) -> Server {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let apps = tests_dir().join("apps");
-    let bind = addr.to_string();
-    let mut cmd = cg.command(
-        &venv_bin("gunicorn"),
-        &[
-            "--chdir",
-            apps.to_str().unwrap(),
-            "-b",
-            &bind,
-            "-w",
-            "4",
-            "flask_app:app",
-        ],
-    );
-    cmd.current_dir(&apps).env("OTEL_SERVICE_NAME", "catalog");
-    Server::start(cmd, addr)
-}
 
 /// The frontend: one keep-alive connection; each request is a trace of its own. Ids in the
 /// paths tell the test which kind of request a span belongs to.
@@ -114,7 +92,7 @@ fn red_metrics_the_service_graph_and_sampling_on_a_real_service() {
         return;
     }
     let cg = TestCgroup::new("red");
-    let server = catalog(&cg);
+    let server = loupe_tests::gunicorn(&cg, 4, Some("catalog"));
     let receiver = Receiver::start();
     let ep = format!("http://{}", receiver.grpc);
     let metrics_addr = format!("127.0.0.1:{}", free_port());

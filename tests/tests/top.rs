@@ -2,9 +2,9 @@
 //! Python client: the two services and the edge between them appear with their figures, the
 //! view sorts on `s` and the agent stops cleanly on `q`.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
-use loupe_tests::{Server, TestCgroup, free_port, loupe_bin, privileged, tests_dir, venv_bin};
+use loupe_tests::{TestCgroup, loupe_bin, privileged};
 
 struct Tmux(String);
 
@@ -84,23 +84,8 @@ fn top_shows_services_and_their_edge_live() {
         return;
     }
     let cg = TestCgroup::new("top");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let apps = tests_dir().join("apps");
-    let bind = addr.to_string();
-    let mut cmd = cg.command(
-        &venv_bin("gunicorn"),
-        &[
-            "--chdir",
-            apps.to_str().unwrap(),
-            "-b",
-            &bind,
-            "-w",
-            "2",
-            "flask_app:app",
-        ],
-    );
-    cmd.current_dir(&apps).env("OTEL_SERVICE_NAME", "catalog");
-    let server = Server::start(cmd, addr);
+    let server = loupe_tests::gunicorn(&cg, 2, Some("catalog"));
+    let addr = server.addr;
 
     let view = Tmux::start(&format!(
         "{} top --cgroup {}; echo EXITED $?; sleep 60",

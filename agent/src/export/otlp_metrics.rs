@@ -61,6 +61,18 @@ pub fn periodic(
     PeriodicReader::builder(exporter, runtime::Tokio).build()
 }
 
+/// The resource of the agent's own metrics and of the RED metrics it computes (each series of
+/// those names its service in `service.name` attributes).
+pub fn agent_resource(host_name: &str) -> Resource {
+    Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", "loupe"),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("host.name", host_name.to_string()),
+        ])
+        .build()
+}
+
 /// Keeps the meter provider (and so the periodic export) alive; flushes on shutdown.
 pub struct MetricsExport {
     provider: SdkMeterProvider,
@@ -78,15 +90,7 @@ impl MetricsExport {
         let reader = periodic(exporter);
         let provider = SdkMeterProvider::builder()
             .with_reader(reader)
-            .with_resource(
-                Resource::builder_empty()
-                    .with_attributes([
-                        KeyValue::new("service.name", "loupe"),
-                        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-                        KeyValue::new("host.name", host_name.to_string()),
-                    ])
-                    .build(),
-            )
+            .with_resource(agent_resource(host_name))
             .build();
         let meter = provider.meter("loupe");
         let mut seen = std::collections::HashSet::new();

@@ -22,10 +22,7 @@ use opentelemetry::{
     KeyValue,
     metrics::{Counter, Histogram, MeterProvider as _},
 };
-use opentelemetry_sdk::{
-    Resource,
-    metrics::{Instrument, ManualReader, SdkMeterProvider, Stream},
-};
+use opentelemetry_sdk::metrics::{Instrument, ManualReader, SdkMeterProvider, Stream};
 
 use crate::trace::span::{SpanKind, SpanRecord, Value};
 
@@ -139,15 +136,7 @@ impl Red {
                     .build()
                     .ok()
             })
-            .with_resource(
-                Resource::builder_empty()
-                    .with_attributes([
-                        KeyValue::new("service.name", "loupe"),
-                        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
-                        KeyValue::new("host.name", host_name.to_string()),
-                    ])
-                    .build(),
-            );
+            .with_resource(crate::export::otlp_metrics::agent_resource(host_name));
         if let Some(r) = otlp {
             builder = builder.with_reader(r);
         }
