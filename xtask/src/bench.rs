@@ -319,12 +319,18 @@ fn kernel_ns() -> u64 {
     let Ok(progs) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
         return 0;
     };
+    // The TLS uprobes (ssl_*, go_tls_*), Go's handoff probes (go_http_*) and the futex-wake
+    // program (sched_waking, which runs on every wakeup of the host) count too.
     let ours = |n: &str| {
         n.starts_with("sys_enter_")
             || n.starts_with("sys_exit_")
             || n.starts_with("sock_")
+            || n.starts_with("ssl_")
+            || n.starts_with("go_tls_")
+            || n.starts_with("go_http_")
             || n == "inet_sock_set_state"
             || n == "sched_process_fork"
+            || n == "sched_waking"
             || n == "task_newtask"
             || n == "sched_process_exec"
             || n == "sched_process_exit"
