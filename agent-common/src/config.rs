@@ -31,9 +31,22 @@ pub struct KernelOffsets {
     pub skc_net: u16,
     /// struct net -> ns (struct ns_common) -> inum, summed.
     pub net_ns_inum: u16,
-    pub _pad: [u16; 3],
+    /// The syscall capture path's walk from a file descriptor to its socket (see
+    /// `agent-ebpf` helpers/fd.rs): task_struct.files, files_struct.fdt, fdtable.max_fds and
+    /// .fd, file.f_inode and .private_data, inode.i_mode, socket.sk, sock.sk_protocol.
+    /// Zero on kernels where the agent uses the sock tracepoints and BTF lacks one of them.
+    pub task_files: u16,
+    pub files_fdt: u16,
+    pub fdt_max_fds: u16,
+    pub fdt_fd: u16,
+    pub file_inode: u16,
+    pub file_private_data: u16,
+    pub inode_mode: u16,
+    pub socket_sk: u16,
+    pub sk_protocol: u16,
+    pub _pad: [u16; 2],
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 24);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,6 +66,14 @@ pub struct LoupeConfig {
     pub tcp_context: u32,
     /// RFC 6994 ExID of the option.
     pub option_exid: u16,
-    pub _pad: u16,
+    /// `FEATURE_*` bits: helpers this kernel has. The programs branch on them; the branch not
+    /// taken is dead code to the verifier (the config is a frozen read-only map), so a helper an
+    /// older kernel lacks is never seen by it.
+    pub features: u16,
 }
-const _: () = assert!(core::mem::size_of::<LoupeConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<LoupeConfig>() == 64);
+
+/// `bpf_task_pt_regs` and `bpf_get_current_task_btf` (Linux 5.15): the user registers saved at
+/// syscall entry (Go's goroutine register, the user stack at exec, the syscall number in
+/// `sched_waking`).
+pub const FEATURE_TASK_PT_REGS: u16 = 1 << 0;

@@ -24,6 +24,7 @@ pub const fn name(sys: u8) -> &'static str {
         SYS_SENDMSG => "sendmsg",
         SYS_RECVMMSG => "recvmmsg",
         SYS_SENDMMSG => "sendmmsg",
+        SYS_SENDFILE => "sendfile",
         _ => "none",
     }
 }
@@ -34,8 +35,14 @@ pub const SHAPE_IOV: u8 = 2;
 pub const SHAPE_MSG: u8 = 3;
 pub const SHAPE_MMSG: u8 = 4;
 
+/// No user buffer: sendfile, whose bytes come from a file (the stream's offsets still move).
+pub const SHAPE_NONE: u8 = 0;
+
+pub const SYS_SENDFILE: u8 = 11;
+
 /// Arguments of a socket syscall in flight on one thread, saved at sys_enter and consumed by the
-/// sock tracepoints that fire inside the syscall.
+/// sock tracepoints that fire inside the syscall, or on the syscall capture path by its
+/// sys_exit program.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ActiveCall {
@@ -48,10 +55,16 @@ pub struct ActiveCall {
     pub _pad: [u8; 2],
     /// Messages already consumed by sock tracepoints (sendmmsg/recvmmsg fire once per message).
     pub msg_index: u32,
+    /// The file descriptor (the syscall capture path resolves it to its socket at exit).
+    pub fd: u32,
+    /// recv flags (MSG_PEEK: the bytes will be read again).
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<ActiveCall>() == 24);
+const _: () = assert!(core::mem::size_of::<ActiveCall>() == 32);
 
 /// Layout of `struct user_msghdr` / `struct mmsghdr` on 64-bit kernels.
 pub const MSGHDR_IOV_OFFSET: u64 = 16;
 pub const MSGHDR_IOVLEN_OFFSET: u64 = 24;
 pub const MMSGHDR_SIZE: u64 = 64;
+/// `mmsghdr.msg_len`: bytes the kernel moved for that message.
+pub const MMSGHDR_LEN_OFFSET: u64 = 56;

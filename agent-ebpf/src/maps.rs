@@ -33,11 +33,20 @@ pub static LOUPE_CONFIG: Global<LoupeConfig> = Global::new(LoupeConfig {
         skc_v6_rcv_saddr: 0,
         skc_net: 0,
         net_ns_inum: 0,
-        _pad: [0; 3],
+        task_files: 0,
+        files_fdt: 0,
+        fdt_max_fds: 0,
+        fdt_fd: 0,
+        file_inode: 0,
+        file_private_data: 0,
+        inode_mode: 0,
+        socket_sk: 0,
+        sk_protocol: 0,
+        _pad: [0; 2],
     },
     tcp_context: 0,
     option_exid: 0,
-    _pad: 0,
+    features: 0,
 });
 
 /// DataEvent and CloseEvent records -> the agent's reader. One ring for all CPUs so that events

@@ -5,6 +5,8 @@ use std::{net::SocketAddr, os::unix::fs::MetadataExt as _, path::PathBuf};
 use agent_common::event::{DEFAULT_CAPTURE_BYTES, MAX_PAYLOAD};
 use clap::{Args, Parser, Subcommand};
 
+use crate::bpf::load::CapturePath;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loupe",
@@ -170,6 +172,11 @@ pub struct CommonArgs {
     /// then counted by library (loupe_tls_unhooked_total) but not traced.
     #[arg(long, env = "LOUPE_NO_TLS", global = true)]
     pub no_tls: bool,
+    /// How sockets' bytes are captured: auto (the sock tracepoints where the kernel has them,
+    /// Linux 6.3+, else the syscall tracepoints), sock, or syscalls (works from Linux 5.8; costs
+    /// a program at entry and exit of every read/write of a traced process).
+    #[arg(long, env = "LOUPE_CAPTURE_PATH", value_enum, default_value_t = CapturePath::Auto, global = true)]
+    pub capture_path: CapturePath,
     /// The agent's CPU scheduling: normal, or idle (SCHED_IDLE: the agent runs only on CPU time
     /// nothing else wants, so it never delays a traced service's threads; on a saturated node
     /// it falls behind and its drops are counted).

@@ -169,6 +169,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         max_connections: common.max_connections,
         tcp_context: common.tcp_context.then_some(common.tcp_option_exid),
         tls: !common.no_tls && protocols != 0,
+        capture_path: common.capture_path,
     };
     let mut probe = Probe::load(&opts)?;
     // Loading parsed the kernel's BTF (~30 MiB of short-lived allocations). mimalloc keeps freed
@@ -176,6 +177,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     // on: hand them back, or they stay in the agent's RSS for good (73 -> 40 MiB idle).
     // SAFETY: no preconditions; only returns free memory to the OS.
     unsafe { libmimalloc_sys::mi_collect(true) };
+    tracing::info!("capture: {}", probe.capture);
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");
     }

@@ -96,12 +96,38 @@ fn assert_streams(
     );
 }
 
-fn every_syscall_family(v6: bool) {
+/// The capture path the agent must say it uses (its log's `capture:` line).
+#[derive(Clone, Copy)]
+enum Path {
+    /// Whatever this kernel gives: the sock tracepoints on 6.3+.
+    Auto,
+    /// Forced, as on kernels before 6.3: the syscall tracepoints with the fd resolved in the
+    /// program.
+    Syscalls,
+}
+
+fn start(path: Path, args: &[&str]) -> Agent {
+    let mut all = args.to_vec();
+    if let Path::Syscalls = path {
+        all.extend(["--capture-path", "syscalls"]);
+    }
+    let agent = Agent::start(&all);
+    if let Path::Syscalls = path {
+        assert!(
+            agent.log().contains("capture: syscall tracepoints"),
+            "{}",
+            agent.log()
+        );
+    }
+    agent
+}
+
+fn every_syscall_family(v6: bool, path: Path) {
     if !privileged() {
         return;
     }
     let me = std::process::id().to_string();
-    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+    let agent = start(path, &["--all-protocols", "--pid", &me]);
     let mut runs = Vec::new();
     for (i, family) in Family::ALL.into_iter().enumerate() {
         let (client, server) = pair(v6);
@@ -124,12 +150,22 @@ fn every_syscall_family(v6: bool) {
 
 #[test]
 fn captures_every_syscall_family_over_ipv4() {
-    every_syscall_family(false);
+    every_syscall_family(false, Path::Auto);
 }
 
 #[test]
 fn captures_every_syscall_family_over_ipv6() {
-    every_syscall_family(true);
+    every_syscall_family(true, Path::Auto);
+}
+
+#[test]
+fn the_syscall_path_captures_every_syscall_family_over_ipv4() {
+    every_syscall_family(false, Path::Syscalls);
+}
+
+#[test]
+fn the_syscall_path_captures_every_syscall_family_over_ipv6() {
+    every_syscall_family(true, Path::Syscalls);
 }
 
 #[test]
@@ -169,6 +205,15 @@ fn payloads_beyond_the_cap_are_truncated_and_marked() {
 
 #[test]
 fn a_connection_opened_before_the_agent_is_captured_from_its_next_io() {
+    opened_before_the_agent(Path::Auto);
+}
+
+#[test]
+fn the_syscall_path_captures_a_connection_opened_before_the_agent() {
+    opened_before_the_agent(Path::Syscalls);
+}
+
+fn opened_before_the_agent(path: Path) {
     if !privileged() {
         return;
     }
@@ -179,7 +224,7 @@ fn a_connection_opened_before_the_agent_is_captured_from_its_next_io() {
     transfer(&mut client, &mut server, b"before the agent");
 
     let me = std::process::id().to_string();
-    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+    let agent = start(path, &["--all-protocols", "--pid", &me]);
     transfer(&mut client, &mut server, b"after the agent started");
     transfer(&mut server, &mut client, b"reply");
     let c = agent.stop();
@@ -253,11 +298,27 @@ fn the_agents_own_traffic_is_never_captured() {
 
 #[test]
 fn udp_and_unix_sockets_are_ignored() {
+    udp_unix_pipes_and_files_are_ignored(Path::Auto);
+}
+
+#[test]
+fn the_syscall_path_ignores_udp_unix_sockets_pipes_and_files() {
+    udp_unix_pipes_and_files_are_ignored(Path::Syscalls);
+}
+
+fn udp_unix_pipes_and_files_are_ignored(path: Path) {
     if !privileged() {
         return;
     }
     let me = std::process::id().to_string();
-    let agent = Agent::start(&["--all-protocols", "--pid", &me]);
+    let agent = start(path, &["--all-protocols", "--pid", &me]);
+    // On the syscall path every read/write is looked at: the fd walk must tell these apart.
+    let file = std::env::temp_dir().join(format!("loupe-capture-file-{me}"));
+    std::fs::write(&file, b"FILE-MARKER-4").unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"FILE-MARKER-4");
+    std::fs::remove_file(&file).unwrap();
+    let (mut pr, mut pw) = std::io::pipe().unwrap();
+    transfer(&mut pw, &mut pr, b"PIPE-MARKER-5");
 
     let udp_a = UdpSocket::bind("127.0.0.1:0").unwrap();
     let udp_b = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -284,6 +345,8 @@ fn udp_and_unix_sockets_are_ignored() {
         !c.any_payload_contains(b"UNIX-MARKER-2"),
         "unix socket captured"
     );
+    assert!(!c.any_payload_contains(b"FILE-MARKER-4"), "file captured");
+    assert!(!c.any_payload_contains(b"PIPE-MARKER-5"), "pipe captured");
 }
 
 #[test]
@@ -492,7 +555,13 @@ fn nothing_stays_attached_after_kill_9() {
     let ours = |names: &[String]| {
         names
             .iter()
-            .filter(|n| *n == "sock_send_length" || *n == "inet_sock_set_state")
+            .filter(|n| {
+                // Capture and lifecycle programs of either capture path.
+                matches!(
+                    n.as_str(),
+                    "sock_send_length" | "exit_send_buf" | "inet_sock_set_state"
+                )
+            })
             .count()
     };
     assert!(

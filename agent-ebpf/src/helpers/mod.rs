@@ -6,6 +6,7 @@ pub mod count;
 pub mod emit;
 pub mod event;
 pub mod exec;
+pub mod fd;
 pub mod filter;
 pub mod payload;
 pub mod record;

@@ -4,8 +4,8 @@ use agent_common::{
     counters,
     event::{FLAG_NO_PAYLOAD, MAX_PAYLOAD},
     syscall::{
-        ActiveCall, MMSGHDR_SIZE, MSGHDR_IOV_OFFSET, MSGHDR_IOVLEN_OFFSET, SHAPE_BUF, SHAPE_IOV,
-        SHAPE_MMSG, SHAPE_MSG, SYS_NONE,
+        ActiveCall, MMSGHDR_LEN_OFFSET, MMSGHDR_SIZE, MSGHDR_IOV_OFFSET, MSGHDR_IOVLEN_OFFSET,
+        SHAPE_BUF, SHAPE_IOV, SHAPE_MMSG, SHAPE_MSG, SHAPE_NONE, SYS_NONE,
     },
 };
 use aya_ebpf::helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw};
@@ -70,6 +70,90 @@ pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
         Err(())
     };
     copied(result, syscall)
+}
+
+/// The syscall capture path: the call its sys_enter program saved, of `shape` (a constant in
+/// each exit program, so each holds one copy loop), `ret` its return value. sendfile carries no
+/// payload (its bytes come from a file); sendmmsg/recvmmsg become one event with their messages
+/// in order.
+#[inline(always)]
+pub fn copy_saved(call: &ActiveCall, shape: u8, ret: u64, dst: *mut u8, want: u64) -> Copied {
+    let result = match shape {
+        SHAPE_BUF => read_into(dst, 0, want, call.ptr).map(|()| want),
+        SHAPE_IOV => copy_iov(dst, call.ptr, call.len, want),
+        SHAPE_MSG => copy_msg(dst, call.ptr, want),
+        SHAPE_MMSG => copy_mmsg(dst, call.ptr, ret, want),
+        _ => {
+            return Copied {
+                captured: 0,
+                flags: FLAG_NO_PAYLOAD,
+                syscall: call.syscall,
+            };
+        }
+    };
+    copied(result, call.syscall)
+}
+
+/// Messages of one sendmmsg/recvmmsg whose lengths are summed on the syscall path, and how many
+/// of them have their bytes copied.
+const MAX_MMSG: u64 = 64;
+const MAX_MMSG_COPIED: u64 = 8;
+
+/// Bytes the kernel moved for the first `n` messages of a sendmmsg/recvmmsg (their `msg_len`).
+#[inline(always)]
+pub fn mmsg_bytes(msgvec: u64, n: u64) -> u32 {
+    let mut total: u32 = 0;
+    let mut i: u64 = 0;
+    while i < MAX_MMSG && i < n {
+        let at = msgvec + i * MMSGHDR_SIZE + MMSGHDR_LEN_OFFSET;
+        // SAFETY: fault-tolerant user read.
+        let len: u32 = unsafe { bpf_probe_read_user(at as *const u32) }.unwrap_or(0);
+        total = total.saturating_add(len);
+        i += 1;
+    }
+    total
+}
+
+/// The bytes of the first `n` messages, in order, each message's `msg_len` from its first
+/// iovec (sendmmsg/recvmmsg callers use one buffer per message; a loop over every iovec of
+/// every message is more than the verifier will walk). Stops at the first message it cannot
+/// copy whole, so what was copied is one contiguous prefix of the stream (the event is then
+/// marked truncated).
+#[inline(always)]
+fn copy_mmsg(dst: *mut u8, msgvec: u64, n: u64, want: u64) -> Result<u64, ()> {
+    let mut off: u64 = 0;
+    let mut m: u64 = 0;
+    while m < MAX_MMSG_COPIED {
+        if m >= n || off >= want {
+            return Ok(off);
+        }
+        let hdr = msgvec + m * MMSGHDR_SIZE;
+        // SAFETY: user reads through the fault-tolerant helper.
+        let len: u32 = unsafe { bpf_probe_read_user((hdr + MMSGHDR_LEN_OFFSET) as *const u32) }
+            .map_err(|_| ())?;
+        let iov: u64 = unsafe { bpf_probe_read_user((hdr + MSGHDR_IOV_OFFSET) as *const u64) }
+            .map_err(|_| ())?;
+        // SAFETY: as above; struct iovec is {base, len}.
+        let vec: [u64; 2] =
+            unsafe { bpf_probe_read_user(iov as *const [u64; 2]) }.map_err(|_| ())?;
+        let room = want - off;
+        let take = if (len as u64) < room {
+            len as u64
+        } else {
+            room
+        };
+        if take > vec[1] {
+            count(counters::IOV_LIMIT);
+            return Ok(off);
+        }
+        read_into(dst, off, take, vec[0])?;
+        off += take;
+        m += 1;
+    }
+    if m < n && off < want {
+        count(counters::IOV_LIMIT);
+    }
+    Ok(off)
 }
 
 #[inline(always)]

@@ -3,6 +3,7 @@
 //! without a sys_enter/sys_exit pair per syscall: those two programs, and the syscall
 //! tracepoints' own record building, cost more than the payload copy itself.
 
+use agent_common::config::FEATURE_TASK_PT_REGS;
 use agent_common::syscall::{
     ActiveCall, SHAPE_BUF, SHAPE_IOV, SHAPE_MSG, SYS_READ, SYS_READV, SYS_RECVFROM, SYS_RECVMSG,
     SYS_SENDMSG, SYS_SENDTO, SYS_WRITE, SYS_WRITEV,
@@ -11,6 +12,8 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel,
     generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
 };
+
+use crate::maps::LOUPE_CONFIG;
 
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
 compile_error!("Loupe's kernel programs know the syscall registers of x86_64 and arm64 only");
@@ -61,15 +64,25 @@ mod abi {
     pub const SP: u64 = 248;
 }
 
+/// The user registers the current task saved at syscall entry, or 0 where the kernel has no
+/// `bpf_task_pt_regs` (before 5.15). The config is frozen: on such a kernel the verifier sees a
+/// constant false branch and never looks at the helper calls behind it.
+#[inline(always)]
+fn user_regs() -> u64 {
+    if LOUPE_CONFIG.load().features & FEATURE_TASK_PT_REGS == 0 {
+        return 0;
+    }
+    // SAFETY: helpers without preconditions; the reads of the result tolerate any address.
+    unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 }
+}
+
 /// The in-flight call of the current thread when it is one of the single-buffer socket
 /// syscalls (read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg); None for anything
 /// else (sendmmsg/recvmmsg, which their own enter programs record, sendfile, splice, io_uring,
 /// kernel threads).
 #[inline(always)]
 pub fn current_call() -> Option<ActiveCall> {
-    // SAFETY: helpers without preconditions; pt_regs of the current task is never null for a
-    // task in a syscall, and the read below tolerates any address.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let regs = user_regs();
     if regs == 0 {
         return None;
     }
@@ -92,6 +105,8 @@ pub fn current_call() -> Option<ActiveCall> {
         shape,
         _pad: [0; 2],
         msg_index: 0,
+        fd: 0,
+        flags: 0,
     })
 }
 
@@ -122,8 +137,7 @@ fn read(regs: u64) -> Option<(u64, u64, u64)> {
 /// thread is never taken for it.
 #[inline(always)]
 pub fn syscall_goroutine() -> u64 {
-    // SAFETY: as in current_call.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let regs = user_regs();
     if regs == 0 {
         return 0;
     }
@@ -136,8 +150,7 @@ pub fn syscall_goroutine() -> u64 {
 /// entry ABI of both architectures).
 #[inline(always)]
 pub fn user_stack_pointer() -> u64 {
-    // SAFETY: as in current_call.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let regs = user_regs();
     if regs == 0 {
         return 0;
     }
@@ -149,7 +162,6 @@ pub fn user_stack_pointer() -> u64 {
 /// another thread), as opposed to waking a task from an interrupt or another syscall.
 #[inline(always)]
 pub fn in_futex() -> bool {
-    // SAFETY: as in current_call.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    let regs = user_regs();
     regs != 0 && read(regs).is_some_and(|(nr, _, _)| nr == abi::NR_FUTEX)
 }

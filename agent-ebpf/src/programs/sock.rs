@@ -15,6 +15,7 @@ use agent_common::{
         FLAG_MIDSTREAM, FLAG_TLS, FLAG_TRUNCATED, KIND_CLOSE, MAX_PAYLOAD,
     },
     protocol::PROTO_TLS,
+    syscall::ActiveCall,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -31,7 +32,7 @@ use crate::{
         emit::emit,
         event::{Transfer, send_data},
         filter::process_selected,
-        payload::copy_from_call,
+        payload::{copy_from_call, copy_saved},
         regs::syscall_goroutine,
         sock::{read_tuple, track},
         tls::{inside_tls_call, note_tls_recv},
@@ -114,12 +115,30 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
         Some(conn) => conn,
         None => track_midstream(&cfg, sk)?,
     };
+    capture(&cfg, pid_tgid, sk, conn, direction, ret as u32, None)
+}
+
+/// Everything after the socket and the byte count are known, shared by the sock tracepoints
+/// and the syscall capture path (programs/syscall_capture.rs). `saved` is the call recorded at
+/// sys_enter on the syscall path, with the syscall's return value and the shape its program
+/// handles (a constant there); the sock path reads the call
+/// from the saved registers instead.
+#[inline(always)]
+pub fn capture(
+    cfg: &LoupeConfig,
+    pid_tgid: u64,
+    sk: u64,
+    conn: *mut ConnState,
+    direction: u8,
+    bytes: u32,
+    saved: Option<(&ActiveCall, u64, u8)>,
+) -> Result<(), ()> {
     // SAFETY: pointer from a successful lookup/insert, valid for this program run.
     let conn: &mut ConnState = unsafe { &mut *conn };
     // TLS: a syscall inside a hooked library call carries that call's ciphertext; the plaintext
     // goes out instead (helpers/tls.rs). A connection whose plaintext is seen sends no more
     // ciphertext at all.
-    if inside_tls_call(&cfg, pid_tgid, sk, conn, direction) {
+    if inside_tls_call(cfg, pid_tgid, sk, conn, direction) {
         return Ok(());
     }
     if conn.flags & FLAG_TLS != 0 {
@@ -131,7 +150,6 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     if conn.status == STATUS_IGNORED {
         return Ok(());
     }
-    let bytes = ret as u32;
     let first = conn.seq[0] == 0 && conn.seq[1] == 0;
     let seq = if direction == DIR_SEND {
         conn.seq[0]
@@ -158,9 +176,12 @@ fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
     let want = if bytes < cap { bytes } else { cap };
     // SAFETY: per-CPU scratch; the programs are not re-entered on one CPU.
     let payload = unsafe { core::ptr::addr_of_mut!((*scratch).payload) }.cast::<u8>();
-    let copied = copy_from_call(pid_tgid, payload, want as u64);
+    let copied = match saved {
+        Some((call, ret, shape)) => copy_saved(call, shape, ret, payload, want as u64),
+        None => copy_from_call(pid_tgid, payload, want as u64),
+    };
 
-    if conn.status == STATUS_UNCLASSIFIED && !decide(&cfg, conn, payload, copied.captured) {
+    if conn.status == STATUS_UNCLASSIFIED && !decide(cfg, conn, payload, copied.captured) {
         if cfg.tcp_context != 0 && conn.status == STATUS_IGNORED {
             forget(&conn.tuple);
         }
@@ -225,7 +246,7 @@ fn decide(cfg: &LoupeConfig, conn: &mut ConnState, payload: *const u8, captured:
 /// started, or its entry was evicted): the tuple comes from the socket itself, the role from
 /// /proc in userspace.
 #[inline(always)]
-fn track_midstream(cfg: &LoupeConfig, sk: u64) -> Result<*mut ConnState, ()> {
+pub fn track_midstream(cfg: &LoupeConfig, sk: u64) -> Result<*mut ConnState, ()> {
     let Ok(tuple) = read_tuple(cfg, sk) else {
         count(counters::READ_KERNEL_FAILED);
         return Err(());

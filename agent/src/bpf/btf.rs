@@ -273,8 +273,29 @@ impl Btf {
             skc_v6_rcv_saddr: sock_common("skc_v6_rcv_saddr")?,
             skc_net: sock_common("skc_net")?,
             net_ns_inum: self.small_offset("net", &["ns", "inum"])?,
-            _pad: [0; 3],
+            ..KernelOffsets::default()
         })
+    }
+
+    /// Adds the offsets of the syscall capture path's walk from a file descriptor to its socket.
+    pub fn add_fd_offsets(&self, off: &mut KernelOffsets) -> Result<(), BtfError> {
+        off.task_files = self.small_offset("task_struct", &["files"])?;
+        off.files_fdt = self.small_offset("files_struct", &["fdt"])?;
+        off.fdt_max_fds = self.small_offset("fdtable", &["max_fds"])?;
+        off.fdt_fd = self.small_offset("fdtable", &["fd"])?;
+        off.file_inode = self.small_offset("file", &["f_inode"])?;
+        off.file_private_data = self.small_offset("file", &["private_data"])?;
+        off.inode_mode = self.small_offset("inode", &["i_mode"])?;
+        off.socket_sk = self.small_offset("socket", &["sk"])?;
+        off.sk_protocol = self.small_offset("sock", &["sk_protocol"])?;
+        Ok(())
+    }
+
+    /// Whether any type or member of this kernel is called `name`. An enumerator of
+    /// `enum bpf_func_id` (`BPF_FUNC_task_pt_regs`) names a helper the kernel has.
+    pub fn has_name(&self, name: &str) -> bool {
+        let needle = [b"\0", name.as_bytes(), b"\0"].concat();
+        self.strings.windows(needle.len()).any(|w| w == needle)
     }
 
     fn small_offset(&self, strukt: &str, path: &[&str]) -> Result<u16, BtfError> {

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use agent_common::{
     config::{
-        FILTER_CGROUP, FILTER_NETNS, FILTER_PID, FILTER_PORT, LoupeConfig, PID_DESCENDANT,
-        PID_SELECTED,
+        FEATURE_TASK_PT_REGS, FILTER_CGROUP, FILTER_NETNS, FILTER_PID, FILTER_PORT, LoupeConfig,
+        PID_DESCENDANT, PID_SELECTED,
     },
     counters::NUM_COUNTERS,
     maps,
@@ -42,11 +42,27 @@ pub struct LoadOptions {
     pub tcp_context: Option<u16>,
     /// Load the TLS uprobe programs (attached per library file by `crate::tls`).
     pub tls: bool,
+    pub capture_path: CapturePath,
+}
+
+/// How sockets' bytes reach the programs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CapturePath {
+    /// The sock tracepoints where the kernel has them (6.3+), else the syscall tracepoints.
+    #[default]
+    Auto,
+    /// `sock:sock_send_length` / `sock_recv_length`: one program per transfer, inside the
+    /// syscall, with the socket at hand.
+    Sock,
+    /// `syscalls:sys_enter_*` / `sys_exit_*` of the socket syscall families, the fd resolved
+    /// to its socket in the program (Linux 5.8+).
+    Syscalls,
 }
 
 struct Hook {
     program: &'static str,
     category: &'static str,
+    tracepoint: &'static str,
     /// Without a required hook capture is wrong, not just partial: the agent refuses to start.
     required: bool,
     /// What the user loses when an optional hook is missing.
@@ -62,15 +78,122 @@ const fn hook(
     Hook {
         program,
         category,
+        tracepoint: program,
         required,
         loss,
     }
 }
 
-/// Every program and where it attaches; the program name is also the tracepoint name.
-const HOOKS: &[Hook] = &[
+/// A program attached to a tracepoint of another name (one program serves several).
+const fn hook_at(
+    program: &'static str,
+    category: &'static str,
+    tracepoint: &'static str,
+    required: bool,
+    loss: &'static str,
+) -> Hook {
+    Hook {
+        program,
+        category,
+        tracepoint,
+        required,
+        loss,
+    }
+}
+
+/// The sock capture path. Every other socket syscall's buffer is read from the registers saved
+/// at syscall entry (agent-ebpf helpers/regs.rs): no sys_enter/sys_exit pair per syscall.
+const SOCK_PATH: &[Hook] = &[
     hook("sock_send_length", "sock", true, ""),
     hook("sock_recv_length", "sock", true, ""),
+    hook(
+        "sys_enter_recvmmsg",
+        "syscalls",
+        false,
+        "payloads of recvmmsg()",
+    ),
+    hook(
+        "sys_exit_recvmmsg",
+        "syscalls",
+        false,
+        "payloads of recvmmsg()",
+    ),
+    hook(
+        "sys_enter_sendmmsg",
+        "syscalls",
+        false,
+        "payloads of sendmmsg()",
+    ),
+    hook(
+        "sys_exit_sendmmsg",
+        "syscalls",
+        false,
+        "payloads of sendmmsg()",
+    ),
+];
+
+/// The syscall capture path: each family's own enter program, one exit program per direction
+/// and argument shape.
+const SYSCALL_PATH: &[Hook] = &[
+    hook("sys_enter_read", "syscalls", true, ""),
+    hook_at("exit_recv_buf", "syscalls", "sys_exit_read", true, ""),
+    hook("sys_enter_write", "syscalls", true, ""),
+    hook_at("exit_send_buf", "syscalls", "sys_exit_write", true, ""),
+    hook("sys_enter_readv", "syscalls", true, ""),
+    hook_at("exit_recv_iov", "syscalls", "sys_exit_readv", true, ""),
+    hook("sys_enter_writev", "syscalls", true, ""),
+    hook_at("exit_send_iov", "syscalls", "sys_exit_writev", true, ""),
+    hook("sys_enter_recvfrom", "syscalls", true, ""),
+    hook_at("exit_recv_buf", "syscalls", "sys_exit_recvfrom", true, ""),
+    hook("sys_enter_sendto", "syscalls", true, ""),
+    hook_at("exit_send_buf", "syscalls", "sys_exit_sendto", true, ""),
+    hook("sys_enter_recvmsg", "syscalls", true, ""),
+    hook_at("exit_recv_msg", "syscalls", "sys_exit_recvmsg", true, ""),
+    hook("sys_enter_sendmsg", "syscalls", true, ""),
+    hook_at("exit_send_msg", "syscalls", "sys_exit_sendmsg", true, ""),
+    hook(
+        "sys_enter_sendfile64",
+        "syscalls",
+        false,
+        "stream offsets after sendfile() (a response sent from a file loses its connection's later messages)",
+    ),
+    hook_at(
+        "exit_send_file",
+        "syscalls",
+        "sys_exit_sendfile64",
+        false,
+        "stream offsets after sendfile() (a response sent from a file loses its connection's later messages)",
+    ),
+    hook(
+        "sys_enter_recvmmsg",
+        "syscalls",
+        false,
+        "byte counts of recvmmsg()",
+    ),
+    hook_at(
+        "exit_recv_mmsg",
+        "syscalls",
+        "sys_exit_recvmmsg",
+        false,
+        "byte counts of recvmmsg()",
+    ),
+    hook(
+        "sys_enter_sendmmsg",
+        "syscalls",
+        false,
+        "byte counts of sendmmsg()",
+    ),
+    hook_at(
+        "exit_send_mmsg",
+        "syscalls",
+        "sys_exit_sendmmsg",
+        false,
+        "byte counts of sendmmsg()",
+    ),
+];
+
+/// Both paths.
+const COMMON: &[Hook] = &[
     hook(
         "inet_sock_set_state",
         "sock",
@@ -107,43 +230,37 @@ const HOOKS: &[Hook] = &[
         false,
         "forgetting exited descendants of --pid/--exe processes (a reused pid may be traced)",
     ),
-    // Every other socket syscall's buffer is read from the registers saved at syscall entry
-    // (agent-ebpf helpers/regs.rs): no sys_enter/sys_exit pair per syscall.
-    hook(
-        "sys_enter_recvmmsg",
-        "syscalls",
-        false,
-        "payloads of recvmmsg()",
-    ),
-    hook(
-        "sys_exit_recvmmsg",
-        "syscalls",
-        false,
-        "payloads of recvmmsg()",
-    ),
-    hook(
-        "sys_enter_sendmmsg",
-        "syscalls",
-        false,
-        "payloads of sendmmsg()",
-    ),
-    hook(
-        "sys_exit_sendmmsg",
-        "syscalls",
-        false,
-        "payloads of sendmmsg()",
-    ),
 ];
 
+/// Which capture path to use on this kernel, and how to say so in the log.
+fn choose_path(requested: CapturePath, tracefs: &Path) -> (CapturePath, String) {
+    let has_sock = tracefs::has_tracepoint(tracefs, "sock", "sock_send_length")
+        && tracefs::has_tracepoint(tracefs, "sock", "sock_recv_length");
+    match requested {
+        CapturePath::Sock => (CapturePath::Sock, "sock tracepoints (--capture-path sock)".into()),
+        CapturePath::Syscalls => (
+            CapturePath::Syscalls,
+            "syscall tracepoints (--capture-path syscalls)".into(),
+        ),
+        CapturePath::Auto if has_sock => (CapturePath::Sock, "sock tracepoints".into()),
+        CapturePath::Auto => (
+            CapturePath::Syscalls,
+            "syscall tracepoints (this kernel has no sock:sock_send_length, Linux 6.3+; each read/write of a traced process runs a program at entry and exit)".into(),
+        ),
+    }
+}
+
 /// How many agents have their programs loaded in this kernel, this one included: each loads one
-/// `sock_send_length` (names are cut to 15 bytes by the kernel). Seen across containers and pid
-/// namespaces, unlike /proc.
+/// `sock_send_length` or one `exit_send_buf`, by its capture path (names are cut to 15 bytes by
+/// the kernel). Seen across containers and pid namespaces, unlike /proc.
 pub fn agents_loaded() -> usize {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| {
-            p.name_as_str() == Some("sock_send_lengt")
-                || p.name_as_str() == Some("sock_send_length")
+            matches!(
+                p.name_as_str(),
+                Some("sock_send_lengt" | "sock_send_length" | "exit_send_buf")
+            )
         })
         .count()
 }
@@ -171,6 +288,8 @@ pub struct Probe {
     /// What is missing, in words for the log.
     pub degraded: Vec<String>,
     pub attached: usize,
+    /// The capture path in use, in words for the log.
+    pub capture: String,
 }
 
 impl Probe {
@@ -184,9 +303,25 @@ impl Probe {
                 btf_path.display()
             )
         })?;
-        let offsets = Btf::parse(&btf_bytes)
-            .and_then(|btf| btf.kernel_offsets())
+        let btf = Btf::parse(&btf_bytes).context("parsing the kernel's BTF")?;
+        let mut offsets = btf
+            .kernel_offsets()
             .context("reading socket field offsets from the kernel's BTF")?;
+        let (path, capture) = choose_path(opts.capture_path, &tracefs);
+        if path == CapturePath::Syscalls {
+            btf.add_fd_offsets(&mut offsets)
+                .context("reading the fd-to-socket offsets of the syscall capture path from the kernel's BTF")?;
+        }
+        let mut features = 0;
+        if btf.has_name("BPF_FUNC_task_pt_regs") && btf.has_name("BPF_FUNC_get_current_task_btf") {
+            features |= FEATURE_TASK_PT_REGS;
+        } else {
+            degraded.push(
+                "bpf_task_pt_regs unavailable (Linux 5.15+): no goroutine of a Go program's syscalls (Go TLS plaintext and Go's handoffs between goroutines are not followed), no exec records (a short-lived process shows its 15-byte name only), no Java pool handback"
+                    .into(),
+            );
+        }
+        drop(btf);
 
         let mut filter = 0;
         if opts.processes.is_some() {
@@ -209,7 +344,7 @@ impl Probe {
             offsets,
             tcp_context: opts.tcp_context.is_some() as u32,
             option_exid: opts.tcp_context.unwrap_or(0),
-            _pad: 0,
+            features,
         };
         let mut loader = EbpfLoader::new();
         loader.override_global(maps::CONFIG, &config, true);
@@ -220,22 +355,32 @@ impl Probe {
             loader.map_max_entries(maps::CONNS, opts.max_connections);
         }
         let mut ebpf = loader.load(OBJECT).context(
-            "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and Linux 6.3+ with BTF (README, Requirements)",
+            "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and Linux 5.8+ with BTF (README, Requirements)",
         )?;
 
         let mut attached = 0;
-        for hook in HOOKS {
+        let path_hooks = match path {
+            CapturePath::Syscalls => SYSCALL_PATH,
+            _ => SOCK_PATH,
+        };
+        for hook in path_hooks.iter().chain(COMMON) {
             match attach(&mut ebpf, &tracefs, hook) {
                 Ok(()) => attached += 1,
                 Err(err) if hook.required => {
                     return Err(err.context(format!(
-                        "required tracepoint {}:{} could not be attached",
-                        hook.category, hook.program
+                        "required tracepoint {}:{} could not be attached{}",
+                        hook.category,
+                        hook.tracepoint,
+                        if opts.capture_path == CapturePath::Sock {
+                            " (--capture-path sock needs Linux 6.3+; auto picks what the kernel has)"
+                        } else {
+                            ""
+                        }
                     )));
                 }
                 Err(err) => degraded.push(format!(
                     "{}:{} unavailable ({err:#}): no {}",
-                    hook.category, hook.program, hook.loss
+                    hook.category, hook.tracepoint, hook.loss
                 )),
             }
         }
@@ -264,6 +409,7 @@ impl Probe {
             tls_ready,
             degraded,
             attached,
+            capture,
         })
     }
 
@@ -371,17 +517,20 @@ impl KernelCounters {
 }
 
 fn attach(ebpf: &mut Ebpf, tracefs: &Path, hook: &Hook) -> anyhow::Result<()> {
-    if !tracefs::has_tracepoint(tracefs, hook.category, hook.program) {
+    if !tracefs::has_tracepoint(tracefs, hook.category, hook.tracepoint) {
         bail!("this kernel has no such tracepoint");
     }
     let program: &mut TracePoint = ebpf
         .program_mut(hook.program)
         .with_context(|| format!("kernel object has no program {}", hook.program))?
         .try_into()?;
-    program
-        .load()
-        .with_context(|| format!("the verifier rejected {}", hook.program))?;
-    program.attach(hook.category, hook.program)?;
+    // One program may serve several tracepoints: loaded once.
+    if program.fd().is_err() {
+        program
+            .load()
+            .with_context(|| format!("the verifier rejected {}", hook.program))?;
+    }
+    program.attach(hook.category, hook.tracepoint)?;
     Ok(())
 }
 
