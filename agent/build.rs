@@ -89,7 +89,106 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let built = target_dir.join(TARGET).join("release").join(OBJECT);
-    std::fs::copy(&built, out_dir.join(OBJECT))
-        .with_context(|| format!("copying {} to OUT_DIR", built.display()))?;
+    let mut object =
+        std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+    let dropped = dedupe_line_info(&mut object).context("rewriting .BTF.ext line info")?;
+    if dropped > 0 {
+        println!("cargo:warning=dropped {dropped} duplicate BTF line records");
+    }
+    std::fs::write(out_dir.join(OBJECT), object).context("writing the object to OUT_DIR")?;
     Ok(())
+}
+
+/// Kernels before ~6.13 reject a program whose BTF line records do not have strictly
+/// increasing instruction offsets ("Invalid line_info[N].insn_off"), and LLVM emits two records
+/// for one instruction after an empty inline asm block (helpers/bounds.rs `opaque`): Debian's
+/// 6.12 refused `sock_recv_length` for one such pair. Keeps the last record of each offset,
+/// compacting every section's records in place and shrinking the line-info length in the
+/// .BTF.ext header (the other parts are found by their own offsets). Returns how many it dropped.
+fn dedupe_line_info(elf: &mut [u8]) -> anyhow::Result<usize> {
+    let u16_at = |d: &[u8], o: usize| -> anyhow::Result<u16> {
+        Ok(u16::from_le_bytes(
+            d.get(o..o + 2).context("truncated")?.try_into()?,
+        ))
+    };
+    let u32_at = |d: &[u8], o: usize| -> anyhow::Result<u32> {
+        Ok(u32::from_le_bytes(
+            d.get(o..o + 4).context("truncated")?.try_into()?,
+        ))
+    };
+    let u64_at = |d: &[u8], o: usize| -> anyhow::Result<u64> {
+        Ok(u64::from_le_bytes(
+            d.get(o..o + 8).context("truncated")?.try_into()?,
+        ))
+    };
+    if elf.get(..5) != Some(b"\x7fELF\x02".as_slice()) {
+        bail!("not a 64-bit ELF object");
+    }
+    let shoff = u64_at(elf, 0x28)? as usize;
+    let shentsize = u16_at(elf, 0x3a)? as usize;
+    let shnum = u16_at(elf, 0x3c)? as usize;
+    let shstrndx = u16_at(elf, 0x3e)? as usize;
+    let section = |i: usize| -> anyhow::Result<(u32, usize, usize)> {
+        let o = shoff + i * shentsize;
+        Ok((
+            u32_at(elf, o)?,
+            u64_at(elf, o + 0x18)? as usize,
+            u64_at(elf, o + 0x20)? as usize,
+        ))
+    };
+    let (_, strtab, _) = section(shstrndx)?;
+    let mut ext = None;
+    for i in 0..shnum {
+        let (name, off, size) = section(i)?;
+        let start = strtab + name as usize;
+        let end = elf[start..].iter().position(|&b| b == 0).map(|n| start + n);
+        if end.is_some_and(|e| &elf[start..e] == b".BTF.ext") {
+            ext = Some((off, size));
+        }
+    }
+    let Some((base, _)) = ext else {
+        return Ok(0);
+    };
+    let hdr_len = u32_at(elf, base + 4)? as usize;
+    let li_off = u32_at(elf, base + 16)? as usize;
+    let li_len = u32_at(elf, base + 20)? as usize;
+    let start = base + hdr_len + li_off;
+    let end = start + li_len;
+    if li_len < 4 {
+        return Ok(0);
+    }
+    let rec = u32_at(elf, start)? as usize;
+    let (mut read, mut write, mut dropped) = (start + 4, start + 4, 0);
+    while read < end {
+        let sec_name = u32_at(elf, read)?;
+        let num = u32_at(elf, read + 4)? as usize;
+        let records = read + 8;
+        let mut kept: Vec<Vec<u8>> = Vec::with_capacity(num);
+        for i in 0..num {
+            let r = elf
+                .get(records + i * rec..records + (i + 1) * rec)
+                .context("truncated line record")?
+                .to_vec();
+            let insn = u32_at(&r, 0)?;
+            if let Some(last) = kept.last()
+                && u32_at(last, 0)? >= insn
+            {
+                kept.pop();
+                dropped += 1;
+            }
+            kept.push(r);
+        }
+        read = records + num * rec;
+        elf[write..write + 4].copy_from_slice(&sec_name.to_le_bytes());
+        elf[write + 4..write + 8].copy_from_slice(&(kept.len() as u32).to_le_bytes());
+        write += 8;
+        for r in kept {
+            elf[write..write + rec].copy_from_slice(&r);
+            write += rec;
+        }
+    }
+    elf[write..end].fill(0);
+    let new_len = (write - start) as u32;
+    elf[base + 20..base + 24].copy_from_slice(&new_len.to_le_bytes());
+    Ok(dropped)
 }

@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod kernels;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -47,6 +48,13 @@ enum Task {
     Test {
         /// Only tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Boots Debian's 5.10, 6.1 and 6.12 kernels under qemu (fetched with apt, kept in
+    /// target/kernels) on this machine's userland, runs the agent and the capture tests in each
+    /// and prints what passed where. Root; slow (minutes per kernel), so not part of `test`.
+    Kernels {
+        /// Only this series (5.10, 6.1 or 6.12).
+        only: Option<String>,
     },
     /// rustfmt --check and clippy -D warnings, as CI runs them (the fuzz targets are
     /// type-checked too).
@@ -113,6 +121,11 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => {
             ensure_toolchain()?;
             test(&root, filter.as_deref())
+        }
+        Task::Kernels { only } => {
+            ensure_toolchain()?;
+            build(false)?;
+            kernels::kernels(&root, only.as_deref())
         }
         Task::Lint => {
             ensure_toolchain()?;

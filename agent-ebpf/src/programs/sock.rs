@@ -273,8 +273,10 @@ fn on_set_state(ctx: &TracePointContext) -> Result<(), ()> {
         (TCP_CLOSE, TCP_SYN_SENT) => ROLE_CLIENT,
         // The child socket of a listener, created in softirq when the handshake's ACK arrives.
         (TCP_LISTEN, TCP_SYN_RECV) => ROLE_SERVER,
-        // connect() picks the source port after entering SYN_SENT: take the final tuple here.
-        (TCP_SYN_SENT, TCP_ESTABLISHED) => {
+        // connect() picks the source port after entering SYN_SENT, and before 6.2 or so a
+        // listener's child reports SYN_RECV before its ports and peer address are copied from
+        // the request (the tuple is then the listener's): take the final tuple here.
+        (TCP_SYN_SENT | TCP_SYN_RECV, TCP_ESTABLISHED) => {
             if let Some(conn) = CONNS.get_ptr_mut(sk) {
                 let tuple = state_tuple(ctx)?;
                 // SAFETY: pointer from a successful lookup, valid for this program run.

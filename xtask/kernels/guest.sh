@@ -1,0 +1,79 @@
+#!/bin/bash
+# Runs inside the VM of `cargo xtask kernels`, as root, on this machine's own userland (the host's
+# / shared read-only over 9p; /tmp and friends are the guest's). Prints LOUPE-* lines the xtask
+# reads from the serial console; everything else is the log.
+#
+# Environment (set by the initramfs's /init): LOUPE_BIN, CAPTURE_TEST, SYSCALL_PATH_TEST.
+set -u
+# HOME stays the host's /root (read-only): the test venv's interpreter lives under it (pyenv).
+
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /var/tmp
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+ip link set lo up
+
+echo "LOUPE-KERNEL $(uname -r)"
+
+# The README's first command, as a new user would run it: curl -> Python's http.server, the
+# agent with its defaults printing traces on the terminal.
+smoke() {
+    mkdir -p /tmp/www && echo hello > /tmp/www/index.html
+    python3 -m http.server 18080 --bind 127.0.0.1 --directory /tmp/www >/dev/null 2>&1 &
+    local server=$!
+    "$LOUPE_BIN" >/tmp/spans.txt 2>/tmp/agent.log &
+    local agent=$!
+    for _ in $(seq 120); do
+        grep -q "ready:" /tmp/agent.log && break
+        kill -0 "$agent" 2>/dev/null || break
+        sleep 0.5
+    done
+    grep -o "capture: .*" /tmp/agent.log | head -1 | sed 's/^/LOUPE-PATH /'
+    grep -o "degraded: .*" /tmp/agent.log | cut -c1-400 | sed 's/^/LOUPE-DEGRADED /'
+    curl -s -o /dev/null http://127.0.0.1:18080/
+    curl -s -o /dev/null http://127.0.0.1:18080/missing
+    sleep 2
+    kill -INT "$agent" 2>/dev/null
+    wait "$agent"
+    kill "$server"
+    if grep -q "SERVER GET /missing" /tmp/spans.txt && grep -q "CLIENT GET /missing" /tmp/spans.txt &&
+        grep -q "SERVER GET /" /tmp/spans.txt; then
+        echo "LOUPE-TEST smoke curl_to_python_http_server_spans_on_the_terminal ok"
+    else
+        echo "LOUPE-TEST smoke curl_to_python_http_server_spans_on_the_terminal FAILED"
+        echo "--- spans"; cat /tmp/spans.txt; echo "--- agent log"; cut -c1-300 /tmp/agent.log | head -60
+    fi
+}
+
+# A cargo test binary; each result as a LOUPE-TEST line.
+suite() {
+    local name=$1
+    shift
+    "$@" --test-threads=1 2>&1 | tee "/tmp/$name.out" |
+        sed -n "s/^test \([a-z0-9_]*\) \.\.\. \(ok\|FAILED\)$/LOUPE-TEST $name \1 \2/p"
+    if grep -q FAILED "/tmp/$name.out"; then
+        echo "--- $name output"; grep -v "^test .* ok$" "/tmp/$name.out" | cut -c1-300 | head -80
+    fi
+}
+
+cd /tmp
+smoke
+export LOUPE_BIN
+# The byte-exact capture of every syscall family (read/write, readv/writev, send/recv, sendto/
+# recvfrom, sendmsg/recvmsg, sendmmsg/recvmmsg), on the path the agent picks itself and forced
+# onto the syscall path; UDP, unix sockets, pipes and files ignored; a connection opened before
+# the agent.
+suite capture "$CAPTURE_TEST" captures_every_syscall_family the_syscall_path \
+    a_connection_opened_before_the_agent udp_and_unix_sockets_are_ignored
+# nginx sendfile() responses on a keep-alive connection, and spans on the terminal: on the path
+# the agent picks itself where the kernel has no sock tracepoints, forced where it has.
+if [ -e /sys/kernel/tracing/events/sock/sock_send_length ]; then
+    path=syscalls
+else
+    path=auto
+fi
+LOUPE_TEST_CAPTURE_PATH=$path suite syscall_path "$SYSCALL_PATH_TEST"
+echo "LOUPE-DONE"
