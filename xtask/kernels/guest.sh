@@ -48,6 +48,28 @@ smoke() {
     fi
 }
 
+# What the kernel cannot carry must be a `degraded:` line, never a failure to start: the agent
+# with every optional feature asked for (--tcp-context needs a 6.6 raw tracepoint).
+optional() {
+    "$LOUPE_BIN" capture --tcp-context >/dev/null 2>/tmp/optional.log &
+    local agent=$!
+    for _ in $(seq 120); do
+        grep -q "ready:" /tmp/optional.log && break
+        kill -0 "$agent" 2>/dev/null || break
+        sleep 0.5
+    done
+    if grep -q "ready:" /tmp/optional.log; then
+        echo "LOUPE-TEST smoke starts_with_every_optional_feature_asked_for ok"
+    else
+        echo "LOUPE-TEST smoke starts_with_every_optional_feature_asked_for FAILED"
+        cut -c1-300 /tmp/optional.log | head -20
+    fi
+    grep -o "degraded: .*" /tmp/optional.log | grep -v bpf_task_pt_regs | cut -c1-400 |
+        sed 's/^/LOUPE-DEGRADED /'
+    kill -INT "$agent" 2>/dev/null
+    wait "$agent"
+}
+
 # A cargo test binary; each result as a LOUPE-TEST line.
 suite() {
     local name=$1
@@ -61,6 +83,7 @@ suite() {
 
 cd /tmp
 smoke
+optional
 export LOUPE_BIN
 # The byte-exact capture of every syscall family (read/write, readv/writev, send/recv, sendto/
 # recvfrom, sendmsg/recvmsg, sendmmsg/recvmmsg), on the path the agent picks itself and forced

@@ -96,7 +96,10 @@ fn apt_options(dir: &Path) -> Vec<String> {
     let apt = dir.join("apt");
     vec![
         "-q".into(),
-        format!("-o=Dir::Etc::SourceList={}", apt.join("sources.list").display()),
+        format!(
+            "-o=Dir::Etc::SourceList={}",
+            apt.join("sources.list").display()
+        ),
         "-o=Dir::Etc::SourceParts=/dev/null".into(),
         format!("-o=Dir::State::Lists={}", apt.join("lists").display()),
         // Downloads land in a root-owned directory: no _apt sandbox for them.
@@ -154,7 +157,8 @@ fn ensure_tools(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
 }
 
 struct Binaries {
@@ -183,10 +187,7 @@ fn build_binaries(root: &Path) -> anyhow::Result<Binaries> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
         };
-        if let (Some(name), Some(exe)) = (
-            v["target"]["name"].as_str(),
-            v["executable"].as_str(),
-        ) {
+        if let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
             tests.insert(name.to_string(), PathBuf::from(exe));
         }
     }
@@ -259,11 +260,11 @@ fn download(dir: &Path, series: &Series) -> anyhow::Result<PathBuf> {
         "^linux-image-{}[.-].*-amd64-unsigned$",
         series.version.replace('.', "\\.")
     );
-    let found = output(
-        Command::new("apt-cache")
-            .args(apt_options(dir))
-            .args(["search", "--names-only", &pattern]),
-    )?;
+    let found = output(Command::new("apt-cache").args(apt_options(dir)).args([
+        "search",
+        "--names-only",
+        &pattern,
+    ]))?;
     let mut names: Vec<String> = found
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -304,12 +305,12 @@ fn build_initrd(dir: &Path, tree: &Path, release: &str, out: &Path) -> anyhow::R
     run(Command::new("depmod").arg("-b").arg(tree).arg(release))?;
     let mut modules: Vec<PathBuf> = Vec::new();
     for module in ["virtio_pci", "9pnet_virtio", "9p"] {
-        let deps = output(
-            Command::new("modprobe")
-                .arg("-d")
-                .arg(tree)
-                .args(["-S", release, "--show-depends", module]),
-        )?;
+        let deps = output(Command::new("modprobe").arg("-d").arg(tree).args([
+            "-S",
+            release,
+            "--show-depends",
+            module,
+        ]))?;
         for line in deps.lines() {
             if let Some(path) = line.strip_prefix("insmod ") {
                 let path = PathBuf::from(path.trim());
@@ -453,7 +454,12 @@ fn kvm_works(dir: &Path, k: &Kernel) -> bool {
     }
     let log = dir.join("kvm-probe.log");
     let _ = std::fs::remove_file(&log);
-    let mut cmd = qemu(true, k, &log, "console=ttyS0 panic=-1 loglevel=1 loupe.probe=1");
+    let mut cmd = qemu(
+        true,
+        k,
+        &log,
+        "console=ttyS0 panic=-1 loglevel=1 loupe.probe=1",
+    );
     let _ = wait_for(&mut cmd, Duration::from_secs(30));
     std::fs::read_to_string(&log).is_ok_and(|l| l.contains("LOUPE-INIT"))
 }
@@ -511,7 +517,9 @@ fn wait_for(cmd: &mut Command, limit: Duration) -> anyhow::Result<bool> {
 fn boot(dir: &Path, k: &Kernel, guest: &Path, b: &Binaries) -> anyhow::Result<String> {
     let kvm = kvm_works(dir, k);
     if !kvm {
-        step("KVM unusable here (no /dev/kvm, or the guest hangs under it): emulating with TCG, several times slower");
+        step(
+            "KVM unusable here (no /dev/kvm, or the guest hangs under it): emulating with TCG, several times slower",
+        );
     }
     let log_path = dir.join(format!("{}.log", k.release));
     let cmdline = format!(

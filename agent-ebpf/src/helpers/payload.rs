@@ -5,7 +5,7 @@ use agent_common::{
     event::{FLAG_NO_PAYLOAD, MAX_PAYLOAD},
     syscall::{
         ActiveCall, MMSGHDR_LEN_OFFSET, MMSGHDR_SIZE, MSGHDR_IOV_OFFSET, MSGHDR_IOVLEN_OFFSET,
-        SHAPE_BUF, SHAPE_IOV, SHAPE_MMSG, SHAPE_MSG, SHAPE_NONE, SYS_NONE,
+        SHAPE_BUF, SHAPE_IOV, SHAPE_MMSG, SHAPE_MSG, SYS_NONE,
     },
 };
 use aya_ebpf::helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw};

@@ -232,6 +232,16 @@ const COMMON: &[Hook] = &[
     ),
 ];
 
+/// A verifier rejection carries the whole verifier log: a `degraded:` line keeps its first line
+/// (the log level `debug` shows the rest).
+fn first_line(message: &str) -> &str {
+    let line = message.lines().next().unwrap_or(message);
+    match line.char_indices().nth(300) {
+        Some((at, _)) => &line[..at],
+        None => line,
+    }
+}
+
 /// Which capture path to use on this kernel, and how to say so in the log.
 fn choose_path(requested: CapturePath, tracefs: &Path) -> (CapturePath, String) {
     let has_sock = tracefs::has_tracepoint(tracefs, "sock", "sock_send_length")
@@ -378,19 +388,31 @@ impl Probe {
                         }
                     )));
                 }
-                Err(err) => degraded.push(format!(
-                    "{}:{} unavailable ({err:#}): no {}",
-                    hook.category, hook.tracepoint, hook.loss
-                )),
+                Err(err) => {
+                    let full = format!("{err:#}");
+                    tracing::debug!("{}:{}: {full}", hook.category, hook.tracepoint);
+                    degraded.push(format!(
+                        "{}:{} unavailable ({}): no {}",
+                        hook.category,
+                        hook.tracepoint,
+                        first_line(&full),
+                        hook.loss
+                    ));
+                }
             }
         }
 
         if opts.tcp_context.is_some() {
             match attach_tcp_context(&mut ebpf) {
                 Ok(n) => attached += n,
-                Err(err) => degraded.push(format!(
-                    "--tcp-context unavailable ({err:#}): no trace context carried to or read from other nodes"
-                )),
+                Err(err) => {
+                    let full = format!("{err:#}");
+                    tracing::debug!("--tcp-context: {full}");
+                    degraded.push(format!(
+                        "--tcp-context unavailable ({}): no trace context carried to or read from other nodes",
+                        first_line(&full)
+                    ));
+                }
             }
         }
 
@@ -398,9 +420,14 @@ impl Probe {
         if opts.tls {
             match load_tls(&mut ebpf) {
                 Ok(()) => tls_ready = true,
-                Err(err) => degraded.push(format!(
-                    "TLS uprobes unavailable ({err:#}): encrypted connections are counted, not traced"
-                )),
+                Err(err) => {
+                    let full = format!("{err:#}");
+                    tracing::debug!("TLS uprobes: {full}");
+                    degraded.push(format!(
+                        "TLS uprobes unavailable ({}): encrypted connections are counted, not traced",
+                        first_line(&full)
+                    ));
+                }
             }
         }
         fill_filters(&mut ebpf, opts)?;
