@@ -324,6 +324,8 @@ fn kernel_ns() -> u64 {
     let ours = |n: &str| {
         n.starts_with("sys_enter_")
             || n.starts_with("sys_exit_")
+            // The syscall capture path's exit programs (exit_recv_buf, ...).
+            || n.starts_with("exit_")
             || n.starts_with("sock_")
             || n.starts_with("ssl_")
             || n.starts_with("go_tls_")
