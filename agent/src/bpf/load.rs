@@ -589,7 +589,7 @@ fn attach_tcp_context(ebpf: &mut Ebpf) -> anyhow::Result<usize> {
         .context("the verifier rejected tcp_sendmsg_locked")?;
     program
         .attach("tcp_sendmsg_locked")
-        .context("raw tracepoint tcp_sendmsg_locked (Linux 6.6+)")?;
+        .context("raw tracepoint tcp_sendmsg_locked (Linux 6.13+)")?;
     Ok(2)
 }
 
