@@ -562,7 +562,7 @@ pub fn venv_bin(name: &str) -> String {
 
 /// nginx with its own prefix and configuration, answering fixed bodies.
 pub fn nginx(cg: &TestCgroup, dir: &std::path::Path) -> Server {
-    nginx_with(cg, dir, None)
+    nginx_with(cg, dir, None, false)
 }
 
 /// A self-signed certificate and key for 127.0.0.1 / localhost, made with the openssl CLI.
@@ -596,10 +596,38 @@ pub fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
 /// nginx answering HTTPS with a certificate made by `self_signed`.
 pub fn nginx_tls(cg: &TestCgroup, dir: &std::path::Path) -> Server {
     let (cert, key) = self_signed(dir);
-    nginx_with(cg, dir, Some((cert, key)))
+    nginx_with(cg, dir, Some((cert, key)), false)
 }
 
-fn nginx_with(cg: &TestCgroup, dir: &std::path::Path, tls: Option<(PathBuf, PathBuf)>) -> Server {
+/// nginx that also serves the files under `dir/www` with sendfile() (the caller writes them).
+pub fn nginx_static(cg: &TestCgroup, dir: &std::path::Path) -> Server {
+    nginx_with(cg, dir, None, true)
+}
+
+/// Python's http.server inside `cg`, serving tests/apps.
+pub fn python_http_server(cg: &TestCgroup) -> Server {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = cg.command(
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ],
+    );
+    cmd.current_dir(tests_dir().join("apps"));
+    Server::start(cmd, addr)
+}
+
+fn nginx_with(
+    cg: &TestCgroup,
+    dir: &std::path::Path,
+    tls: Option<(PathBuf, PathBuf)>,
+    static_files: bool,
+) -> Server {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     std::fs::create_dir_all(dir.join("logs")).unwrap();
     let listen = match &tls {
@@ -610,12 +638,20 @@ fn nginx_with(cg: &TestCgroup, dir: &std::path::Path, tls: Option<(PathBuf, Path
         ),
         None => addr.to_string(),
     };
+    let files = if static_files {
+        format!(
+            "sendfile on;\n    root {}/www;\n    location /static/ {{ }}",
+            dir.display()
+        )
+    } else {
+        String::new()
+    };
     let conf = format!(
         "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
            fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen {listen};\n    location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n\
+           server {{\n    listen {listen};\n    {files}\n    location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n\
              location / {{ return 404; }}\n  }}\n}}\n",
         d = dir.display()
     );

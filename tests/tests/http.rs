@@ -38,21 +38,7 @@ fn gunicorn(cg: &TestCgroup) -> Server {
 }
 
 fn http_server(cg: &TestCgroup) -> Server {
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let dir = tests_dir().join("apps");
-    let mut cmd = cg.command(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ],
-    );
-    cmd.current_dir(dir);
-    Server::start(cmd, addr)
+    loupe_tests::python_http_server(cg)
 }
 
 fn by_kind(spans: &[ReceivedSpan], kind: i32) -> Vec<&ReceivedSpan> {

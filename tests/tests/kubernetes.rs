@@ -157,13 +157,7 @@ fn kubeconfig(dir: &Path, api: &str) -> PathBuf {
 
 /// A python http.server inside `cg`.
 fn http_server(cg: &TestCgroup) -> Server {
-    let port = free_port();
-    let port_s = port.to_string();
-    let cmd = cg.command(
-        "python3",
-        &["-m", "http.server", &port_s, "--bind", "127.0.0.1"],
-    );
-    Server::start(cmd, format!("127.0.0.1:{port}").parse().unwrap())
+    loupe_tests::python_http_server(cg)
 }
 
 fn get(addr: std::net::SocketAddr) {

@@ -5,14 +5,11 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::SocketAddr,
     process::Stdio,
     time::Duration,
 };
 
-use loupe_tests::{
-    Agent, Server, TestCgroup, free_port, otlp::Receiver, privileged, tests_dir, venv_bin,
-};
+use loupe_tests::{Agent, TestCgroup, otlp::Receiver, privileged, venv_bin};
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
@@ -28,36 +25,6 @@ fn assert_path(agent: &Agent) {
     assert!(log.contains("capture: syscall tracepoints"), "{log}");
 }
 
-/// nginx serving a static file with sendfile() and a fixed body from memory.
-fn nginx_with_files(cg: &TestCgroup, dir: &std::path::Path, body: &[u8]) -> Server {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    std::fs::create_dir_all(dir.join("www/static")).unwrap();
-    std::fs::write(dir.join("www/static/big.bin"), body).unwrap();
-    let conf = format!(
-        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
-         events {{ worker_connections 64; }}\n\
-         http {{\n  access_log off;\n  sendfile on;\n  client_body_temp_path {d}/body;\n\
-           proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
-           uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           server {{\n    listen {addr};\n    root {d}/www;\n\
-             location /users/ {{ return 200 '{{\"ok\":true}}'; }}\n  }}\n}}\n",
-        d = dir.display()
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let cmd = cg.command(
-        "nginx",
-        &[
-            "-p",
-            dir.to_str().unwrap(),
-            "-c",
-            conf_path.to_str().unwrap(),
-        ],
-    );
-    Server::start(cmd, addr)
-}
-
 /// A response body sent with sendfile() moves the connection's stream without passing through
 /// user memory: the path must still count its bytes, or the next response on the keep-alive
 /// connection is read as the rest of this body. The connection is opened (and used) before the
@@ -70,7 +37,9 @@ fn sendfile_responses_on_a_connection_opened_before_the_agent() {
     let cg = TestCgroup::new("syscall-path");
     let tmp = std::env::temp_dir().join(format!("loupe-syscall-path-{}", std::process::id()));
     let body: Vec<u8> = (0..20_000u32).map(|i| b'a' + (i % 26) as u8).collect();
-    let server = nginx_with_files(&cg, &tmp, &body);
+    std::fs::create_dir_all(tmp.join("www/static")).unwrap();
+    std::fs::write(tmp.join("www/static/big.bin"), &body).unwrap();
+    let server = loupe_tests::nginx_static(&cg, &tmp);
     let script = format!(
         "import http.client, sys\n\
          c = http.client.HTTPConnection('{host}', {port})\n\
@@ -166,20 +135,7 @@ fn spans_print_on_the_terminal() {
         return;
     }
     let cg = TestCgroup::new("syscall-path-console");
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cmd = cg.command(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ],
-    );
-    cmd.current_dir(tests_dir().join("apps"));
-    let server = Server::start(cmd, addr);
+    let server = loupe_tests::python_http_server(&cg);
     let path = capture_path();
     let agent = Agent::spawn(&["--cgroup", &cg.dir, "--capture-path", &path], &[]);
     assert_path(&agent);

@@ -18,6 +18,15 @@ ip link set lo up
 
 echo "LOUPE-KERNEL $(uname -r)"
 
+# Waits (at most a minute) until the agent writing LOG says it is ready or exits.
+wait_ready() {
+    for _ in $(seq 120); do
+        grep -q "ready:" "$1" && return
+        kill -0 "$2" 2>/dev/null || return
+        sleep 0.5
+    done
+}
+
 # The README's first command, as a new user would run it: curl -> Python's http.server, the
 # agent with its defaults printing traces on the terminal.
 smoke() {
@@ -26,11 +35,7 @@ smoke() {
     local server=$!
     "$LOUPE_BIN" >/tmp/spans.txt 2>/tmp/agent.log &
     local agent=$!
-    for _ in $(seq 120); do
-        grep -q "ready:" /tmp/agent.log && break
-        kill -0 "$agent" 2>/dev/null || break
-        sleep 0.5
-    done
+    wait_ready /tmp/agent.log "$agent"
     grep -o "capture: .*" /tmp/agent.log | head -1 | sed 's/^/LOUPE-PATH /'
     grep -o "degraded: .*" /tmp/agent.log | cut -c1-400 | sed 's/^/LOUPE-DEGRADED /'
     curl -s -o /dev/null http://127.0.0.1:18080/
@@ -53,11 +58,7 @@ smoke() {
 optional() {
     "$LOUPE_BIN" capture --tcp-context >/dev/null 2>/tmp/optional.log &
     local agent=$!
-    for _ in $(seq 120); do
-        grep -q "ready:" /tmp/optional.log && break
-        kill -0 "$agent" 2>/dev/null || break
-        sleep 0.5
-    done
+    wait_ready /tmp/optional.log "$agent"
     if grep -q "ready:" /tmp/optional.log; then
         echo "LOUPE-TEST smoke starts_with_every_optional_feature_asked_for ok"
     else

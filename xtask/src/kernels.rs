@@ -232,7 +232,7 @@ fn prepare(dir: &Path, series: &Series) -> anyhow::Result<Kernel> {
     }
     let initrd = dir.join(format!("initrd-{release}.cpio.gz"));
     if !initrd.exists() {
-        build_initrd(dir, &tree, &release, &initrd)?;
+        build_initrd(&tree, &release, &initrd)?;
     }
     Ok(Kernel {
         vmlinuz: tree.join("boot").join(format!("vmlinuz-{release}")),
@@ -301,7 +301,7 @@ fn version_key(name: &str) -> Vec<u64> {
 
 /// busybox, the 9p modules in load order (decompressed: busybox's insmod takes plain .ko), and
 /// an /init that mounts the host's root over 9p and runs the guest script in it.
-fn build_initrd(dir: &Path, tree: &Path, release: &str, out: &Path) -> anyhow::Result<()> {
+fn build_initrd(tree: &Path, release: &str, out: &Path) -> anyhow::Result<()> {
     run(Command::new("depmod").arg("-b").arg(tree).arg(release))?;
     let mut modules: Vec<PathBuf> = Vec::new();
     for module in ["virtio_pci", "9pnet_virtio", "9p"] {
@@ -351,7 +351,6 @@ fn build_initrd(dir: &Path, tree: &Path, release: &str, out: &Path) -> anyhow::R
     if !gz.wait()?.success() {
         bail!("gzip failed");
     }
-    let _ = dir;
     Ok(())
 }
 

@@ -59,68 +59,25 @@ enter!(
 // every copy loop on every branch, and the verifier gives up on the product of their paths.
 // (Names stay within the kernel's 15 bytes.)
 
-/// read, recvfrom.
-#[tracepoint]
-pub fn exit_recv_buf(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_RECV, SHAPE_BUF);
-    0
+macro_rules! exit {
+    ($name:ident, $direction:expr, $shape:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let _ = on_exit(&ctx, $direction, $shape);
+            0
+        }
+    };
 }
 
-/// write, sendto.
-#[tracepoint]
-pub fn exit_send_buf(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_SEND, SHAPE_BUF);
-    0
-}
-
-/// readv.
-#[tracepoint]
-pub fn exit_recv_iov(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_RECV, SHAPE_IOV);
-    0
-}
-
-/// writev.
-#[tracepoint]
-pub fn exit_send_iov(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_SEND, SHAPE_IOV);
-    0
-}
-
-/// recvmsg.
-#[tracepoint]
-pub fn exit_recv_msg(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_RECV, SHAPE_MSG);
-    0
-}
-
-/// sendmsg.
-#[tracepoint]
-pub fn exit_send_msg(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_SEND, SHAPE_MSG);
-    0
-}
-
-/// recvmmsg.
-#[tracepoint]
-pub fn exit_recv_mmsg(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_RECV, SHAPE_MMSG);
-    0
-}
-
-/// sendmmsg.
-#[tracepoint]
-pub fn exit_send_mmsg(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_SEND, SHAPE_MMSG);
-    0
-}
-
-/// sendfile.
-#[tracepoint]
-pub fn exit_send_file(ctx: TracePointContext) -> u32 {
-    let _ = on_exit(&ctx, DIR_SEND, SHAPE_NONE);
-    0
-}
+exit!(exit_recv_buf, DIR_RECV, SHAPE_BUF); // read, recvfrom
+exit!(exit_send_buf, DIR_SEND, SHAPE_BUF); // write, sendto
+exit!(exit_recv_iov, DIR_RECV, SHAPE_IOV); // readv
+exit!(exit_send_iov, DIR_SEND, SHAPE_IOV); // writev
+exit!(exit_recv_msg, DIR_RECV, SHAPE_MSG); // recvmsg
+exit!(exit_send_msg, DIR_SEND, SHAPE_MSG); // sendmsg
+exit!(exit_recv_mmsg, DIR_RECV, SHAPE_MMSG); // recvmmsg
+exit!(exit_send_mmsg, DIR_SEND, SHAPE_MMSG); // sendmmsg
+exit!(exit_send_file, DIR_SEND, SHAPE_NONE); // sendfile
 
 #[inline(always)]
 fn on_exit(ctx: &TracePointContext, direction: u8, shape: u8) -> Result<(), ()> {
