@@ -195,7 +195,14 @@ struct Entry {
     started: Option<u64>,
     info: ProcessInfo,
     last_used: Instant,
+    /// When `started` was last compared with /proc.
+    checked: Instant,
 }
+
+/// How long a cached process is trusted before its start time is read again. Reading
+/// /proc/PID/stat on every lookup cost 30% of the agent's CPU at 44k requests/s (perf, nginx
+/// traced). A pid reused by a new program is caught sooner: its exec record drops the entry.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct ProcessCache {
     rules: Vec<ServiceNameRule>,
@@ -272,6 +279,16 @@ impl ProcessCache {
     /// The process's info; `comm` is the fallback name for a process already gone and never
     /// reported by an exec. Read as early as possible (on a connection's first event).
     pub fn get(&mut self, pid: u32, comm: &str) -> &ProcessInfo {
+        let now = Instant::now();
+        if self
+            .by_pid
+            .get(&pid)
+            .is_some_and(|e| now.duration_since(e.checked) < RECHECK)
+        {
+            let entry = self.by_pid.get_mut(&pid).expect("present");
+            entry.last_used = now;
+            return &entry.info;
+        }
         let (started, exited) = match start_time(pid) {
             Some((t, exited)) => (Some(t), exited),
             None => (None, true),
@@ -295,12 +312,14 @@ impl ProcessCache {
                 Entry {
                     started,
                     info,
-                    last_used: Instant::now(),
+                    last_used: now,
+                    checked: now,
                 },
             );
         }
         let entry = self.by_pid.get_mut(&pid).expect("inserted above");
-        entry.last_used = Instant::now();
+        entry.last_used = now;
+        entry.checked = now;
         &entry.info
     }
 
