@@ -5,7 +5,7 @@
 //! goroutine writes on behalf of the caller, reported by a uprobe pair) maps the writer back to
 //! the caller. Causality's thread rules then work per goroutine unchanged.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashMapExt};
 
 use crate::{
     decode::{DataEvent, HandoffEvent},
@@ -19,7 +19,7 @@ const MAX_WRITERS: usize = 65_536;
 pub struct Goroutines {
     shared: GoPids,
     version: u64,
-    go: HashSet<u32>,
+    go: std::collections::HashSet<u32>,
     /// (pid, writer goroutine) -> the goroutine it writes for.
     writers: HashMap<(u32, u64), u64>,
 }
@@ -35,7 +35,7 @@ impl Goroutines {
         Self {
             shared,
             version: u64::MAX,
-            go: HashSet::new(),
+            go: std::collections::HashSet::new(),
             writers: HashMap::new(),
         }
     }

@@ -1,9 +1,10 @@
 //! Who handled a span: the OpenTelemetry resource of each traced process, read from /proc once
 //! per process (cached by pid and start time, so a reused pid is a new process).
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
     borrow::Cow,
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},

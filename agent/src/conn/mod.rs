@@ -4,7 +4,8 @@
 
 pub mod stream;
 
-use std::{collections::HashMap, net::SocketAddr};
+use foldhash::{HashMap, HashMapExt};
+use std::net::SocketAddr;
 
 use crate::decode::{CloseEvent, ConnKey, DataEvent, Direction, Role};
 pub use stream::{Pushed, Segment, Stream, StreamStats};

@@ -126,13 +126,21 @@ fn fixed32(buf: &mut Vec<u8>, tag: u32, v: u32) {
     buf.extend_from_slice(&v.to_le_bytes());
 }
 
-/// One KeyValue attribute; lengths are computed, so nothing is buffered.
-fn attribute(buf: &mut Vec<u8>, key: &str, value: &Value) {
+/// The lengths of a KeyValue's AnyValue and of the KeyValue itself.
+fn attribute_lens(key: &str, value: &Value) -> (usize, usize) {
     let any_len = match value {
         Value::Int(i) => prost::encoding::key_len(field::INT_VALUE) + encoded_len_varint(*i as u64),
         v => delimited_len(field::STRING_VALUE, v.as_str().unwrap_or_default().len()),
     };
-    let kv_len = delimited_len(field::KEY, key.len()) + delimited_len(field::VALUE, any_len);
+    (
+        any_len,
+        delimited_len(field::KEY, key.len()) + delimited_len(field::VALUE, any_len),
+    )
+}
+
+/// One KeyValue attribute; lengths are computed, so nothing is buffered.
+fn attribute(buf: &mut Vec<u8>, key: &str, value: &Value) {
+    let (any_len, kv_len) = attribute_lens(key, value);
     encode_key(field::ATTRIBUTES, WireType::LengthDelimited, buf);
     encode_varint(kv_len as u64, buf);
     delimited(buf, field::KEY, key.as_bytes());
@@ -160,20 +168,14 @@ fn span(buf: &mut Vec<u8>, s: &SpanRecord) {
         delimited(buf, field::PARENT_SPAN_ID, parent);
     }
     delimited(buf, field::NAME, s.name.as_bytes());
-    let kind = match s.kind {
-        SpanKind::Server => KIND_SERVER,
-        SpanKind::Client => KIND_CLIENT,
-    };
-    varint(buf, field::KIND, kind);
+    varint(buf, field::KIND, span_kind(s));
     fixed64(buf, field::START, s.start_unix_ns);
     fixed64(buf, field::END, s.end_unix_ns);
     for (k, v) in &s.attributes {
         attribute(buf, k, v);
     }
     if let Some(message) = &s.error {
-        let len = delimited_len(field::MESSAGE, message.len())
-            + prost::encoding::key_len(field::CODE)
-            + encoded_len_varint(STATUS_ERROR);
+        let len = status_len(message);
         encode_key(field::STATUS, WireType::LengthDelimited, buf);
         encode_varint(len as u64, buf);
         delimited(buf, field::MESSAGE, message.as_bytes());
@@ -183,29 +185,71 @@ fn span(buf: &mut Vec<u8>, s: &SpanRecord) {
     fixed32(buf, field::FLAGS, SAMPLED | HAS_IS_REMOTE | remote);
 }
 
+fn status_len(message: &str) -> usize {
+    delimited_len(field::MESSAGE, message.len())
+        + prost::encoding::key_len(field::CODE)
+        + encoded_len_varint(STATUS_ERROR)
+}
+
+fn span_kind(s: &SpanRecord) -> u64 {
+    match s.kind {
+        SpanKind::Server => KIND_SERVER,
+        SpanKind::Client => KIND_CLIENT,
+    }
+}
+
+/// What `span` writes, in bytes: computed first so that each span is written once, straight
+/// into the request (nesting it through buffers copied every span three times).
+fn span_len(s: &SpanRecord) -> usize {
+    use prost::encoding::key_len;
+    let mut n = delimited_len(field::TRACE_ID, s.trace_id.len())
+        + delimited_len(field::SPAN_ID, s.span_id.len());
+    if !s.trace_state.is_empty() {
+        n += delimited_len(field::TRACE_STATE, s.trace_state.len());
+    }
+    if let Some(parent) = &s.parent_span_id {
+        n += delimited_len(field::PARENT_SPAN_ID, parent.len());
+    }
+    n += delimited_len(field::NAME, s.name.len());
+    n += key_len(field::KIND) + encoded_len_varint(span_kind(s));
+    n += key_len(field::START) + 8 + key_len(field::END) + 8;
+    for (k, v) in &s.attributes {
+        n += delimited_len(field::ATTRIBUTES, attribute_lens(k, v).1);
+    }
+    if let Some(message) = &s.error {
+        n += delimited_len(field::STATUS, status_len(message));
+    }
+    n + key_len(field::FLAGS) + 4
+}
+
 /// One ExportTraceServiceRequest: a ResourceSpans per process, in the order given.
 pub fn encode_request(groups: &[(Resource, Vec<SpanRecord>)]) -> Bytes {
     let scope = scope().encode_to_vec();
+    let mut lens = Vec::new();
     let mut out = Vec::new();
-    let mut spans = Vec::new();
-    let mut one = Vec::with_capacity(1024);
-    let mut group = Vec::new();
     for (resource, records) in groups {
-        spans.clear();
-        for record in records {
-            one.clear();
-            span(&mut one, record);
-            delimited(&mut spans, field::SPANS, &one);
+        lens.clear();
+        lens.extend(records.iter().map(span_len));
+        let spans_len: usize = lens.iter().map(|&l| delimited_len(field::SPANS, l)).sum();
+        let resource = resource.encode_to_vec();
+        // ResourceSpans { resource, ScopeSpans { scope, spans... } }
+        let scope_spans_len = delimited_len(field::SCOPE, scope.len()) + spans_len;
+        let group_len = delimited_len(field::RESOURCE, resource.len())
+            + delimited_len(field::SCOPE_SPANS, scope_spans_len);
+        out.reserve(delimited_len(field::RESOURCE_SPANS, group_len));
+        encode_key(field::RESOURCE_SPANS, WireType::LengthDelimited, &mut out);
+        encode_varint(group_len as u64, &mut out);
+        delimited(&mut out, field::RESOURCE, &resource);
+        encode_key(field::SCOPE_SPANS, WireType::LengthDelimited, &mut out);
+        encode_varint(scope_spans_len as u64, &mut out);
+        delimited(&mut out, field::SCOPE, &scope);
+        for (record, &len) in records.iter().zip(&lens) {
+            encode_key(field::SPANS, WireType::LengthDelimited, &mut out);
+            encode_varint(len as u64, &mut out);
+            let start = out.len();
+            span(&mut out, record);
+            debug_assert_eq!(out.len() - start, len, "span_len disagrees with span");
         }
-        // ScopeSpans, then ResourceSpans around it.
-        let scope_spans_len = delimited_len(field::SCOPE, scope.len()) + spans.len();
-        group.clear();
-        delimited(&mut group, field::RESOURCE, &resource.encode_to_vec());
-        encode_key(field::SCOPE_SPANS, WireType::LengthDelimited, &mut group);
-        encode_varint(scope_spans_len as u64, &mut group);
-        delimited(&mut group, field::SCOPE, &scope);
-        group.extend_from_slice(&spans);
-        delimited(&mut out, field::RESOURCE_SPANS, &group);
     }
     out.into()
 }

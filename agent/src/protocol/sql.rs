@@ -6,8 +6,8 @@
 //! sqlparser's, not a regex: quoting rules differ per dialect (`"x"` is a string in MySQL and an
 //! identifier in PostgreSQL). Text cut short by the capture tokenizes up to the cut.
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     hash::{Hash, Hasher},
     sync::Arc,
 };

@@ -12,8 +12,8 @@
 
 pub mod prometheus;
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -101,7 +101,127 @@ pub struct Red {
     names: HashMap<u32, (Arc<str>, Instant)>,
     processes: crate::process::SharedProcesses,
     /// Edges whose server side had not finished when the client's did: SERVER span -> labels.
-    awaiting_server: HashMap<[u8; 8], [KeyValue; 3]>,
+    awaiting_server: HashMap<[u8; 8], Arc<[KeyValue]>>,
+    /// Attribute sets already built, by a hash of their values: building a span's `KeyValue`s
+    /// (a `String` each) cost more than the SDK's own series lookup.
+    attribute_sets: AttributeSets,
+}
+
+/// Built attribute sets by the hash of what they were built from. A hash collision costs a
+/// rebuild (the entry is compared in full before it is used), never a wrong series.
+#[derive(Default)]
+struct AttributeSets {
+    state: foldhash::fast::RandomState,
+    sets: HashMap<u64, Arc<[KeyValue]>>,
+}
+
+/// Distinct attribute sets kept; past it the cache starts over (series beyond the SDK's limit
+/// are folded by the SDK anyway).
+const MAX_ATTRIBUTE_SETS: usize = 16_384;
+
+impl AttributeSets {
+    /// The set `[service.name, keys present in span...]` of instrument `which`.
+    fn span(
+        &mut self,
+        which: u8,
+        service: &str,
+        keys: &[&'static str],
+        span: &SpanRecord,
+    ) -> Arc<[KeyValue]> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = self.state.build_hasher();
+        h.write_u8(which);
+        h.write(service.as_bytes());
+        for key in keys {
+            match span.attr(key) {
+                None => h.write_u8(0),
+                Some(Value::Int(i)) => {
+                    h.write_u8(1);
+                    h.write_i64(*i);
+                }
+                Some(v) => {
+                    h.write_u8(2);
+                    h.write(v.as_str().unwrap_or_default().as_bytes());
+                    h.write_u8(0xff);
+                }
+            }
+        }
+        let hash = h.finish();
+        if let Some(set) = self.sets.get(&hash) {
+            let mut present = keys.iter().filter_map(|k| Some((*k, span.attr(k)?)));
+            let same = set.first().is_some_and(|kv| same_str(&kv.value, service))
+                && set[1..].iter().all(|kv| {
+                    present
+                        .next()
+                        .is_some_and(|(k, v)| kv.key.as_str() == k && same_value(&kv.value, v))
+                })
+                && present.next().is_none();
+            if same {
+                return set.clone();
+            }
+        }
+        let mut attrs = Vec::with_capacity(keys.len() + 1);
+        attrs.push(KeyValue::new("service.name", service.to_string()));
+        for key in keys {
+            if let Some(v) = span.attr(key) {
+                attrs.push(KeyValue::new(*key, value(v)));
+            }
+        }
+        self.insert(hash, attrs.into())
+    }
+
+    /// A service-graph edge's `[client, server, connection_type]`.
+    fn edge(
+        &mut self,
+        client: &str,
+        server: &str,
+        connection_type: &'static str,
+    ) -> Arc<[KeyValue]> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = self.state.build_hasher();
+        h.write_u8(0xe0);
+        h.write(client.as_bytes());
+        h.write_u8(0xff);
+        h.write(server.as_bytes());
+        h.write_u8(0xff);
+        h.write(connection_type.as_bytes());
+        let hash = h.finish();
+        if let Some(set) = self.sets.get(&hash)
+            && set.len() == 3
+            && set[0].key.as_str() == "client"
+            && same_str(&set[0].value, client)
+            && same_str(&set[1].value, server)
+            && same_str(&set[2].value, connection_type)
+        {
+            return set.clone();
+        }
+        let attrs: Arc<[KeyValue]> = Arc::new([
+            KeyValue::new("client", client.to_string()),
+            KeyValue::new("server", server.to_string()),
+            KeyValue::new("connection_type", connection_type),
+        ]);
+        self.insert(hash, attrs)
+    }
+
+    fn insert(&mut self, hash: u64, set: Arc<[KeyValue]>) -> Arc<[KeyValue]> {
+        if self.sets.len() >= MAX_ATTRIBUTE_SETS {
+            self.sets.clear();
+        }
+        self.sets.insert(hash, set.clone());
+        set
+    }
+}
+
+fn same_str(v: &opentelemetry::Value, s: &str) -> bool {
+    matches!(v, opentelemetry::Value::String(x) if x.as_str() == s)
+}
+
+fn same_value(v: &opentelemetry::Value, w: &Value) -> bool {
+    match (v, w) {
+        (opentelemetry::Value::I64(a), Value::Int(b)) => a == b,
+        (_, Value::Int(_)) => false,
+        (v, w) => same_str(v, w.as_str().unwrap_or_default()),
+    }
 }
 
 impl Red {
@@ -202,6 +322,7 @@ impl Red {
             names: HashMap::new(),
             processes,
             awaiting_server: HashMap::new(),
+            attribute_sets: AttributeSets::default(),
         }
     }
 
@@ -232,7 +353,7 @@ impl Red {
         let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
         let service = self.service(span.pid, &span.comm);
         let server = span.kind == SpanKind::Server;
-        let (instrument, keys): (&Histogram<f64>, &[&str]) =
+        let (instrument, keys): (&Histogram<f64>, &[&'static str]) =
             if span.attr("rpc.system.name").is_some() {
                 let keys: &[&str] = &[
                     "rpc.system.name",
@@ -291,13 +412,19 @@ impl Red {
             } else {
                 return;
             };
-        let mut attrs = Vec::with_capacity(keys.len() + 1);
-        attrs.push(KeyValue::new("service.name", service.to_string()));
-        for key in keys {
-            if let Some(v) = span.attr(key) {
-                attrs.push(KeyValue::new(*key, value(v)));
-            }
-        }
+        // Which instrument: the same values on two instruments are two sets (their key lists
+        // differ anyway, this keeps the hash honest).
+        let which = [
+            &self.instruments.http_server,
+            &self.instruments.http_client,
+            &self.instruments.db_client,
+            &self.instruments.rpc_server,
+            &self.instruments.rpc_client,
+        ]
+        .iter()
+        .position(|i| std::ptr::eq(*i, instrument))
+        .unwrap_or(0) as u8;
+        let attrs = self.attribute_sets.span(which, &service, keys, span);
         instrument.record(seconds, &attrs);
     }
 
@@ -305,7 +432,8 @@ impl Red {
     pub fn edge(&mut self, client: &SpanRecord, server: Peer) {
         let client_service = self.service(client.pid, &client.comm);
         let database = client.attr("db.system.name").is_some();
-        let (server_name, connection_type, server_side): (Arc<str>, &str, _) = match server {
+        let (server_name, connection_type, server_side): (Arc<str>, &'static str, _) = match server
+        {
             Peer::Process(pid, span, seconds) => (self.service(pid, ""), "", Some((span, seconds))),
             Peer::Address(a) => (
                 a.into(),
@@ -313,11 +441,9 @@ impl Red {
                 None,
             ),
         };
-        let attrs = [
-            KeyValue::new("client", client_service.to_string()),
-            KeyValue::new("server", server_name.to_string()),
-            KeyValue::new("connection_type", connection_type),
-        ];
+        let attrs = self
+            .attribute_sets
+            .edge(&client_service, &server_name, connection_type);
         let i = &self.instruments;
         i.graph_requests.add(1, &attrs);
         if client.error.is_some() {

@@ -27,8 +27,8 @@
 //! peer waits briefly as an orphan; when the caller's CLIENT start arrives it adopts it, and the
 //! server span is re-parented before export (`adopted`).
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -189,10 +189,10 @@ pub struct Linker {
     adopted: HashMap<[u8; 8], ([u8; 16], [u8; 8], bool)>,
     /// Processes of a pool runtime (they report futex wakes): (pid, pool thread) -> the
     /// unparented CLIENT exchange that thread made last.
-    pools: std::collections::HashSet<u32>,
+    pools: HashSet<u32>,
     handbacks: HashMap<(u32, u32), Handback>,
     /// Traces started by a waiting handback: their spans are held until it is settled.
-    provisional: std::collections::HashSet<[u8; 16]>,
+    provisional: HashSet<[u8; 16]>,
     /// Provisional traces settled since the sink last asked (`take_settled`).
     settled: Vec<[u8; 16]>,
     /// CLIENT span -> the local SERVER span that answered it; SERVER span -> its CLIENT span.

@@ -17,8 +17,9 @@
 //! MAX_WAIT), so a kept trace is whole on this node. Spans that arrive after the decision follow
 //! it. Every dropped span is counted.
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };

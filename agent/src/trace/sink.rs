@@ -3,12 +3,10 @@
 //! pairs requests with answers; each exchange becomes a span of the process that handled it,
 //! handed to the export queue. This is the one fan-out point after each exchange.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use tokio::sync::mpsc;
@@ -124,7 +122,7 @@ pub struct TraceSink {
     /// The OTLP endpoint's addresses: exports to a collector on this node are HTTP requests too,
     /// and tracing them would export a span per export, forever.
     exclude: Vec<std::net::SocketAddr>,
-    excluded: std::collections::HashSet<ConnKey>,
+    excluded: HashSet<ConnKey>,
     pub tls: Arc<crate::tls::TlsStats>,
     /// Spans of provisional traces (a pool thread's call whose parent its handback will tell),
     /// held until the linker settles them; at most MAX_HELD_SPANS.
@@ -212,7 +210,7 @@ impl TraceSink {
             response_timeout_ns,
             processes,
             exclude: Vec::new(),
-            excluded: std::collections::HashSet::new(),
+            excluded: HashSet::new(),
             tls: Arc::new(crate::tls::TlsStats::default()),
             held: HashMap::new(),
             held_count: 0,

@@ -6,7 +6,7 @@
 //! connection. Streaming RPCs last the whole stream. Bodies are skipped by length, never
 //! copied. Pure: timestamps come in with the segments.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use bytes::Bytes;
 

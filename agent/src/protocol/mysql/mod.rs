@@ -9,7 +9,8 @@
 //! with mysql_common: the few fields needed are fixed offsets, and that crate brings its own
 //! crypto and value decoding, which an agent that must not decode values does not want.
 
-use std::{collections::HashMap, collections::VecDeque, sync::Arc};
+use foldhash::{HashMap, HashMapExt};
+use std::{collections::VecDeque, sync::Arc};
 
 use crate::conn::Segment;
 

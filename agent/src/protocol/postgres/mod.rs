@@ -10,7 +10,8 @@
 //! the error's SQLSTATE and nothing of the rows is needed, and a row-data crate would make us
 //! buffer rows we must skip.
 
-use std::{collections::HashMap, collections::VecDeque, sync::Arc};
+use foldhash::{HashMap, HashMapExt};
+use std::{collections::VecDeque, sync::Arc};
 
 use crate::conn::Segment;
 
