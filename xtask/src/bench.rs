@@ -16,7 +16,6 @@ pub struct Options {
     pub rounds: usize,
     pub seconds: u64,
     pub connections: usize,
-    pub trace_load_generator: bool,
     pub agent_args: Vec<String>,
 }
 
@@ -72,6 +71,10 @@ struct Load {
 #[derive(Debug, Default, Clone)]
 struct AgentCost {
     cpu_seconds: f64,
+    /// User-space and kernel CPU of the agent's own threads (the kernel programs run in the
+    /// traced processes' time and are `kernel_ns`).
+    user_seconds: f64,
+    sys_seconds: f64,
     rss_mib: f64,
     kernel_ns: u64,
     events: u64,
@@ -288,13 +291,14 @@ fn start_agent(bin: &Path, otlp: &str, pids: &[u32], extra: &[String]) -> anyhow
     })
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+/// (user, system) CPU seconds of a process so far.
+fn cpu_seconds(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // Fields 14 and 15 (utime, stime) are 11 and 12 after the state field.
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -387,7 +391,9 @@ fn with_agent(
             + metric_sum(t, "loupe_decode_errors_total", "")
     };
     let cost = AgentCost {
-        cpu_seconds: after.0 - before.0,
+        cpu_seconds: (after.0.0 + after.0.1) - (before.0.0 + before.0.1),
+        user_seconds: after.0.0 - before.0.0,
+        sys_seconds: after.0.1 - before.0.1,
         rss_mib: rss_mib(pid),
         kernel_ns: after.1.saturating_sub(before.1),
         events: volume(&after.2).saturating_sub(volume(&before.2)),
@@ -729,6 +735,20 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         .iter()
         .map(|(l, c)| c.kernel_ns as f64 / l.requests.max(1) as f64)
         .collect();
+    // Client and server are both traced: two sides per operation.
+    let user_us: Vec<f64> = costs
+        .iter()
+        .map(|(l, c)| c.user_seconds * 1e6 / (2 * l.requests.max(1)) as f64)
+        .collect();
+    let sys_us: Vec<f64> = costs
+        .iter()
+        .map(|(l, c)| c.sys_seconds * 1e6 / (2 * l.requests.max(1)) as f64)
+        .collect();
+    let per_event: Vec<f64> = costs
+        .iter()
+        .map(|(_, c)| c.kernel_ns as f64 / c.events.max(1) as f64)
+        .collect();
+    let rss = costs.iter().map(|(_, c)| c.rss_mib).fold(0.0, f64::max);
     let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
     let ops: u64 = costs.iter().map(|(l, _)| l.requests).sum();
     let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
@@ -740,8 +760,10 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
     }
     let (off, on) = (median(off), median(on));
     Ok(format!(
-        "\n{}\n{:<46} {:>12} {:>12}\n{:<46} {:>12.0} {:>12.0}   ratio {:.3}\n\
-         {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n{:<46} {}\n",
+        "\n{}\n{:<50} {:>12} {:>12}\n{:<50} {:>12.0} {:>12.0}   ratio {:.3}\n\
+         {:<50} {:>12.1}\n{:<50} {:>12.1}\n{:<50} {:>12.2}   target <= 1.5\n{:<50} {:>12.2}\n\
+         {:<50} {:>12.0}\n{:<50} {:>12.0}   target <= 400\n{:<50} {:>12.1}   target <= 64\n\
+         {:<50} {:>12}\n{:<50} {:>12}\n{:<50} {}\n",
         w.name,
         "",
         "without",
@@ -754,8 +776,16 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         median(per_k),
         "agent CPU (millicores, median)",
         median(absolute),
+        "agent user-space CPU per traced side (us, median)",
+        median(user_us),
+        "agent kernel CPU per traced side (us, median)",
+        median(sys_us),
         "kernel-program time per operation (ns, median)",
         median(per_op),
+        "kernel-program time per event (ns, median)",
+        median(per_event),
+        "agent RSS (MiB, max)",
+        rss,
         "spans exported / operations",
         format!("{spans}/{ops}"),
         "drops, every counter (sum over rounds)",
@@ -767,6 +797,275 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
             reasons.join(", ")
         },
     ))
+}
+
+/// One HTTP workload: saturation and a fixed rate (half of saturation without the agent), without
+/// the agent and in each setup, as columns of one table.
+fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::Result<String> {
+    // (column, --pid selection, traced sides per request)
+    let setups: [(&str, &[u32], u64); 2] =
+        [("server selected", &w.pids, 1), ("all traced", &[], 2)];
+    step(&format!("{}: warm-up", w.name));
+    oha(&w.url, 2, opts.connections, None)?;
+    let mut sat_off = Vec::new();
+    let mut sat_on: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut costs: Vec<Vec<(Load, AgentCost)>> = vec![Vec::new(); setups.len()];
+    for round in 0..opts.rounds {
+        step(&format!(
+            "{}: saturation round {} of {}",
+            w.name,
+            round + 1,
+            opts.rounds
+        ));
+        // Alternate the order so drift (thermal, caches) does not favour one side.
+        let mut order: Vec<Option<usize>> = std::iter::once(None)
+            .chain((0..setups.len()).map(Some))
+            .collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for which in order {
+            match which {
+                Some(i) => {
+                    let (l, c) = with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
+                        oha(&w.url, opts.seconds, opts.connections, None)
+                    })?;
+                    sat_on[i].push(l.rps);
+                    costs[i].push((l, c));
+                }
+                None => sat_off.push(oha(&w.url, opts.seconds, opts.connections, None)?.rps),
+            }
+        }
+    }
+    let off_rps = median(sat_off);
+    let rate = (off_rps * 0.5).max(50.0);
+    let mut lat_off = Vec::new();
+    let mut lat_on: Vec<Vec<Load>> = vec![Vec::new(); setups.len()];
+    let mut rate_drops = vec![0u64; setups.len()];
+    for round in 0..opts.rounds {
+        step(&format!(
+            "{}: fixed rate {rate:.0}/s, round {} of {}",
+            w.name,
+            round + 1,
+            opts.rounds
+        ));
+        let mut order: Vec<Option<usize>> = std::iter::once(None)
+            .chain((0..setups.len()).map(Some))
+            .collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        for which in order {
+            match which {
+                Some(i) => {
+                    let (l, c) = with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
+                        oha(&w.url, opts.seconds, opts.connections, Some(rate))
+                    })?;
+                    lat_on[i].push(l);
+                    rate_drops[i] += c.drops;
+                    costs[i].push((l, c));
+                }
+                None => lat_off.push(oha(&w.url, opts.seconds, opts.connections, Some(rate))?),
+            }
+        }
+    }
+    let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+    let mut t = Table::new(
+        w.name,
+        std::iter::once("without".to_string())
+            .chain(setups.iter().map(|s| s.0.to_string()))
+            .collect(),
+    );
+    let per = |f: &dyn Fn(&Load, &AgentCost, u64) -> f64| -> Vec<String> {
+        std::iter::once(String::new())
+            .chain(setups.iter().zip(&costs).map(|(s, c)| {
+                format!(
+                    "{:.2}",
+                    median(c.iter().map(|(l, a)| f(l, a, s.2)).collect())
+                )
+            }))
+            .collect()
+    };
+    t.row(
+        "throughput at saturation (req/s)",
+        std::iter::once(format!("{off_rps:.0}"))
+            .chain(sat_on.iter().map(|v| format!("{:.0}", median(v.clone()))))
+            .collect(),
+        "",
+    );
+    t.row(
+        "  ratio",
+        std::iter::once(String::new())
+            .chain(
+                sat_on
+                    .iter()
+                    .map(|v| format!("{:.3}", median(v.clone()) / off_rps)),
+            )
+            .collect(),
+        ">= 0.90 selected, >= 0.80 all",
+    );
+    for (label, f, target) in [
+        ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64, ""),
+        ("p99", |l: &Load| l.p99_ms, "<= +5%"),
+        ("p99.9", |l: &Load| l.p999_ms, ""),
+    ] {
+        let base = lat(&lat_off, f);
+        t.row(
+            &format!("{label} latency at {rate:.0} req/s (ms)"),
+            std::iter::once(format!("{base:.3}"))
+                .chain(lat_on.iter().map(|v| {
+                    let x = lat(v, f);
+                    format!("{x:.3} {:+.0}%", 100.0 * (x / base - 1.0))
+                }))
+                .collect(),
+            target,
+        );
+    }
+    t.row(
+        "agent user-space CPU per traced side (us)",
+        per(&|l, a, sides| a.user_seconds * 1e6 / (sides * l.requests.max(1)) as f64),
+        "<= 1.5",
+    );
+    t.row(
+        "agent kernel CPU per traced side (us)",
+        per(&|l, a, sides| a.sys_seconds * 1e6 / (sides * l.requests.max(1)) as f64),
+        "",
+    );
+    t.row(
+        "agent CPU (millicores per 1k req/s)",
+        per(&|l, a, _| (a.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9)),
+        "",
+    );
+    t.row(
+        "kernel-program time per request (ns)",
+        per(&|l, a, _| a.kernel_ns as f64 / l.requests.max(1) as f64),
+        "",
+    );
+    t.row(
+        "kernel-program time per event (ns)",
+        per(&|_, a, _| a.kernel_ns as f64 / a.events.max(1) as f64),
+        "<= 400",
+    );
+    t.row(
+        "events per second",
+        per(&|_, a, _| a.events as f64 / opts.seconds as f64),
+        "",
+    );
+    t.row(
+        "agent RSS (MiB, max)",
+        std::iter::once(String::new())
+            .chain(costs.iter().map(|c| {
+                format!(
+                    "{:.1}",
+                    c.iter().map(|(_, a)| a.rss_mib).fold(0.0, f64::max)
+                )
+            }))
+            .collect(),
+        "<= 64",
+    );
+    t.row(
+        "spans exported / requests x sides",
+        std::iter::once(String::new())
+            .chain(setups.iter().zip(&costs).map(|(s, c)| {
+                let spans: u64 = c.iter().map(|(_, a)| a.spans_exported).sum();
+                let requests: u64 = c.iter().map(|(l, _)| l.requests).sum();
+                format!("{spans}/{}", requests * s.2)
+            }))
+            .collect(),
+        "",
+    );
+    t.row(
+        &format!("drops at the fixed rate ({rate:.0}/s)"),
+        std::iter::once(String::new())
+            .chain(rate_drops.iter().map(u64::to_string))
+            .collect(),
+        "0",
+    );
+    t.row(
+        "drops, every counter (sum over rounds)",
+        std::iter::once(String::new())
+            .chain(
+                costs
+                    .iter()
+                    .map(|c| c.iter().map(|(_, a)| a.drops).sum::<u64>().to_string()),
+            )
+            .collect(),
+        "",
+    );
+    let mut out = t.render();
+    for (s, c) in setups.iter().zip(&costs) {
+        let mut reasons: Vec<(String, u64)> = Vec::new();
+        for (_, a) in c {
+            for (n, v) in &a.drop_reasons {
+                match reasons.iter_mut().find(|(m, _)| m == n) {
+                    Some((_, t)) => *t += v,
+                    None => reasons.push((n.clone(), *v)),
+                }
+            }
+        }
+        let reasons = if reasons.is_empty() {
+            "none".to_string()
+        } else {
+            reasons
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!("drops by reason, {}: {reasons}\n", s.0));
+    }
+    Ok(out)
+}
+
+/// A printed table: a label column, value columns, a target column.
+struct Table {
+    title: String,
+    columns: Vec<String>,
+    rows: Vec<(String, Vec<String>, String)>,
+}
+
+impl Table {
+    fn new(title: &str, columns: Vec<String>) -> Self {
+        Self {
+            title: title.to_string(),
+            columns,
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, label: &str, values: Vec<String>, target: &str) {
+        self.rows
+            .push((label.to_string(), values, target.to_string()));
+    }
+
+    fn render(&self) -> String {
+        let label_w = self
+            .rows
+            .iter()
+            .map(|r| r.0.len())
+            .max()
+            .unwrap_or(0)
+            .max(10);
+        let mut widths: Vec<usize> = self.columns.iter().map(String::len).collect();
+        for (_, values, _) in &self.rows {
+            for (w, v) in widths.iter_mut().zip(values) {
+                *w = (*w).max(v.chars().count());
+            }
+        }
+        let mut out = format!("\n{}\n{:<label_w$}", self.title, "");
+        for (c, w) in self.columns.iter().zip(&widths) {
+            out.push_str(&format!("  {c:>w$}"));
+        }
+        out.push_str("  target\n");
+        for (label, values, target) in &self.rows {
+            out.push_str(&format!("{label:<label_w$}"));
+            for (v, w) in values.iter().zip(&widths) {
+                out.push_str(&format!("  {v:>w$}"));
+            }
+            out.push_str(&format!("  {target}\n"));
+        }
+        out
+    }
 }
 
 pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
@@ -808,152 +1107,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
     ];
     let mut report = String::new();
     for w in &workloads {
-        let pids: &[u32] = if opts.trace_load_generator {
-            &[]
-        } else {
-            &w.pids
-        };
-        step(&format!("{}: warm-up", w.name));
-        oha(&w.url, 2, opts.connections, None)?;
-        let (mut sat_off, mut sat_on) = (Vec::new(), Vec::new());
-        let mut costs = Vec::new();
-        for round in 0..opts.rounds {
-            step(&format!(
-                "{}: saturation round {} of {}",
-                w.name,
-                round + 1,
-                opts.rounds
-            ));
-            // Alternate the order so drift (thermal, caches) does not favour one side.
-            let on_first = round % 2 == 1;
-            for on in [on_first, !on_first] {
-                if on {
-                    let (l, c) = with_agent(&bin, &otlp, pids, &opts.agent_args, || {
-                        oha(&w.url, opts.seconds, opts.connections, None)
-                    })?;
-                    sat_on.push(l.rps);
-                    costs.push((l, c));
-                } else {
-                    sat_off.push(oha(&w.url, opts.seconds, opts.connections, None)?.rps);
-                }
-            }
-        }
-        let off_rps = median(sat_off.clone());
-        let rate = (off_rps * 0.3).max(50.0);
-        let (mut lat_off, mut lat_on) = (Vec::new(), Vec::new());
-        let mut rate_drops = 0u64;
-        for round in 0..opts.rounds {
-            step(&format!(
-                "{}: fixed rate {rate:.0}/s, round {} of {}",
-                w.name,
-                round + 1,
-                opts.rounds
-            ));
-            let on_first = round % 2 == 0;
-            for on in [on_first, !on_first] {
-                if on {
-                    let (l, c) = with_agent(&bin, &otlp, pids, &opts.agent_args, || {
-                        oha(&w.url, opts.seconds, opts.connections, Some(rate))
-                    })?;
-                    lat_on.push(l);
-                    rate_drops += c.drops;
-                    costs.push((l, c));
-                } else {
-                    lat_off.push(oha(&w.url, opts.seconds, opts.connections, Some(rate))?);
-                }
-            }
-        }
-        let on_rps = median(sat_on);
-        let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
-        let per_req: Vec<f64> = costs
-            .iter()
-            .map(|(l, c)| c.kernel_ns as f64 / l.requests.max(1) as f64)
-            .collect();
-        let mcores: Vec<f64> = costs
-            .iter()
-            .map(|(l, c)| {
-                (c.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9)
-            })
-            .collect();
-        let absolute: Vec<f64> = costs
-            .iter()
-            .map(|(_, c)| c.cpu_seconds / opts.seconds as f64 * 1000.0)
-            .collect();
-        let events: Vec<f64> = costs
-            .iter()
-            .map(|(_, c)| c.events as f64 / opts.seconds as f64)
-            .collect();
-        let rss = costs.iter().map(|(_, c)| c.rss_mib).fold(0.0, f64::max);
-        let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
-        let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
-        let requests: u64 = costs.iter().map(|(l, _)| l.requests).sum();
-        let mut reasons: Vec<(String, u64)> = Vec::new();
-        for (_, c) in &costs {
-            for (n, v) in &c.drop_reasons {
-                match reasons.iter_mut().find(|(m, _)| m == n) {
-                    Some((_, t)) => *t += v,
-                    None => reasons.push((n.clone(), *v)),
-                }
-            }
-        }
-        let reasons = if reasons.is_empty() {
-            "none".to_string()
-        } else {
-            reasons
-                .iter()
-                .map(|(n, v)| format!("{n}={v}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        report.push_str(&format!(
-            "\n{name}\n\
-             {:<46} {:>12} {:>12}\n\
-             {:<46} {:>12.0} {:>12.0}   ratio {:.3}\n\
-             {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
-             {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
-             {:<46} {:>12.3} {:>12.3}   +{:.1}%\n\
-             {:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.1}\n{:<46} {:>12.0}\n{:<46} {:>12.0}\n{:<46} {:>12}\n{:<46} {:>12}\n",
-            "",
-            "without",
-            "with",
-            "throughput at saturation (req/s)",
-            off_rps,
-            on_rps,
-            on_rps / off_rps,
-            format!("p50 latency at {rate:.0} req/s (ms)"),
-            lat(&lat_off, |l| l.p50_ms),
-            lat(&lat_on, |l| l.p50_ms),
-            100.0 * (lat(&lat_on, |l| l.p50_ms) / lat(&lat_off, |l| l.p50_ms) - 1.0),
-            "p99 latency (ms)",
-            lat(&lat_off, |l| l.p99_ms),
-            lat(&lat_on, |l| l.p99_ms),
-            100.0 * (lat(&lat_on, |l| l.p99_ms) / lat(&lat_off, |l| l.p99_ms) - 1.0),
-            "p99.9 latency (ms)",
-            lat(&lat_off, |l| l.p999_ms),
-            lat(&lat_on, |l| l.p999_ms),
-            100.0 * (lat(&lat_on, |l| l.p999_ms) / lat(&lat_off, |l| l.p999_ms) - 1.0),
-            "agent CPU (millicores per 1k req/s, median)",
-            median(mcores),
-            "agent CPU (millicores, median)",
-            median(absolute),
-            "agent RSS (MiB, max)",
-            rss,
-            "kernel-program time per request (ns, median)",
-            median(per_req),
-            "events per second (median)",
-            median(events),
-            "drops, every counter (sum over rounds)",
-            drops,
-            "spans exported / requests traced",
-            format!("{spans}/{requests}"),
-            name = w.name,
-        ));
-        report.push_str(&format!("{:<46} {reasons}\n", "drops by reason"));
-        report.push_str(&format!(
-            "{:<46} {:>12}\n",
-            format!("drops at the fixed rate ({rate:.0}/s)"),
-            rate_drops
-        ));
+        report.push_str(&http_report(&bin, &otlp, w, opts)?);
     }
     // Database workloads: pgbench and redis-benchmark, client and server both traced.
     for w in [
@@ -967,7 +1121,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
         .status();
     println!(
-        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent flags: {}; traced: {}{report}",
+        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent flags: {}; HTTP workloads in two setups: the server's processes selected (--pid, as on a node whose clients are elsewhere: one traced side per request) and every process traced (the default: the load generator too, two sides); targets are #19's{report}",
         opts.rounds,
         opts.seconds,
         opts.connections,
@@ -976,11 +1130,6 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         } else {
             opts.agent_args.join(" ")
         },
-        if opts.trace_load_generator {
-            "every process (server and load generator: two spans per request)"
-        } else {
-            "the server's processes (--pid), as on a node whose clients are elsewhere"
-        }
     );
     // The userspace path alone, on one core: decode -> reassembly -> parse -> span.
     step("userspace microbenchmark (criterion): events per second on one core");

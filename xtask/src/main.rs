@@ -85,10 +85,6 @@ enum Task {
         /// Concurrent connections of the load generator.
         #[arg(long, default_value_t = 16)]
         connections: usize,
-        /// Also trace the load generator (by default the agent selects the server's processes,
-        /// as clients on other machines would not be traced by this node's agent).
-        #[arg(long)]
-        trace_load_generator: bool,
         /// Extra agent flag for every round with the agent (repeat), e.g.
         /// --agent-arg=--cpu-scheduling=idle
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
@@ -158,7 +154,6 @@ fn main() -> anyhow::Result<()> {
             rounds,
             seconds,
             connections,
-            trace_load_generator,
             agent_args,
         } => {
             ensure_toolchain()?;
@@ -171,7 +166,6 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     seconds,
                     connections,
-                    trace_load_generator,
                     agent_args,
                 },
             )
