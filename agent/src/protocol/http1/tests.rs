@@ -323,3 +323,39 @@ fn every_prefix_and_every_gap_position_never_panics() {
         }
     }
 }
+
+/// Heads beyond the first, small header array are parsed again with the large one; beyond that
+/// they are malformed, as before.
+#[test]
+fn heads_with_many_headers_parse_whole_and_too_many_are_malformed() {
+    let head = |n: usize, last: &str| {
+        let mut h = String::from("GET /many HTTP/1.1\r\n");
+        for i in 0..n {
+            h.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+        }
+        h.push_str(last);
+        h.push_str("\r\n");
+        h
+    };
+    let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n";
+    let many = head(60, tp);
+    match parse_request(many.as_bytes()) {
+        HeadParse::Parsed(h, len) => {
+            assert_eq!(len, many.len());
+            assert!(h.header_str("traceparent").is_some_and(|v| v.ends_with("-01")));
+        }
+        other => panic!("60 headers: {other:?}"),
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\n{}Content-Length: 2\r\n\r\n",
+        (0..40).map(|i| format!("X-R{i}: v\r\n")).collect::<String>()
+    );
+    match parse_response(response.as_bytes()) {
+        HeadParse::Parsed(h, _) => assert_eq!(h.header_str("content-length"), Some("2")),
+        other => panic!("40 headers: {other:?}"),
+    }
+    assert!(matches!(
+        parse_request(head(200, tp).as_bytes()),
+        HeadParse::Invalid(_)
+    ));
+}
