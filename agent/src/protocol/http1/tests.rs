@@ -342,13 +342,18 @@ fn heads_with_many_headers_parse_whole_and_too_many_are_malformed() {
     match parse_request(many.as_bytes()) {
         HeadParse::Parsed(h, len) => {
             assert_eq!(len, many.len());
-            assert!(h.header_str("traceparent").is_some_and(|v| v.ends_with("-01")));
+            assert!(
+                h.header_str("traceparent")
+                    .is_some_and(|v| v.ends_with("-01"))
+            );
         }
         other => panic!("60 headers: {other:?}"),
     }
     let response = format!(
         "HTTP/1.1 200 OK\r\n{}Content-Length: 2\r\n\r\n",
-        (0..40).map(|i| format!("X-R{i}: v\r\n")).collect::<String>()
+        (0..40)
+            .map(|i| format!("X-R{i}: v\r\n"))
+            .collect::<String>()
     );
     match parse_response(response.as_bytes()) {
         HeadParse::Parsed(h, _) => assert_eq!(h.header_str("content-length"), Some("2")),
