@@ -89,15 +89,27 @@ pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
 }
 
 /// Reads /proc/PID/net/tcp{,6} per lookup: only connections seen mid-stream (open before the
-/// agent started) need it, so it is rare.
+/// agent started) need it, so it is rare. A process already gone (a short-lived client whose
+/// pooled connection predates the agent) is resolved against the listeners of the agent's own
+/// network namespace: right for every process on the host network, and when two ephemeral ports
+/// meet, as on loopback, nothing else can tell the client from the server.
 pub struct ProcRoles;
 
 impl RoleResolver for ProcRoles {
     fn resolve(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) -> Role {
         let mut listeners = HashSet::new();
+        let mut read = false;
         for file in ["tcp", "tcp6"] {
             if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
                 listeners.extend(parse_listeners(&text));
+                read = true;
+            }
+        }
+        if !read {
+            for file in ["tcp", "tcp6"] {
+                if let Ok(text) = std::fs::read_to_string(format!("/proc/self/net/{file}")) {
+                    listeners.extend(parse_listeners(&text));
+                }
             }
         }
         let ephemeral = std::fs::read_to_string(format!(
@@ -123,6 +135,19 @@ mod tests {
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000001000000:1F91 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1 0000000000000000 100 0 0 10 0
 ";
+
+    /// A process gone before its connection's first event: the agent's own namespace's
+    /// listeners still tell the two ends apart, even when both ports are ephemeral.
+    #[test]
+    fn a_vanished_process_is_resolved_against_this_namespace() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client: SocketAddr = "127.0.0.1:54112".parse().unwrap();
+        // Above any pid_max: no /proc entry.
+        let gone = 4_194_304 + 7;
+        assert_eq!(ProcRoles.resolve(gone, server, client), Role::Server);
+        assert_eq!(ProcRoles.resolve(gone, client, server), Role::Client);
+    }
 
     #[test]
     fn finds_listeners_in_both_families() {
