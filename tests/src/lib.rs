@@ -606,6 +606,11 @@ pub fn nginx_static(cg: &TestCgroup, dir: &std::path::Path) -> Server {
 
 /// Python's http.server inside `cg`, serving tests/apps.
 pub fn python_http_server(cg: &TestCgroup) -> Server {
+    python_http_server_with_env(cg, &[])
+}
+
+/// The same, with environment variables (a service declaring its own resource).
+pub fn python_http_server_with_env(cg: &TestCgroup, env: &[(&str, &str)]) -> Server {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut cmd = cg.command(
@@ -618,7 +623,8 @@ pub fn python_http_server(cg: &TestCgroup) -> Server {
             "127.0.0.1",
         ],
     );
-    cmd.current_dir(tests_dir().join("apps"));
+    cmd.current_dir(tests_dir().join("apps"))
+        .envs(env.iter().copied());
     Server::start(cmd, addr)
 }
 

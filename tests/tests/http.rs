@@ -1,10 +1,9 @@
 //! Privileged end-to-end: real HTTP servers and clients, the real agent, a real OTLP receiver.
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use loupe_tests::{
-    Agent, Server, TestCgroup, free_port, otlp::ReceivedSpan, otlp::Receiver, privileged,
-    tests_dir, venv_bin,
+    Agent, Server, TestCgroup, otlp::ReceivedSpan, otlp::Receiver, privileged, tests_dir, venv_bin,
 };
 
 const SERVER: i32 = 2;
@@ -436,23 +435,13 @@ fn service_name_rules_match_what_they_say_and_processes_declare_their_resource()
     }
     let cg = TestCgroup::new("naming");
     // The server declares its resource itself, as an SDK-configured deployment would.
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cmd = cg.command(
-        "python3",
-        &[
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ],
+    let server = loupe_tests::python_http_server_with_env(
+        &cg,
+        &[(
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment.name=staging,service.version=2.1%2B7,db.password=hunter2",
+        )],
     );
-    cmd.current_dir(tests_dir().join("apps")).env(
-        "OTEL_RESOURCE_ATTRIBUTES",
-        "deployment.environment.name=staging,service.version=2.1%2B7,db.password=hunter2",
-    );
-    let server = Server::start(cmd, addr);
     let dir = loupe_tests::databases::TempDir::new("naming");
     let config = dir.0.join("loupe.yaml");
     // `match: orders` must not rename curl fetching /orders/77; the regex rule names the server.
@@ -470,7 +459,12 @@ fn service_name_rules_match_what_they_say_and_processes_declare_their_resource()
     );
     cg.run(
         "curl",
-        &["-s", "-o", "/dev/null", &format!("http://{addr}/orders/77")],
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            &format!("http://{}/orders/77", server.addr),
+        ],
     );
     receiver.wait_for(Duration::from_secs(15), |s| s.len() >= 2);
     let (_, log) = agent.stop_raw();

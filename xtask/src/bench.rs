@@ -814,68 +814,52 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
     ];
     step(&format!("{}: warm-up", w.name));
     oha(&w.url, 2, opts.connections, None)?;
-    let mut sat_off = Vec::new();
-    let mut sat_on: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
-    let mut costs: Vec<Vec<(Load, AgentCost)>> = vec![Vec::new(); setups.len()];
-    for round in 0..opts.rounds {
-        step(&format!(
-            "{}: saturation round {} of {}",
-            w.name,
-            round + 1,
-            opts.rounds
-        ));
-        // Alternate the order so drift (thermal, caches) does not favour one side.
-        let mut order: Vec<Option<usize>> = std::iter::once(None)
-            .chain((0..setups.len()).map(Some))
-            .collect();
-        if round % 2 == 1 {
-            order.reverse();
+    let with = |rate: Option<f64>| {
+        move |i: usize| {
+            with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
+                oha(&w.url, opts.seconds, opts.connections, rate)
+            })
         }
-        for which in order {
-            match which {
-                Some(i) => {
-                    let (l, c) = with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
-                        oha(&w.url, opts.seconds, opts.connections, None)
-                    })?;
-                    sat_on[i].push(l.rps);
-                    costs[i].push((l, c));
-                }
-                None => sat_off.push(oha(&w.url, opts.seconds, opts.connections, None)?.rps),
-            }
-        }
-    }
-    let off_rps = median(sat_off);
+    };
+    let (sat_off, saturated) = alternate(
+        &format!("{}: saturation", w.name),
+        opts,
+        setups.len(),
+        false,
+        || oha(&w.url, opts.seconds, opts.connections, None),
+        with(None),
+    )?;
+    let sat_on: Vec<Vec<f64>> = saturated
+        .iter()
+        .map(|c| c.iter().map(|(l, _)| l.rps).collect())
+        .collect();
+    let off_rps = median(sat_off.iter().map(|l| l.rps).collect());
     let rate = (off_rps * 0.5).max(50.0);
-    let mut lat_off = Vec::new();
-    let mut lat_on: Vec<Vec<Load>> = vec![Vec::new(); setups.len()];
-    let mut rate_drops = vec![0u64; setups.len()];
-    for round in 0..opts.rounds {
-        step(&format!(
-            "{}: fixed rate {rate:.0}/s, round {} of {}",
-            w.name,
-            round + 1,
-            opts.rounds
-        ));
-        let mut order: Vec<Option<usize>> = std::iter::once(None)
-            .chain((0..setups.len()).map(Some))
-            .collect();
-        if round % 2 == 0 {
-            order.reverse();
-        }
-        for which in order {
-            match which {
-                Some(i) => {
-                    let (l, c) = with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
-                        oha(&w.url, opts.seconds, opts.connections, Some(rate))
-                    })?;
-                    lat_on[i].push(l);
-                    rate_drops[i] += c.drops;
-                    costs[i].push((l, c));
-                }
-                None => lat_off.push(oha(&w.url, opts.seconds, opts.connections, Some(rate))?),
-            }
-        }
-    }
+    let (lat_off, fixed) = alternate(
+        &format!("{}: fixed rate {rate:.0}/s", w.name),
+        opts,
+        setups.len(),
+        true,
+        || oha(&w.url, opts.seconds, opts.connections, Some(rate)),
+        with(Some(rate)),
+    )?;
+    let lat_on: Vec<Vec<Load>> = fixed
+        .iter()
+        .map(|c| c.iter().map(|(l, _)| *l).collect())
+        .collect();
+    let rate_drops: Vec<u64> = fixed
+        .iter()
+        .map(|c| c.iter().map(|(_, a)| a.drops).sum())
+        .collect();
+    // Agent costs over both phases.
+    let costs: PerSetup = saturated
+        .into_iter()
+        .zip(fixed)
+        .map(|(mut s, f)| {
+            s.extend(f);
+            s
+        })
+        .collect();
     let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
     let mut t = Table::new(
         w.name,
@@ -1028,6 +1012,39 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
         out.push_str(&format!("drops by reason, {}: {reasons}\n", s.0));
     }
     Ok(out)
+}
+
+/// Per setup, each round's load and what the agent cost meanwhile.
+type PerSetup = Vec<Vec<(Load, AgentCost)>>;
+
+/// The rounds of one phase: the load without the agent and with it in each setup, the order
+/// reversed every other round so that drift (thermal, caches) favours no column. Returns the
+/// loads without the agent and, per setup, each round's load and agent cost.
+fn alternate(
+    label: &str,
+    opts: &Options,
+    setups: usize,
+    reverse_first: bool,
+    mut without: impl FnMut() -> anyhow::Result<Load>,
+    mut with: impl FnMut(usize) -> anyhow::Result<(Load, AgentCost)>,
+) -> anyhow::Result<(Vec<Load>, PerSetup)> {
+    let mut off = Vec::new();
+    let mut on: PerSetup = vec![Vec::new(); setups];
+    for round in 0..opts.rounds {
+        step(&format!("{label}, round {} of {}", round + 1, opts.rounds));
+        let mut order: Vec<Option<usize>> =
+            std::iter::once(None).chain((0..setups).map(Some)).collect();
+        if (round % 2 == 1) != reverse_first {
+            order.reverse();
+        }
+        for which in order {
+            match which {
+                Some(i) => on[i].push(with(i)?),
+                None => off.push(without()?),
+            }
+        }
+    }
+    Ok((off, on))
 }
 
 /// A printed table: a label column, value columns, a target column.

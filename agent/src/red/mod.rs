@@ -119,6 +119,9 @@ struct AttributeSets {
 /// are folded by the SDK anyway).
 const MAX_ATTRIBUTE_SETS: usize = 16_384;
 
+/// The most attribute keys an instrument takes (the database histogram's).
+const MAX_KEYS: usize = 8;
+
 impl AttributeSets {
     /// The set `[service.name, keys present in span...]` of instrument `which`.
     fn span(
@@ -129,11 +132,18 @@ impl AttributeSets {
         span: &SpanRecord,
     ) -> Arc<[KeyValue]> {
         use std::hash::{BuildHasher, Hasher};
+        debug_assert!(keys.len() <= MAX_KEYS, "raise MAX_KEYS");
+        // Each key looked up once, for the hash and the comparison alike.
+        let mut values: [Option<&Value>; MAX_KEYS] = [None; MAX_KEYS];
+        for (slot, key) in values.iter_mut().zip(keys) {
+            *slot = span.attr(key);
+        }
+        let values = &values[..keys.len().min(MAX_KEYS)];
         let mut h = self.state.build_hasher();
         h.write_u8(which);
         h.write(service.as_bytes());
-        for key in keys {
-            match span.attr(key) {
+        for v in values {
+            match v {
                 None => h.write_u8(0),
                 Some(Value::Int(i)) => {
                     h.write_u8(1);
@@ -147,26 +157,26 @@ impl AttributeSets {
             }
         }
         let hash = h.finish();
+        let present = || {
+            keys.iter()
+                .zip(values)
+                .filter_map(|(k, v)| Some((*k, (*v)?)))
+        };
         if let Some(set) = self.sets.get(&hash) {
-            let mut present = keys.iter().filter_map(|k| Some((*k, span.attr(k)?)));
+            let mut want = present();
             let same = set.first().is_some_and(|kv| same_str(&kv.value, service))
                 && set[1..].iter().all(|kv| {
-                    present
-                        .next()
+                    want.next()
                         .is_some_and(|(k, v)| kv.key.as_str() == k && same_value(&kv.value, v))
                 })
-                && present.next().is_none();
+                && want.next().is_none();
             if same {
                 return set.clone();
             }
         }
         let mut attrs = Vec::with_capacity(keys.len() + 1);
         attrs.push(KeyValue::new("service.name", service.to_string()));
-        for key in keys {
-            if let Some(v) = span.attr(key) {
-                attrs.push(KeyValue::new(*key, value(v)));
-            }
-        }
+        attrs.extend(present().map(|(k, v)| KeyValue::new(k, value(v))));
         self.insert(hash, attrs.into())
     }
 
@@ -353,7 +363,9 @@ impl Red {
         let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
         let service = self.service(span.pid, &span.comm);
         let server = span.kind == SpanKind::Server;
-        let (instrument, keys): (&Histogram<f64>, &[&'static str]) =
+        // `which` tells instruments apart in the attribute-set cache: RPC server and client
+        // share their first keys.
+        let (instrument, keys, which): (&Histogram<f64>, &[&'static str], u8) =
             if span.attr("rpc.system.name").is_some() {
                 let keys: &[&str] = &[
                     "rpc.system.name",
@@ -364,9 +376,9 @@ impl Red {
                     "server.port",
                 ];
                 if server {
-                    (&self.instruments.rpc_server, &keys[..4])
+                    (&self.instruments.rpc_server, &keys[..4], 0)
                 } else {
-                    (&self.instruments.rpc_client, keys)
+                    (&self.instruments.rpc_client, keys, 1)
                 }
             } else if span.attr("http.request.method").is_some() {
                 if server {
@@ -380,6 +392,7 @@ impl Red {
                             "network.protocol.version",
                             "error.type",
                         ],
+                        2,
                     )
                 } else {
                     (
@@ -393,6 +406,7 @@ impl Red {
                             "network.protocol.version",
                             "error.type",
                         ],
+                        3,
                     )
                 }
             } else if span.attr("db.system.name").is_some() && !server {
@@ -408,22 +422,11 @@ impl Red {
                         "server.address",
                         "server.port",
                     ],
+                    4,
                 )
             } else {
                 return;
             };
-        // Which instrument: the same values on two instruments are two sets (their key lists
-        // differ anyway, this keeps the hash honest).
-        let which = [
-            &self.instruments.http_server,
-            &self.instruments.http_client,
-            &self.instruments.db_client,
-            &self.instruments.rpc_server,
-            &self.instruments.rpc_client,
-        ]
-        .iter()
-        .position(|i| std::ptr::eq(*i, instrument))
-        .unwrap_or(0) as u8;
         let attrs = self.attribute_sets.span(which, &service, keys, span);
         instrument.record(seconds, &attrs);
     }
