@@ -169,10 +169,17 @@ fn derived_name(exe: &str, argv: &[String]) -> String {
     }
 }
 
+/// In one read of up to 16 KiB: /proc reports a size of 0, so `fs::read` would first read 32
+/// bytes, and a process exiting between that read and the next left a command line cut at 32
+/// bytes (seen in CI: "curl -s -o /dev/null http://127.").
 fn read_nul_separated(path: &Path) -> Vec<String> {
-    std::fs::read(path)
-        .map(|b| {
-            b.split(|&c| c == 0)
+    use std::io::Read as _;
+    let mut bytes = Vec::with_capacity(16 * 1024);
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map(|_| {
+            bytes
+                .split(|&c| c == 0)
                 .filter(|s| !s.is_empty())
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect()
