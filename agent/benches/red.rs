@@ -1,9 +1,9 @@
 //! What RED metrics, the service graph and sampling cost per span, on one core: the work the
 //! trace sink adds to every finished exchange (`cargo xtask bench` runs it too).
 //!
-//! - `red_record`: one HTTP server span into its duration histogram (the OpenTelemetry SDK's
-//!   attribute lookup and bucket update), plus the process's cached service name.
-//! - `red_edge`: one CLIENT span into the four service-graph instruments.
+//! - `red_record`: one HTTP server span into its duration histogram (the series lookup by a
+//!   hash of the span's values and the bucket update), plus the process's cached service name.
+//! - `red_edge`: one CLIENT span into its service-graph edge (four metrics, one series).
 //! - `sampling_wait`: one two-span trace through a sampler that must wait for the local root
 //!   (parent-based 10% ratio with keep_errors): both spans held, then decided.
 
@@ -55,12 +55,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("red_and_sampling");
     g.measurement_time(Duration::from_secs(3));
     g.throughput(Throughput::Elements(1));
-    let mut red = Red::new(
-        ProcessCache::shared(Vec::new(), true),
-        DEFAULT_SERIES_LIMIT,
-        "bench",
-        None,
-    );
+    let mut red = Red::new(ProcessCache::shared(Vec::new(), true), DEFAULT_SERIES_LIMIT);
     // Twenty routes, as a service has: the series exist after the first round.
     let servers: Vec<SpanRecord> = (0..20).map(|r| span(SpanKind::Server, 1, r)).collect();
     let clients: Vec<SpanRecord> = (0..20).map(|r| span(SpanKind::Client, 1, r)).collect();

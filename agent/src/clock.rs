@@ -14,6 +14,11 @@ pub fn monotonic_ns() -> u64 {
     now(libc::CLOCK_MONOTONIC)
 }
 
+/// Unix-epoch nanoseconds now.
+pub fn unix_ns() -> u64 {
+    now(libc::CLOCK_REALTIME)
+}
+
 /// Monotonic milliseconds, never 0 (0 can then mean "unset" in an atomic).
 pub fn monotonic_ms() -> u64 {
     (monotonic_ns() / 1_000_000).max(1)

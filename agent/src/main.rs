@@ -416,27 +416,15 @@ async fn run_command(
         probe.take_conns()?,
     )));
     // RED metrics and the service graph: scraped on --metrics-addr, pushed with the spans.
-    let red_otlp = match &otlp {
-        Some(o) => {
-            loupe::export::otlp_metrics::exporter(o)?.map(loupe::export::otlp_metrics::periodic)
-        }
-        None => None,
-    };
-    let red = loupe::red::Red::new(
-        sink_processes.clone(),
-        args.metrics_series as usize,
-        &host_name(),
-        red_otlp,
-    );
+    let red = loupe::red::Red::new(sink_processes.clone(), args.metrics_series as usize);
     let head = loupe::trace::sampling::HeadSampler::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),
     )?;
     sink.sampler = loupe::trace::sampling::Sampler::new(head, file.sampling.clone());
     metrics.sampling = Some(sink.sampler.stats.clone());
-    let red_provider = red.provider();
-    let red_reader = red.reader();
-    metrics.red = Some(red.reader());
+    let red_store = red.store();
+    metrics.red = Some(red.store());
     sink.red(red);
     metrics.export = Some(export_stats);
     metrics.exporting = otlp.is_some();
@@ -489,7 +477,7 @@ async fn run_command(
             let stop_view = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let flag = stop_view.clone();
             let mut view = tokio::task::spawn_blocking(move || {
-                loupe::top::run(loupe::top::Source::Local(red_reader), tail, refresh, flag)
+                loupe::top::run(loupe::top::Source::Local(red_store), tail, refresh, flag)
             });
             tokio::select! {
                 _ = shutdown.wait() => {
@@ -512,7 +500,6 @@ async fn run_command(
     if let Some(m) = metrics_export {
         m.shutdown().await;
     }
-    loupe::export::otlp_metrics::shutdown(red_provider).await;
     tracing::info!("{}", metrics.summary_at_exit());
     drop(probe);
     Ok(())

@@ -35,7 +35,7 @@ pub struct Metrics {
     /// Whether spans go to an OTLP endpoint (the summary says "exported", else "written").
     pub exporting: bool,
     /// RED metrics and the service graph (`red`), appended to the Prometheus text.
-    pub red: Option<crate::red::SharedReader>,
+    pub red: Option<crate::red::SharedStore>,
     pub sampling: Option<Arc<crate::trace::sampling::SamplingStats>>,
     /// The pod store and watch counters, when Kubernetes metadata is on.
     pub k8s: Option<(

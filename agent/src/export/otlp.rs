@@ -15,8 +15,9 @@ use std::{
 
 use anyhow::Context as _;
 use bytes::{Buf as _, BufMut as _, Bytes};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use prost::Message as _;
+use opentelemetry_proto::tonic::collector::{
+    metrics::v1::ExportMetricsServiceResponse, trace::v1::ExportTraceServiceResponse,
+};
 use tokio::sync::Semaphore;
 use tonic::{
     Status,
@@ -28,7 +29,7 @@ use super::{
     ExportStats,
     otlp_errors::{chain, explain},
     otlp_proto,
-    otlp_settings::{Settings, settings},
+    otlp_settings::{Settings, Signal, settings, settings_for},
 };
 use crate::trace::span::SpanRecord;
 
@@ -43,7 +44,12 @@ const MAX_IN_FLIGHT: usize = 4;
 const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+fn grpc_path(signal: Signal) -> &'static str {
+    match signal {
+        Signal::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        Signal::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+    }
+}
 
 pub struct OtlpOut {
     transport: Arc<Transport>,
@@ -52,7 +58,13 @@ pub struct OtlpOut {
     failures: Arc<FailureLog>,
 }
 
-enum Transport {
+/// Where encoded requests of one signal go: tonic or reqwest, with the signal's settings.
+pub(super) struct Transport {
+    signal: Signal,
+    wire: Wire,
+}
+
+enum Wire {
     Grpc {
         client: tonic::client::Grpc<Channel>,
         metadata: tonic::metadata::MetadataMap,
@@ -107,13 +119,8 @@ impl FailureLog {
 impl OtlpOut {
     /// Must run inside the tokio runtime (the gRPC channel spawns its worker there).
     pub fn new(cfg: &OtlpConfig, host_name: &str) -> anyhow::Result<Self> {
-        let s = settings(cfg)?;
-        let transport = match cfg.protocol {
-            Protocol::Grpc => grpc(&s)?,
-            Protocol::HttpProtobuf => http(&s)?,
-        };
         Ok(Self {
-            transport: Arc::new(transport),
+            transport: Arc::new(Transport::new(cfg, Signal::Traces)?),
             host_name: host_name.to_string(),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             failures: Arc::default(),
@@ -207,11 +214,51 @@ async fn send_with_retry(
     }
 }
 
+/// A signal's export response: how many items the endpoint rejected.
+trait Response: prost::Message + Default + Send + 'static {
+    fn rejected(&self) -> u64;
+}
+
+impl Response for ExportTraceServiceResponse {
+    fn rejected(&self) -> u64 {
+        self.partial_success
+            .as_ref()
+            .map(|p| p.rejected_spans.max(0) as u64)
+            .unwrap_or(0)
+    }
+}
+
+impl Response for ExportMetricsServiceResponse {
+    fn rejected(&self) -> u64 {
+        self.partial_success
+            .as_ref()
+            .map(|p| p.rejected_data_points.max(0) as u64)
+            .unwrap_or(0)
+    }
+}
+
 impl Transport {
-    /// One attempt; Ok(spans the endpoint rejected).
-    async fn send(&self, body: Bytes) -> Result<u64, String> {
-        match self {
-            Transport::Grpc {
+    /// Must run inside the tokio runtime (the gRPC channel spawns its worker there).
+    pub(super) fn new(cfg: &OtlpConfig, signal: Signal) -> anyhow::Result<Self> {
+        let s = settings_for(cfg, signal)?;
+        let wire = match cfg.protocol {
+            Protocol::Grpc => grpc(&s)?,
+            Protocol::HttpProtobuf => http(&s)?,
+        };
+        Ok(Self { signal, wire })
+    }
+
+    /// One attempt; Ok(items the endpoint rejected).
+    pub(super) async fn send(&self, body: Bytes) -> Result<u64, String> {
+        match self.signal {
+            Signal::Traces => self.send_as::<ExportTraceServiceResponse>(body).await,
+            Signal::Metrics => self.send_as::<ExportMetricsServiceResponse>(body).await,
+        }
+    }
+
+    async fn send_as<R: Response>(&self, body: Bytes) -> Result<u64, String> {
+        match &self.wire {
+            Wire::Grpc {
                 client,
                 metadata,
                 timeout,
@@ -225,8 +272,9 @@ impl Transport {
                 let mut request = tonic::Request::new(body);
                 *request.metadata_mut() = metadata.clone();
                 request.set_timeout(*timeout);
-                let path = http::uri::PathAndQuery::from_static(GRPC_PATH);
-                let response = client.unary(request, path, PreEncoded).await.map_err(|s| {
+                let path = http::uri::PathAndQuery::from_static(grpc_path(self.signal));
+                let codec = PreEncoded::<R>(std::marker::PhantomData);
+                let response = client.unary(request, path, codec).await.map_err(|s| {
                     let detail = match std::error::Error::source(&s) {
                         Some(src) => format!("{}: {}", s.message(), chain(src)),
                         None => s.message().to_string(),
@@ -234,9 +282,9 @@ impl Transport {
                     let detail = format!("gRPC status {:?}: {detail}", s.code());
                     explain(Protocol::Grpc, url, &detail)
                 })?;
-                Ok(rejected(response.into_inner()))
+                Ok(response.into_inner().rejected())
             }
-            Transport::Http {
+            Wire::Http {
                 client,
                 url,
                 headers,
@@ -260,18 +308,10 @@ impl Transport {
                     return Err(failed(format!("HTTP {status}")));
                 }
                 let bytes = response.bytes().await.map_err(|e| failed(chain(&e)))?;
-                Ok(ExportTraceServiceResponse::decode(bytes)
-                    .map(rejected)
-                    .unwrap_or(0))
+                Ok(R::decode(bytes).map(|r| r.rejected()).unwrap_or(0))
             }
         }
     }
-}
-
-fn rejected(r: ExportTraceServiceResponse) -> u64 {
-    r.partial_success
-        .map(|p| p.rejected_spans.max(0) as u64)
-        .unwrap_or(0)
 }
 
 fn gzip_bytes(body: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -281,7 +321,7 @@ fn gzip_bytes(body: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish()
 }
 
-fn grpc(s: &Settings) -> anyhow::Result<Transport> {
+fn grpc(s: &Settings) -> anyhow::Result<Wire> {
     let mut endpoint =
         tonic::transport::Endpoint::from_shared(s.url.clone()).with_context(|| {
             format!(
@@ -313,7 +353,7 @@ fn grpc(s: &Settings) -> anyhow::Result<Transport> {
             _ => tracing::warn!("OTLP header {k:?} is not a valid gRPC metadata entry; not sent"),
         }
     }
-    Ok(Transport::Grpc {
+    Ok(Wire::Grpc {
         client,
         metadata,
         timeout: s.timeout,
@@ -321,7 +361,7 @@ fn grpc(s: &Settings) -> anyhow::Result<Transport> {
     })
 }
 
-fn http(s: &Settings) -> anyhow::Result<Transport> {
+fn http(s: &Settings) -> anyhow::Result<Wire> {
     let client = reqwest::Client::builder()
         .timeout(s.timeout)
         .build()
@@ -338,7 +378,7 @@ fn http(s: &Settings) -> anyhow::Result<Transport> {
             _ => tracing::warn!("OTLP header {k:?} is not a valid HTTP header; not sent"),
         }
     }
-    Ok(Transport::Http {
+    Ok(Wire::Http {
         client,
         url: s.url.clone(),
         headers,
@@ -347,15 +387,21 @@ fn http(s: &Settings) -> anyhow::Result<Transport> {
 }
 
 /// A tonic codec for a request body that is already protobuf (encoded once, sent again on a
-/// retry without re-encoding), and the standard response.
-#[derive(Clone, Copy)]
-struct PreEncoded;
+/// retry without re-encoding), and the signal's standard response.
+struct PreEncoded<R>(std::marker::PhantomData<R>);
 
-impl Codec for PreEncoded {
+impl<R> Clone for PreEncoded<R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<R> Copy for PreEncoded<R> {}
+
+impl<R: Response> Codec for PreEncoded<R> {
     type Encode = Bytes;
-    type Decode = ExportTraceServiceResponse;
-    type Encoder = PreEncoded;
-    type Decoder = PreEncoded;
+    type Decode = R;
+    type Encoder = PreEncoded<R>;
+    type Decoder = PreEncoded<R>;
 
     fn encoder(&mut self) -> Self::Encoder {
         *self
@@ -365,7 +411,7 @@ impl Codec for PreEncoded {
     }
 }
 
-impl Encoder for PreEncoded {
+impl<R: Response> Encoder for PreEncoded<R> {
     type Item = Bytes;
     type Error = Status;
 
@@ -375,15 +421,15 @@ impl Encoder for PreEncoded {
     }
 }
 
-impl Decoder for PreEncoded {
-    type Item = ExportTraceServiceResponse;
+impl<R: Response> Decoder for PreEncoded<R> {
+    type Item = R;
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
         let bytes = src.copy_to_bytes(src.remaining());
-        ExportTraceServiceResponse::decode(bytes)
+        R::decode(bytes)
             .map(Some)
-            .map_err(|e| Status::internal(format!("undecodable ExportTraceServiceResponse: {e}")))
+            .map_err(|e| Status::internal(format!("undecodable export response: {e}")))
     }
 }
 

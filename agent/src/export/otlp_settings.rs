@@ -1,5 +1,5 @@
 //! The OTLP exporter settings the OpenTelemetry specification defines as environment variables:
-//! `OTEL_EXPORTER_OTLP_[TRACES_]{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION}`. The signal-specific
+//! `OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]{ENDPOINT,HEADERS,TIMEOUT,COMPRESSION}`. The signal-specific
 //! variable wins over the general one; `--otlp-endpoint` wins over both.
 
 use std::time::Duration;
@@ -28,6 +28,29 @@ impl Protocol {
     }
 }
 
+/// What is exported: each has its own variables, HTTP path and gRPC service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    fn upper(self) -> &'static str {
+        match self {
+            Signal::Traces => "TRACES",
+            Signal::Metrics => "METRICS",
+        }
+    }
+
+    fn http_path(self) -> &'static str {
+        match self {
+            Signal::Traces => "/v1/traces",
+            Signal::Metrics => "/v1/metrics",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct OtlpConfig {
     pub protocol: Protocol,
@@ -38,7 +61,7 @@ pub struct OtlpConfig {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
-    /// Where requests go: the gRPC endpoint, or the full URL of the HTTP traces resource.
+    /// Where requests go: the gRPC endpoint, or the full URL of the signal's HTTP resource.
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
@@ -47,8 +70,13 @@ pub struct Settings {
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The settings of the trace export.
 pub fn settings(cfg: &OtlpConfig) -> anyhow::Result<Settings> {
-    settings_from(cfg, |k| {
+    settings_for(cfg, Signal::Traces)
+}
+
+pub fn settings_for(cfg: &OtlpConfig, signal: Signal) -> anyhow::Result<Settings> {
+    settings_from(cfg, signal, |k| {
         std::env::var(k).ok().filter(|v| !v.trim().is_empty())
     })
 }
@@ -56,19 +84,24 @@ pub fn settings(cfg: &OtlpConfig) -> anyhow::Result<Settings> {
 /// `env` looks a variable up (tests pass their own).
 pub fn settings_from(
     cfg: &OtlpConfig,
+    signal: Signal,
     env: impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Settings> {
+    let sig = signal.upper();
     let var = |name: &str| {
-        env(&format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
+        env(&format!("OTEL_EXPORTER_OTLP_{sig}_{name}"))
             .or_else(|| env(&format!("OTEL_EXPORTER_OTLP_{name}")))
     };
     // The general endpoint is a base URL (HTTP appends the signal's path); the signal-specific
     // one is used as it is.
     let base = |b: &str| match cfg.protocol {
         Protocol::Grpc => b.to_string(),
-        Protocol::HttpProtobuf => format!("{}/v1/traces", b.trim_end_matches('/')),
+        Protocol::HttpProtobuf => format!("{}{}", b.trim_end_matches('/'), signal.http_path()),
     };
-    let url = match (&cfg.endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) {
+    let url = match (
+        &cfg.endpoint,
+        env(&format!("OTEL_EXPORTER_OTLP_{sig}_ENDPOINT")),
+    ) {
         (Some(flag), _) => base(flag),
         (None, Some(traces)) => traces,
         (None, None) => base(&env("OTEL_EXPORTER_OTLP_ENDPOINT").unwrap_or_else(|| {
@@ -82,7 +115,7 @@ pub fn settings_from(
     let timeout = match var("TIMEOUT") {
         Some(ms) => Duration::from_millis(ms.trim().parse::<u64>().map_err(|_| {
             anyhow::anyhow!(
-                "OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT={ms:?}: give a whole number of milliseconds"
+                "OTEL_EXPORTER_OTLP_[{sig}_]TIMEOUT={ms:?}: give a whole number of milliseconds"
             )
         })?),
         None => DEFAULT_TIMEOUT,
@@ -91,7 +124,7 @@ pub fn settings_from(
         None | Some("none") => false,
         Some("gzip") => true,
         Some(other) => {
-            anyhow::bail!("OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION={other:?}: use gzip or none")
+            anyhow::bail!("OTEL_EXPORTER_OTLP_[{sig}_]COMPRESSION={other:?}: use gzip or none")
         }
     };
     Ok(Settings {
@@ -158,8 +191,9 @@ mod tests {
     #[test]
     fn endpoints_follow_the_specification() {
         let none = with(&[]);
-        let url =
-            |c: &OtlpConfig, e: &dyn Fn(&str) -> Option<String>| settings_from(c, e).unwrap().url;
+        let url = |c: &OtlpConfig, e: &dyn Fn(&str) -> Option<String>| {
+            settings_from(c, Signal::Traces, e).unwrap().url
+        };
         assert_eq!(
             url(&cfg(Protocol::Grpc, None), &none),
             "http://localhost:4317"
@@ -192,6 +226,18 @@ mod tests {
     }
 
     #[test]
+    fn metrics_have_their_own_path_and_variables() {
+        let env = with(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/custom"),
+            ("OTEL_EXPORTER_OTLP_METRICS_HEADERS", "tenant=m"),
+        ]);
+        let s = settings_from(&cfg(Protocol::HttpProtobuf, None), Signal::Metrics, env).unwrap();
+        assert_eq!(s.url, "http://c:4318/v1/metrics");
+        assert_eq!(s.headers, vec![("tenant".to_string(), "m".to_string())]);
+    }
+
+    #[test]
     fn headers_timeout_and_compression() {
         let env = with(&[
             ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
@@ -202,7 +248,7 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
             ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
         ]);
-        let s = settings_from(&cfg(Protocol::Grpc, None), env).unwrap();
+        let s = settings_from(&cfg(Protocol::Grpc, None), Signal::Traces, env).unwrap();
         assert_eq!(
             s.headers,
             vec![
@@ -213,8 +259,8 @@ mod tests {
         assert_eq!(s.timeout, Duration::from_millis(2500));
         assert!(s.gzip);
         let bad = with(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]);
-        assert!(settings_from(&cfg(Protocol::Grpc, None), bad).is_err());
+        assert!(settings_from(&cfg(Protocol::Grpc, None), Signal::Traces, bad).is_err());
         let bad = with(&[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")]);
-        assert!(settings_from(&cfg(Protocol::Grpc, None), bad).is_err());
+        assert!(settings_from(&cfg(Protocol::Grpc, None), Signal::Traces, bad).is_err());
     }
 }

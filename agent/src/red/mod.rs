@@ -5,26 +5,23 @@
 //! `service.name` on every series, and the edges between services under the names Tempo and the
 //! Collector's servicegraph connector use (`traces_service_graph_request_total`, ...).
 //!
-//! Aggregation is the OpenTelemetry metrics SDK's: one meter provider with a manual reader
-//! (scraped for `--metrics-addr` and `loupe top`, see `prometheus.rs`) and, when an OTLP endpoint
-//! is configured, a periodic OTLP reader. Every instrument has a series limit (`--metrics-series`
-//! per metric); beyond it the SDK folds new series into one `otel.metric.overflow=true` series.
+//! Aggregation is our own (`store.rs`): cumulative series, read by the Prometheus text on
+//! `--metrics-addr` and `loupe top` (`prometheus.rs`) and pushed by the OTLP metrics export
+//! (`export::otlp_metrics`). Every metric has a series limit (`--metrics-series`); beyond it new
+//! series fold into one `otel.metric.overflow=true` series, as the OpenTelemetry SDKs do.
 
 pub mod prometheus;
+pub mod store;
 
 use foldhash::{HashMap, HashMapExt};
 use std::{
-    sync::Arc,
+    hash::{BuildHasher, Hasher},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use opentelemetry::{
-    KeyValue,
-    metrics::{Counter, Histogram, MeterProvider as _},
-};
-use opentelemetry_sdk::metrics::{Instrument, ManualReader, SdkMeterProvider, Stream};
-
 use crate::trace::span::{SpanKind, SpanRecord, Value};
+use store::{LabelValue, Labels, Store};
 
 /// The conventions' advised bucket boundaries (seconds): HTTP and RPC durations.
 pub const HTTP_BUCKETS: [f64; 14] = [
@@ -33,56 +30,92 @@ pub const HTTP_BUCKETS: [f64; 14] = [
 /// Database client operations.
 pub const DB_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
 
-/// Series per metric by default (the SDK's own default is 2000).
+/// Series per metric by default (the OpenTelemetry SDKs' default is 2000).
 pub const DEFAULT_SERIES_LIMIT: usize = 2000;
 
 /// How long a process's service name is reused before it is looked up again (Kubernetes
 /// metadata may name a pod's process later than its first connection).
 const NAME_TTL: Duration = Duration::from_secs(10);
 
-/// What the Prometheus side and `loupe top` read: the cumulative store over the manual
-/// reader's deltas (`prometheus::Store`).
-pub type SharedReader = Arc<std::sync::Mutex<prometheus::Store>>;
+/// What the Prometheus side, `loupe top` and the OTLP export read.
+pub type SharedStore = Arc<Mutex<Store>>;
 
-/// The manual reader as the provider holds it (the SDK takes readers by value).
-#[derive(Debug, Clone)]
-struct Scraped(Arc<ManualReader>);
+/// The duration histograms, in `Store::metrics` order.
+const HTTP_SERVER: usize = 0;
+const HTTP_CLIENT: usize = 1;
+const DB_CLIENT: usize = 2;
+const RPC_SERVER: usize = 3;
+const RPC_CLIENT: usize = 4;
 
-impl opentelemetry_sdk::metrics::reader::MetricReader for Scraped {
-    fn register_pipeline(&self, pipeline: std::sync::Weak<opentelemetry_sdk::metrics::Pipeline>) {
-        self.0.register_pipeline(pipeline)
-    }
-    fn collect(
-        &self,
-        rm: &mut opentelemetry_sdk::metrics::data::ResourceMetrics,
-    ) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.collect(rm)
-    }
-    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.force_flush()
-    }
-    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.shutdown_with_timeout(timeout)
-    }
-    fn temporality(
-        &self,
-        kind: opentelemetry_sdk::metrics::InstrumentKind,
-    ) -> opentelemetry_sdk::metrics::Temporality {
-        self.0.temporality(kind)
-    }
+fn metrics() -> Vec<store::Metric> {
+    vec![
+        Store::metric(
+            "http.server.request.duration",
+            "Duration of HTTP server requests.",
+            &HTTP_BUCKETS,
+        ),
+        Store::metric(
+            "http.client.request.duration",
+            "Duration of HTTP client requests.",
+            &HTTP_BUCKETS,
+        ),
+        Store::metric(
+            "db.client.operation.duration",
+            "Duration of database client operations.",
+            &DB_BUCKETS,
+        ),
+        Store::metric(
+            "rpc.server.call.duration",
+            "Duration of RPC calls served.",
+            &HTTP_BUCKETS,
+        ),
+        Store::metric(
+            "rpc.client.call.duration",
+            "Duration of RPC calls made.",
+            &HTTP_BUCKETS,
+        ),
+    ]
 }
 
-struct Instruments {
-    http_server: Histogram<f64>,
-    http_client: Histogram<f64>,
-    db_client: Histogram<f64>,
-    rpc_server: Histogram<f64>,
-    rpc_client: Histogram<f64>,
-    graph_requests: Counter<u64>,
-    graph_failed: Counter<u64>,
-    graph_server_seconds: Histogram<f64>,
-    graph_client_seconds: Histogram<f64>,
-}
+/// The label keys of each histogram after `service.name`, in `Store::metrics` order.
+const RPC_KEYS: [&str; 6] = [
+    "rpc.system.name",
+    "rpc.method",
+    "rpc.response.status_code",
+    "error.type",
+    "server.address",
+    "server.port",
+];
+const HTTP_SERVER_KEYS: [&str; 6] = [
+    "http.request.method",
+    "http.response.status_code",
+    "http.route",
+    "url.scheme",
+    "network.protocol.version",
+    "error.type",
+];
+const HTTP_CLIENT_KEYS: [&str; 7] = [
+    "http.request.method",
+    "http.response.status_code",
+    "server.address",
+    "server.port",
+    "url.scheme",
+    "network.protocol.version",
+    "error.type",
+];
+const DB_KEYS: [&str; 8] = [
+    "db.system.name",
+    "db.operation.name",
+    "db.collection.name",
+    "db.namespace",
+    "db.response.status_code",
+    "error.type",
+    "server.address",
+    "server.port",
+];
+
+/// The most label keys a histogram takes after `service.name` (the database one's).
+const MAX_KEYS: usize = 8;
 
 /// The process that handled a span, as the service graph names it.
 pub enum Peer {
@@ -95,249 +128,28 @@ pub enum Peer {
 }
 
 pub struct Red {
-    provider: SdkMeterProvider,
-    reader: SharedReader,
-    instruments: Instruments,
+    store: SharedStore,
+    hasher: foldhash::fast::RandomState,
     names: HashMap<u32, (Arc<str>, Instant)>,
     processes: crate::process::SharedProcesses,
-    /// Edges whose server side had not finished when the client's did: SERVER span -> labels.
-    awaiting_server: HashMap<[u8; 8], Arc<[KeyValue]>>,
-    /// Attribute sets already built, by a hash of their values: building a span's `KeyValue`s
-    /// (a `String` each) cost more than the SDK's own series lookup.
-    attribute_sets: AttributeSets,
-}
-
-/// Built attribute sets by the hash of what they were built from. A hash collision costs a
-/// rebuild (the entry is compared in full before it is used), never a wrong series.
-#[derive(Default)]
-struct AttributeSets {
-    state: foldhash::fast::RandomState,
-    sets: HashMap<u64, Arc<[KeyValue]>>,
-}
-
-/// Distinct attribute sets kept; past it the cache starts over (series beyond the SDK's limit
-/// are folded by the SDK anyway).
-const MAX_ATTRIBUTE_SETS: usize = 16_384;
-
-/// The most attribute keys an instrument takes (the database histogram's).
-const MAX_KEYS: usize = 8;
-
-impl AttributeSets {
-    /// The set `[service.name, keys present in span...]` of instrument `which`.
-    fn span(
-        &mut self,
-        which: u8,
-        service: &str,
-        keys: &[&'static str],
-        span: &SpanRecord,
-    ) -> Arc<[KeyValue]> {
-        use std::hash::{BuildHasher, Hasher};
-        debug_assert!(keys.len() <= MAX_KEYS, "raise MAX_KEYS");
-        // Each key looked up once, for the hash and the comparison alike.
-        let mut values: [Option<&Value>; MAX_KEYS] = [None; MAX_KEYS];
-        for (slot, key) in values.iter_mut().zip(keys) {
-            *slot = span.attr(key);
-        }
-        let values = &values[..keys.len().min(MAX_KEYS)];
-        let mut h = self.state.build_hasher();
-        h.write_u8(which);
-        h.write(service.as_bytes());
-        for v in values {
-            match v {
-                None => h.write_u8(0),
-                Some(Value::Int(i)) => {
-                    h.write_u8(1);
-                    h.write_i64(*i);
-                }
-                Some(v) => {
-                    h.write_u8(2);
-                    h.write(v.as_str().unwrap_or_default().as_bytes());
-                    h.write_u8(0xff);
-                }
-            }
-        }
-        let hash = h.finish();
-        let present = || {
-            keys.iter()
-                .zip(values)
-                .filter_map(|(k, v)| Some((*k, (*v)?)))
-        };
-        if let Some(set) = self.sets.get(&hash) {
-            let mut want = present();
-            let same = set.first().is_some_and(|kv| same_str(&kv.value, service))
-                && set[1..].iter().all(|kv| {
-                    want.next()
-                        .is_some_and(|(k, v)| kv.key.as_str() == k && same_value(&kv.value, v))
-                })
-                && want.next().is_none();
-            if same {
-                return set.clone();
-            }
-        }
-        let mut attrs = Vec::with_capacity(keys.len() + 1);
-        attrs.push(KeyValue::new("service.name", service.to_string()));
-        attrs.extend(present().map(|(k, v)| KeyValue::new(k, value(v))));
-        self.insert(hash, attrs.into())
-    }
-
-    /// A service-graph edge's `[client, server, connection_type]`.
-    fn edge(
-        &mut self,
-        client: &str,
-        server: &str,
-        connection_type: &'static str,
-    ) -> Arc<[KeyValue]> {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = self.state.build_hasher();
-        h.write_u8(0xe0);
-        h.write(client.as_bytes());
-        h.write_u8(0xff);
-        h.write(server.as_bytes());
-        h.write_u8(0xff);
-        h.write(connection_type.as_bytes());
-        let hash = h.finish();
-        if let Some(set) = self.sets.get(&hash)
-            && set.len() == 3
-            && set[0].key.as_str() == "client"
-            && same_str(&set[0].value, client)
-            && same_str(&set[1].value, server)
-            && same_str(&set[2].value, connection_type)
-        {
-            return set.clone();
-        }
-        let attrs: Arc<[KeyValue]> = Arc::new([
-            KeyValue::new("client", client.to_string()),
-            KeyValue::new("server", server.to_string()),
-            KeyValue::new("connection_type", connection_type),
-        ]);
-        self.insert(hash, attrs)
-    }
-
-    fn insert(&mut self, hash: u64, set: Arc<[KeyValue]>) -> Arc<[KeyValue]> {
-        if self.sets.len() >= MAX_ATTRIBUTE_SETS {
-            self.sets.clear();
-        }
-        self.sets.insert(hash, set.clone());
-        set
-    }
-}
-
-fn same_str(v: &opentelemetry::Value, s: &str) -> bool {
-    matches!(v, opentelemetry::Value::String(x) if x.as_str() == s)
-}
-
-fn same_value(v: &opentelemetry::Value, w: &Value) -> bool {
-    match (v, w) {
-        (opentelemetry::Value::I64(a), Value::Int(b)) => a == b,
-        (_, Value::Int(_)) => false,
-        (v, w) => same_str(v, w.as_str().unwrap_or_default()),
-    }
+    /// Edges whose server side had not finished when the client's did: SERVER span -> the
+    /// edge's hash and labels.
+    awaiting_server: HashMap<[u8; 8], (u64, Labels)>,
 }
 
 impl Red {
-    /// `otlp`: the periodic OTLP reader, when metrics go to an endpoint.
-    pub fn new(
-        processes: crate::process::SharedProcesses,
-        series_limit: usize,
-        host_name: &str,
-        otlp: Option<
-            opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader<
-                opentelemetry_otlp::MetricExporter,
-            >,
-        >,
-    ) -> Self {
-        // Deltas: the store adds them up and can forget idle series, which the SDK's cumulative
-        // state never does.
-        let manual = Arc::new(
-            ManualReader::builder()
-                .with_temporality(opentelemetry_sdk::metrics::Temporality::Delta)
-                .build(),
-        );
-        let limit = series_limit.max(1);
-        let reader: SharedReader = Arc::new(std::sync::Mutex::new(prometheus::Store::new(
-            manual.clone(),
-            limit,
-        )));
-        let mut builder = SdkMeterProvider::builder()
-            .with_reader(Scraped(manual))
-            .with_view(move |_: &Instrument| {
-                Stream::builder()
-                    .with_cardinality_limit(limit + 1)
-                    .build()
-                    .ok()
-            })
-            .with_resource(crate::export::otlp_metrics::agent_resource(host_name));
-        if let Some(r) = otlp {
-            builder = builder.with_reader(r);
-        }
-        let provider = builder.build();
-        let meter = provider.meter("loupe.red");
-        let histogram = |name: &'static str, help: &'static str, buckets: &[f64]| {
-            meter
-                .f64_histogram(name)
-                .with_unit("s")
-                .with_description(help)
-                .with_boundaries(buckets.to_vec())
-                .build()
-        };
-        let instruments = Instruments {
-            http_server: histogram(
-                "http.server.request.duration",
-                "Duration of HTTP server requests.",
-                &HTTP_BUCKETS,
-            ),
-            http_client: histogram(
-                "http.client.request.duration",
-                "Duration of HTTP client requests.",
-                &HTTP_BUCKETS,
-            ),
-            db_client: histogram(
-                "db.client.operation.duration",
-                "Duration of database client operations.",
-                &DB_BUCKETS,
-            ),
-            rpc_server: histogram(
-                "rpc.server.call.duration",
-                "Duration of RPC calls served.",
-                &HTTP_BUCKETS,
-            ),
-            rpc_client: histogram(
-                "rpc.client.call.duration",
-                "Duration of RPC calls made.",
-                &HTTP_BUCKETS,
-            ),
-            graph_requests: meter
-                .u64_counter("traces_service_graph_request_total")
-                .with_description("Requests between two services (an edge of the service graph).")
-                .build(),
-            graph_failed: meter
-                .u64_counter("traces_service_graph_request_failed_total")
-                .with_description("Failed requests between two services.")
-                .build(),
-            graph_server_seconds: histogram(
-                "traces_service_graph_request_server_seconds",
-                "Duration of requests between two services, seen by the server.",
-                &HTTP_BUCKETS,
-            ),
-            graph_client_seconds: histogram(
-                "traces_service_graph_request_client_seconds",
-                "Duration of requests between two services, seen by the client.",
-                &HTTP_BUCKETS,
-            ),
-        };
+    pub fn new(processes: crate::process::SharedProcesses, series_limit: usize) -> Self {
         Self {
-            provider,
-            reader,
-            instruments,
+            store: Arc::new(Mutex::new(Store::new(metrics(), series_limit))),
+            hasher: Default::default(),
             names: HashMap::new(),
             processes,
             awaiting_server: HashMap::new(),
-            attribute_sets: AttributeSets::default(),
         }
     }
 
-    pub fn reader(&self) -> SharedReader {
-        self.reader.clone()
+    pub fn store(&self) -> SharedStore {
+        self.store.clone()
     }
 
     /// The service name of a process, looked up at most every NAME_TTL.
@@ -361,74 +173,72 @@ impl Red {
     /// One finished exchange: its duration histogram.
     pub fn record(&mut self, span: &SpanRecord) {
         let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
-        let service = self.service(span.pid, &span.comm);
         let server = span.kind == SpanKind::Server;
-        // `which` tells instruments apart in the attribute-set cache: RPC server and client
-        // share their first keys.
-        let (instrument, keys, which): (&Histogram<f64>, &[&'static str], u8) =
-            if span.attr("rpc.system.name").is_some() {
-                let keys: &[&str] = &[
-                    "rpc.system.name",
-                    "rpc.method",
-                    "rpc.response.status_code",
-                    "error.type",
-                    "server.address",
-                    "server.port",
-                ];
-                if server {
-                    (&self.instruments.rpc_server, &keys[..4], 0)
-                } else {
-                    (&self.instruments.rpc_client, keys, 1)
-                }
-            } else if span.attr("http.request.method").is_some() {
-                if server {
-                    (
-                        &self.instruments.http_server,
-                        &[
-                            "http.request.method",
-                            "http.response.status_code",
-                            "http.route",
-                            "url.scheme",
-                            "network.protocol.version",
-                            "error.type",
-                        ],
-                        2,
-                    )
-                } else {
-                    (
-                        &self.instruments.http_client,
-                        &[
-                            "http.request.method",
-                            "http.response.status_code",
-                            "server.address",
-                            "server.port",
-                            "url.scheme",
-                            "network.protocol.version",
-                            "error.type",
-                        ],
-                        3,
-                    )
-                }
-            } else if span.attr("db.system.name").is_some() && !server {
-                (
-                    &self.instruments.db_client,
-                    &[
-                        "db.system.name",
-                        "db.operation.name",
-                        "db.collection.name",
-                        "db.namespace",
-                        "db.response.status_code",
-                        "error.type",
-                        "server.address",
-                        "server.port",
-                    ],
-                    4,
-                )
+        let (which, keys): (usize, &[&'static str]) = if span.attr("rpc.system.name").is_some() {
+            if server {
+                (RPC_SERVER, &RPC_KEYS[..4])
             } else {
-                return;
-            };
-        let attrs = self.attribute_sets.span(which, &service, keys, span);
-        instrument.record(seconds, &attrs);
+                (RPC_CLIENT, &RPC_KEYS)
+            }
+        } else if span.attr("http.request.method").is_some() {
+            if server {
+                (HTTP_SERVER, &HTTP_SERVER_KEYS)
+            } else {
+                (HTTP_CLIENT, &HTTP_CLIENT_KEYS)
+            }
+        } else if span.attr("db.system.name").is_some() && !server {
+            (DB_CLIENT, &DB_KEYS)
+        } else {
+            return;
+        };
+        let service = self.service(span.pid, &span.comm);
+        debug_assert!(keys.len() <= MAX_KEYS, "raise MAX_KEYS");
+        // Each key looked up once, for the hash and the comparison alike.
+        let mut values: [Option<&Value>; MAX_KEYS] = [None; MAX_KEYS];
+        for (slot, key) in values.iter_mut().zip(keys) {
+            *slot = span.attr(key);
+        }
+        let values = &values[..keys.len().min(MAX_KEYS)];
+        let mut h = self.hasher.build_hasher();
+        h.write(service.as_bytes());
+        for v in values {
+            match v {
+                None => h.write_u8(0),
+                Some(Value::Int(i)) => {
+                    h.write_u8(1);
+                    h.write_i64(*i);
+                }
+                Some(v) => {
+                    h.write_u8(2);
+                    h.write(v.as_str().unwrap_or_default().as_bytes());
+                    h.write_u8(0xff);
+                }
+            }
+        }
+        let hash = h.finish();
+        let present = || {
+            keys.iter()
+                .zip(values)
+                .filter_map(|(k, v)| Some((*k, (*v)?)))
+        };
+        let same = |labels: &[(&'static str, LabelValue)]| {
+            let mut want = present();
+            labels.first().is_some_and(|(_, v)| same_str(v, &service))
+                && labels[1..].iter().all(|(k, v)| {
+                    want.next()
+                        .is_some_and(|(wk, wv)| *k == wk && same_value(v, wv))
+                })
+                && want.next().is_none()
+        };
+        let labels = || {
+            let mut l = Vec::with_capacity(keys.len() + 1);
+            l.push(("service.name", LabelValue::Str(service.clone())));
+            l.extend(present().map(|(k, v)| (k, label_value(v))));
+            l.into_boxed_slice()
+        };
+        if let Ok(mut store) = self.store.lock() {
+            store.record(which, hash, same, labels, seconds, span.end_unix_ns);
+        }
     }
 
     /// An edge of the service graph: a CLIENT span and who served it.
@@ -444,23 +254,44 @@ impl Red {
                 None,
             ),
         };
-        let attrs = self
-            .attribute_sets
-            .edge(&client_service, &server_name, connection_type);
-        let i = &self.instruments;
-        i.graph_requests.add(1, &attrs);
-        if client.error.is_some() {
-            i.graph_failed.add(1, &attrs);
-        }
+        let mut h = self.hasher.build_hasher();
+        h.write(client_service.as_bytes());
+        h.write_u8(0xff);
+        h.write(server_name.as_bytes());
+        h.write_u8(0xff);
+        h.write(connection_type.as_bytes());
+        let hash = h.finish();
+        let want = [
+            client_service.as_ref(),
+            server_name.as_ref(),
+            connection_type,
+        ];
+        let same = |l: &[(&'static str, LabelValue)]| {
+            l.len() == 3 && l.iter().zip(want).all(|((_, v), w)| same_str(v, w))
+        };
+        let labels = || -> Labels {
+            Box::new([
+                ("client", LabelValue::Str(client_service.clone())),
+                ("server", LabelValue::Str(server_name.clone())),
+                ("connection_type", LabelValue::Str(connection_type.into())),
+            ])
+        };
         let seconds = client.end_unix_ns.saturating_sub(client.start_unix_ns) as f64 / 1e9;
-        i.graph_client_seconds.record(seconds, &attrs);
+        let Ok(mut store) = self.store.lock() else {
+            return;
+        };
+        let edge = store.edge(hash, same, labels, client.end_unix_ns);
+        edge.requests += 1;
+        edge.failed += u64::from(client.error.is_some());
+        edge.client.record(store::EDGE_BOUNDS, seconds);
         match server_side {
-            Some((_, Some(s))) => i.graph_server_seconds.record(s, &attrs),
+            Some((_, Some(s))) => edge.server.record(store::EDGE_BOUNDS, s),
             Some((span, None)) => {
+                drop(store);
                 if self.awaiting_server.len() >= 100_000 {
                     self.awaiting_server.clear();
                 }
-                self.awaiting_server.insert(span, attrs);
+                self.awaiting_server.insert(span, (hash, labels()));
             }
             None => {}
         }
@@ -468,27 +299,34 @@ impl Red {
 
     /// A SERVER span finished; true when its caller's edge was waiting for its duration.
     pub fn server_done(&mut self, span_id: [u8; 8], seconds: f64) -> bool {
-        match self.awaiting_server.remove(&span_id) {
-            Some(attrs) => {
-                self.instruments
-                    .graph_server_seconds
-                    .record(seconds, &attrs);
-                true
-            }
-            None => false,
+        let Some((hash, labels)) = self.awaiting_server.remove(&span_id) else {
+            return false;
+        };
+        if let Ok(mut store) = self.store.lock() {
+            let now = crate::clock::unix_ns();
+            let edge = store.edge(hash, |l| *l == *labels, || labels.clone(), now);
+            edge.server.record(store::EDGE_BOUNDS, seconds);
         }
-    }
-
-    /// The provider, to export what is left at exit (`export::otlp_metrics::shutdown`).
-    pub fn provider(&self) -> SdkMeterProvider {
-        self.provider.clone()
+        true
     }
 }
 
-fn value(v: &Value) -> opentelemetry::Value {
+fn same_str(v: &LabelValue, s: &str) -> bool {
+    matches!(v, LabelValue::Str(x) if **x == *s)
+}
+
+fn same_value(v: &LabelValue, w: &Value) -> bool {
+    match (v, w) {
+        (LabelValue::Int(a), Value::Int(b)) => a == b,
+        (_, Value::Int(_)) => false,
+        (v, w) => same_str(v, w.as_str().unwrap_or_default()),
+    }
+}
+
+fn label_value(v: &Value) -> LabelValue {
     match v {
-        Value::Int(i) => (*i).into(),
-        other => other.as_str().unwrap_or_default().to_string().into(),
+        Value::Int(i) => LabelValue::Int(*i),
+        other => LabelValue::Str(other.as_str().unwrap_or_default().into()),
     }
 }
 
@@ -504,8 +342,6 @@ mod tests {
         Red::new(
             crate::process::ProcessCache::shared(Vec::new(), true),
             limit,
-            "node-1",
-            None,
         )
     }
 
@@ -523,8 +359,9 @@ mod tests {
             trace_state: String::new(),
             name: format!("GET {route}"),
             kind,
-            start_unix_ns: 1_000_000_000,
-            end_unix_ns: 1_000_000_000 + ms * 1_000_000,
+            // Now: idle series are expired against the wall clock when rendered.
+            start_unix_ns: crate::clock::unix_ns() - ms * 1_000_000,
+            end_unix_ns: crate::clock::unix_ns(),
             attributes: vec![
                 ("http.request.method", Value::Static("GET")),
                 ("http.response.status_code", Value::Int(status)),
@@ -554,7 +391,7 @@ mod tests {
             r.record(&span(SpanKind::Server, CATALOG, 20, 500, "/items/{id}"));
         }
         r.record(&span(SpanKind::Server, CATALOG, 600, 200, "/slow"));
-        let text = prometheus::render(&r.reader());
+        let text = prometheus::render(&r.store());
         let ok = [
             "service_name=\"catalog\"",
             "http_response_status_code=\"200\"",
@@ -586,7 +423,7 @@ mod tests {
         for i in 0..10 {
             r.record(&span(SpanKind::Server, CATALOG, 1, 200, &format!("/r{i}")));
         }
-        let text = prometheus::render(&r.reader());
+        let text = prometheus::render(&r.store());
         let count = "http_server_request_duration_seconds_count";
         let series: Vec<&str> = text.lines().filter(|l| l.starts_with(count)).collect();
         // Three series as recorded, then one more for everything beyond.
@@ -614,7 +451,7 @@ mod tests {
         let mut own = db.clone();
         own.kind = SpanKind::Server;
         r.record(&own);
-        let text = prometheus::render(&r.reader());
+        let text = prometheus::render(&r.store());
         let count = "db_client_operation_duration_seconds_count";
         let labels = [
             "db_system_name=\"postgresql\"",
@@ -633,22 +470,20 @@ mod tests {
     #[test]
     fn idle_series_expire_and_busy_ones_accumulate() {
         let mut r = red(DEFAULT_SERIES_LIMIT);
-        r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/old"));
-        let store = r.reader();
-        let start = Instant::now();
-        store.lock().unwrap().update(start);
-        let later = start + prometheus::IDLE - Duration::from_secs(1);
-        r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/new"));
-        r.record(&span(SpanKind::Server, CATALOG, 1, 200, "/new"));
-        store.lock().unwrap().update(later);
-        // Past the idle time of /old only.
-        let mut s = store.lock().unwrap();
-        s.update(start + prometheus::IDLE + Duration::from_secs(1));
-        let text = s.text();
+        let ago = |route: &str, seconds: u64| {
+            let mut s = span(SpanKind::Server, CATALOG, 1, 200, route);
+            s.start_unix_ns -= seconds * 1_000_000_000;
+            s.end_unix_ns -= seconds * 1_000_000_000;
+            s
+        };
+        let idle = prometheus::IDLE.as_secs();
+        r.record(&ago("/old", idle + 60));
+        r.record(&ago("/new", idle + 120));
+        r.record(&ago("/new", idle - 60));
+        let text = prometheus::render(&r.store());
         let count = "http_server_request_duration_seconds_count";
         assert_eq!(line(&text, count, &["/old"]), None, "{text}");
         assert_eq!(line(&text, count, &["/new"]), Some("2"), "{text}");
-        assert_eq!(s.expired, 1);
         assert!(text.contains("loupe_red_series_expired_total 1"), "{text}");
     }
 
@@ -668,7 +503,7 @@ mod tests {
         assert!(!r.server_done([8; 8], 0.004));
         let c = span(SpanKind::Client, FRONTEND, 5, 200, "/x");
         r.edge(&c, Peer::Address("payments.example:443".into()));
-        let text = prometheus::render(&r.reader());
+        let text = prometheus::render(&r.store());
         let edge = [
             "client=\"frontend\"",
             "server=\"catalog\"",

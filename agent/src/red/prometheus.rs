@@ -3,17 +3,11 @@
 //! seconds becomes a `_seconds` suffix, counters end in `_total`, histograms are cumulative
 //! `_bucket{le=...}` series with `_sum` and `_count`.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{fmt::Write as _, time::Duration};
 
-use opentelemetry_sdk::metrics::{
-    ManualReader,
-    data::{AggregatedMetrics, MetricData, ResourceMetrics},
-    reader::MetricReader as _,
+use super::{
+    SharedStore,
+    store::{EDGE_BOUNDS, EDGE_METRICS, EdgeValue, Histogram, LabelValue, Store},
 };
 
 /// `http.server.request.duration` (s) -> `http_server_request_duration_seconds`.
@@ -46,8 +40,14 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn render_labels(labels: &[(String, String)], extra: Option<(&str, &str)>) -> String {
-    let mut parts: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+/// `{k="v",...}` with an optional extra label (a bucket's `le`), or nothing.
+fn render_labels(labels: &[(&'static str, LabelValue)], extra: Option<(&str, &str)>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{}=\"{}\"", sanitize(k), escape(&v.to_string())))
+        .collect();
+    // By name, as Prometheus itself prints them.
+    parts.sort();
     if let Some((k, v)) = extra {
         parts.push(format!("{k}=\"{v}\""));
     }
@@ -62,219 +62,97 @@ fn render_labels(labels: &[(String, String)], extra: Option<(&str, &str)>) -> St
 /// hold memory, nor show forever).
 pub const IDLE: Duration = Duration::from_secs(15 * 60);
 
-/// One series: a histogram's buckets (per bucket, not cumulative) or a counter.
-#[derive(Debug, Clone)]
-enum Acc {
-    Histogram {
-        bounds: Vec<f64>,
-        counts: Vec<u64>,
-        sum: f64,
-        count: u64,
-    },
-    Counter(u64),
+fn header(out: &mut String, prom: &str, help: &str, counter: bool) {
+    let _ = writeln!(out, "# HELP {prom} {help}");
+    let kind = if counter { "counter" } else { "histogram" };
+    let _ = writeln!(out, "# TYPE {prom} {kind}");
 }
 
-#[derive(Debug)]
-struct Series {
-    acc: Acc,
-    updated: Instant,
-}
-
-#[derive(Debug, Default)]
-struct Family {
-    description: String,
-    unit: String,
-    series: BTreeMap<Vec<(String, String)>, Series>,
-}
-
-/// The cumulative view the Prometheus text and `loupe top` read. The manual reader hands over
-/// deltas (the SDK forgets a delta series once collected); they are added here, where a series
-/// idle for IDLE expires and each metric keeps at most `limit` series plus the overflow one.
-pub struct Store {
-    reader: Arc<ManualReader>,
-    limit: usize,
-    families: BTreeMap<String, Family>,
-    pub expired: u64,
-}
-
-const OVERFLOW: (&str, &str) = ("otel.metric.overflow", "true");
-
-impl Store {
-    pub fn new(reader: Arc<ManualReader>, limit: usize) -> Self {
-        Self {
-            reader,
-            limit,
-            families: BTreeMap::new(),
-            expired: 0,
-        }
+fn histogram(out: &mut String, prom: &str, labels: &str, bounds: &[f64], h: &Histogram) {
+    let mut cumulative = 0;
+    for (i, c) in h.counts.iter().enumerate() {
+        cumulative += c;
+        let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+        // `labels` is `{...}` or empty: the bucket's `le` goes inside.
+        let with_le = match labels.strip_suffix('}') {
+            Some(l) => format!("{l},le=\"{le}\"}}"),
+            None => format!("{{le=\"{le}\"}}"),
+        };
+        let _ = writeln!(out, "{prom}_bucket{with_le} {cumulative}");
     }
+    let _ = writeln!(out, "{prom}_sum{labels} {}", h.sum);
+    let _ = writeln!(out, "{prom}_count{labels} {}", h.count);
+}
 
-    /// Takes what was recorded since the last call, and forgets idle series.
-    pub fn update(&mut self, now: Instant) {
-        let mut rm = ResourceMetrics::default();
-        if let Err(e) = self.reader.collect(&mut rm) {
-            tracing::debug!("collecting RED metrics: {e}");
-        }
-        for scope in rm.scope_metrics() {
-            for m in scope.metrics() {
-                match m.data() {
-                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
-                        for p in h.data_points() {
-                            let delta = Acc::Histogram {
-                                bounds: p.bounds().collect(),
-                                counts: p.bucket_counts().collect(),
-                                sum: p.sum(),
-                                count: p.count(),
-                            };
-                            self.add(m, p.attributes(), delta, now);
-                        }
-                    }
-                    AggregatedMetrics::U64(MetricData::Sum(s)) => {
-                        for p in s.data_points() {
-                            self.add(m, p.attributes(), Acc::Counter(p.value()), now);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let mut expired = 0;
-        for f in self.families.values_mut() {
-            f.series.retain(|_, s| {
-                let keep = now.duration_since(s.updated) < IDLE;
-                expired += u64::from(!keep);
-                keep
-            });
-        }
-        self.expired += expired;
-    }
-
-    fn add<'a>(
-        &mut self,
-        m: &opentelemetry_sdk::metrics::data::Metric,
-        attrs: impl Iterator<Item = &'a opentelemetry::KeyValue>,
-        delta: Acc,
-        now: Instant,
-    ) {
-        let mut labels: Vec<(String, String)> = attrs
-            .map(|kv| (kv.key.as_str().to_string(), kv.value.to_string()))
+/// Every series as Prometheus text, each metric's series in the order of their labels.
+pub fn text(store: &Store) -> String {
+    let mut out = String::new();
+    let mut metrics: Vec<_> = store.metrics.iter().collect();
+    metrics.sort_by_key(|m| m.name);
+    for m in metrics {
+        let mut series: Vec<_> = m
+            .table
+            .iter()
+            .map(|s| (render_labels(&s.labels, None), &s.data))
             .collect();
-        labels.sort();
-        let limit = self.limit;
-        let family = self
-            .families
-            .entry(m.name().to_string())
-            .or_insert_with(|| Family {
-                description: m.description().to_string(),
-                unit: m.unit().to_string(),
-                series: BTreeMap::new(),
-            });
-        let overflow = vec![(OVERFLOW.0.to_string(), OVERFLOW.1.to_string())];
-        let regular = family.series.len() - usize::from(family.series.contains_key(&overflow));
-        if labels != overflow && !family.series.contains_key(&labels) && regular >= limit {
-            labels = overflow;
+        if series.is_empty() {
+            continue;
         }
-        match family.series.get_mut(&labels) {
-            Some(s) => {
-                s.updated = now;
-                match (&mut s.acc, delta) {
-                    (
-                        Acc::Histogram {
-                            counts, sum, count, ..
-                        },
-                        Acc::Histogram {
-                            counts: dc,
-                            sum: ds,
-                            count: dn,
-                            ..
-                        },
-                    ) => {
-                        for (c, d) in counts.iter_mut().zip(dc) {
-                            *c += d;
-                        }
-                        *sum += ds;
-                        *count += dn;
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        let prom = metric_name(m.name, "s", false);
+        header(&mut out, &prom, m.description, false);
+        for (labels, h) in series {
+            histogram(&mut out, &prom, &labels, m.bounds, h);
+        }
+    }
+    let mut edges: Vec<_> = store
+        .edges
+        .iter()
+        .map(|s| (render_labels(&s.labels, None), &s.data))
+        .collect();
+    edges.sort_by(|a, b| a.0.cmp(&b.0));
+    if !edges.is_empty() {
+        for m in &EDGE_METRICS {
+            match m.value {
+                EdgeValue::Counter(value) => {
+                    header(&mut out, m.name, m.description, true);
+                    for (labels, e) in &edges {
+                        let _ = writeln!(out, "{}{labels} {}", m.name, value(e));
                     }
-                    (Acc::Counter(c), Acc::Counter(d)) => *c += d,
-                    _ => {}
                 }
-            }
-            None => {
-                family.series.insert(
-                    labels,
-                    Series {
-                        acc: delta,
-                        updated: now,
-                    },
-                );
+                EdgeValue::Histogram(which) => {
+                    header(&mut out, m.name, m.description, false);
+                    // A server duration exists only where the server is traced on this node.
+                    for (labels, e) in edges.iter().filter(|(_, e)| which(e).count > 0) {
+                        histogram(&mut out, m.name, labels, EDGE_BOUNDS, which(e));
+                    }
+                }
             }
         }
     }
-
-    /// Every series as Prometheus text (after `update`).
-    pub fn text(&self) -> String {
-        let mut out = String::new();
-        for (name, f) in &self.families {
-            let Some(first) = f.series.values().next() else {
-                continue;
-            };
-            let counter = matches!(first.acc, Acc::Counter(_));
-            let prom = metric_name(name, &f.unit, counter);
-            let _ = writeln!(out, "# HELP {prom} {}", f.description);
-            let _ = writeln!(
-                out,
-                "# TYPE {prom} {}",
-                if counter { "counter" } else { "histogram" }
-            );
-            for (labels, s) in &f.series {
-                let l: Vec<(String, String)> = labels
-                    .iter()
-                    .map(|(k, v)| (sanitize(k), escape(v)))
-                    .collect();
-                match &s.acc {
-                    Acc::Counter(v) => {
-                        let _ = writeln!(out, "{prom}{} {v}", render_labels(&l, None));
-                    }
-                    Acc::Histogram {
-                        bounds,
-                        counts,
-                        sum,
-                        count,
-                    } => {
-                        let mut cumulative = 0;
-                        for (i, c) in counts.iter().enumerate() {
-                            cumulative += c;
-                            let le = bounds.get(i).map_or("+Inf".to_string(), |b| b.to_string());
-                            let _ = writeln!(
-                                out,
-                                "{prom}_bucket{} {cumulative}",
-                                render_labels(&l, Some(("le", &le)))
-                            );
-                        }
-                        let _ = writeln!(out, "{prom}_sum{} {sum}", render_labels(&l, None));
-                        let _ = writeln!(out, "{prom}_count{} {count}", render_labels(&l, None));
-                    }
-                }
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP loupe_red_series_expired_total RED and service-graph series forgotten after {} min without a request.
+    let _ = writeln!(
+        out,
+        "# HELP loupe_red_series_expired_total RED and service-graph series forgotten after {} min without a request.
 # TYPE loupe_red_series_expired_total counter
 loupe_red_series_expired_total {}",
-            IDLE.as_secs() / 60,
-            self.expired
-        );
-        out
-    }
+        IDLE.as_secs() / 60,
+        store.expired
+    );
+    out
 }
 
-/// Every RED series as Prometheus text, brought up to date.
-pub fn render(store: &super::SharedReader) -> String {
+/// Forgets the series idle for IDLE.
+pub fn expire_idle(store: &mut Store) {
+    let now = crate::clock::unix_ns();
+    store.expire(now.saturating_sub(IDLE.as_nanos() as u64));
+}
+
+/// Every RED series as Prometheus text, idle ones forgotten first.
+pub fn render(store: &SharedStore) -> String {
     match store.lock() {
         Ok(mut s) => {
-            s.update(Instant::now());
-            s.text()
+            expire_idle(&mut s);
+            text(&s)
         }
         Err(_) => String::new(),
     }

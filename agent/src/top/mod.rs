@@ -31,7 +31,7 @@ const LOG_LINES: usize = 3;
 /// Where the RED metrics come from.
 pub enum Source {
     /// This agent's own metrics.
-    Local(crate::red::SharedReader),
+    Local(crate::red::SharedStore),
     /// A running agent's `--metrics-addr` (host:port).
     Remote(String),
 }
