@@ -172,7 +172,7 @@ pub fn http1_reader(data: &[u8]) {
     ] {
         let mut out = Vec::new();
         for (_, seg) in steps(data) {
-            reader.feed(seg, &mut |_| Some("GET".to_string()), &mut out);
+            reader.feed(seg, &mut |_| Some("GET".into()), &mut out);
             out.clear();
         }
         reader.close(&mut out);

@@ -5,6 +5,8 @@
 //! inside a head or a chunk-size line, garbage), the reader resynchronises on the next thing that
 //! looks like a message start, and says so.
 
+use std::borrow::Cow;
+
 use bytes::{Buf as _, Bytes, BytesMut};
 
 use crate::conn::Segment;
@@ -15,8 +17,25 @@ const MAX_HEADERS: usize = 96;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartLine {
-    Request { method: String, target: String },
-    Response { status: u16, reason: String },
+    /// `method` borrows a constant for the methods RFC 9110 and 5789 define (no allocation).
+    Request {
+        method: Cow<'static, str>,
+        target: String,
+    },
+    /// The reason phrase is not kept: nothing reads it.
+    Response { status: u16 },
+}
+
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// A method as a `StartLine` keeps it: the standard ones as constants.
+pub fn method_name(m: &str) -> Cow<'static, str> {
+    match METHODS.iter().find(|k| **k == m) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(m.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +86,7 @@ impl Head {
 
     pub fn method(&self) -> Option<&str> {
         match &self.start {
-            StartLine::Request { method, .. } => Some(method),
+            StartLine::Request { method, .. } => Some(method.as_ref()),
             StartLine::Response { .. } => None,
         }
     }
@@ -119,28 +138,40 @@ pub const KEPT: [&str; 15] = [
     "uber-trace-id",
 ];
 
-fn headers_of(raw: &[httparse::Header<'_>]) -> Vec<(&'static str, Bytes)> {
+/// The kept headers; values slice `source` (the buffer parsed, when it is a `Bytes`) instead of
+/// being copied: one reference count instead of an allocation per header.
+fn headers_of(raw: &[httparse::Header<'_>], source: Option<&Bytes>) -> Vec<(&'static str, Bytes)> {
     raw.iter()
         .filter_map(|h| {
             let name = KEPT.iter().find(|k| h.name.eq_ignore_ascii_case(k))?;
-            Some((*name, Bytes::copy_from_slice(h.value)))
+            let value = match source {
+                Some(b) if !h.value.is_empty() => b.slice_ref(h.value),
+                _ => Bytes::copy_from_slice(h.value),
+            };
+            Some((*name, value))
         })
         .collect()
 }
 
 /// Parses a request head at the start of `buf`.
 pub fn parse_request(buf: &[u8]) -> HeadParse {
+    request_head(buf, None)
+}
+
+/// Parses a request head at the start of `buf`; `source`, when given, is `buf` itself as
+/// `Bytes`, for header values to share.
+fn request_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
             Head {
                 start: StartLine::Request {
-                    method: req.method.unwrap_or_default().to_string(),
+                    method: method_name(req.method.unwrap_or_default()),
                     target: req.path.unwrap_or_default().to_string(),
                 },
                 minor_version: req.version.unwrap_or(1),
-                headers: headers_of(req.headers),
+                headers: headers_of(req.headers, source),
                 truncated: false,
             },
             len,
@@ -155,6 +186,10 @@ pub fn parse_request(buf: &[u8]) -> HeadParse {
 
 /// Parses a response head at the start of `buf`.
 pub fn parse_response(buf: &[u8]) -> HeadParse {
+    response_head(buf, None)
+}
+
+fn response_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
@@ -162,10 +197,9 @@ pub fn parse_response(buf: &[u8]) -> HeadParse {
             Head {
                 start: StartLine::Response {
                     status: resp.code.unwrap_or_default(),
-                    reason: resp.reason.unwrap_or_default().to_string(),
                 },
                 minor_version: resp.version.unwrap_or(1),
-                headers: headers_of(resp.headers),
+                headers: headers_of(resp.headers, source),
                 truncated: false,
             },
             len,
@@ -336,7 +370,7 @@ impl MessageReader {
     pub fn feed(
         &mut self,
         seg: Segment,
-        request_method: &mut dyn FnMut(&Head) -> Option<String>,
+        request_method: &mut dyn FnMut(&Head) -> Option<Cow<'static, str>>,
         out: &mut Vec<Item>,
     ) {
         match seg {
@@ -406,7 +440,7 @@ impl MessageReader {
     fn data(
         &mut self,
         mut data: Bytes,
-        request_method: &mut dyn FnMut(&Head) -> Option<String>,
+        request_method: &mut dyn FnMut(&Head) -> Option<Cow<'static, str>>,
         out: &mut Vec<Item>,
     ) {
         // Bounded by the bytes fed: every iteration consumes at least one byte or returns.
@@ -426,7 +460,8 @@ impl MessageReader {
                         (self.parse_head(&data), false)
                     } else {
                         self.buf.extend_from_slice(&data);
-                        (self.parse_head(&self.buf.clone()), true)
+                        let whole = Bytes::copy_from_slice(&self.buf);
+                        (self.parse_head(&whole), true)
                     };
                     match parsed {
                         HeadParse::Incomplete => {
@@ -559,11 +594,11 @@ impl MessageReader {
         }
     }
 
-    fn parse_head(&self, buf: &[u8]) -> HeadParse {
+    fn parse_head(&self, buf: &Bytes) -> HeadParse {
         if self.requests {
-            parse_request(buf)
+            request_head(buf, Some(buf))
         } else {
-            parse_response(buf)
+            response_head(buf, Some(buf))
         }
     }
 }

@@ -201,7 +201,12 @@ impl Session {
                     .iter()
                     .filter(|p| p.response.is_none())
                     .nth(index)
-                    .and_then(|p| p.request.method().map(str::to_string))
+                    .and_then(|p| match &p.request.start {
+                        crate::protocol::http1::StartLine::Request { method, .. } => {
+                            Some(method.clone())
+                        }
+                        _ => None,
+                    })
             };
             self.responses.feed(seg, &mut method, &mut items);
             for item in items.drain(..) {

@@ -7,7 +7,7 @@ fn data(s: &[u8]) -> Segment {
 /// Feeds segments to a reader; responses answer `method`.
 fn run(mut reader: MessageReader, segs: Vec<Segment>, method: Option<&str>) -> Vec<Item> {
     let mut out = Vec::new();
-    let mut m = |_: &Head| method.map(str::to_string);
+    let mut m = |_: &Head| method.map(method_name);
     for s in segs {
         reader.feed(s, &mut m, &mut out);
     }

@@ -156,7 +156,9 @@ fn head_request(fields: &[(String, Bytes)]) -> Head {
     }
     Head {
         start: StartLine::Request {
-            method: get(":method").unwrap_or_else(|| "_OTHER".into()),
+            method: get(":method").map_or(std::borrow::Cow::Borrowed("_OTHER"), |m| {
+                crate::protocol::http1::method_name(&m)
+            }),
             target: get(":path").unwrap_or_default(),
         },
         minor_version: 1,
@@ -171,10 +173,7 @@ fn head_response(fields: &[(String, Bytes)]) -> Option<Head> {
         .find(|(k, _)| k == ":status")
         .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())?;
     Some(Head {
-        start: StartLine::Response {
-            status,
-            reason: String::new(),
-        },
+        start: StartLine::Response { status },
         minor_version: 1,
         headers: Vec::new(),
         truncated: false,

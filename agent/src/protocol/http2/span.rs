@@ -151,10 +151,7 @@ mod tests {
                     truncated: false,
                 },
                 response: Some(Head {
-                    start: StartLine::Response {
-                        status: 200,
-                        reason: String::new(),
-                    },
+                    start: StartLine::Response { status: 200 },
                     minor_version: 1,
                     headers: vec![],
                     truncated: false,

@@ -28,7 +28,7 @@ fn rows(done: &[H2Exchange]) -> Vec<Row> {
         .iter()
         .map(|x| {
             let (method, path) = match &x.exchange.request.start {
-                StartLine::Request { method, target } => (method.clone(), target.clone()),
+                StartLine::Request { method, target } => (method.to_string(), target.clone()),
                 StartLine::Response { .. } => unreachable!(),
             };
             let g = x.grpc.clone().unwrap_or_default();
