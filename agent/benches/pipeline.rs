@@ -12,6 +12,10 @@ use agent_common::{
 };
 use std::sync::Arc;
 
+/// The agent's allocator (main.rs): the costs measured here are the ones it pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use loupe::{
     clock::WallClock,

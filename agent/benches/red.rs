@@ -9,6 +9,10 @@
 
 use std::time::Duration;
 
+/// The agent's allocator (main.rs): the costs measured here are the ones it pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use loupe::{
     process::ProcessCache,

@@ -91,12 +91,21 @@ fn request_line(line: &[u8]) -> Option<Vec<u8>> {
 /// they look like names; a key or a bare item that looks like a token (`?eyJhbGciOi…`,
 /// `?3f9a…`) is masked whole.
 pub fn query(q: &str) -> String {
-    let mut out = String::with_capacity(q.len());
+    // Room for a few masks longer than the values they replace.
+    let mut out = String::with_capacity(q.len() + 32);
     let mut rest = q;
     loop {
-        let end = rest.find(['&', ';']).unwrap_or(rest.len());
+        // Byte scans: `str` patterns of several characters set up a searcher per call.
+        let end = rest
+            .bytes()
+            .position(|b| b == b'&' || b == b';')
+            .unwrap_or(rest.len());
         let (pair, tail) = rest.split_at(end);
-        match pair.split_once('=') {
+        let split = pair
+            .bytes()
+            .position(|b| b == b'=')
+            .map(|i| (&pair[..i], &pair[i + 1..]));
+        match split {
             Some((k, _)) if name_like(k) => {
                 out.push_str(k);
                 out.push('=');
@@ -117,10 +126,11 @@ pub fn query(q: &str) -> String {
             }
             None => out.push_str(MASK),
         }
-        let Some(sep) = tail.chars().next() else {
+        // The separator is one ASCII byte.
+        let Some(&sep) = tail.as_bytes().first() else {
             break;
         };
-        out.push(sep);
+        out.push(sep as char);
         rest = &tail[1..];
     }
     out
@@ -131,7 +141,7 @@ pub fn query(q: &str) -> String {
 fn name_like(s: &str) -> bool {
     let allowed = s
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"_.-[]".contains(&b));
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'[' | b']'));
     let digits = s.bytes().filter(u8::is_ascii_digit).count();
     !s.is_empty() && s.len() <= 32 && allowed && digits <= 2
 }

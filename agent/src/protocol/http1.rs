@@ -138,17 +138,38 @@ pub const KEPT: [&str; 15] = [
     "uber-trace-id",
 ];
 
+/// The `KEPT` name `name` is, in any case. Names are compared only with the kept ones of the
+/// same length (most headers have a length no kept name has).
+fn kept(name: &str) -> Option<&'static str> {
+    let candidates: &[&'static str] = match name.len() {
+        2 => &["b3"],
+        4 => &["host"],
+        10 => &["user-agent", "connection", "tracestate", "x-b3-flags"],
+        11 => &["traceparent", "x-b3-spanid"],
+        12 => &["x-b3-traceid", "x-b3-sampled"],
+        13 => &["uber-trace-id"],
+        14 => &["content-length"],
+        15 => &["x-forwarded-for"],
+        17 => &["transfer-encoding", "x-b3-parentspanid"],
+        _ => return None,
+    };
+    candidates
+        .iter()
+        .find(|k| name.eq_ignore_ascii_case(k))
+        .copied()
+}
+
 /// The kept headers; values slice `source` (the buffer parsed, when it is a `Bytes`) instead of
 /// being copied: one reference count instead of an allocation per header.
 fn headers_of(raw: &[httparse::Header<'_>], source: Option<&Bytes>) -> Vec<(&'static str, Bytes)> {
     raw.iter()
         .filter_map(|h| {
-            let name = KEPT.iter().find(|k| h.name.eq_ignore_ascii_case(k))?;
+            let name = kept(h.name)?;
             let value = match source {
                 Some(b) if !h.value.is_empty() => b.slice_ref(h.value),
                 _ => Bytes::copy_from_slice(h.value),
             };
-            Some((*name, value))
+            Some((name, value))
         })
         .collect()
 }

@@ -113,6 +113,8 @@ pub struct Session {
     interim: bool,
     /// Requests seen on this connection so far.
     requests_seen: u64,
+    /// The readers' output, kept between calls: a fresh Vec per event was an allocation each.
+    items: Vec<Item>,
     pub stats: SessionStats,
 }
 
@@ -134,6 +136,7 @@ impl Session {
             request_start_ns: 0,
             interim: false,
             requests_seen: 0,
+            items: Vec::new(),
             stats: SessionStats::default(),
         }
     }
@@ -147,7 +150,7 @@ impl Session {
         assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
         segments: Vec<Segment>,
     ) {
-        let mut items = Vec::new();
+        let mut items = std::mem::take(&mut self.items);
         for seg in segments {
             if !self.requests.in_message() {
                 self.request_start_ns = ts_ns;
@@ -181,12 +184,13 @@ impl Session {
                 }
             }
         }
+        self.items = items;
     }
 
     /// Bytes of the response direction, moved at `ts_ns`. Returns the exchanges they completed.
     pub fn on_responses(&mut self, ts_ns: u64, segments: Vec<Segment>) -> Vec<Exchange> {
         let mut done = Vec::new();
-        let mut items = Vec::new();
+        let mut items = std::mem::take(&mut self.items);
         for seg in segments {
             // One segment can hold several pipelined responses: the n-th final response head in
             // it answers the n-th request still waiting.
@@ -213,6 +217,7 @@ impl Session {
                 self.on_response_item(item, ts_ns, &mut done);
             }
         }
+        self.items = items;
         done
     }
 

@@ -127,7 +127,7 @@ const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-fn host_and_port(head: &Head) -> Option<(String, Option<u16>)> {
+fn host_and_port(head: &Head) -> Option<(&str, Option<u16>)> {
     let host = head.header_str("host")?;
     if host.is_empty() {
         return None;
@@ -135,14 +135,14 @@ fn host_and_port(head: &Head) -> Option<(String, Option<u16>)> {
     // [v6]:port, name:port, name
     if let Some(rest) = host.strip_prefix('[') {
         let (addr, tail) = rest.split_once(']')?;
-        return Some((
-            addr.to_string(),
-            tail.strip_prefix(':').and_then(|p| p.parse().ok()),
-        ));
+        return Some((addr, tail.strip_prefix(':').and_then(|p| p.parse().ok())));
     }
-    match host.rsplit_once(':') {
-        Some((h, p)) if p.parse::<u16>().is_ok() => Some((h.to_string(), p.parse().ok())),
-        _ => Some((host.to_string(), None)),
+    match host.bytes().rposition(|b| b == b':') {
+        Some(i) => match host[i + 1..].parse::<u16>() {
+            Ok(port) => Some((&host[..i], Some(port))),
+            Err(_) => Some((host, None)),
+        },
+        None => Some((host, None)),
     }
 }
 
@@ -171,8 +171,8 @@ pub fn ip_str(addr: SocketAddr) -> String {
 }
 
 /// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
-pub fn build(
-    ex: &Exchange,
+pub fn build<'a>(
+    ex: &'a Exchange,
     conn: &ConnInfo,
     kind: SpanKind,
     clock: &WallClock,
@@ -184,9 +184,11 @@ pub fn build(
         crate::protocol::http1::StartLine::Request { target, .. } => target.as_str(),
         _ => "",
     };
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, Some(q.split('#').next().unwrap_or(q))),
-        None => (target.split('#').next().unwrap_or(target), None),
+    // Byte scans: `str` patterns set up a searcher per call.
+    let until = |s: &'a str, stop: u8| &s[..s.bytes().position(|b| b == stop).unwrap_or(s.len())];
+    let (path, query) = match target.bytes().position(|b| b == b'?') {
+        Some(i) => (&target[..i], Some(until(&target[i + 1..], b'#'))),
+        None => (until(target, b'#'), None),
     };
     let route = template(target);
     let known = KNOWN_METHODS.contains(&method);
@@ -217,30 +219,28 @@ pub fn build(
         Value::Static(if req.minor_version == 0 { "1.0" } else { "1.1" }),
     ));
     let peer = conn.remote;
-    a.push(("network.peer.address", Value::Str(ip_str(peer))));
-    a.push(("network.peer.port", Value::Int(peer.port().into())));
+    let peer_ip = ip_str(peer);
     let host = host_and_port(req);
     match kind {
         SpanKind::Server => {
             a.push(("http.route", Value::Str(route.clone())));
-            let (addr, port) = match &host {
-                Some((h, p)) => (h.clone(), p.unwrap_or(conn.local.port())),
+            let (addr, port) = match host {
+                Some((h, p)) => (h.to_string(), p.unwrap_or(conn.local.port())),
                 None => (ip_str(conn.local), conn.local.port()),
             };
             a.push(("server.address", Value::Str(addr)));
             a.push(("server.port", Value::Int(port.into())));
             let client = req
                 .header_str("x-forwarded-for")
-                .and_then(|v| v.split(',').next())
-                .map(|v| v.trim().to_string())
+                .map(|v| until(v, b',').trim())
                 .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| ip_str(peer));
+                .map_or_else(|| peer_ip.clone(), str::to_string);
             a.push(("client.address", Value::Str(client)));
         }
         SpanKind::Client => {
-            let (addr, port) = match &host {
-                Some((h, p)) => (h.clone(), p.unwrap_or(peer.port())),
-                None => (ip_str(peer), peer.port()),
+            let (addr, port) = match host {
+                Some((h, p)) => (h.to_string(), p.unwrap_or(peer.port())),
+                None => (peer_ip.clone(), peer.port()),
             };
             a.push(("url.template", Value::Str(route.clone())));
             let q = query
@@ -259,6 +259,8 @@ pub fn build(
             a.push(("server.port", Value::Int(port.into())));
         }
     }
+    a.push(("network.peer.address", Value::Str(peer_ip)));
+    a.push(("network.peer.port", Value::Int(peer.port().into())));
     if let Some(ua) = req.header_str("user-agent") {
         a.push(("user_agent.original", s(ua)));
     }

@@ -364,3 +364,21 @@ fn heads_with_many_headers_parse_whole_and_too_many_are_malformed() {
         HeadParse::Invalid(_)
     ));
 }
+
+#[test]
+fn every_kept_header_is_found_in_any_case_and_no_other() {
+    for name in KEPT {
+        assert_eq!(kept(name), Some(name));
+        assert_eq!(kept(&name.to_ascii_uppercase()), Some(name));
+    }
+    for other in [
+        "authorization",
+        "cookie",
+        "accept",
+        "x-b3-traceidx",
+        "hos",
+        "",
+    ] {
+        assert_eq!(kept(other), None, "{other}");
+    }
+}
