@@ -17,6 +17,14 @@ pub struct Options {
     pub seconds: u64,
     pub connections: usize,
     pub agent_args: Vec<String>,
+    /// Workload names to run; empty runs all and the criterion benchmarks.
+    pub only: Vec<String>,
+}
+
+impl Options {
+    fn runs(&self, workload: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == workload)
+    }
 }
 
 struct Workload {
@@ -464,7 +472,39 @@ fn median(mut v: Vec<f64>) -> f64 {
 struct DbWorkload {
     name: &'static str,
     _server: Guard,
-    load: Box<dyn Fn(u64, usize) -> anyhow::Result<Load>>,
+    /// (seconds, connections, a rate to hold or None to saturate).
+    load: Box<dyn Fn(u64, usize, Option<f64>) -> anyhow::Result<Load>>,
+    /// Whether the load generator can hold a rate (redis-benchmark cannot).
+    holds_rate: bool,
+}
+
+/// p50, p99 and p99.9 (ms) of latencies in microseconds.
+fn percentiles_ms(mut us: Vec<f64>) -> (f64, f64, f64) {
+    if us.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    us.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let at = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)] / 1000.0;
+    (at(0.50), at(0.99), at(0.999))
+}
+
+/// The latencies (us) in column `column` of every file in `dir` whose name starts with
+/// `prefix`, read and removed.
+fn logged_latencies(dir: &Path, prefix: &str, column: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !e.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(e.path()) {
+            out.extend(
+                text.lines()
+                    .filter_map(|l| l.split_whitespace().nth(column)?.parse::<f64>().ok()),
+            );
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    out
 }
 
 fn runuser_postgres(args: &[&str]) -> anyhow::Result<()> {
@@ -526,11 +566,20 @@ fn postgres(dir: &Path) -> anyhow::Result<DbWorkload> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let logs = dir.join("pgbench-logs");
+    std::fs::create_dir_all(&logs)?;
     Ok(DbWorkload {
         name: "PostgreSQL 15, pgbench -S -M prepared (select by key)",
         _server: guard,
-        load: Box::new(move |seconds, connections| {
-            let out = Command::new("pgbench")
+        holds_rate: true,
+        load: Box::new(move |seconds, connections, rate| {
+            let mut cmd = Command::new("pgbench");
+            if let Some(r) = rate {
+                // Every transaction's latency (us, the third column) logged, for percentiles.
+                cmd.args(["-R", &format!("{r:.0}"), "-l", "--log-prefix"])
+                    .arg(logs.join("tx"));
+            }
+            let out = cmd
                 .args([
                     "-h",
                     "127.0.0.1",
@@ -560,11 +609,22 @@ fn postgres(dir: &Path) -> anyhow::Result<DbWorkload> {
                     .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             };
             let tps = field("tps = ").context("pgbench printed no tps")?;
+            let requests =
+                field("number of transactions actually processed: ").unwrap_or(0.0) as u64;
+            if rate.is_some() {
+                let (p50_ms, p99_ms, p999_ms) = percentiles_ms(logged_latencies(&logs, "tx", 2));
+                return Ok(Load {
+                    rps: tps,
+                    p50_ms,
+                    p99_ms,
+                    p999_ms,
+                    requests,
+                });
+            }
             Ok(Load {
                 rps: tps,
                 p50_ms: field("latency average = ").unwrap_or(f64::NAN),
-                requests: field("number of transactions actually processed: ").unwrap_or(0.0)
-                    as u64,
+                requests,
                 ..Load::default()
             })
         }),
@@ -596,7 +656,8 @@ fn redis() -> anyhow::Result<DbWorkload> {
     Ok(DbWorkload {
         name: "Redis 7, redis-benchmark -t get,set (no pipelining)",
         _server: guard,
-        load: Box::new(move |seconds, connections| {
+        holds_rate: false,
+        load: Box::new(move |seconds, connections, _| {
             if rate.get() == 0.0 {
                 let probe = redis_benchmark(&p, 50_000, connections)?;
                 rate.set(probe.rps);
@@ -639,6 +700,7 @@ fn redis_benchmark(port: &str, n: u64, connections: usize) -> anyhow::Result<Loa
 /// library to install (no Go module proxy for ghz here).
 fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
     std::fs::create_dir_all(dir)?;
+    let dir = dir.to_path_buf();
     let port = free_port();
     let apps = root.join("tests/apps");
     let server = Command::new(root.join("tests/.venv/bin/python"))
@@ -657,8 +719,17 @@ fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
     Ok(DbWorkload {
         name: "gRPC (grpcio, thread pool), h2load unary calls, 10 streams per connection",
         _server: guard,
-        load: Box::new(move |seconds, connections| {
-            let out = Command::new("h2load")
+        holds_rate: true,
+        load: Box::new(move |seconds, connections, rate| {
+            let log = dir.join("h2load.log");
+            let mut cmd = Command::new("h2load");
+            if let Some(r) = rate {
+                // --rps is per client. The log's third column: microseconds to the response end.
+                let per_client = (r / connections.max(1) as f64).max(1.0);
+                cmd.arg(format!("--rps={per_client:.0}"))
+                    .arg(format!("--log-file={}", log.display()));
+            }
+            let out = cmd
                 .args([
                     "-D",
                     &seconds.to_string(),
@@ -693,6 +764,17 @@ fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
                 .and_then(|l| l.split(", ").find_map(|f| f.strip_suffix(" succeeded")))
                 .and_then(|n| n.trim().parse::<u64>().ok())
                 .unwrap_or(0);
+            if rate.is_some() {
+                let (p50_ms, p99_ms, p999_ms) =
+                    percentiles_ms(logged_latencies(&dir, "h2load.log", 2));
+                return Ok(Load {
+                    rps,
+                    p50_ms,
+                    p99_ms,
+                    p999_ms,
+                    requests: succeeded,
+                });
+            }
             Ok(Load {
                 rps,
                 requests: succeeded,
@@ -706,7 +788,7 @@ fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
 /// calls are the CLIENT spans; the server side feeds metrics only).
 fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::Result<String> {
     step(&format!("{}: warm-up", w.name));
-    (w.load)(2, opts.connections)?;
+    (w.load)(2, opts.connections, None)?;
     let (mut off, mut on, mut costs) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..opts.rounds {
         step(&format!(
@@ -719,12 +801,12 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         for with in [on_first, !on_first] {
             if with {
                 let (l, c) = with_agent(bin, otlp, &[], &opts.agent_args, || {
-                    (w.load)(opts.seconds, opts.connections)
+                    (w.load)(opts.seconds, opts.connections, None)
                 })?;
                 on.push(l.rps);
                 costs.push((l, c));
             } else {
-                off.push((w.load)(opts.seconds, opts.connections)?.rps);
+                off.push((w.load)(opts.seconds, opts.connections, None)?.rps);
             }
         }
     }
@@ -764,8 +846,16 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         }
     }
     let (off, on) = (median(off), median(on));
+    let latency = if w.holds_rate {
+        fixed_rate_rows(bin, otlp, w, opts, (off * 0.5).max(50.0))?
+    } else {
+        format!(
+            "{:<50} {:>12}\n",
+            "latency at a fixed rate", "(the load generator cannot hold one)"
+        )
+    };
     Ok(format!(
-        "\n{}\n{:<50} {:>12} {:>12}\n{:<50} {:>12.0} {:>12.0}   ratio {:.3}\n\
+        "\n{}\n{:<50} {:>12} {:>12}\n{:<50} {:>12.0} {:>12.0}   ratio {:.3}\n{latency}\
          {:<50} {:>12.1}\n{:<50} {:>12.1}\n{:<50} {:>12.2}   target <= 1.5\n{:<50} {:>12.2}\n\
          {:<50} {:>12.0}\n{:<50} {:>12.0}   target <= 400\n{:<50} {:>12.1}   target <= 64\n\
          {:<50} {:>12}\n{:<50} {:>12}\n{:<50} {}\n",
@@ -802,6 +892,62 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
             reasons.join(", ")
         },
     ))
+}
+
+/// Latency at `rate` (half of saturation without the agent) without and with the agent, in
+/// alternating rounds, as rows of the database table; and the drops at that rate.
+fn fixed_rate_rows(
+    bin: &Path,
+    otlp: &str,
+    w: &DbWorkload,
+    opts: &Options,
+    rate: f64,
+) -> anyhow::Result<String> {
+    let (mut off, mut on, mut drops) = (Vec::new(), Vec::new(), 0u64);
+    for round in 0..opts.rounds {
+        step(&format!(
+            "{}: fixed rate {rate:.0}/s, round {} of {}",
+            w.name,
+            round + 1,
+            opts.rounds
+        ));
+        let on_first = round % 2 == 1;
+        for with in [on_first, !on_first] {
+            if with {
+                let (l, c) = with_agent(bin, otlp, &[], &opts.agent_args, || {
+                    (w.load)(opts.seconds, opts.connections, Some(rate))
+                })?;
+                on.push(l);
+                drops += c.drops;
+            } else {
+                off.push((w.load)(opts.seconds, opts.connections, Some(rate))?);
+            }
+        }
+    }
+    let mut out = String::new();
+    type Row = (&'static str, fn(&Load) -> f64, &'static str);
+    let rows: [Row; 3] = [
+        ("p50", |l| l.p50_ms, ""),
+        ("p99", |l| l.p99_ms, "   target <= +5%"),
+        ("p99.9", |l| l.p999_ms, ""),
+    ];
+    for (name, f, target) in rows {
+        let (a, b) = (
+            median(off.iter().map(f).collect()),
+            median(on.iter().map(f).collect()),
+        );
+        out.push_str(&format!(
+            "{:<50} {a:>12.3} {b:>12.3}   {:+.0}%{target}\n",
+            format!("{name} latency at {rate:.0} ops/s (ms)"),
+            (b / a - 1.0) * 100.0
+        ));
+    }
+    out.push_str(&format!(
+        "{:<50} {:>12} {drops:>12}   target 0\n",
+        format!("drops at {rate:.0} ops/s (sum over rounds)"),
+        ""
+    ));
+    Ok(out)
 }
 
 /// One HTTP workload: saturation and a fixed rate (half of saturation without the agent), without
@@ -1130,22 +1276,32 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .status();
     let dir: PathBuf = root.join("target/bench");
     let _ = std::fs::remove_dir_all(&dir);
-    let workloads = [
-        nginx(&dir.join("nginx"), false)?,
-        nginx(&dir.join("nginx-tls"), true)?,
-        python(root)?,
-    ];
     let mut report = String::new();
-    for w in &workloads {
-        report.push_str(&http_report(&bin, &otlp, w, opts)?);
+    // Each workload's server runs only for its own report.
+    type Start<'a, W> = (&'a str, Box<dyn Fn() -> anyhow::Result<W> + 'a>);
+    let http: [Start<Workload>; 3] = [
+        ("nginx", Box::new(|| nginx(&dir.join("nginx"), false))),
+        (
+            "nginx-tls",
+            Box::new(|| nginx(&dir.join("nginx-tls"), true)),
+        ),
+        ("python", Box::new(|| python(root))),
+    ];
+    for (name, start) in &http {
+        if opts.runs(name) {
+            report.push_str(&http_report(&bin, &otlp, &start()?, opts)?);
+        }
     }
-    // Database workloads: pgbench and redis-benchmark, client and server both traced.
-    for w in [
-        postgres(&dir.join("postgres"))?,
-        redis()?,
-        grpc(root, &dir.join("grpc"))?,
-    ] {
-        report.push_str(&db_report(&bin, &otlp, &w, opts)?);
+    // Database and gRPC workloads: client and server both traced.
+    let db: [Start<DbWorkload>; 3] = [
+        ("postgres", Box::new(|| postgres(&dir.join("postgres")))),
+        ("redis", Box::new(redis)),
+        ("grpc", Box::new(|| grpc(root, &dir.join("grpc")))),
+    ];
+    for (name, start) in &db {
+        if opts.runs(name) {
+            report.push_str(&db_report(&bin, &otlp, &start()?, opts)?);
+        }
     }
     let _ = Command::new("sysctl")
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
@@ -1161,6 +1317,9 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
             opts.agent_args.join(" ")
         },
     );
+    if !opts.only.is_empty() {
+        return Ok(());
+    }
     // The userspace path alone, on one core: decode -> reassembly -> parse -> span.
     step("userspace microbenchmark (criterion): events per second on one core");
     run(Command::new("cargo").args([

@@ -89,6 +89,10 @@ enum Task {
         /// --agent-arg=--cpu-scheduling=idle
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// Only these workloads (repeat or comma-separate): nginx, nginx-tls, python, postgres,
+        /// redis, grpc. Default: all, then the criterion benchmarks.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -155,6 +159,7 @@ fn main() -> anyhow::Result<()> {
             seconds,
             connections,
             agent_args,
+            only,
         } => {
             ensure_toolchain()?;
             if !is_root() {
@@ -167,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     connections,
                     agent_args,
+                    only,
                 },
             )
         }
