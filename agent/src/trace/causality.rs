@@ -160,7 +160,29 @@ impl<'a> RequestView<'a> {
 
 /// One request on one connection, named from the client side: (client local, client remote,
 /// request ordinal).
-type RequestKey = (SocketAddr, SocketAddr, u64);
+/// (one end, the other end, request ordinal on the connection). Hashed from a compact form:
+/// the derived hash of two `SocketAddr`s (variant, address, port, and for IPv6 flow and scope)
+/// made the map inserts a thirtieth of the tracing sink's instructions per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RequestKey(SocketAddr, SocketAddr, u64);
+
+impl std::hash::Hash for RequestKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        fn bits(a: &SocketAddr) -> u64 {
+            let ip = match a.ip() {
+                std::net::IpAddr::V4(v4) => u64::from(v4.to_bits()),
+                std::net::IpAddr::V6(v6) => {
+                    let b = v6.to_bits();
+                    (b as u64) ^ ((b >> 64) as u64).rotate_left(17)
+                }
+            };
+            ip.rotate_left(16) ^ u64::from(a.port())
+        }
+        h.write_u64(bits(&self.0));
+        h.write_u64(bits(&self.1));
+        h.write_u64(self.2);
+    }
+}
 
 /// The ordinal slot of a connection joined mid-stream, where each side may have seen a different
 /// number of requests: only its latest CLIENT request waits there, and the callee takes it if it
@@ -339,13 +361,14 @@ impl Linker {
     ) -> Identity {
         let joined = conn.midstream && !view.ordinals_absolute;
         let peer = if joined {
-            let key = (conn.remote, conn.local, JOINED);
+            let key = RequestKey(conn.remote, conn.local, JOINED);
             match self.peers.get(&key) {
                 Some((_, started)) if *started <= st.ts_ns => self.peers.remove(&key),
                 _ => None,
             }
         } else {
-            self.peers.remove(&(conn.remote, conn.local, st.ordinal))
+            self.peers
+                .remove(&RequestKey(conn.remote, conn.local, st.ordinal))
         };
         let carried = self.carried(view.carried);
         let caller_span = peer.as_ref().map(|(caller, _)| caller.span_id);
@@ -491,7 +514,7 @@ impl Linker {
             // sender's tracepoint fires): its latest request is this one if the two started
             // within JOINED_LATE_NS of each other. An earlier request of the callee's is a full
             // round trip older than this one.
-            let key = (conn.local, conn.remote, JOINED);
+            let key = RequestKey(conn.local, conn.remote, JOINED);
             if let Some(o) = self.orphans.get(&key)
                 && o.started_ns.abs_diff(st.ts_ns) <= JOINED_LATE_NS
             {
@@ -502,13 +525,13 @@ impl Linker {
             }
             if self.peers.len() < MAX_PEERS {
                 self.peers.insert(
-                    (conn.local, conn.remote, JOINED),
+                    RequestKey(conn.local, conn.remote, JOINED),
                     (identity.clone(), st.ts_ns),
                 );
             }
             return identity;
         }
-        let key = (conn.local, conn.remote, st.ordinal);
+        let key = RequestKey(conn.local, conn.remote, st.ordinal);
         if let Some(orphan) = self.orphans.remove(&key) {
             self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
         } else if self.peers.len() < MAX_PEERS {
@@ -531,7 +554,7 @@ impl Linker {
         if self.orphans.len() < MAX_PEERS {
             let ordinal = if joined { JOINED } else { st.ordinal };
             self.orphans.insert(
-                (conn.remote, conn.local, ordinal),
+                RequestKey(conn.remote, conn.local, ordinal),
                 Orphan {
                     pid: conn.pid,
                     span_id: identity.span_id,
@@ -1020,7 +1043,10 @@ mod tests {
             at(1, 6, 9_000_000),
             None,
         );
-        assert!(l.peers.contains_key(&(up.local, up.remote, JOINED)));
+        assert!(
+            l.peers
+                .contains_key(&RequestKey(up.local, up.remote, JOINED))
+        );
         let _ = later;
     }
 
