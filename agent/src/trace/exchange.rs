@@ -190,6 +190,17 @@ impl Session {
     /// Bytes of the response direction, moved at `ts_ns`. Returns the exchanges they completed.
     pub fn on_responses(&mut self, ts_ns: u64, segments: Vec<Segment>) -> Vec<Exchange> {
         let mut done = Vec::new();
+        self.on_responses_into(ts_ns, segments, &mut done);
+        done
+    }
+
+    /// `on_responses` into `done` (a buffer the caller reuses).
+    pub fn on_responses_into(
+        &mut self,
+        ts_ns: u64,
+        segments: Vec<Segment>,
+        done: &mut Vec<Exchange>,
+    ) {
         let mut items = std::mem::take(&mut self.items);
         for seg in segments {
             // One segment can hold several pipelined responses: the n-th final response head in
@@ -214,11 +225,10 @@ impl Session {
             };
             self.responses.feed(seg, &mut method, &mut items);
             for item in items.drain(..) {
-                self.on_response_item(item, ts_ns, &mut done);
+                self.on_response_item(item, ts_ns, done);
             }
         }
         self.items = items;
-        done
     }
 
     fn on_response_item(&mut self, item: Item, ts_ns: u64, done: &mut Vec<Exchange>) {

@@ -130,6 +130,8 @@ pub struct TraceSink {
     held_count: usize,
     /// RED metrics and the service graph, fed every span before any sampling.
     red: Option<crate::red::Red>,
+    /// The HTTP/1 exchanges a response completed, reused between events.
+    done_http: Vec<Exchange>,
     /// What is exported of what was measured.
     pub sampler: crate::trace::sampling::Sampler,
     /// pid -> the TLS library it uses (`tls_library`).
@@ -215,6 +217,7 @@ impl TraceSink {
             held: HashMap::new(),
             held_count: 0,
             red: None,
+            done_http: Vec::new(),
             tls_libraries: HashMap::new(),
             sampler: crate::trace::sampling::Sampler::new(
                 crate::trace::sampling::HeadSampler {
@@ -382,11 +385,11 @@ impl TraceSink {
         }
     }
 
-    fn emit(&mut self, done: Vec<Exchange>, conn: &ConnInfo) {
+    fn emit(&mut self, done: &mut Vec<Exchange>, conn: &ConnInfo) {
         let kind = Self::kind(conn);
         add(&self.stats.l7.exchanges, PROTO_HTTP1, done.len() as u64);
         add(&self.stats.l7.spans, PROTO_HTTP1, done.len() as u64);
-        for mut ex in done {
+        for mut ex in done.drain(..) {
             self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
             self.linker.finalize(&mut ex.identity);
             if kind == SpanKind::Server {
@@ -582,7 +585,9 @@ impl TraceSink {
         match &mut tracked.proto {
             Proto::Http1(session) => {
                 let before = session.stats;
-                let done = if dir == requests_dir {
+                // Reused: a Vec per response was an allocation each.
+                let mut done = std::mem::take(&mut self.done_http);
+                if dir == requests_dir {
                     let mut assign = |head: &crate::protocol::http1::Head, st| {
                         Self::assign_identity(
                             linker,
@@ -594,15 +599,15 @@ impl TraceSink {
                         )
                     };
                     session.on_requests(ev.ts_ns, ev.tid, &mut assign, segments);
-                    Vec::new()
                 } else {
-                    session.on_responses(ev.ts_ns, segments)
-                };
+                    session.on_responses_into(ev.ts_ns, segments, &mut done);
+                }
                 let after = session.stats;
                 self.account(before, after);
                 if !done.is_empty() {
-                    self.emit(done, conn);
+                    self.emit(&mut done, conn);
                 }
+                self.done_http = done;
             }
             Proto::Db(session, proto) => {
                 let proto = *proto;
@@ -818,8 +823,8 @@ impl Sink for TraceSink {
         let ts = ev.map(|e| e.ts_ns).unwrap_or_else(clock::monotonic_ns);
         match tracked.proto {
             Proto::Http1(mut session) => {
-                let done = session.close(ts);
-                self.emit(done, &info);
+                let mut done = session.close(ts);
+                self.emit(&mut done, &info);
             }
             Proto::Db(mut session, proto) => {
                 let done = session.close(ts);
@@ -886,12 +891,12 @@ impl Sink for TraceSink {
             add(&self.stats.l7.timeouts, PROTO_HTTP2, done.len() as u64);
             self.emit_h2(done, &info);
         }
-        for (done, info) in expired {
+        for (mut done, info) in expired {
             self.stats
                 .timeouts
                 .fetch_add(done.len() as u64, Ordering::Relaxed);
             add(&self.stats.l7.timeouts, PROTO_HTTP1, done.len() as u64);
-            self.emit(done, &info);
+            self.emit(&mut done, &info);
         }
         for (done, info, proto, system) in expired_db {
             add(&self.stats.l7.timeouts, proto, done.len() as u64);
