@@ -445,6 +445,11 @@ impl Metrics {
                     get(&e.export_failed),
                 ),
                 (
+                    "loupe_metrics_export_failed_total",
+                    "OTLP metrics exports that failed (cumulative: the next one carries the totals).",
+                    get(&e.metrics_export_failed),
+                ),
+                (
                     "loupe_console_traces_printed_total",
                     "Traces the terminal view printed.",
                     get(&e.console.traces_printed),

@@ -34,6 +34,8 @@ pub struct ExportStats {
     pub queue_full: AtomicU64,
     /// Spans in batches the OTLP endpoint did not accept.
     pub export_failed: AtomicU64,
+    /// OTLP metrics exports that failed (cumulative: the next one carries the totals).
+    pub metrics_export_failed: AtomicU64,
     /// Monotonic ms of the first failed attempt since the last success (0: exports succeed).
     pub failing_since_ms: AtomicU64,
     /// `--export-retry` in ms: failing longer than this loses spans.

@@ -8,7 +8,10 @@
 //! but resolution, the next one carries the totals. Encoded with opentelemetry-proto's generated
 //! messages: a few thousand series a minute, not the hot path.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use bytes::Bytes;
@@ -104,7 +107,13 @@ impl MetricsExport {
                     _ = &mut stopped => true,
                 };
                 let body = sources.encode(crate::clock::unix_ns());
-                match transport.send(body).await {
+                let result = transport.send(body).await;
+                if result.is_err()
+                    && let Some(e) = &sources.metrics.export
+                {
+                    e.metrics_export_failed.fetch_add(1, Ordering::Relaxed);
+                }
+                match result {
                     Ok(_) if failing => {
                         failing = false;
                         tracing::info!("OTLP metrics export recovered");
@@ -415,6 +424,23 @@ mod tests {
         // An untraced server has no server-side duration.
         assert!(by_name("traces_service_graph_request_server_seconds").is_none());
         assert!(by_name("traces_service_graph_request_client_seconds").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_failed_export_is_counted() {
+        let mut metrics = Metrics::new(None);
+        let stats = Arc::new(crate::export::ExportStats::default());
+        metrics.export = Some(stats.clone());
+        // Nothing listens on port 1: the final export at shutdown fails at once.
+        let cfg = OtlpConfig {
+            protocol: super::super::otlp_settings::Protocol::Grpc,
+            endpoint: Some("http://127.0.0.1:1".into()),
+        };
+        let export = MetricsExport::start(&cfg, Arc::new(metrics), "node-1")
+            .unwrap()
+            .expect("OTEL_METRICS_EXPORTER is not set in tests");
+        export.shutdown().await;
+        assert_eq!(stats.metrics_export_failed.load(Ordering::Relaxed), 1);
     }
 
     #[test]

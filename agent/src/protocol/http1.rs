@@ -26,13 +26,14 @@ pub enum StartLine {
     Response { status: u16 },
 }
 
-const METHODS: [&str; 9] = [
+/// The methods RFC 9110 and 5789 define (spans name any other `_OTHER`).
+pub const KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
 /// A method as a `StartLine` keeps it: the standard ones as constants.
 pub fn method_name(m: &str) -> Cow<'static, str> {
-    match METHODS.iter().find(|k| **k == m) {
+    match KNOWN_METHODS.iter().find(|k| **k == m) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(m.to_string()),
     }

@@ -40,17 +40,14 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// `{k="v",...}` with an optional extra label (a bucket's `le`), or nothing.
-fn render_labels(labels: &[(&'static str, LabelValue)], extra: Option<(&str, &str)>) -> String {
+/// `{k="v",...}` by label name, or nothing.
+fn render_labels(labels: &[(&'static str, LabelValue)]) -> String {
     let mut parts: Vec<String> = labels
         .iter()
         .map(|(k, v)| format!("{}=\"{}\"", sanitize(k), escape(&v.to_string())))
         .collect();
     // By name, as Prometheus itself prints them.
     parts.sort();
-    if let Some((k, v)) = extra {
-        parts.push(format!("{k}=\"{v}\""));
-    }
     if parts.is_empty() {
         String::new()
     } else {
@@ -93,7 +90,7 @@ pub fn text(store: &Store) -> String {
         let mut series: Vec<_> = m
             .table
             .iter()
-            .map(|s| (render_labels(&s.labels, None), &s.data))
+            .map(|s| (render_labels(&s.labels), &s.data))
             .collect();
         if series.is_empty() {
             continue;
@@ -108,7 +105,7 @@ pub fn text(store: &Store) -> String {
     let mut edges: Vec<_> = store
         .edges
         .iter()
-        .map(|s| (render_labels(&s.labels, None), &s.data))
+        .map(|s| (render_labels(&s.labels), &s.data))
         .collect();
     edges.sort_by(|a, b| a.0.cmp(&b.0));
     if !edges.is_empty() {
