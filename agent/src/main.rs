@@ -23,8 +23,7 @@ use loupe::{
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, watch},
-    task::JoinHandle,
+    sync::mpsc,
 };
 
 #[global_allocator]
@@ -152,8 +151,7 @@ struct Capture {
     _tls_watch: Option<loupe::tls::watch::TlsWatch>,
     events: mpsc::Receiver<Event>,
     metrics: Metrics,
-    stop: watch::Sender<bool>,
-    reader: JoinHandle<anyhow::Result<()>>,
+    reader: reader::Reader,
 }
 
 fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture> {
@@ -200,9 +198,8 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         probe.tls_ready,
     ));
     metrics.tls = Some(tls.clone());
-    let (stop, stop_rx) = watch::channel(false);
     let (tx, events) = mpsc::channel(65_536);
-    let reader = tokio::spawn(reader::run(ring, tx, metrics.user.clone(), stop_rx));
+    let reader = reader::Reader::spawn(ring, tx, metrics.user.clone())?;
     Ok(Capture {
         probe,
         tls,
@@ -210,7 +207,6 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         _tls_watch: tls_watch,
         events,
         metrics,
-        stop,
         reader,
     })
 }
@@ -312,7 +308,6 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         _tls_watch,
         events,
         metrics,
-        stop,
         reader,
     } = start_capture(common, protocols)?;
     let metrics = Arc::new(metrics);
@@ -346,8 +341,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
     });
     shutdown.wait().await;
-    let _ = stop.send(true);
-    reader.await.context("reader task")??;
+    reader.stop().await?;
     consumer.await.context("pipeline task")?;
     tracing::info!("{}", metrics.summary());
     drop(probe);
@@ -393,7 +387,6 @@ async fn run_command(
         _tls_watch,
         events,
         mut metrics,
-        stop,
         reader,
         // Only what a parser turns into spans: HTTP/2 (gRPC) would be copied and then ignored.
     } = start_capture(common, loupe::protocol::wanted_mask())?;
@@ -488,8 +481,7 @@ async fn run_command(
             }
         }
     }
-    let _ = stop.send(true);
-    reader.await.context("reader task")??;
+    reader.stop().await?;
     consumer.await.context("pipeline task")?;
     if tokio::time::timeout(Duration::from_secs(5), export_task)
         .await
