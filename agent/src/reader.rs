@@ -3,8 +3,8 @@
 //! channel are counted.
 //!
 //! The kernel programs never wake the reader (a wakeup per record was the largest cost of the
-//! send path, agent-ebpf/src/helpers/emit.rs): the reader polls the ring's fd with a 10 ms
-//! timeout, so a kernel that does signal readiness (a connection's first event) is served at once.
+//! send path, agent-ebpf/src/helpers/emit.rs): the reader drains every 10 ms, and at once when a
+//! program does ask for a wakeup (a connection's first event).
 //!
 //! Why not a tokio task: the ring is the one stage whose lateness loses data (a full ring drops
 //! in the kernel), and on the runtime's two workers a drain could wait behind a long poll of the
@@ -12,7 +12,7 @@
 //! that only drains is never behind anything but the scheduler.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -70,26 +70,67 @@ fn run(
     stats: &Userspace,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    let fd = ring.as_fd().as_raw_fd();
+    let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         drain(&mut ring, tx, stats);
         if stopping {
             return Ok(());
         }
-        let mut pollfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
+        wakeups.wait(DRAIN_INTERVAL_MS)?;
+    }
+}
+
+/// The kernel's wakeups of the ring, edge-triggered. A level-triggered poll of a ring buffer
+/// returns at once whenever a record is waiting, which under load turns the 10 ms drain into a
+/// busy loop of small batches, each waking the pipeline (measured: 2 650 polls/s at 45k req/s);
+/// an edge is raised only when a program asks for a wakeup.
+struct Wakeups {
+    epoll: std::os::fd::OwnedFd,
+}
+
+impl Wakeups {
+    fn new(ring: std::os::fd::RawFd) -> anyhow::Result<Self> {
+        // SAFETY: plain syscalls; the returned fd is owned from here on.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            anyhow::bail!(
+                "creating an epoll instance for the ring buffer: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: `epoll` is a fresh fd that nothing else owns.
+        let epoll = unsafe { std::os::fd::OwnedFd::from_raw_fd(epoll) };
+        let mut interest = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLET) as u32,
+            u64: 0,
         };
-        // SAFETY: one valid pollfd; the ring owns the fd for the whole loop.
-        let n = unsafe { libc::poll(&mut pollfd, 1, DRAIN_INTERVAL_MS) };
+        // SAFETY: both fds are open; the ring outlives the epoll instance (same thread, dropped
+        // after it).
+        if unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, ring, &mut interest) }
+            < 0
+        {
+            anyhow::bail!(
+                "watching the ring buffer: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Returns on a wakeup or after `timeout_ms`.
+    fn wait(&self, timeout_ms: i32) -> anyhow::Result<()> {
+        let mut ready = [libc::epoll_event { events: 0, u64: 0 }];
+        // SAFETY: one writable event slot.
+        let n =
+            unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ready.as_mut_ptr(), 1, timeout_ms) };
         if n < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(anyhow::anyhow!("polling the ring buffer: {err}"));
+                anyhow::bail!("waiting on the ring buffer: {err}");
             }
         }
+        Ok(())
     }
 }
 
