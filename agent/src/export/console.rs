@@ -124,6 +124,7 @@ fn peer(s: &SpanRecord) -> Option<String> {
             .map(|(_, v)| match v {
                 Value::Str(s) => s.clone(),
                 Value::Static(s) => (*s).to_string(),
+                Value::Shared(s) => s.to_string(),
                 Value::Int(i) => i.to_string(),
             })
     };

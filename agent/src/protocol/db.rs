@@ -366,7 +366,10 @@ pub fn build(
     };
     a.push(("server.address", Value::Str(ip_str(server))));
     a.push(("server.port", Value::Int(server.port().into())));
-    a.push(("network.peer.address", Value::Str(ip_str(peer))));
+    a.push((
+        "network.peer.address",
+        Value::Shared(crate::trace::shared_text::ip(peer.ip())),
+    ));
     a.push(("network.peer.port", Value::Int(peer.port().into())));
     let code = ex.response.as_ref().and_then(|r| r.error_code.clone());
     if let Some(c) = &code {

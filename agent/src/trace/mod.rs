@@ -7,5 +7,6 @@ pub mod context;
 pub mod exchange;
 pub mod route;
 pub mod sampling;
+pub mod shared_text;
 pub mod sink;
 pub mod span;

@@ -27,6 +27,13 @@ pub fn is_id_like(seg: &str) -> bool {
 
 /// `/users/42/orders/9f86d081884c7d65` -> `/users/{id}/orders/{id}`. The query is dropped.
 pub fn template(target: &str) -> String {
+    let mut out = String::new();
+    template_into(target, &mut out);
+    out
+}
+
+/// `template`, appended to `out` (a buffer reused across requests).
+pub fn template_into(target: &str, out: &mut String) {
     // Byte scans, not `str` patterns: a multi-character or substring pattern sets up a searcher
     // per call, which made this a tenth of the tracing sink's instructions per request.
     let end = target
@@ -48,10 +55,11 @@ pub fn template(target: &str) -> String {
         None => path,
     };
     if path.is_empty() || path == "*" {
-        return path.to_string();
+        out.push_str(path);
+        return;
     }
     // Room for a few `{id}`s longer than what they replace.
-    let mut out = String::with_capacity(path.len() + 8);
+    out.reserve(path.len() + 8);
     let mut rest = path;
     loop {
         let end = rest.bytes().position(|b| b == b'/').unwrap_or(rest.len());
@@ -63,7 +71,6 @@ pub fn template(target: &str) -> String {
         out.push('/');
         rest = &rest[end + 1..];
     }
-    out
 }
 
 #[cfg(test)]

@@ -286,7 +286,9 @@ impl TraceSink {
             return;
         }
         let service = match (local_root, self.red.as_mut()) {
-            (true, Some(red)) => red.service(span.pid, &span.comm).to_string(),
+            (true, Some(red)) => red
+                .service(span.pid, &span.comm, span.end_unix_ns)
+                .to_string(),
             _ => span.comm.clone(),
         };
         let root = local_root.then_some(crate::trace::sampling::Root {

@@ -4,7 +4,7 @@
 //! `trace::causality` (carried context, same-node peer, same thread); this module fills in the
 //! rest.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
     clock::WallClock,
@@ -12,7 +12,7 @@ use crate::{
     protocol::http1::{Head, KNOWN_METHODS},
     trace::{
         exchange::{Exchange, Outcome},
-        route::template,
+        shared_text,
     },
 };
 
@@ -29,6 +29,8 @@ pub enum Value {
     Str(String),
     /// A constant: no allocation per span.
     Static(&'static str),
+    /// Text many spans repeat (`trace::shared_text`): a reference count per span.
+    Shared(Arc<str>),
     Int(i64),
 }
 
@@ -37,6 +39,7 @@ impl Value {
         match self {
             Value::Str(s) => Some(s),
             Value::Static(s) => Some(s),
+            Value::Shared(s) => Some(s),
             Value::Int(_) => None,
         }
     }
@@ -195,7 +198,7 @@ pub fn build<'a>(
         Some(i) => (&target[..i], Some(until(&target[i + 1..], b'#'))),
         None => (until(target, b'#'), None),
     };
-    let route = template(target);
+    let route = shared_text::route(target);
     let known = KNOWN_METHODS.contains(&method);
     let verb = if known { method } else { "HTTP" };
     let mut name = String::with_capacity(verb.len() + 1 + route.len());
@@ -224,11 +227,11 @@ pub fn build<'a>(
         Value::Static(if req.minor_version == 0 { "1.0" } else { "1.1" }),
     ));
     let peer = conn.remote;
-    let peer_ip = ip_str(peer);
+    let peer_ip = shared_text::ip(peer.ip());
     let host = host_and_port(req);
     match kind {
         SpanKind::Server => {
-            a.push(("http.route", Value::Str(route.clone())));
+            a.push(("http.route", Value::Shared(route.clone())));
             let (addr, port) = match host {
                 Some((h, p)) => (h.to_string(), p.unwrap_or(conn.local.port())),
                 None => (ip_str(conn.local), conn.local.port()),
@@ -239,15 +242,18 @@ pub fn build<'a>(
                 .header_str("x-forwarded-for")
                 .map(|v| until(v, b',').trim())
                 .filter(|v| !v.is_empty())
-                .map_or_else(|| peer_ip.clone(), str::to_string);
-            a.push(("client.address", Value::Str(client)));
+                .map_or_else(
+                    || Value::Shared(peer_ip.clone()),
+                    |v| Value::Str(v.to_string()),
+                );
+            a.push(("client.address", client));
         }
         SpanKind::Client => {
             let (addr, port) = match host {
                 Some((h, p)) => (h.to_string(), p.unwrap_or(peer.port())),
-                None => (peer_ip.clone(), peer.port()),
+                None => (peer_ip.to_string(), peer.port()),
             };
-            a.push(("url.template", Value::Str(route.clone())));
+            a.push(("url.template", Value::Shared(route.clone())));
             let q = query
                 .map(|q| format!("?{}", redact_query(q, redaction)))
                 .unwrap_or_default();
@@ -264,7 +270,7 @@ pub fn build<'a>(
             a.push(("server.port", Value::Int(port.into())));
         }
     }
-    a.push(("network.peer.address", Value::Str(peer_ip)));
+    a.push(("network.peer.address", Value::Shared(peer_ip)));
     a.push(("network.peer.port", Value::Int(peer.port().into())));
     if let Some(ua) = req.header_str("user-agent") {
         a.push(("user_agent.original", s(ua)));

@@ -1,0 +1,90 @@
+//! Attribute text that many spans repeat (a peer's address, a route) made once and shared:
+//! each span then holds a reference count instead of its own copy. Every `String` in a span is
+//! an allocation in the pipeline and a cross-thread free in the exporter; a server span repeated
+//! its peer address twice and its route twice.
+//!
+//! Per thread (the pipeline task may run on either runtime worker), bounded: a table that
+//! reaches `LIMIT` entries starts over, so a scan over many addresses or a route explosion
+//! costs allocations, never memory.
+
+use std::{cell::RefCell, net::IpAddr, sync::Arc};
+
+use foldhash::{HashMap, HashMapExt};
+
+/// Entries per table before it starts over.
+const LIMIT: usize = 4096;
+
+struct Tables {
+    ips: HashMap<IpAddr, Arc<str>>,
+    routes: HashMap<Box<str>, Arc<str>>,
+    /// Where a route is templated before it is looked up.
+    scratch: String,
+}
+
+thread_local! {
+    static TABLES: RefCell<Tables> = RefCell::new(Tables {
+        ips: HashMap::new(),
+        routes: HashMap::new(),
+        scratch: String::new(),
+    });
+}
+
+/// The address as text (see `span::ip_str`), shared.
+pub fn ip(addr: IpAddr) -> Arc<str> {
+    TABLES.with_borrow_mut(|t| {
+        if let Some(text) = t.ips.get(&addr) {
+            return text.clone();
+        }
+        if t.ips.len() >= LIMIT {
+            t.ips.clear();
+        }
+        let text: Arc<str> = crate::trace::span::ip_str(std::net::SocketAddr::new(addr, 0)).into();
+        t.ips.insert(addr, text.clone());
+        text
+    })
+}
+
+/// The route of a request target (`route::template_into`), shared.
+pub fn route(target: &str) -> Arc<str> {
+    TABLES.with_borrow_mut(|t| {
+        let Tables {
+            routes, scratch, ..
+        } = t;
+        scratch.clear();
+        crate::trace::route::template_into(target, scratch);
+        if let Some(route) = routes.get(scratch.as_str()) {
+            return route.clone();
+        }
+        if routes.len() >= LIMIT {
+            routes.clear();
+        }
+        let route: Arc<str> = scratch.as_str().into();
+        routes.insert(scratch.as_str().into(), route.clone());
+        route
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_text_is_shared_and_equal_to_a_fresh_one() {
+        let a = ip("10.1.2.3".parse().unwrap());
+        let b = ip("10.1.2.3".parse().unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "10.1.2.3");
+        assert_eq!(&*ip("::1".parse().unwrap()), "::1");
+        let r = route("/users/42?x=1");
+        assert!(Arc::ptr_eq(&r, &route("/users/43")));
+        assert_eq!(&*r, "/users/{id}");
+    }
+
+    #[test]
+    fn a_full_table_starts_over_instead_of_growing() {
+        for i in 0..(LIMIT as u32 + 10) {
+            ip(IpAddr::V4(i.into()));
+        }
+        TABLES.with_borrow(|t| assert!(t.ips.len() <= LIMIT));
+    }
+}
