@@ -14,7 +14,6 @@ use crate::{
     helpers::{
         bounds::{clamp, opaque},
         count::count,
-        regs::current_call,
     },
     maps::ACTIVE_CALLS,
 };
@@ -35,12 +34,18 @@ pub struct Copied {
 }
 
 /// Copies up to `want` bytes of the current thread's in-flight syscall buffer into `dst`
-/// (2 * MAX_PAYLOAD bytes). The call comes from the saved registers; sendmmsg/recvmmsg, whose
-/// messages each fire a sock tracepoint, from their enter program's record, advancing to the
-/// next message on each call.
+/// (2 * MAX_PAYLOAD bytes). The call is `current` (read from the saved registers,
+/// `regs::current_call_and_goroutine`); sendmmsg/recvmmsg, whose messages each fire a sock
+/// tracepoint, come from their enter program's record, advancing to the next message on each
+/// call.
 #[inline(always)]
-pub fn copy_from_call(pid_tgid: u64, dst: *mut u8, want: u64) -> Copied {
-    if let Some(call) = current_call() {
+pub fn copy_from_call(
+    current: Option<ActiveCall>,
+    pid_tgid: u64,
+    dst: *mut u8,
+    want: u64,
+) -> Copied {
+    if let Some(call) = current {
         return copied(copy_call(&call, dst, want), call.syscall);
     }
     let call = match ACTIVE_CALLS.get_ptr_mut(pid_tgid) {

@@ -39,6 +39,13 @@ mod abi {
     pub const GOROUTINE: u64 = 8;
     /// sp
     pub const SP: u64 = 152;
+    /// One read from r14 to orig_ax: the goroutine and the call (words of it below).
+    pub const SPAN_START: u64 = GOROUTINE;
+    pub const SPAN_WORDS: usize = 15;
+    pub const SPAN_GOROUTINE: usize = 0;
+    pub const SPAN_ARG1: usize = 12;
+    pub const SPAN_ARG2: usize = 11;
+    pub const SPAN_NR: usize = 14;
 }
 
 /// arm64 (the generic syscall table); not exercised by the tests on this project's machines.
@@ -79,14 +86,23 @@ fn user_regs() -> u64 {
 /// The in-flight call of the current thread when it is one of the single-buffer socket
 /// syscalls (read, write, readv, writev, recvfrom, sendto, recvmsg, sendmsg); None for anything
 /// else (sendmmsg/recvmmsg, which their own enter programs record, sendfile, splice, io_uring,
-/// kernel threads).
+/// kernel threads). With it, Go's goroutine register (`syscall_goroutine`), from the same read
+/// of the saved registers: the sock tracepoints need both for every event, and two lookups of
+/// the registers and two reads were a measurable part of their time.
 #[inline(always)]
-pub fn current_call() -> Option<ActiveCall> {
+pub fn current_call_and_goroutine() -> (Option<ActiveCall>, u64) {
     let regs = user_regs();
     if regs == 0 {
-        return None;
+        return (None, 0);
     }
-    let (nr, ptr, len) = read(regs)?;
+    let Some((nr, ptr, len, goroutine)) = read_with_goroutine(regs) else {
+        return (None, 0);
+    };
+    (call_of(nr, ptr, len), goroutine)
+}
+
+#[inline(always)]
+fn call_of(nr: u64, ptr: u64, len: u64) -> Option<ActiveCall> {
     let (syscall, shape) = match nr {
         abi::NR_READ => (SYS_READ, SHAPE_BUF),
         abi::NR_WRITE => (SYS_WRITE, SHAPE_BUF),
@@ -108,6 +124,31 @@ pub fn current_call() -> Option<ActiveCall> {
         fd: 0,
         flags: 0,
     })
+}
+
+/// (syscall number, argument 1, argument 2, goroutine register) in one read.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(always)]
+fn read_with_goroutine(regs: u64) -> Option<(u64, u64, u64, u64)> {
+    // SAFETY: fault-tolerant kernel read.
+    let w: [u64; abi::SPAN_WORDS] =
+        unsafe { bpf_probe_read_kernel((regs + abi::SPAN_START) as *const [u64; abi::SPAN_WORDS]) }
+            .ok()?;
+    Some((
+        w[abi::SPAN_NR],
+        w[abi::SPAN_ARG1],
+        w[abi::SPAN_ARG2],
+        w[abi::SPAN_GOROUTINE],
+    ))
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+#[inline(always)]
+fn read_with_goroutine(regs: u64) -> Option<(u64, u64, u64, u64)> {
+    let (nr, a1, a2) = read(regs)?;
+    // SAFETY: fault-tolerant kernel read.
+    let g = unsafe { bpf_probe_read_kernel((regs + abi::GOROUTINE) as *const u64) }.unwrap_or(0);
+    Some((nr, a1, a2, g))
 }
 
 /// (syscall number, argument 1, argument 2).

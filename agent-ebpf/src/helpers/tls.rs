@@ -20,7 +20,7 @@ use crate::{
         payload::read_into,
         regs::syscall_goroutine,
     },
-    maps::{CONNS, SCRATCH, TLS_CALLS, TLS_LAST_RECV, TLS_SOCKETS},
+    maps::{CONNS, GO_READS, SCRATCH, TLS_CALLS, TLS_LAST_RECV, TLS_SOCKETS},
 };
 
 /// The connection's plaintext is seen from now on: its stream restarts at offset 0 with the
@@ -118,6 +118,34 @@ pub fn inside_tls_call(
         call.generation = conn.generation;
         hook(conn);
     }
+    true
+}
+
+/// A receive on a TLS connection not yet hooked, made by `goroutine` (the syscall's r14): if
+/// that goroutine is inside a Go `crypto/tls` Read, its session is this socket's. The thread's
+/// own record (`inside_tls_call`) misses it when the goroutine parked on the netpoller inside
+/// Read and resumed on another thread, as a keep-alive connection's server goroutine does while
+/// it waits for the next request; its reads then went unbound until one happened to stay on its
+/// thread. Other processes have no GO_READS entries, whatever their r14 holds.
+#[inline(always)]
+pub fn bind_goroutine_read(pid_tgid: u64, goroutine: u64, sk: u64, conn: &mut ConnState) -> bool {
+    if goroutine == 0 {
+        return false;
+    }
+    let key = ProcessKey {
+        tgid: pid_tgid >> 32,
+        id: goroutine,
+    };
+    // SAFETY: map lookup of a plain key; the value is copied out.
+    let Some(session) = (unsafe { GO_READS.get(key) }).map(|call| call.session) else {
+        return false;
+    };
+    let session = ProcessKey {
+        tgid: pid_tgid >> 32,
+        id: session,
+    };
+    bind(&session, sk, conn.generation);
+    hook(conn);
     true
 }
 

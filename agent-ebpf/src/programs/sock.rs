@@ -33,9 +33,9 @@ use crate::{
         event::{Transfer, send_data},
         filter::process_selected,
         payload::{copy_from_call, copy_saved},
-        regs::syscall_goroutine,
+        regs::{current_call_and_goroutine, syscall_goroutine},
         sock::{read_tuple, track},
-        tls::{inside_tls_call, note_tls_recv},
+        tls::{bind_goroutine_read, inside_tls_call, note_tls_recv},
     },
     maps::{CONNS, LOUPE_CONFIG, SCRATCH},
 };
@@ -176,9 +176,18 @@ pub fn capture(
     let want = if bytes < cap { bytes } else { cap };
     // SAFETY: per-CPU scratch; the programs are not re-entered on one CPU.
     let payload = unsafe { core::ptr::addr_of_mut!((*scratch).payload) }.cast::<u8>();
-    let copied = match saved {
-        Some((call, ret, shape)) => copy_saved(call, shape, ret, payload, want as u64),
-        None => copy_from_call(pid_tgid, payload, want as u64),
+    let (copied, goroutine) = match saved {
+        Some((call, ret, shape)) => (
+            copy_saved(call, shape, ret, payload, want as u64),
+            syscall_goroutine(),
+        ),
+        None => {
+            let (current, goroutine) = current_call_and_goroutine();
+            (
+                copy_from_call(current, pid_tgid, payload, want as u64),
+                goroutine,
+            )
+        }
     };
 
     if conn.status == STATUS_UNCLASSIFIED && !decide(cfg, conn, payload, copied.captured) {
@@ -187,9 +196,13 @@ pub fn capture(
         }
         return Ok(());
     }
-    // Where a TLS read served without a syscall (Node's memory BIO) got its bytes from.
     if conn.protocol == PROTO_TLS && direction == DIR_RECV {
+        // Where a TLS read served without a syscall (Node's memory BIO) got its bytes from.
         note_tls_recv(pid_tgid, sk, conn.generation);
+        // The ciphertext of a Go read that changed threads: its plaintext comes at its return.
+        if bind_goroutine_read(pid_tgid, goroutine, sk, conn) {
+            return Ok(());
+        }
     }
     let (ctx_source, ctx) = if cfg.tcp_context != 0 {
         request_context(conn, direction, pid_tgid as u32)
@@ -210,7 +223,7 @@ pub fn capture(
         flags,
         syscall: copied.syscall,
         first,
-        goroutine: syscall_goroutine(),
+        goroutine,
     };
     send_data(scratch, pid_tgid, sk, conn, &transfer, ctx_source, ctx);
     Ok(())
