@@ -200,7 +200,9 @@ pub fn capture(
         // Where a TLS read served without a syscall (Node's memory BIO) got its bytes from.
         note_tls_recv(pid_tgid, sk, conn.generation);
         // The ciphertext of a Go read that changed threads: its plaintext comes at its return.
-        if bind_goroutine_read(pid_tgid, goroutine, sk, conn) {
+        // The sock path only: `saved` is a constant in each syscall-exit program, so the branch
+        // is gone from them (it made their load slower than the kernel matrix allows under TCG).
+        if saved.is_none() && bind_goroutine_read(pid_tgid, goroutine, sk, conn) {
             return Ok(());
         }
     }
