@@ -39,6 +39,16 @@ pub fn privileged() -> bool {
     false
 }
 
+/// How many times slower than a real machine this one runs (`LOUPE_TEST_SLOWDOWN`, set by
+/// `cargo xtask kernels` for an emulated guest): startup deadlines scale with it.
+pub fn slowdown() -> u32 {
+    std::env::var("LOUPE_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 pub fn loupe_bin() -> PathBuf {
     std::env::var_os("LOUPE_BIN")
         .map(PathBuf::from)
@@ -219,7 +229,8 @@ impl Agent {
                 line.clear();
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready_within = Duration::from_secs(30) * slowdown();
+        let deadline = Instant::now() + ready_within;
         loop {
             if ready_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
                 break;
@@ -232,7 +243,8 @@ impl Agent {
             }
             assert!(
                 Instant::now() < deadline,
-                "loupe not ready after 30 s:\n{}",
+                "loupe not ready after {} s:\n{}",
+                ready_within.as_secs(),
                 log.lock().unwrap()
             );
         }

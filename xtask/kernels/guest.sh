@@ -4,6 +4,8 @@
 # reads from the serial console; everything else is the log.
 #
 # Environment (set by the initramfs's /init): LOUPE_BIN, CAPTURE_TEST, SYSCALL_PATH_TEST.
+# The kernel command line's loupe.slowdown (the xtask's, 4 under TCG) becomes
+# LOUPE_TEST_SLOWDOWN: the tests' startup deadlines scale with it.
 set -u
 # HOME stays the host's /root (read-only): the test venv's interpreter lives under it (pyenv).
 
@@ -86,6 +88,8 @@ cd /tmp
 smoke
 optional
 export LOUPE_BIN
+LOUPE_TEST_SLOWDOWN=$(sed -n "s/.*loupe\.slowdown=\([0-9]*\).*/\1/p" /proc/cmdline)
+export LOUPE_TEST_SLOWDOWN
 # The byte-exact capture of every syscall family (read/write, readv/writev, send/recv, sendto/
 # recvfrom, sendmsg/recvmsg, sendmmsg/recvmmsg), on the path the agent picks itself and forced
 # onto the syscall path; UDP, unix sockets, pipes and files ignored; a connection opened before

@@ -176,16 +176,15 @@ pub fn capture(
     let want = if bytes < cap { bytes } else { cap };
     // SAFETY: per-CPU scratch; the programs are not re-entered on one CPU.
     let payload = unsafe { core::ptr::addr_of_mut!((*scratch).payload) }.cast::<u8>();
+    // The syscall path reads the goroutine only once the event is sure to go out: a value kept
+    // alive across classification made its programs' verification several times slower.
     let (copied, goroutine) = match saved {
-        Some((call, ret, shape)) => (
-            copy_saved(call, shape, ret, payload, want as u64),
-            syscall_goroutine(),
-        ),
+        Some((call, ret, shape)) => (copy_saved(call, shape, ret, payload, want as u64), None),
         None => {
             let (current, goroutine) = current_call_and_goroutine();
             (
                 copy_from_call(current, pid_tgid, payload, want as u64),
-                goroutine,
+                Some(goroutine),
             )
         }
     };
@@ -200,9 +199,12 @@ pub fn capture(
         // Where a TLS read served without a syscall (Node's memory BIO) got its bytes from.
         note_tls_recv(pid_tgid, sk, conn.generation);
         // The ciphertext of a Go read that changed threads: its plaintext comes at its return.
-        // The sock path only: `saved` is a constant in each syscall-exit program, so the branch
-        // is gone from them (it made their load slower than the kernel matrix allows under TCG).
-        if saved.is_none() && bind_goroutine_read(pid_tgid, goroutine, sk, conn) {
+        // The sock path only (`goroutine` is a constant `None` in each syscall-exit program, so
+        // the branch is gone from them: it made their load slower than the kernel matrix allows
+        // under TCG).
+        if let Some(g) = goroutine
+            && bind_goroutine_read(pid_tgid, g, sk, conn)
+        {
             return Ok(());
         }
     }
@@ -225,7 +227,7 @@ pub fn capture(
         flags,
         syscall: copied.syscall,
         first,
-        goroutine,
+        goroutine: goroutine.unwrap_or_else(syscall_goroutine),
     };
     send_data(scratch, pid_tgid, sk, conn, &transfer, ctx_source, ctx);
     Ok(())
