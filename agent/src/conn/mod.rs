@@ -5,7 +5,7 @@
 pub mod stream;
 
 use foldhash::{HashMap, HashMapExt};
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use crate::decode::{CloseEvent, ConnKey, DataEvent, Direction, Role};
 pub use stream::{Pushed, Segment, Stream, StreamStats};
@@ -34,7 +34,7 @@ impl Default for Limits {
 pub struct ConnInfo {
     pub key: ConnKey,
     pub pid: u32,
-    pub comm: String,
+    pub comm: Arc<str>,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub role: Role,
@@ -126,7 +126,7 @@ impl ConnTable {
                     info: ConnInfo {
                         key: ev.conn,
                         pid: ev.pid,
-                        comm: ev.comm.to_string(),
+                        comm: ev.comm.as_str().into(),
                         local: ev.local,
                         remote: ev.remote,
                         role,

@@ -43,9 +43,9 @@ struct Line {
     start: u64,
     end: u64,
     pid: u32,
-    comm: String,
+    comm: Arc<str>,
     kind: SpanKind,
-    name: String,
+    name: Arc<str>,
     /// `ERROR …`, a status code, or empty.
     status: String,
     error: bool,
@@ -169,7 +169,7 @@ impl<W: Write> ConsoleTree<W> {
     pub fn add(&mut self, s: &SpanRecord, now: Instant) {
         let status = match (&s.error, &s.status) {
             (Some(e), _) => format!("ERROR {e}"),
-            (None, Some(st)) => st.clone(),
+            (None, Some(st)) => st.to_string(),
             _ => String::new(),
         };
         let line = Line {

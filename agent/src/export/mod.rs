@@ -198,7 +198,8 @@ async fn flush(
     if batch.is_empty() {
         return;
     }
-    let spans = std::mem::take(batch);
+    // The next batch starts at the size this one reached (growing it again moved every span).
+    let spans = std::mem::replace(batch, Vec::with_capacity(batch.capacity()));
     if let Some(c) = out.console.as_mut() {
         let now = Instant::now();
         for span in &spans {
@@ -234,8 +235,8 @@ pub fn lookup(processes: &SharedProcesses, span: &SpanRecord) -> ProcessInfo {
         Ok(mut p) => p.resolve(span.pid, &span.comm),
         Err(_) => ProcessInfo {
             pid: span.pid,
-            service_name: span.comm.clone(),
-            executable_name: span.comm.clone(),
+            service_name: span.comm.to_string(),
+            executable_name: span.comm.to_string(),
             ..ProcessInfo::default()
         },
     }

@@ -139,8 +139,10 @@ impl OtlpOut {
         stats: &Arc<ExportStats>,
     ) {
         let n = spans.len() as u64;
-        let mut by_pid: BTreeMap<u32, Vec<SpanRecord>> = BTreeMap::new();
-        for s in spans {
+        // Grouped by reference: moving each span into its group's vector cost a copy of every
+        // span, and more as the vectors grew.
+        let mut by_pid: BTreeMap<u32, Vec<&SpanRecord>> = BTreeMap::new();
+        for s in &spans {
             by_pid.entry(s.pid).or_default().push(s);
         }
         let groups: Vec<_> = by_pid
@@ -151,6 +153,8 @@ impl OtlpOut {
             })
             .collect();
         let body = otlp_proto::encode_request(&groups);
+        drop(groups);
+        drop(spans);
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
             return;
         };
@@ -416,6 +420,8 @@ impl<R: Response> Encoder for PreEncoded<R> {
     type Error = Status;
 
     fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        // At once: tonic's buffer starts at 8 KiB and would double its way up, copying.
+        dst.reserve(item.len());
         dst.put_slice(&item);
         Ok(())
     }

@@ -7,13 +7,14 @@
 //! statement skipped after an error in the same pipeline answers `not_executed`), so pairing is
 //! a queue. Pushes and notices are `Unsolicited`: counted, never paired.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{borrow::Cow, collections::VecDeque, sync::Arc};
 
 use crate::{
     clock::WallClock,
     conn::{ConnInfo, Segment},
     trace::{
         exchange::{Identity, Outcome, RequestStart},
+        shared_text,
         span::{SpanKind, SpanRecord, Value, ip_str},
     },
 };
@@ -387,9 +388,9 @@ pub fn build(
     }
     // Low cardinality: `SELECT items`, `GET`, else the system.
     let name = match (&r.operation, &r.collection) {
-        (Some(op), Some(c)) => format!("{op} {c}"),
-        (Some(op), None) => op.to_string(),
-        _ => system.to_string(),
+        (Some(op), Some(c)) => shared_text::joined(&[op, " ", c]),
+        (Some(op), None) => shared_text::text(op),
+        _ => shared_text::text(system),
     };
     let id = &ex.identity;
     SpanRecord {
@@ -403,7 +404,7 @@ pub fn build(
         start_unix_ns: clock.to_unix_ns(ex.start_ns),
         end_unix_ns: clock.to_unix_ns(ex.end_ns.max(ex.start_ns)),
         attributes: a,
-        status: code.map(|c| c.to_string()).or_else(|| Some("OK".into())),
+        status: Some(code.map_or(Cow::Borrowed("OK"), |c| Cow::Owned(c.to_string()))),
         error,
         pid: conn.pid,
         comm: conn.comm.clone(),

@@ -5,7 +5,7 @@
 //! inside a head or a chunk-size line, garbage), the reader resynchronises on the next thing that
 //! looks like a message start, and says so.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, mem::MaybeUninit};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
@@ -52,10 +52,11 @@ pub struct Head {
 }
 
 impl Head {
+    /// `name` in lowercase, as `KEPT` spells it (kept headers are stored under those names).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_ref())
     }
 
@@ -68,7 +69,7 @@ impl Head {
     fn has_token(&self, name: &str, token: &str) -> bool {
         self.headers
             .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(|(n, _)| *n == name)
             .filter_map(|(_, v)| std::str::from_utf8(v).ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
@@ -183,9 +184,10 @@ pub fn parse_request(buf: &[u8]) -> HeadParse {
 /// Parses a request head at the start of `buf`; `source`, when given, is `buf` itself as
 /// `Bytes`, for header values to share.
 fn request_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    // Uninitialised: an initialised array is a 3 KiB memset per head, a fifth of its cost.
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
             Head {
                 start: StartLine::Request {
@@ -212,9 +214,13 @@ pub fn parse_response(buf: &[u8]) -> HeadParse {
 }
 
 fn response_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(buf) {
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut headers,
+    ) {
         Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
             Head {
                 start: StartLine::Response {

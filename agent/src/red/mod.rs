@@ -363,7 +363,7 @@ mod tests {
             parent_span_id: None,
             parent_is_remote: false,
             trace_state: String::new(),
-            name: format!("GET {route}"),
+            name: format!("GET {route}").into(),
             kind,
             // Now: idle series are expired against the wall clock when rendered.
             start_unix_ns: crate::clock::unix_ns() - ms * 1_000_000,
@@ -375,9 +375,9 @@ mod tests {
                 ("server.address", Value::Static("catalog.local")),
             ],
             error: (status >= 500).then(|| status.to_string()),
-            status: Some(status.to_string()),
+            status: Some(status.to_string().into()),
             pid,
-            comm: comm.to_string(),
+            comm: comm.into(),
         }
     }
 

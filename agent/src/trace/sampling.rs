@@ -276,7 +276,13 @@ impl Sampler {
 
     /// One span decided without waiting: counted, and returned if kept.
     pub fn count_one(&self, keep: bool, span: SpanRecord) -> Option<SpanRecord> {
-        self.count(keep, vec![span]).pop()
+        let counter = if keep {
+            &self.stats.spans_kept
+        } else {
+            &self.stats.spans_dropped
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        keep.then_some(span)
     }
 
     /// A finished span; `root` when it is its trace's local root. Returns what may be exported
@@ -376,7 +382,7 @@ impl Sampler {
                 .waiting
                 .get(trace)
                 .and_then(|w| w.spans.last())
-                .map(|s| s.name.as_str())
+                .map(|s| &*s.name)
                 .unwrap_or("");
             let matched = self.config.rules.iter().position(|r| {
                 r.service.as_deref().is_none_or(|s| s == root.service)
@@ -455,7 +461,7 @@ mod tests {
             parent_span_id: None,
             parent_is_remote: false,
             trace_state: String::new(),
-            name: name.to_string(),
+            name: name.into(),
             kind: SpanKind::Server,
             start_unix_ns: 0,
             end_unix_ns: ms * 1_000_000,

@@ -17,7 +17,9 @@ const LIMIT: usize = 4096;
 struct Tables {
     ips: HashMap<IpAddr, Arc<str>>,
     routes: HashMap<Box<str>, Arc<str>>,
-    /// Where a route is templated before it is looked up.
+    /// Header values and span names: what a service's requests repeat (a host, a user agent).
+    texts: HashMap<Box<str>, Arc<str>>,
+    /// Where a route is templated (or a name put together) before it is looked up.
     scratch: String,
 }
 
@@ -25,6 +27,7 @@ thread_local! {
     static TABLES: RefCell<Tables> = RefCell::new(Tables {
         ips: HashMap::new(),
         routes: HashMap::new(),
+        texts: HashMap::new(),
         scratch: String::new(),
     });
 }
@@ -64,6 +67,33 @@ pub fn route(target: &str) -> Arc<str> {
     })
 }
 
+/// `text`, shared.
+pub fn text(text: &str) -> Arc<str> {
+    TABLES.with_borrow_mut(|t| shared(&mut t.texts, text))
+}
+
+/// `parts` joined into one text, shared (a span name: a verb and a route).
+pub fn joined(parts: &[&str]) -> Arc<str> {
+    TABLES.with_borrow_mut(|t| {
+        let Tables { texts, scratch, .. } = t;
+        scratch.clear();
+        parts.iter().for_each(|p| scratch.push_str(p));
+        shared(texts, scratch)
+    })
+}
+
+fn shared(table: &mut HashMap<Box<str>, Arc<str>>, text: &str) -> Arc<str> {
+    if let Some(found) = table.get(text) {
+        return found.clone();
+    }
+    if table.len() >= LIMIT {
+        table.clear();
+    }
+    let made: Arc<str> = text.into();
+    table.insert(text.into(), made.clone());
+    made
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +108,8 @@ mod tests {
         let r = route("/users/42?x=1");
         assert!(Arc::ptr_eq(&r, &route("/users/43")));
         assert_eq!(&*r, "/users/{id}");
+        let n = joined(&["GET", " ", &r]);
+        assert!(Arc::ptr_eq(&n, &text("GET /users/{id}")));
     }
 
     #[test]

@@ -286,9 +286,7 @@ impl TraceSink {
             return;
         }
         let service = match (local_root, self.red.as_mut()) {
-            (true, Some(red)) => red
-                .service(span.pid, &span.comm, span.end_unix_ns)
-                .to_string(),
+            (true, Some(red)) => red.service(span.pid, &span.comm, span.end_unix_ns),
             _ => span.comm.clone(),
         };
         let root = local_root.then_some(crate::trace::sampling::Root {
@@ -1008,7 +1006,7 @@ mod tests {
         let (spans, stats) = one_get(Role::Client, false);
         assert_eq!(spans.len(), 1);
         assert_eq!(spans[0].kind, SpanKind::Client);
-        assert_eq!(spans[0].name, "GET");
+        assert_eq!(&*spans[0].name, "GET");
         let redis = crate::protocol::PROTO_REDIS as usize;
         assert_eq!(stats.detect.detected[redis].load(Ordering::Relaxed), 1);
 

@@ -4,6 +4,8 @@
 //! ERROR by the convention's rules for each side. Plain HTTP/2 requests are HTTP spans, as
 //! HTTP/1's, with `network.protocol.version` = 2.
 
+use std::borrow::Cow;
+
 use super::session::{Grpc, H2Exchange};
 use crate::{
     clock::WallClock,
@@ -100,7 +102,7 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
         s.attributes
             .push(("rpc.response.status_code", Value::Static(name)));
     }
-    s.name = method.unwrap_or_else(|| "grpc".to_string());
+    s.name = method.map_or_else(|| "grpc".into(), Into::into);
     let error = match (x.exchange.outcome, code) {
         (_, Some(0)) => None,
         (_, Some(c)) if kind == SpanKind::Client || SERVER_ERRORS.contains(&c) => {
@@ -115,7 +117,7 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
         s.attributes.push(("error.type", Value::Str(e.clone())));
     }
     s.error = error;
-    s.status = code.map(|c| code_name(c).map_or_else(|| c.to_string(), str::to_string));
+    s.status = code.map(|c| code_name(c).map_or_else(|| c.to_string().into(), Cow::Borrowed));
 }
 
 #[cfg(test)]
@@ -203,7 +205,7 @@ mod tests {
             &clock,
             &r,
         );
-        assert_eq!(ok.name, "shop.v1.Orders/Get");
+        assert_eq!(&*ok.name, "shop.v1.Orders/Get");
         assert_eq!(attr(&ok, "rpc.system.name"), Some("grpc"));
         assert_eq!(attr(&ok, "rpc.method"), Some("shop.v1.Orders/Get"));
         assert_eq!(attr(&ok, "rpc.response.status_code"), Some("OK"));
@@ -236,6 +238,6 @@ mod tests {
         let x = exchange("/not-grpc", Some(0), Outcome::Complete);
         let s = build(&x, &conn(), SpanKind::Client, &clock, &r);
         assert_eq!(attr(&s, "rpc.method"), Some("_OTHER"));
-        assert_eq!(s.name, "grpc");
+        assert_eq!(&*s.name, "grpc");
     }
 }
