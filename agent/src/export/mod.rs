@@ -155,15 +155,17 @@ async fn run(
     let mut tick = tokio::time::interval(cfg.flush_interval);
     let mut ticks: u64 = 0;
     loop {
+        let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
         tokio::select! {
-            span = rx.recv() => match span {
-                Some(span) => {
-                    batch.push(span);
-                    if batch.len() >= cfg.batch_size {
-                        flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
-                    }
+            // Whatever the queue holds, up to a full batch, per wakeup (not a select per span).
+            // Zero only once every sender is gone.
+            taken = rx.recv_many(&mut batch, room) => {
+                if taken == 0 {
+                    break;
                 }
-                None => break,
+                if batch.len() >= cfg.batch_size {
+                    flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
+                }
             },
             _ = tick.tick() => {
                 flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
