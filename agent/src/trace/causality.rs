@@ -29,6 +29,7 @@
 
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     sync::atomic::{AtomicU64, Ordering},
 };
@@ -58,6 +59,12 @@ const MAX_THREADS: usize = 100_000;
 const THREAD_MAX_AGE_NS: u64 = 600_000_000_000;
 /// How long a SERVER start without a peer waits for its caller's CLIENT start to show up.
 const ORPHAN_WAIT_NS: u64 = 1_000_000_000;
+/// The same wait counted in event time (the newest orphan's start), applied as orphans come: a
+/// caller's event trails its callee's by the kernel's ordering skew (tens of microseconds on
+/// loopback, see JOINED_LATE_NS), whatever the agent's own lag. With only the server traced
+/// (`--pid`) no caller ever comes, and the tick's one-second sweep let the map hold up to
+/// MAX_PEERS of them: 31 MiB of the agent's 94 at 57k req/s.
+const ORPHAN_EVENT_WAIT_NS: u64 = 250_000_000;
 /// How long after its response a pool thread's unparented CLIENT exchange waits for the wake
 /// that hands its result to the requesting thread (FutureTask wakes its waiter right away).
 const HANDBACK_WAIT_NS: u64 = 50_000_000;
@@ -202,6 +209,10 @@ pub struct Linker {
     peers: HashMap<RequestKey, (Identity, u64)>,
     /// Same key -> a SERVER start that found no peer: (its span id, its start).
     orphans: HashMap<RequestKey, Orphan>,
+    /// Orphans and finished orphans in the order they came (key, start), for their expiry by
+    /// event time; entries already taken are skipped when they reach the front.
+    orphan_order: VecDeque<(RequestKey, u64)>,
+    finished_order: VecDeque<([u8; 8], u64)>,
     /// A trace started by an orphan that was then adopted -> the trace it joined, and when.
     /// Descendants that started under the orphan's own trace follow it at finalize.
     aliases: HashMap<[u8; 16], ([u8; 16], u64)>,
@@ -263,6 +274,8 @@ impl Linker {
             in_flight: HashMap::new(),
             peers: HashMap::new(),
             orphans: HashMap::new(),
+            orphan_order: VecDeque::new(),
+            finished_order: VecDeque::new(),
             aliases: HashMap::new(),
             creators: HashMap::new(),
             adopted: HashMap::new(),
@@ -551,10 +564,25 @@ impl Linker {
         root: bool,
         graph_only: bool,
     ) {
-        if self.orphans.len() < MAX_PEERS {
+        while let Some(&(key, started)) = self.orphan_order.front() {
+            if st.ts_ns.saturating_sub(started) < ORPHAN_EVENT_WAIT_NS {
+                break;
+            }
+            self.orphan_order.pop_front();
+            if self
+                .orphans
+                .get(&key)
+                .is_some_and(|o| o.started_ns == started)
+            {
+                self.orphans.remove(&key);
+            }
+        }
+        if self.orphans.len() < MAX_PEERS && self.orphan_order.len() < MAX_PEERS {
             let ordinal = if joined { JOINED } else { st.ordinal };
+            let key = RequestKey(conn.remote, conn.local, ordinal);
+            self.orphan_order.push_back((key, st.ts_ns));
             self.orphans.insert(
-                RequestKey(conn.remote, conn.local, ordinal),
+                key,
                 Orphan {
                     pid: conn.pid,
                     span_id: identity.span_id,
@@ -639,9 +667,24 @@ impl Linker {
                 c.server_seconds = Some(seconds);
             }
         } else if orphan {
-            if self.finished_orphans.len() >= MAX_PEERS {
-                self.finished_orphans.clear();
+            while let Some(&(span, at)) = self.finished_order.front() {
+                if now_ns.saturating_sub(at) < ORPHAN_EVENT_WAIT_NS {
+                    break;
+                }
+                self.finished_order.pop_front();
+                if self
+                    .finished_orphans
+                    .get(&span)
+                    .is_some_and(|&(_, t)| t == at)
+                {
+                    self.finished_orphans.remove(&span);
+                }
             }
+            if self.finished_orphans.len() >= MAX_PEERS || self.finished_order.len() >= MAX_PEERS {
+                self.finished_orphans.clear();
+                self.finished_order.clear();
+            }
+            self.finished_order.push_back((span_id, now_ns));
             self.finished_orphans.insert(span_id, (seconds, now_ns));
         }
     }
@@ -848,6 +891,13 @@ impl Linker {
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < IN_FLIGHT_MAX_NS);
         self.finished_orphans
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
+        // The queues keep only what their maps still hold (entries taken since are dropped).
+        let orphans = &self.orphans;
+        self.orphan_order
+            .retain(|(k, s)| orphans.get(k).is_some_and(|o| o.started_ns == *s));
+        let finished = &self.finished_orphans;
+        self.finished_order
+            .retain(|(k, s)| finished.get(k).is_some_and(|&(_, t)| t == *s));
         self.creators
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < THREAD_MAX_AGE_NS);
         // An adoption whose exchange never finished (evicted) must not pile up.
@@ -1169,6 +1219,33 @@ mod tests {
         );
         assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 1);
         assert_eq!(l.stats.roots.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn callees_without_a_caller_are_forgotten_by_event_time_as_more_come() {
+        // A server traced without its clients (`--pid`): no caller ever claims these.
+        let mut l = Linker::new(Box::new(crate::trace::span::RandomIds));
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let at = |ts_ns: u64, ordinal: u64| RequestStart {
+            tid: 20,
+            ts_ns,
+            ordinal,
+        };
+        let req = head("GET /x/1 HTTP/1.1\r\n\r\n");
+        for i in 0..1000 {
+            l.server_start(&svc, &req, at(i * 1_000_000, i), None);
+        }
+        // A second of requests, a millisecond apart: only the last 250 ms wait, without a tick.
+        assert_eq!(l.orphans.len(), 250);
+        assert_eq!(l.orphan_order.len(), 250);
+        // A caller within the wait is still matched to its callee.
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        l.client_start(&up, &req, at(999_000_000, 999), None);
+        assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 1);
+        assert_eq!(l.orphans.len(), 249);
+        // The tick's sweep drops the queue's entries whose orphan was taken.
+        l.expire(999_000_001);
+        assert_eq!(l.orphan_order.len(), 249);
     }
 
     #[test]
