@@ -131,6 +131,12 @@ pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16
 #[map]
 pub static GO_READS: LruHashMap<ProcessKey, TlsCall> = LruHashMap::with_max_entries(16384, 0);
 
+/// (tgid, goroutine) -> the session of a Go handshake not yet tied to its socket: the handshake
+/// parks while it waits for the peer and may resume on another thread, so its per-thread record
+/// misses its receives. Taken by the goroutine's first receive on a TLS socket not yet hooked.
+#[map]
+pub static GO_HANDSHAKES: LruHashMap<ProcessKey, u64> = LruHashMap::with_max_entries(4096, 0);
+
 /// (tgid, TLS session) -> its socket, learnt from the first syscall inside one of its calls.
 /// LRU: sessions freed while the agent was not looking must not leak.
 #[map]

@@ -20,7 +20,7 @@ use crate::{
         payload::read_into,
         regs::syscall_goroutine,
     },
-    maps::{CONNS, GO_READS, SCRATCH, TLS_CALLS, TLS_LAST_RECV, TLS_SOCKETS},
+    maps::{CONNS, GO_HANDSHAKES, GO_READS, SCRATCH, TLS_CALLS, TLS_LAST_RECV, TLS_SOCKETS},
 };
 
 /// The connection's plaintext is seen from now on: its stream restarts at offset 0 with the
@@ -126,7 +126,9 @@ pub fn inside_tls_call(
 /// own record (`inside_tls_call`) misses it when the goroutine parked on the netpoller inside
 /// Read and resumed on another thread, as a keep-alive connection's server goroutine does while
 /// it waits for the next request; its reads then went unbound until one happened to stay on its
-/// thread. Other processes have no GO_READS entries, whatever their r14 holds.
+/// thread. Other processes have no GO_READS entries, whatever their r14 holds. The same for a
+/// handshake (GO_HANDSHAKES): a server's handshake reads the client's first records into the
+/// connection's buffer, and the Reads they serve make no syscall that could name the socket.
 #[inline(always)]
 pub fn bind_goroutine_read(pid_tgid: u64, goroutine: u64, sk: u64, conn: &mut ConnState) -> bool {
     if goroutine == 0 {
@@ -136,9 +138,16 @@ pub fn bind_goroutine_read(pid_tgid: u64, goroutine: u64, sk: u64, conn: &mut Co
         tgid: pid_tgid >> 32,
         id: goroutine,
     };
-    // SAFETY: map lookup of a plain key; the value is copied out.
-    let Some(session) = (unsafe { GO_READS.get(key) }).map(|call| call.session) else {
-        return false;
+    // SAFETY: map lookups of a plain key; the values are copied out.
+    let session = match unsafe { GO_READS.get(key) } {
+        Some(call) => call.session,
+        None => match unsafe { GO_HANDSHAKES.get(key) } {
+            Some(&session) => {
+                let _ = GO_HANDSHAKES.remove(key);
+                session
+            }
+            None => return false,
+        },
     };
     let session = ProcessKey {
         tgid: pid_tgid >> 32,

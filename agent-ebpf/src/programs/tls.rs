@@ -18,7 +18,7 @@ use crate::{
         filter::process_selected,
         tls::{emit_plaintext, finish_read, session_socket},
     },
-    maps::{GO_READS, LOUPE_CONFIG, TLS_CALLS},
+    maps::{GO_HANDSHAKES, GO_READS, LOUPE_CONFIG, TLS_CALLS},
 };
 
 #[inline(always)]
@@ -215,6 +215,21 @@ pub fn go_tls_handshake(ctx: ProbeContext) -> u32 {
             ..TlsCall::default()
         },
     );
+    // By goroutine too: the handshake's receives may come on another thread.
+    if goroutine != 0
+        && GO_HANDSHAKES
+            .insert(
+                ProcessKey {
+                    tgid: pid_tgid >> 32,
+                    id: goroutine,
+                },
+                session,
+                0,
+            )
+            .is_err()
+    {
+        count(agent_common::counters::ARGS_MAP_FULL);
+    }
     0
 }
 
@@ -245,6 +260,8 @@ pub fn go_tls_read(ctx: ProbeContext) -> u32 {
     if GO_READS.insert(key, call, 0).is_err() {
         count(agent_common::counters::ARGS_MAP_FULL);
     }
+    // Its handshake is over (a Read that shakes hands first records it again).
+    let _ = GO_HANDSHAKES.remove(key);
     record(pid_tgid, call);
     0
 }
