@@ -210,7 +210,8 @@ pub struct Linker {
     /// Same key -> a SERVER start that found no peer: (its span id, its start).
     orphans: HashMap<RequestKey, Orphan>,
     /// Orphans and finished orphans in the order they came (key, start), for their expiry by
-    /// event time; entries already taken are skipped when they reach the front.
+    /// event time (finished orphans: by the time they finished, the agent's clock); entries
+    /// already taken are skipped when they reach the front.
     orphan_order: VecDeque<(RequestKey, u64)>,
     finished_order: VecDeque<([u8; 8], u64)>,
     /// A trace started by an orphan that was then adopted -> the trace it joined, and when.

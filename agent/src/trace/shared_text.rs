@@ -13,6 +13,9 @@ use foldhash::{HashMap, HashMapExt};
 
 /// Entries per table before it starts over.
 const LIMIT: usize = 4096;
+/// Longer text is made per span, never kept: a client choosing its `User-Agent` or target (a
+/// head may be 64 KiB) must not make the tables hold LIMIT of them.
+const MAX_LEN: usize = 256;
 
 struct Tables {
     ips: HashMap<IpAddr, Arc<str>>,
@@ -55,15 +58,7 @@ pub fn route(target: &str) -> Arc<str> {
         } = t;
         scratch.clear();
         crate::trace::route::template_into(target, scratch);
-        if let Some(route) = routes.get(scratch.as_str()) {
-            return route.clone();
-        }
-        if routes.len() >= LIMIT {
-            routes.clear();
-        }
-        let route: Arc<str> = scratch.as_str().into();
-        routes.insert(scratch.as_str().into(), route.clone());
-        route
+        shared(routes, scratch)
     })
 }
 
@@ -83,6 +78,9 @@ pub fn joined(parts: &[&str]) -> Arc<str> {
 }
 
 fn shared(table: &mut HashMap<Box<str>, Arc<str>>, text: &str) -> Arc<str> {
+    if text.len() > MAX_LEN {
+        return text.into();
+    }
     if let Some(found) = table.get(text) {
         return found.clone();
     }
@@ -110,6 +108,18 @@ mod tests {
         assert_eq!(&*r, "/users/{id}");
         let n = joined(&["GET", " ", &r]);
         assert!(Arc::ptr_eq(&n, &text("GET /users/{id}")));
+    }
+
+    #[test]
+    fn long_text_is_not_kept() {
+        let long = "a".repeat(MAX_LEN + 1);
+        let a = text(&long);
+        assert_eq!(&*a, long);
+        assert!(!Arc::ptr_eq(&a, &text(&long)));
+        TABLES.with_borrow(|t| assert!(!t.texts.contains_key(long.as_str())));
+        let target = "/shop".repeat(MAX_LEN / 4);
+        assert_eq!(&*route(&target), target);
+        TABLES.with_borrow(|t| assert!(!t.routes.contains_key(target.as_str())));
     }
 
     #[test]
