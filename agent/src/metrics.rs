@@ -420,6 +420,11 @@ impl Metrics {
                     "CLIENT spans whose trace differs from the one their TCP option carried (their remote callee starts its own trace).",
                     get(&l.tcp_context_mismatch),
                 ),
+                (
+                    "loupe_link_peers_evicted_total",
+                    "CLIENT calls forgotten early to make room for newer ones (100 000 waiting for a callee on this node): such a callee starting later would miss its parent.",
+                    get(&l.peers_evicted),
+                ),
             ]);
         }
         if let Some(e) = &self.export {

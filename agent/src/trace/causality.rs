@@ -48,7 +48,9 @@ use crate::{
 
 /// CLIENT exchanges wait this long for their callee's SERVER side to show up on this node.
 const PEER_WAIT_NS: u64 = 30_000_000_000;
-/// Bound on CLIENT exchanges waiting for a local callee (most callees are remote).
+/// Bound on CLIENT exchanges waiting for a local callee (most callees are remote). When full,
+/// the oldest waiting is forgotten for the newest: a node calling remote APIs at 57k/s keeps
+/// each ~1.7 s (callees read far sooner), and a local call is never refused for want of room.
 const MAX_PEERS: usize = 100_000;
 /// A SERVER exchange still "in flight" after this long is forgotten (its end was missed).
 const IN_FLIGHT_MAX_NS: u64 = 600_000_000_000;
@@ -97,6 +99,9 @@ pub struct LinkStats {
     pub by_tcp_option: AtomicU64,
     /// CLIENT exchanges whose trace is not the one the kernel put in their TCP option.
     pub tcp_context_mismatch: AtomicU64,
+    /// CLIENT exchanges forgotten before PEER_WAIT_NS to make room for newer ones (MAX_PEERS
+    /// waiting: a callee of theirs on this node starting later would miss its parent).
+    pub peers_evicted: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +212,9 @@ pub struct Linker {
     in_flight: HashMap<(u32, u32), Vec<InFlight>>,
     /// (client local, client remote, ordinal) -> the CLIENT exchange's identity and start.
     peers: HashMap<RequestKey, (Identity, u64)>,
+    /// Peers in the order they came (key, start): expiry by event time and eviction of the
+    /// oldest when full. Entries already taken are skipped when they reach the front.
+    peer_order: VecDeque<(RequestKey, u64)>,
     /// Same key -> a SERVER start that found no peer: (its span id, its start).
     orphans: HashMap<RequestKey, Orphan>,
     /// Orphans and finished orphans in the order they came (key, start), for their expiry by
@@ -274,6 +282,7 @@ impl Linker {
             ids,
             in_flight: HashMap::new(),
             peers: HashMap::new(),
+            peer_order: VecDeque::new(),
             orphans: HashMap::new(),
             orphan_order: VecDeque::new(),
             finished_order: VecDeque::new(),
@@ -537,21 +546,47 @@ impl Linker {
                 self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
                 return identity;
             }
-            if self.peers.len() < MAX_PEERS {
-                self.peers.insert(
-                    RequestKey(conn.local, conn.remote, JOINED),
-                    (identity.clone(), st.ts_ns),
-                );
-            }
+            self.await_callee(key, &identity, st.ts_ns);
             return identity;
         }
         let key = RequestKey(conn.local, conn.remote, st.ordinal);
         if let Some(orphan) = self.orphans.remove(&key) {
             self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
-        } else if self.peers.len() < MAX_PEERS {
-            self.peers.insert(key, (identity.clone(), st.ts_ns));
+        } else {
+            self.await_callee(key, &identity, st.ts_ns);
         }
         identity
+    }
+
+    /// A CLIENT exchange waits for its callee's SERVER start on this node. Those that waited
+    /// PEER_WAIT_NS in event time are forgotten as new ones come; when MAX_PEERS wait, the
+    /// oldest makes room (counted).
+    fn await_callee(&mut self, key: RequestKey, identity: &Identity, ts_ns: u64) {
+        let live = |peers: &HashMap<RequestKey, (Identity, u64)>, k: &RequestKey, s: u64| {
+            peers.get(k).is_some_and(|&(_, t)| t == s)
+        };
+        while let Some(&(k, started)) = self.peer_order.front() {
+            let expired = ts_ns.saturating_sub(started) >= PEER_WAIT_NS;
+            let is_live = live(&self.peers, &k, started);
+            if is_live && !expired && self.peers.len() < MAX_PEERS {
+                break;
+            }
+            self.peer_order.pop_front();
+            if is_live {
+                self.peers.remove(&k);
+                if !expired {
+                    bump(&self.stats.peers_evicted);
+                }
+            }
+        }
+        // Taken entries behind a long-waiting one are only dropped when they reach the front:
+        // compact before the queue outgrows its map by more than the bound.
+        if self.peer_order.len() >= 2 * MAX_PEERS {
+            let peers = &self.peers;
+            self.peer_order.retain(|(k, s)| live(peers, k, *s));
+        }
+        self.peer_order.push_back((key, ts_ns));
+        self.peers.insert(key, (identity.clone(), ts_ns));
     }
 
     /// A SERVER request with no local caller yet: one may still show up (its event can reach
@@ -886,6 +921,9 @@ impl Linker {
     pub fn expire(&mut self, now_ns: u64) {
         self.peers
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < PEER_WAIT_NS);
+        let peers = &self.peers;
+        self.peer_order
+            .retain(|(k, s)| peers.get(k).is_some_and(|&(_, t)| t == *s));
         self.orphans
             .retain(|_, o| now_ns.saturating_sub(o.started_ns) < ORPHAN_WAIT_NS);
         self.aliases
@@ -1247,6 +1285,38 @@ mod tests {
         // The tick's sweep drops the queue's entries whose orphan was taken.
         l.expire(999_000_001);
         assert_eq!(l.orphan_order.len(), 249);
+    }
+
+    #[test]
+    fn calls_to_remote_services_do_not_crowd_out_a_local_callee() {
+        // A client calling remote APIs (no callee on this node) fills the wait; its later call
+        // to a local service must still find its callee.
+        let mut l = Linker::new(Box::new(crate::trace::span::RandomIds));
+        let req = head("GET /api/1 HTTP/1.1\r\n\r\n");
+        let at = |ts_ns: u64| RequestStart {
+            tid: 10,
+            ts_ns,
+            ordinal: 0,
+        };
+        let calls = MAX_PEERS as u64 + 10;
+        for i in 0..calls {
+            let remote = format!("10.{}.{}.{}:443", i >> 16, (i >> 8) & 255, i & 255);
+            let c = conn(1, "10.9.9.9:40000", &remote, Role::Client);
+            l.client_start(&c, &req, at(i * 1_000), None);
+        }
+        assert_eq!(l.peers.len(), MAX_PEERS);
+        assert_eq!(l.stats.peers_evicted.load(Ordering::Relaxed), 10);
+        let ts = calls * 1_000;
+        let local = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let call = l.client_start(&local, &req, at(ts), None);
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let served = l.server_start(&svc, &req, at(ts + 20_000), None);
+        assert_eq!(served.parent_span_id, Some(call.span_id));
+        // Waiting calls are forgotten by event time as new ones come, without a tick.
+        let later = conn(1, "10.9.9.9:40001", "10.200.0.1:443", Role::Client);
+        l.client_start(&later, &req, at(ts + PEER_WAIT_NS), None);
+        assert_eq!(l.peers.len(), 1);
+        assert!(l.peer_order.len() <= 2);
     }
 
     #[test]
