@@ -177,9 +177,10 @@ pub struct CommonArgs {
     /// a program at entry and exit of every read/write of a traced process).
     #[arg(long, env = "LOUPE_CAPTURE_PATH", value_enum, default_value_t = CapturePath::Auto, global = true)]
     pub capture_path: CapturePath,
-    /// The agent's CPU scheduling: normal, or idle (SCHED_IDLE: the agent runs only on CPU time
-    /// nothing else wants, so it never delays a traced service's threads; on a saturated node
-    /// it falls behind and its drops are counted).
+    /// The agent's CPU scheduling: normal; adaptive (the threads that parse and export run at
+    /// SCHED_IDLE while they keep up, normal while events wait; needs CAP_SYS_NICE, else
+    /// normal); or idle (always SCHED_IDLE: on a saturated node the agent falls behind and its
+    /// drops are counted).
     #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Normal, global = true)]
     pub cpu_scheduling: CpuScheduling,
     /// Log format on stderr: text, or json (one object per line, for log pipelines).
@@ -200,6 +201,7 @@ pub enum LogFormat {
 pub enum CpuScheduling {
     Normal,
     Idle,
+    Adaptive,
 }
 
 /// `HOST:PORT`, with a name resolved now (`localhost:9464`), or `:PORT` for every interface.

@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod reader;
 pub mod red;
 pub mod redact;
+pub mod scheduling;
 pub mod selection;
 pub mod service_rules;
 pub mod stdout;

@@ -6,6 +6,7 @@ use agent_common::{
 };
 use anyhow::Context as _;
 use clap::Parser as _;
+use loupe::scheduling::ADAPTIVE;
 use loupe::{
     bpf::load::{LoadOptions, Probe},
     capture::{CapturePrinter, Format},
@@ -92,11 +93,20 @@ fn main() -> ExitCode {
             logs.with_writer(std::io::stderr).with_ansi(colour).init()
         }
     }
-    if cli.common.cpu_scheduling == loupe::cli::CpuScheduling::Idle {
-        sched_idle();
+    match cli.common.cpu_scheduling {
+        loupe::cli::CpuScheduling::Idle => sched_idle(),
+        loupe::cli::CpuScheduling::Adaptive => {
+            if let Err(why) = ADAPTIVE.enable() {
+                tracing::warn!("--cpu-scheduling adaptive: {why}; running with normal scheduling");
+            }
+            ADAPTIVE.join();
+        }
+        loupe::cli::CpuScheduling::Normal => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start(|| ADAPTIVE.join())
+        .on_thread_stop(|| ADAPTIVE.leave())
         .enable_all()
         .build()
     {

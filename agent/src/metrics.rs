@@ -83,7 +83,7 @@ impl Metrics {
         }
         let u = &self.user;
         let t = *u.table.lock().unwrap_or_else(|e| e.into_inner());
-        let rows: [(&'static str, &'static str, u64); 11] = [
+        let rows: [(&'static str, &'static str, u64); 13] = [
             (
                 "loupe_events_read_total",
                 "Records read from the ring buffer.",
@@ -98,6 +98,16 @@ impl Metrics {
                 "loupe_channel_full_total",
                 "Events dropped because the pipeline was behind.",
                 u.channel_full.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_cpu_scheduling_raised_total",
+                "Switches of the pipeline's threads to normal priority because events waited (--cpu-scheduling adaptive).",
+                crate::scheduling::ADAPTIVE.raised.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_cpu_scheduling_lowered_total",
+                "Switches of the pipeline's threads back to SCHED_IDLE after a second of keeping up.",
+                crate::scheduling::ADAPTIVE.lowered.load(Ordering::Relaxed),
             ),
             (
                 "loupe_conn_table_full_total",
@@ -148,6 +158,13 @@ impl Metrics {
             value,
         };
         out.extend(rows.into_iter().chain(self.span_rows()).map(counter));
+        out.push(Sample {
+            name: "loupe_cpu_scheduling_idle",
+            help: "1 while the pipeline's threads run at SCHED_IDLE (--cpu-scheduling adaptive).",
+            gauge: true,
+            labels: Vec::new(),
+            value: u64::from(crate::scheduling::ADAPTIVE.is_idle()),
+        });
         if let Some(t) = &self.traces {
             out.extend(l7_samples(t));
         }

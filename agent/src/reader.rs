@@ -73,6 +73,11 @@ fn run(
     let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
     loop {
         let stopping = stop.load(Ordering::Acquire);
+        // What the pipeline left of the previous drains: it keeps up if that is near nothing.
+        crate::scheduling::ADAPTIVE.observe(
+            tx.max_capacity() - tx.capacity(),
+            crate::clock::monotonic_ns(),
+        );
         drain(&mut ring, tx, stats);
         if stopping {
             return Ok(());

@@ -1,0 +1,209 @@
+//! The agent's CPU priority when it adapts (`--cpu-scheduling adaptive`).
+//!
+//! At SCHED_IDLE a thread runs only on CPU time nothing else wants: a traced service's woken
+//! thread preempts the agent at once instead of waiting up to a scheduler slice behind it, which
+//! is most of what the agent adds to a service's tail latency. But on a saturated node an idle
+//! agent gets almost no CPU, falls behind and drops. So the threads that parse and export run
+//! idle while the agent keeps up, and normal while a backlog builds: the ring reader, before each
+//! drain (every 10 ms at most), looks at how many events of the earlier drains still wait for the
+//! pipeline. At `HIGH` it raises the pipeline's threads at once; they go back to idle after
+//! `CALM_NS` without more than `LOW` waiting.
+//!
+//! The ring reader itself stays normal: its lateness is the one that loses data in the kernel,
+//! and it is ~10% of the agent's CPU. Leaving SCHED_IDLE needs CAP_SYS_NICE (or an RLIMIT_NICE
+//! that allows nice 0): without it the agent says so at start and runs normal throughout, so a
+//! backlog can never be stuck at idle priority.
+
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+/// Events still waiting for the pipeline that raise its threads to normal priority: a quarter of
+/// the channel (65 536), ~80-160 ms of a saturated 2-core node's events: an idle pipeline may lag
+/// in bursts (it runs when the services pause) without being raised, and a raised one has three
+/// times that before the channel is full.
+const HIGH: usize = 16_384;
+/// At or below this many waiting events the pipeline counts as keeping up.
+const LOW: usize = 1_024;
+/// Keeping up this long, at normal priority, before going back to idle: a saturated node's
+/// backlog comes back within milliseconds of idle priority, so the agent would flap.
+const CALM_NS: u64 = 1_000_000_000;
+
+pub static ADAPTIVE: Adaptive = Adaptive::new();
+
+pub struct Adaptive {
+    enabled: AtomicBool,
+    /// The pipeline's threads are at SCHED_IDLE now.
+    idle: AtomicBool,
+    /// Switches to normal priority (a backlog built) and back to idle.
+    pub raised: AtomicU64,
+    pub lowered: AtomicU64,
+    /// sched_setscheduler calls that failed (the thread's priority stays as it was).
+    pub failed: AtomicU64,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// Threads whose priority adapts; each removes itself before it exits, so a tid reused by
+    /// another process is never touched.
+    threads: Vec<libc::pid_t>,
+    calm_since_ns: Option<u64>,
+}
+
+fn set_policy(tid: libc::pid_t, policy: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain syscall with a valid parameter; `tid` is a live thread of this process.
+    if unsafe { libc::sched_setscheduler(tid, policy, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn current_tid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+impl Adaptive {
+    const fn new() -> Self {
+        Self {
+            enabled: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            raised: AtomicU64::new(0),
+            lowered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            state: Mutex::new(State {
+                threads: Vec::new(),
+                calm_since_ns: None,
+            }),
+        }
+    }
+
+    /// Turns adaptation on if this process may leave SCHED_IDLE again (checked on the calling
+    /// thread: to idle and back). Returns why not otherwise.
+    pub fn enable(&self) -> Result<(), String> {
+        set_policy(0, libc::SCHED_IDLE).map_err(|e| format!("cannot run at SCHED_IDLE ({e})"))?;
+        if let Err(e) = set_policy(0, libc::SCHED_OTHER) {
+            return Err(format!(
+                "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (the DaemonSet adds SYS_NICE), or use --cpu-scheduling idle"
+            ));
+        }
+        self.enabled.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    /// The calling thread parses or exports: its priority adapts from now until `leave`.
+    pub fn join(&self) {
+        if !self.enabled() {
+            return;
+        }
+        let tid = current_tid();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.idle.load(Ordering::Relaxed) && set_policy(tid, libc::SCHED_IDLE).is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        state.threads.push(tid);
+    }
+
+    /// The calling thread is about to exit.
+    pub fn leave(&self) {
+        if !self.enabled() {
+            return;
+        }
+        let tid = current_tid();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.threads.retain(|&t| t != tid);
+    }
+
+    /// Before a drain of the ring: `waiting` events of earlier drains are still queued.
+    pub fn observe(&self, waiting: usize, now_ns: u64) {
+        if !self.enabled() {
+            return;
+        }
+        let idle = self.idle.load(Ordering::Relaxed);
+        if idle {
+            if waiting >= HIGH {
+                self.switch(false);
+            }
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting > LOW {
+            state.calm_since_ns = None;
+            return;
+        }
+        let since = *state.calm_since_ns.get_or_insert(now_ns);
+        drop(state);
+        if now_ns.saturating_sub(since) >= CALM_NS {
+            self.switch(true);
+        }
+    }
+
+    fn switch(&self, to_idle: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let policy = if to_idle {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        };
+        for &tid in &state.threads {
+            if set_policy(tid, policy).is_err() {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        state.calm_since_ns = None;
+        self.idle.store(to_idle, Ordering::Relaxed);
+        let counter = if to_idle { &self.lowered } else { &self.raised };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn idle_after_a_calm_second_normal_as_soon_as_events_wait() {
+        // No thread joined: the switches are decided without touching any thread.
+        let a = Adaptive::new();
+        a.observe(0, 0);
+        assert!(!a.is_idle(), "not enabled: nothing changes");
+        a.enabled.store(true, Ordering::Relaxed);
+        a.observe(0, 0);
+        a.observe(LOW, 900 * MS);
+        assert!(
+            !a.is_idle(),
+            "starts at normal priority until a second of keeping up"
+        );
+        a.observe(LOW + 1, 950 * MS);
+        a.observe(0, 1_500 * MS);
+        assert!(!a.is_idle(), "a backlog restarts the calm second");
+        a.observe(0, 2_600 * MS);
+        assert!(a.is_idle());
+        assert_eq!(a.lowered.load(Ordering::Relaxed), 1);
+        a.observe(HIGH - 1, 2_610 * MS);
+        assert!(
+            a.is_idle(),
+            "some events waiting are normal at idle priority"
+        );
+        a.observe(HIGH, 2_620 * MS);
+        assert!(!a.is_idle());
+        assert_eq!(a.raised.load(Ordering::Relaxed), 1);
+        a.observe(0, 2_630 * MS);
+        a.observe(0, 3_629 * MS);
+        assert!(!a.is_idle(), "the calm second counts from after the raise");
+        a.observe(0, 3_630 * MS);
+        assert!(a.is_idle());
+    }
+}
