@@ -86,7 +86,7 @@ impl Adaptive {
         set_policy(0, libc::SCHED_IDLE).map_err(|e| format!("cannot run at SCHED_IDLE ({e})"))?;
         if let Err(e) = set_policy(0, libc::SCHED_OTHER) {
             return Err(format!(
-                "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (the DaemonSet adds SYS_NICE), or use --cpu-scheduling idle"
+                "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (in a DaemonSet: add SYS_NICE to its capabilities), or use --cpu-scheduling idle"
             ));
         }
         self.enabled.store(true, Ordering::Relaxed);
