@@ -83,7 +83,7 @@ impl Metrics {
         }
         let u = &self.user;
         let t = *u.table.lock().unwrap_or_else(|e| e.into_inner());
-        let rows: [(&'static str, &'static str, u64); 13] = [
+        let rows: [(&'static str, &'static str, u64); 14] = [
             (
                 "loupe_events_read_total",
                 "Records read from the ring buffer.",
@@ -108,6 +108,11 @@ impl Metrics {
                 "loupe_cpu_scheduling_lowered_total",
                 "Switches of the pipeline's threads back to SCHED_IDLE after a second of keeping up.",
                 crate::scheduling::ADAPTIVE.lowered.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_cpu_scheduling_failed_total",
+                "Priority changes of the agent's threads the kernel refused (the thread keeps its priority).",
+                crate::scheduling::ADAPTIVE.failed.load(Ordering::Relaxed),
             ),
             (
                 "loupe_conn_table_full_total",

@@ -80,15 +80,22 @@ impl Adaptive {
         }
     }
 
-    /// Turns adaptation on if this process may leave SCHED_IDLE again (checked on the calling
-    /// thread: to idle and back). Returns why not otherwise.
+    /// Turns adaptation on if this process may leave SCHED_IDLE again. Tried on a thread of its
+    /// own (to idle and back): where leaving is refused, only that thread was ever idle, and it
+    /// is gone. Returns why not otherwise.
     pub fn enable(&self) -> Result<(), String> {
-        set_policy(0, libc::SCHED_IDLE).map_err(|e| format!("cannot run at SCHED_IDLE ({e})"))?;
-        if let Err(e) = set_policy(0, libc::SCHED_OTHER) {
-            return Err(format!(
-                "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (in a DaemonSet: add SYS_NICE to its capabilities), or use --cpu-scheduling idle"
-            ));
-        }
+        let probe = std::thread::spawn(|| {
+            set_policy(0, libc::SCHED_IDLE)
+                .map_err(|e| format!("cannot run at SCHED_IDLE ({e})"))?;
+            set_policy(0, libc::SCHED_OTHER).map_err(|e| {
+                format!(
+                    "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (in a DaemonSet: add SYS_NICE to its capabilities), or use --cpu-scheduling idle"
+                )
+            })
+        });
+        probe
+            .join()
+            .map_err(|_| "the scheduling probe panicked".to_string())??;
         self.enabled.store(true, Ordering::Relaxed);
         Ok(())
     }
