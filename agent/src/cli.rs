@@ -177,11 +177,11 @@ pub struct CommonArgs {
     /// a program at entry and exit of every read/write of a traced process).
     #[arg(long, env = "LOUPE_CAPTURE_PATH", value_enum, default_value_t = CapturePath::Auto, global = true)]
     pub capture_path: CapturePath,
-    /// The agent's CPU scheduling: normal; adaptive (the threads that parse and export run at
+    /// The agent's CPU scheduling: adaptive (the threads that parse and export run at
     /// SCHED_IDLE while they keep up, normal while events wait; needs CAP_SYS_NICE, else
-    /// normal); or idle (always SCHED_IDLE: on a saturated node the agent falls behind and its
-    /// drops are counted).
-    #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Normal, global = true)]
+    /// normal); normal; or idle (always SCHED_IDLE: on a saturated node the agent falls behind
+    /// and its drops are counted).
+    #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Adaptive, global = true)]
     pub cpu_scheduling: CpuScheduling,
     /// Log format on stderr: text, or json (one object per line, for log pipelines).
     #[arg(long, env = "LOUPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -97,7 +97,9 @@ fn main() -> ExitCode {
         loupe::cli::CpuScheduling::Idle => sched_idle(),
         loupe::cli::CpuScheduling::Adaptive => {
             if let Err(why) = ADAPTIVE.enable() {
-                tracing::warn!("--cpu-scheduling adaptive: {why}; running with normal scheduling");
+                tracing::warn!(
+                    "--cpu-scheduling adaptive (the default): {why}; running with normal scheduling"
+                );
             }
             ADAPTIVE.join();
         }

@@ -89,7 +89,7 @@ impl Adaptive {
                 .map_err(|e| format!("cannot run at SCHED_IDLE ({e})"))?;
             set_policy(0, libc::SCHED_OTHER).map_err(|e| {
                 format!(
-                    "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (in a DaemonSet: add SYS_NICE to its capabilities), or use --cpu-scheduling idle"
+                    "cannot leave SCHED_IDLE once there ({e}): give the agent CAP_SYS_NICE (in a DaemonSet: add SYS_NICE to its capabilities), or pass --cpu-scheduling normal to run so without this warning"
                 )
             })
         });
