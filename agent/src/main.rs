@@ -96,11 +96,7 @@ fn main() -> ExitCode {
     match cli.common.cpu_scheduling {
         loupe::cli::CpuScheduling::Idle => sched_idle(),
         loupe::cli::CpuScheduling::Adaptive => {
-            if let Err(why) = ADAPTIVE.enable() {
-                tracing::warn!(
-                    "--cpu-scheduling adaptive (the default): {why}; running with normal scheduling"
-                );
-            }
+            ADAPTIVE.enable();
             ADAPTIVE.join();
         }
         loupe::cli::CpuScheduling::Normal => {}
@@ -190,6 +186,11 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
     tracing::info!("capture: {}", probe.capture);
     for line in &probe.degraded {
         tracing::warn!("degraded: {line}");
+    }
+    if let Some(why) = ADAPTIVE.refusal() {
+        tracing::warn!(
+            "--cpu-scheduling adaptive (the default): {why}; running with normal scheduling"
+        );
     }
     let agents = loupe::bpf::load::agents_loaded();
     if agents > 1 {

@@ -42,6 +42,8 @@ pub struct Adaptive {
     /// sched_setscheduler calls that failed (the thread's priority stays as it was).
     pub failed: AtomicU64,
     state: Mutex<State>,
+    /// Why adaptation could not be turned on, until someone reports it.
+    refusal: Mutex<Option<String>>,
 }
 
 struct State {
@@ -77,13 +79,30 @@ impl Adaptive {
                 threads: Vec::new(),
                 calm_since_ns: None,
             }),
+            refusal: Mutex::new(None),
         }
     }
 
     /// Turns adaptation on if this process may leave SCHED_IDLE again. Tried on a thread of its
     /// own (to idle and back): where leaving is refused, only that thread was ever idle, and it
-    /// is gone. Returns why not otherwise.
-    pub fn enable(&self) -> Result<(), String> {
+    /// is gone. Otherwise keeps why not for `refusal`: it is said once the agent knows it can
+    /// run at all (a missing capability must stay the one line an agent that cannot start
+    /// prints).
+    pub fn enable(&self) {
+        if let Err(why) = self.try_enable() {
+            *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        }
+    }
+
+    /// Why `enable` left adaptation off, once.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn try_enable(&self) -> Result<(), String> {
         let probe = std::thread::spawn(|| {
             set_policy(0, libc::SCHED_IDLE)
                 .map_err(|e| format!("cannot run at SCHED_IDLE ({e})"))?;
