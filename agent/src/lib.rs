@@ -1,5 +1,5 @@
 //! Loupe's userspace agent, as a pipeline of stages:
-//! `bpf` (load, attach) -> `reader` (ring buffer -> channel) -> `decode` -> `conn` (table,
+//! `bpf` (load, attach) -> `reader` (ring buffer -> `event_queue`) -> `decode` -> `conn` (table,
 //! reassembly) -> a sink (`capture`, or `trace::sink`: protocol detection and
 //! parsing -> pairing -> causality -> spans -> `export`). See docs/ARCHITECTURE.md.
 
@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod decode;
 pub mod drop_warnings;
+pub mod event_queue;
 pub mod export;
 pub mod fuzzing;
 pub mod goroutines;

@@ -13,7 +13,6 @@ use loupe::{
     cli::{CaptureArgs, Cli, Command, CommonArgs, RunArgs, console_wanted, otlp_config},
     config::FileConfig,
     conn::Limits,
-    decode::Event,
     export::{ExportConfig, ExportStats, Exporter, host_name, otlp_metrics::MetricsExport},
     metrics::Metrics,
     pipeline,
@@ -22,10 +21,7 @@ use loupe::{
     trace::sink::TraceSink,
     trace::span::Redaction,
 };
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::mpsc,
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -157,7 +153,7 @@ struct Capture {
     go_pids: loupe::tls::watch::GoPids,
     /// Keeps the TLS probes on new library files; stops when dropped.
     _tls_watch: Option<loupe::tls::watch::TlsWatch>,
-    events: mpsc::Receiver<Event>,
+    events: loupe::event_queue::EventReceiver,
     metrics: Metrics,
     reader: reader::Reader,
 }
@@ -211,7 +207,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         probe.tls_ready,
     ));
     metrics.tls = Some(tls.clone());
-    let (tx, events) = mpsc::channel(65_536);
+    let (tx, events) = loupe::event_queue::channel(loupe::event_queue::CAPACITY);
     let reader = reader::Reader::spawn(ring, tx, metrics.user.clone())?;
     Ok(Capture {
         probe,

@@ -9,12 +9,11 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::mpsc;
-
 use crate::{
     clock,
     conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segment, TableStats},
     decode::{CloseEvent, DataEvent, Direction, Event},
+    event_queue::EventReceiver,
     goroutines::Goroutines,
 };
 
@@ -53,7 +52,7 @@ pub trait Sink {
 }
 
 pub async fn run<S: Sink>(
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: EventReceiver,
     limits: Limits,
     mut resolver: impl RoleResolver,
     sink: &mut S,
@@ -66,9 +65,11 @@ pub async fn run<S: Sink>(
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
-            event = rx.recv() => {
-                let Some(event) = event else { break };
-                handle(&mut table, &mut goroutines, event, &mut resolver, sink);
+            batch = rx.recv() => {
+                let Some(mut batch) = batch else { break };
+                for event in batch.events.drain(..) {
+                    handle(&mut table, &mut goroutines, event, &mut resolver, sink);
+                }
             }
             _ = tick.tick() => {
                 let now = clock::monotonic_ns();

@@ -1,6 +1,6 @@
-//! Drains the kernel ring buffer on a thread of its own, decodes each record and hands it to the
-//! pipeline through a bounded channel. Nothing is dropped silently: decode failures and a full
-//! channel are counted.
+//! Drains the kernel ring buffer on a thread of its own, decodes each record and hands them to
+//! the pipeline in batches (`event_queue`, bounded in events). Nothing is dropped silently:
+//! decode failures and a full queue are counted.
 //!
 //! The kernel programs never wake the reader (a wakeup per record was the largest cost of the
 //! send path, agent-ebpf/src/helpers/emit.rs): the reader drains every 10 ms, and at once when a
@@ -20,13 +20,12 @@ use std::{
     thread::JoinHandle,
 };
 
-use aya::maps::{MapData, RingBuf};
-use tokio::sync::mpsc;
-
 use crate::{
-    decode::{Event, decode},
+    decode::decode,
+    event_queue::{BATCH, EventSender},
     pipeline::Userspace,
 };
+use aya::maps::{MapData, RingBuf};
 
 /// Longest a record waits in the ring.
 const DRAIN_INTERVAL_MS: i32 = 10;
@@ -40,7 +39,7 @@ pub struct Reader {
 impl Reader {
     pub fn spawn(
         ring: RingBuf<MapData>,
-        tx: mpsc::Sender<Event>,
+        tx: EventSender,
         stats: Arc<Userspace>,
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -66,7 +65,7 @@ impl Reader {
 
 fn run(
     mut ring: RingBuf<MapData>,
-    tx: &mpsc::Sender<Event>,
+    tx: &EventSender,
     stats: &Userspace,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
@@ -74,10 +73,7 @@ fn run(
     loop {
         let stopping = stop.load(Ordering::Acquire);
         // What the pipeline left of the previous drains: it keeps up if that is near nothing.
-        crate::scheduling::ADAPTIVE.observe(
-            tx.max_capacity() - tx.capacity(),
-            crate::clock::monotonic_ns(),
-        );
+        crate::scheduling::ADAPTIVE.observe(tx.waiting(), crate::clock::monotonic_ns());
         drain(&mut ring, tx, stats);
         if stopping {
             return Ok(());
@@ -139,13 +135,24 @@ impl Wakeups {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Event>, stats: &Userspace) {
+fn drain(ring: &mut RingBuf<MapData>, tx: &EventSender, stats: &Userspace) {
+    let mut batch = Vec::new();
+    let hand_over = |batch: Vec<_>| {
+        let dropped = tx.send(batch);
+        if dropped > 0 {
+            Userspace::add(&stats.channel_full, dropped as u64);
+        }
+    };
     while let Some(item) = ring.next() {
         Userspace::add(&stats.events_read, 1);
         match decode(&item) {
             Ok(event) => {
-                if tx.try_send(event).is_err() {
-                    Userspace::add(&stats.channel_full, 1);
+                // Grown as events come, not reserved whole: a wakeup's drain is often a single
+                // event, and a queue of such batches at full size was 3 GiB (65 536 x 256
+                // events' room).
+                batch.push(event);
+                if batch.len() == BATCH {
+                    hand_over(std::mem::take(&mut batch));
                 }
             }
             Err(err) => {
@@ -153,5 +160,8 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<Event>, stats: &Userspac
                 tracing::trace!("dropping undecodable record: {err}");
             }
         }
+    }
+    if !batch.is_empty() {
+        hand_over(batch);
     }
 }
