@@ -7,7 +7,7 @@
 //! that does not fit whole is cut, and what did not fit is the caller's to count as dropped.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex,
     atomic::{AtomicUsize, Ordering},
 };
 
@@ -21,10 +21,15 @@ pub const CAPACITY: usize = 65_536;
 /// pipeline is not idle while the reader decodes a long drain.
 pub const BATCH: usize = 256;
 
+/// Emptied batches kept for the reader to fill again: a batch grown anew each time was five
+/// allocations in as many size classes, which the allocator kept around per thread.
+const SPARE: usize = 16;
+
 struct Shared {
     capacity: usize,
     /// Events sent and not yet handled (a batch counts until the pipeline has handled it).
     queued: AtomicUsize,
+    spare: Mutex<Vec<Vec<Event>>>,
 }
 
 pub struct EventSender {
@@ -47,6 +52,21 @@ pub struct Batch {
 impl Drop for Batch {
     fn drop(&mut self) {
         self.shared.queued.fetch_sub(self.count, Ordering::Relaxed);
+        self.shared.keep(std::mem::take(&mut self.events));
+    }
+}
+
+impl Shared {
+    /// Keeps a full-size batch for reuse (what is left in it is dropped).
+    fn keep(&self, mut events: Vec<Event>) {
+        if events.capacity() != BATCH {
+            return;
+        }
+        events.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.len() < SPARE {
+            spare.push(events);
+        }
     }
 }
 
@@ -55,6 +75,7 @@ pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
     let shared = Arc::new(Shared {
         capacity,
         queued: AtomicUsize::new(0),
+        spare: Mutex::new(Vec::new()),
     });
     (
         EventSender {
@@ -66,6 +87,17 @@ pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
 }
 
 impl EventSender {
+    /// An empty batch to fill: one the pipeline is done with, else a new one.
+    pub fn batch(&self) -> Vec<Event> {
+        let spare = self
+            .shared
+            .spare
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        spare.unwrap_or_else(|| Vec::with_capacity(BATCH))
+    }
+
     /// Queues what fits of `batch` and returns how many events did not (dropped). There is one
     /// sender, so the room it sees can only grow before it adds to the count.
     pub fn send(&self, mut batch: Vec<Event>) -> usize {
@@ -86,6 +118,11 @@ impl EventSender {
             return offered;
         }
         offered - kept
+    }
+
+    /// A batch from `batch` that was not sent.
+    pub fn recycle(&self, events: Vec<Event>) {
+        self.shared.keep(events);
     }
 
     /// Events sent and not yet handled.
@@ -149,5 +186,21 @@ mod tests {
         drop(rx);
         assert_eq!(tx.send(events(2)), 2, "no pipeline: dropped");
         assert_eq!(tx.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn handled_full_size_batches_are_filled_again() {
+        let (tx, mut rx) = channel(CAPACITY);
+        let mut batch = tx.batch();
+        assert_eq!(batch.capacity(), BATCH);
+        batch.extend(events(3));
+        let address = batch.as_ptr();
+        assert_eq!(tx.send(batch), 0);
+        drop(rx.recv().await.unwrap());
+        let again = tx.batch();
+        assert!(again.is_empty(), "a reused batch starts empty");
+        assert_eq!(again.as_ptr(), address, "the handled batch comes back");
+        tx.recycle(events(2));
+        assert_eq!(tx.batch().capacity(), BATCH, "odd sizes are not kept");
     }
 }

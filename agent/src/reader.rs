@@ -147,9 +147,9 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &EventSender, stats: &Userspace) {
         Userspace::add(&stats.events_read, 1);
         match decode(&item) {
             Ok(event) => {
-                // Grown as events come, not reserved whole: a wakeup's drain is often a single
-                // event, and a queue of such batches at full size was 3 GiB (65 536 x 256
-                // events' room).
+                if batch.capacity() == 0 {
+                    batch = tx.batch();
+                }
                 batch.push(event);
                 if batch.len() == BATCH {
                     hand_over(std::mem::take(&mut batch));
@@ -162,6 +162,15 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &EventSender, stats: &Userspace) {
         }
     }
     if !batch.is_empty() {
-        hand_over(batch);
+        // A wakeup's drain is often one event: a queue of such batches at full size would be
+        // 3 GiB (65 536 x 256 events' room), so a short one travels in an allocation its size.
+        if batch.len() < BATCH / 4 {
+            let mut short = Vec::with_capacity(batch.len());
+            short.append(&mut batch);
+            hand_over(short);
+            tx.recycle(batch);
+        } else {
+            hand_over(batch);
+        }
     }
 }
