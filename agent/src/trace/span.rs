@@ -206,6 +206,35 @@ pub fn ip_str(addr: SocketAddr) -> String {
 }
 
 /// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
+/// `scheme://host:port/path?query`, an IPv6 host in brackets. Written piece by piece: through
+/// `format!` this one attribute was a sixth of a client span's cost.
+fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>) -> String {
+    let mut digits = itoa::Buffer::new();
+    let port = digits.format(port);
+    let ipv6 = host.contains(':');
+    let query_len = query.map_or(0, |q| q.len() + 1);
+    let mut url = String::with_capacity(
+        scheme.len() + 3 + host.len() + 2 + 1 + port.len() + path.len() + query_len,
+    );
+    url.push_str(scheme);
+    url.push_str("://");
+    if ipv6 {
+        url.push('[');
+    }
+    url.push_str(host);
+    if ipv6 {
+        url.push(']');
+    }
+    url.push(':');
+    url.push_str(port);
+    url.push_str(path);
+    if let Some(q) = query {
+        url.push('?');
+        url.push_str(q);
+    }
+    url
+}
+
 pub fn build<'a>(
     ex: &'a Exchange,
     conn: &ConnInfo,
@@ -278,18 +307,9 @@ pub fn build<'a>(
                 None => (peer_ip.clone(), peer.port()),
             };
             a.push(("url.template", Value::Shared(route.clone())));
-            let q = query
-                .map(|q| format!("?{}", redact_query(q, redaction)))
-                .unwrap_or_default();
-            let authority = if addr.contains(':') {
-                format!("[{addr}]:{port}")
-            } else {
-                format!("{addr}:{port}")
-            };
-            a.push((
-                "url.full",
-                Value::Str(format!("{scheme}://{authority}{path}{q}")),
-            ));
+            let query = query.map(|q| redact_query(q, redaction));
+            let full = url_full(scheme, &addr, port, path, query.as_deref());
+            a.push(("url.full", Value::Str(full)));
             a.push(("server.address", Value::Shared(addr)));
             a.push(("server.port", Value::Int(port.into())));
         }
@@ -524,5 +544,17 @@ mod tests {
         );
         assert_eq!(str_attr(&s, "server.port"), "9000");
         assert_eq!(&*s.name, "GET /a/{id}");
+    }
+
+    #[test]
+    fn a_full_url_brackets_an_ipv6_host_and_keeps_an_empty_query() {
+        assert_eq!(
+            url_full("https", "fe80::1", 8443, "/x", None),
+            "https://[fe80::1]:8443/x"
+        );
+        assert_eq!(
+            url_full("http", "10.0.0.1", 80, "/", Some("")),
+            "http://10.0.0.1:80/?"
+        );
     }
 }
