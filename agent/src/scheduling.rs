@@ -7,7 +7,9 @@
 //! idle while the agent keeps up, and normal while a backlog builds: the ring reader, before each
 //! drain (every 10 ms at most), looks at how many events of the earlier drains still wait for the
 //! pipeline. At `HIGH` it raises the pipeline's threads at once; they go back to idle after
-//! `CALM_NS` without more than `LOW` waiting.
+//! `CALM_NS` without more than `LOW` waiting. The export queue after the pipeline counts too: an
+//! exporter at idle priority behind a saturated node fills it while the events keep flowing, so
+//! a span offered to a queue three quarters full raises the threads as well (`pressure`).
 //!
 //! The ring reader itself stays normal: its lateness is the one that loses data in the kernel,
 //! and it is ~10% of the agent's CPU. Leaving SCHED_IDLE needs CAP_SYS_NICE (or an RLIMIT_NICE
@@ -36,6 +38,8 @@ pub struct Adaptive {
     enabled: AtomicBool,
     /// The pipeline's threads are at SCHED_IDLE now.
     idle: AtomicBool,
+    /// A queue after the pipeline filled since the reader last looked (restarts the calm).
+    pressed: AtomicBool,
     /// Switches to normal priority (a backlog built) and back to idle.
     pub raised: AtomicU64,
     pub lowered: AtomicU64,
@@ -72,6 +76,7 @@ impl Adaptive {
         Self {
             enabled: AtomicBool::new(false),
             idle: AtomicBool::new(false),
+            pressed: AtomicBool::new(false),
             raised: AtomicU64::new(0),
             lowered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -163,7 +168,8 @@ impl Adaptive {
             return;
         }
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if waiting > LOW {
+        let pressed = self.pressed.swap(false, Ordering::Relaxed);
+        if waiting > LOW || pressed {
             state.calm_since_ns = None;
             return;
         }
@@ -171,6 +177,19 @@ impl Adaptive {
         drop(state);
         if now_ns.saturating_sub(since) >= CALM_NS {
             self.switch(true);
+        }
+    }
+
+    /// A queue after the pipeline (spans waiting for export) is nearly full: raise the threads
+    /// now if idle, and keep them raised for another calm second. Lock-free unless it switches.
+    pub fn pressure(&self) {
+        if !self.enabled() {
+            return;
+        }
+        if self.idle.load(Ordering::Relaxed) {
+            self.switch(false);
+        } else {
+            self.pressed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -230,6 +249,28 @@ mod tests {
         a.observe(0, 3_629 * MS);
         assert!(!a.is_idle(), "the calm second counts from after the raise");
         a.observe(0, 3_630 * MS);
+        assert!(a.is_idle());
+    }
+
+    #[test]
+    fn a_filling_export_queue_raises_and_holds_normal_priority() {
+        let a = Adaptive::new();
+        a.pressure();
+        assert_eq!(a.raised.load(Ordering::Relaxed), 0, "not enabled");
+        a.enabled.store(true, Ordering::Relaxed);
+        a.observe(0, 0);
+        a.observe(0, 1_000 * MS);
+        assert!(a.is_idle());
+        a.pressure();
+        assert!(!a.is_idle(), "raised at once, no events waiting");
+        a.observe(0, 1_010 * MS);
+        a.pressure();
+        a.observe(0, 2_010 * MS);
+        assert!(!a.is_idle(), "pressure restarts the calm second");
+        a.observe(0, 2_020 * MS);
+        a.observe(0, 3_019 * MS);
+        assert!(!a.is_idle());
+        a.observe(0, 3_020 * MS);
         assert!(a.is_idle());
     }
 }

@@ -133,6 +133,9 @@ impl Exporter {
 /// Hands a span to the export queue; counts it as dropped when the queue is full.
 pub fn offer(tx: &mpsc::Sender<SpanRecord>, stats: &ExportStats, span: SpanRecord) {
     stats.spans_built.fetch_add(1, Ordering::Relaxed);
+    if tx.capacity() < tx.max_capacity() / 4 {
+        crate::scheduling::ADAPTIVE.pressure();
+    }
     if tx.try_send(span).is_err() {
         stats.queue_full.fetch_add(1, Ordering::Relaxed);
     }
