@@ -21,11 +21,12 @@ use std::sync::{
     atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
-/// Events still waiting for the pipeline that raise its threads to normal priority: a quarter of
-/// the channel (65 536), ~80-160 ms of a saturated 2-core node's events: an idle pipeline may lag
-/// in bursts (it runs when the services pause) without being raised, and a raised one has three
-/// times that before the channel is full.
-const HIGH: usize = 16_384;
+/// Events still waiting for the pipeline that raise its threads to normal priority: 1/16 of the
+/// channel (65 536), ~20-40 ms of a saturated 2-core node's events: an idle pipeline may lag in
+/// bursts (it runs when the services pause) without being raised, and a raised one has fifteen
+/// times that before the channel is full. A quarter of the channel held 10-15 MiB more at
+/// saturation (the backlog, and the spans it became) for no throughput measured.
+const HIGH: usize = 4_096;
 /// At or below this many waiting events the pipeline counts as keeping up.
 const LOW: usize = 1_024;
 /// Keeping up this long, at normal priority, before going back to idle: a saturated node's
