@@ -170,6 +170,22 @@ impl Metrics {
             labels: Vec::new(),
             value: u64::from(crate::scheduling::ADAPTIVE.is_idle()),
         });
+        out.push(Sample {
+            name: "loupe_events_waiting",
+            help: "Events read from the ring buffer and not yet handled by the pipeline (channel_full drops start at 65536).",
+            gauge: true,
+            labels: Vec::new(),
+            value: self.user.events_waiting.load(Ordering::Relaxed),
+        });
+        if let Some(e) = &self.export {
+            out.push(Sample {
+                name: "loupe_export_queue_spans",
+                help: "Spans waiting for export (export_queue_full drops start at --export-queue).",
+                gauge: true,
+                labels: Vec::new(),
+                value: e.queued.load(Ordering::Relaxed),
+            });
+        }
         if let Some(t) = &self.traces {
             out.extend(l7_samples(t));
         }

@@ -23,6 +23,8 @@ pub struct Userspace {
     pub events_read: AtomicU64,
     pub decode_errors: AtomicU64,
     pub channel_full: AtomicU64,
+    /// Events read and not yet handled by the pipeline, as the reader last saw (a gauge).
+    pub events_waiting: AtomicU64,
     pub table: Mutex<TableStats>,
 }
 

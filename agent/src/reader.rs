@@ -73,7 +73,11 @@ fn run(
     loop {
         let stopping = stop.load(Ordering::Acquire);
         // What the pipeline left of the previous drains: it keeps up if that is near nothing.
-        crate::scheduling::ADAPTIVE.observe(tx.waiting(), crate::clock::monotonic_ns());
+        let waiting = tx.waiting();
+        stats
+            .events_waiting
+            .store(waiting as u64, Ordering::Relaxed);
+        crate::scheduling::ADAPTIVE.observe(waiting, crate::clock::monotonic_ns());
         drain(&mut ring, tx, stats);
         if stopping {
             return Ok(());

@@ -32,6 +32,8 @@ pub struct ExportStats {
     pub spans_exported: AtomicU64,
     /// Dropped because the export queue was full.
     pub queue_full: AtomicU64,
+    /// Spans in the export queue, as last seen by the pipeline or the exporter (a gauge).
+    pub queued: AtomicU64,
     /// Spans in batches the OTLP endpoint did not accept.
     pub export_failed: AtomicU64,
     /// OTLP metrics exports that failed (cumulative: the next one carries the totals).
@@ -133,7 +135,11 @@ impl Exporter {
 /// Hands a span to the export queue; counts it as dropped when the queue is full.
 pub fn offer(tx: &mpsc::Sender<SpanRecord>, stats: &ExportStats, span: SpanRecord) {
     stats.spans_built.fetch_add(1, Ordering::Relaxed);
-    if tx.capacity() < tx.max_capacity() / 4 {
+    let room = tx.capacity();
+    stats
+        .queued
+        .store((tx.max_capacity() - room) as u64, Ordering::Relaxed);
+    if room < tx.max_capacity() / 4 {
         crate::scheduling::ADAPTIVE.pressure();
     }
     if tx.try_send(span).is_err() {
@@ -166,6 +172,7 @@ async fn run(
                 if taken == 0 {
                     break;
                 }
+                stats.queued.store(rx.len() as u64, Ordering::Relaxed);
                 if batch.len() >= cfg.batch_size {
                     flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
                 }
