@@ -101,7 +101,7 @@ impl Metrics {
             ),
             (
                 "loupe_cpu_scheduling_raised_total",
-                "Switches of the pipeline's threads to normal priority because events waited (--cpu-scheduling adaptive).",
+                "Switches of the pipeline's threads to normal priority because events waited for it or spans for export (--cpu-scheduling adaptive).",
                 crate::scheduling::ADAPTIVE.raised.load(Ordering::Relaxed),
             ),
             (
