@@ -791,6 +791,24 @@ mod tests {
     use crate::export::ExportStats;
 
     #[test]
+    fn the_queue_gauges_say_what_waits() {
+        let mut m = Metrics::new(None);
+        let e = Arc::new(ExportStats::default());
+        m.export = Some(e.clone());
+        m.user.events_waiting.store(4096, Ordering::Relaxed);
+        e.queued.store(12, Ordering::Relaxed);
+        let samples = m.samples();
+        let gauge = |name: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| (s.gauge, s.value))
+        };
+        assert_eq!(gauge("loupe_events_waiting"), Some((true, 4096)));
+        assert_eq!(gauge("loupe_export_queue_spans"), Some((true, 12)));
+    }
+
+    #[test]
     fn paths_answer_what_they_name_and_nothing_else() {
         let mut m = Metrics::new(None);
         let e = Arc::new(ExportStats::default());

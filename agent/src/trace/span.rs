@@ -205,7 +205,6 @@ pub fn ip_str(addr: SocketAddr) -> String {
     }
 }
 
-/// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
 /// `scheme://host:port/path?query`, an IPv6 host in brackets. Written piece by piece: through
 /// `format!` this one attribute was a sixth of a client span's cost.
 fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>) -> String {
@@ -235,6 +234,7 @@ fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>
     url
 }
 
+/// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
 pub fn build<'a>(
     ex: &'a Exchange,
     conn: &ConnInfo,
