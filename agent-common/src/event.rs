@@ -66,6 +66,8 @@ pub struct DataEvent {
     pub bytes: u32,
     /// Payload bytes that follow this struct in the record: min(bytes, capture cap).
     pub captured: u32,
+    /// The thread's comm on a connection's first event (on every event with
+    /// `config::LoupeConfig::comm_every_event`); zeros otherwise.
     pub comm: [u8; 16],
     pub direction: u8,
     /// `conn::ROLE_*`
@@ -85,6 +87,8 @@ pub struct DataEvent {
     pub goroutine: u64,
 }
 pub const DATA_EVENT_SIZE: usize = core::mem::size_of::<DataEvent>();
+// The programs zero `comm` as two 8-byte words.
+const _: () = assert!(core::mem::offset_of!(DataEvent, comm).is_multiple_of(8));
 const _: () = assert!(DATA_EVENT_SIZE == 152);
 
 /// The connection reached TCP_CLOSE.

@@ -45,6 +45,8 @@ pub static LOUPE_CONFIG: Global<LoupeConfig> = Global::new(LoupeConfig {
         _pad: [0; 2],
     },
     tcp_context: 0,
+    comm_every_event: 0,
+    _pad: 0,
     option_exid: 0,
     features: 0,
 });

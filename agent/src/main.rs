@@ -158,7 +158,13 @@ struct Capture {
     reader: reader::Reader,
 }
 
-fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture> {
+/// `per_event_comm`: each data event names its thread (what `capture` prints), not only the
+/// first of a connection.
+fn start_capture(
+    common: &CommonArgs,
+    protocols: u32,
+    per_event_comm: bool,
+) -> anyhow::Result<Capture> {
     common.validate()?;
     let opts = LoadOptions {
         capture_bytes: common.capture_bytes,
@@ -172,6 +178,7 @@ fn start_capture(common: &CommonArgs, protocols: u32) -> anyhow::Result<Capture>
         tcp_context: common.tcp_context.then_some(common.tcp_option_exid),
         tls: !common.no_tls && protocols != 0,
         capture_path: common.capture_path,
+        comm_every_event: per_event_comm,
     };
     let mut probe = Probe::load(&opts)?;
     // Loading parsed the kernel's BTF (~30 MiB of short-lived allocations). mimalloc keeps freed
@@ -318,7 +325,7 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
         events,
         metrics,
         reader,
-    } = start_capture(common, protocols)?;
+    } = start_capture(common, protocols, true)?;
     let metrics = Arc::new(metrics);
     spawn_observability(common, &metrics)?;
     tracing::info!(
@@ -398,7 +405,7 @@ async fn run_command(
         mut metrics,
         reader,
         // Only what a parser turns into spans: HTTP/2 (gRPC) would be copied and then ignored.
-    } = start_capture(common, loupe::protocol::wanted_mask())?;
+    } = start_capture(common, loupe::protocol::wanted_mask(), false)?;
     let redaction = Redaction {
         query_values: file.redaction.query_values,
     };

@@ -92,10 +92,16 @@ pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
 /// agent started) need it, so it is rare. A process already gone (a short-lived client whose
 /// pooled connection predates the agent) is resolved against the listeners of the agent's own
 /// network namespace: right for every process on the host network, and when two ephemeral ports
-/// meet, as on loopback, nothing else can tell the client from the server.
+/// meet, as on loopback, nothing else can tell the client from the server. Also names the
+/// process of a connection whose first event (the one that carries the comm) was not seen.
 pub struct ProcRoles;
 
 impl RoleResolver for ProcRoles {
+    fn comm(&mut self, pid: u32) -> Option<String> {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        Some(comm.trim_end_matches('\n').to_owned())
+    }
+
     fn resolve(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) -> Role {
         let mut listeners = HashSet::new();
         let mut read = false;

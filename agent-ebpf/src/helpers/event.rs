@@ -9,7 +9,10 @@ use agent_common::{
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
-    helpers::{copy::copy_words, emit::emit_data},
+    helpers::{
+        copy::{copy_words, zero_words},
+        emit::emit_data,
+    },
     maps::Scratch,
 };
 
@@ -25,6 +28,10 @@ pub struct Transfer {
     pub syscall: u8,
     /// The connection's first event: wakes the reader at once.
     pub first: bool,
+    /// Name the thread (`DataEvent::comm`): the connection's first event, or every event with
+    /// `config::LoupeConfig::comm_every_event`; the agent keeps the comm per connection, and the
+    /// helper was ~7% of the sock tracepoints' time.
+    pub comm: bool,
     /// Go's goroutine register (see `DataEvent::goroutine`).
     pub goroutine: u64,
 }
@@ -55,15 +62,19 @@ pub fn send_data(
     event.seq = t.seq;
     event.bytes = t.bytes;
     event.captured = t.captured;
-    // Written in place: through bpf_get_current_comm()'s returned array the BPF backend adds a
-    // byte-at-a-time memset and copy.
-    // SAFETY: the helper writes at most 16 bytes into the 16-byte field.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_get_current_comm(
-            core::ptr::addr_of_mut!(event.comm).cast(),
-            16,
-        )
-    };
+    if t.comm {
+        // Written in place: through bpf_get_current_comm()'s returned array the BPF backend adds
+        // a byte-at-a-time memset and copy.
+        // SAFETY: the helper writes at most 16 bytes into the 16-byte field.
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_get_current_comm(
+                core::ptr::addr_of_mut!(event.comm).cast(),
+                16,
+            )
+        };
+    } else {
+        zero_words(core::ptr::addr_of_mut!(event.comm).cast::<[u64; 2]>());
+    }
     event.direction = t.direction;
     event.role = conn.role;
     event.protocol = conn.protocol;

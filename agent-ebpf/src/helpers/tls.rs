@@ -287,6 +287,7 @@ pub fn emit_plaintext(
         flags,
         syscall: SYS_NONE,
         first,
+        comm: first || cfg.comm_every_event != 0,
         // In a uprobe, the registers saved at the probe's trap: the caller's goroutine for Go.
         goroutine: syscall_goroutine(),
     };

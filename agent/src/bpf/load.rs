@@ -42,6 +42,9 @@ pub struct LoadOptions {
     pub tcp_context: Option<u16>,
     /// Load the TLS uprobe programs (attached per library file by `crate::tls`).
     pub tls: bool,
+    /// Every data event carries its thread's comm (`loupe capture`); otherwise a connection's
+    /// first only.
+    pub comm_every_event: bool,
     pub capture_path: CapturePath,
 }
 
@@ -352,7 +355,9 @@ impl Probe {
             filter,
             protocols: opts.protocols,
             offsets,
-            tcp_context: opts.tcp_context.is_some() as u32,
+            tcp_context: opts.tcp_context.is_some() as u8,
+            comm_every_event: opts.comm_every_event as u8,
+            _pad: 0,
             option_exid: opts.tcp_context.unwrap_or(0),
             features,
         };

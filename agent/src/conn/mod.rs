@@ -76,6 +76,11 @@ pub struct TableStats {
 /// Resolves the role of a connection the kernel saw only mid-stream.
 pub trait RoleResolver {
     fn resolve(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) -> Role;
+    /// The process's comm, for a connection whose first event (the one that carries it) the
+    /// agent never saw: dropped, or the connection was evicted here and came back.
+    fn comm(&mut self, _pid: u32) -> Option<String> {
+        None
+    }
 }
 
 /// For tests and when /proc is not wanted.
@@ -122,11 +127,15 @@ impl ConnTable {
                     Role::Unknown => resolver.resolve(ev.pid, ev.local, ev.remote),
                     known => known,
                 };
+                let comm = match ev.comm.as_str() {
+                    "" => resolver.comm(ev.pid).unwrap_or_default().into(),
+                    comm => comm.into(),
+                };
                 e.insert(Connection {
                     info: ConnInfo {
                         key: ev.conn,
                         pid: ev.pid,
-                        comm: ev.comm.as_str().into(),
+                        comm,
                         local: ev.local,
                         remote: ev.remote,
                         role,
@@ -271,6 +280,32 @@ mod tests {
         fn resolve(&mut self, _: u32, _: SocketAddr, _: SocketAddr) -> Role {
             Role::Server
         }
+    }
+
+    struct NamedProcess;
+    impl RoleResolver for NamedProcess {
+        fn resolve(&mut self, _: u32, _: SocketAddr, _: SocketAddr) -> Role {
+            Role::Server
+        }
+        fn comm(&mut self, _: u32) -> Option<String> {
+            Some("from-proc".into())
+        }
+    }
+
+    #[test]
+    fn a_connection_first_seen_without_its_comm_asks_the_resolver() {
+        let mut t = ConnTable::new(Limits::default());
+        // The kernel names the thread on a connection's first event only: a later one arrives
+        // with zeros when the first was lost.
+        let mut later = ev(1, Direction::Recv, 100, "GET / HTTP/1.1\r\n", 1);
+        later.comm = crate::decode::tests::comm("");
+        let (conn, _) = t.ingest(later, &mut NamedProcess).unwrap();
+        assert_eq!(&*conn.info.comm, "from-proc");
+        // A first event names it itself, and the resolver is not asked.
+        let (conn, _) = t
+            .ingest(ev(2, Direction::Recv, 0, "GET", 2), &mut NamedProcess)
+            .unwrap();
+        assert_eq!(&*conn.info.comm, "t");
     }
 
     #[test]
