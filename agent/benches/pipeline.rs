@@ -20,7 +20,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use loupe::{
     clock::WallClock,
     conn::{ConnTable, Limits, NoResolver},
-    decode::{Direction, Event, decode},
+    decode::{Direction, Event, PayloadArena, decode_with},
     export::ExportStats,
     pipeline::Sink,
     process::ProcessCache,
@@ -141,8 +141,9 @@ fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
         ..DbOptions::default()
     });
     let mut table = ConnTable::new(Limits::default());
+    let mut arena = PayloadArena::default();
     for raw in input {
-        let Ok(Event::Data(mut ev)) = decode(raw) else {
+        let Ok(Event::Data(mut ev)) = decode_with(raw, &mut arena) else {
             panic!("bad record")
         };
         let dir = ev.direction;
@@ -190,8 +191,9 @@ fn pipeline(c: &mut Criterion) {
             let mut sessions: std::collections::HashMap<u64, Session> = Default::default();
             let mut linker = Linker::new(Box::new(RandomIds));
             let mut spans = 0usize;
+            let mut arena = PayloadArena::default();
             for raw in &input {
-                let Ok(Event::Data(ev)) = decode(raw) else {
+                let Ok(Event::Data(ev)) = decode_with(raw, &mut arena) else {
                     panic!("bad record")
                 };
                 let dir = ev.direction;

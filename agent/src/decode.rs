@@ -13,7 +13,7 @@ use agent_common::{
         KIND_EXEC, KIND_FORK, KIND_HANDOFF, KIND_WAKE, MAX_PAYLOAD, WAKE_EVENT_SIZE,
     },
 };
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -436,7 +436,40 @@ fn exec(f: &mut Fields<'_>, ts_ns: u64, pid: u32) -> ExecEvent {
     }
 }
 
+/// Where decoded payloads are copied: small ones share 4 KiB blocks, so one allocation (and one
+/// free, on the pipeline thread) serves dozens of events instead of one each, and sharing a
+/// payload later (a kept header's `Bytes::slice_ref`) needs no allocation either. A payload kept
+/// past its event (a request's header values until its span is exported, events held while a
+/// protocol is detected) keeps its block alive: at most 4 KiB, the size of one full payload.
+#[derive(Default)]
+pub struct PayloadArena {
+    block: BytesMut,
+}
+
+impl PayloadArena {
+    const BLOCK: usize = 4096;
+
+    pub fn copy(&mut self, src: &[u8]) -> Bytes {
+        if src.is_empty() {
+            return Bytes::new();
+        }
+        if src.len() > Self::BLOCK / 2 {
+            return Bytes::copy_from_slice(src);
+        }
+        if self.block.capacity() - self.block.len() < src.len() {
+            self.block = BytesMut::with_capacity(Self::BLOCK);
+        }
+        self.block.extend_from_slice(src);
+        self.block.split().freeze()
+    }
+}
+
+/// `decode_with` a fresh arena: for tests, fuzzing and one-off records.
 pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
+    decode_with(buf, &mut PayloadArena::default())
+}
+
+pub fn decode_with(buf: &[u8], arena: &mut PayloadArena) -> Result<Event, DecodeError> {
     let mut f = Fields { buf, pos: 0 };
     let h = header(&mut f)?;
     let (need, kind) = match h.kind {
@@ -554,7 +587,7 @@ pub fn decode(buf: &[u8]) -> Result<Event, DecodeError> {
         syscall,
         seq,
         bytes,
-        payload: Bytes::copy_from_slice(&buf[need..need + captured]),
+        payload: arena.copy(&buf[need..need + captured]),
         truncated: flags & FLAG_TRUNCATED != 0,
         no_payload: flags & FLAG_NO_PAYLOAD != 0,
         midstream: flags & FLAG_MIDSTREAM != 0,
@@ -578,6 +611,33 @@ pub(crate) mod tests {
         let mut bytes = [0u8; 16];
         bytes[..s.len()].copy_from_slice(s.as_bytes());
         Comm::new(bytes, s.len())
+    }
+
+    #[test]
+    fn small_payloads_share_a_block_and_large_ones_do_not() {
+        let mut arena = PayloadArena::default();
+        let a = arena.copy(b"GET / HTTP/1.1\r\n");
+        let b = arena.copy(b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(&a[..], b"GET / HTTP/1.1\r\n");
+        assert_eq!(&b[..], b"HTTP/1.1 200 OK\r\n");
+        // Side by side in one block: one allocation for both.
+        assert_eq!(b.as_ptr(), a[a.len()..].as_ptr());
+        // More than half a block gets its own allocation, and leaves the block as it was.
+        let big = arena.copy(&[7u8; PayloadArena::BLOCK / 2 + 1]);
+        assert!(big.iter().all(|&x| x == 7));
+        let c = arena.copy(b"x");
+        assert_eq!(c.as_ptr(), b[b.len()..].as_ptr());
+        // A payload that does not fit what is left starts a new block, whole.
+        let mut filled = a.len() + b.len() + c.len();
+        while filled + 2000 <= PayloadArena::BLOCK {
+            let _ = arena.copy(&[1u8; 2000]);
+            filled += 2000;
+        }
+        let d = arena.copy(&[9u8; 2000]);
+        assert_eq!(&d[..], &[9u8; 2000][..]);
+        assert!(arena.copy(b"").is_empty());
+        // The earlier payloads are intact after their block was left behind.
+        assert_eq!(&a[..], b"GET / HTTP/1.1\r\n");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::{
 };
 
 use crate::{
-    decode::decode,
+    decode::{PayloadArena, decode_with},
     event_queue::{BATCH, EventSender},
     pipeline::Userspace,
 };
@@ -70,6 +70,7 @@ fn run(
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
+    let mut arena = PayloadArena::default();
     loop {
         let stopping = stop.load(Ordering::Acquire);
         // What the pipeline left of the previous drains: it keeps up if that is near nothing.
@@ -78,7 +79,7 @@ fn run(
             .events_waiting
             .store(waiting as u64, Ordering::Relaxed);
         crate::scheduling::ADAPTIVE.observe(waiting, crate::clock::monotonic_ns());
-        drain(&mut ring, tx, stats);
+        drain(&mut ring, tx, stats, &mut arena);
         if stopping {
             return Ok(());
         }
@@ -139,7 +140,12 @@ impl Wakeups {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, tx: &EventSender, stats: &Userspace) {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    tx: &EventSender,
+    stats: &Userspace,
+    arena: &mut PayloadArena,
+) {
     let mut batch = Vec::new();
     let hand_over = |batch: Vec<_>| {
         let dropped = tx.send(batch);
@@ -149,7 +155,7 @@ fn drain(ring: &mut RingBuf<MapData>, tx: &EventSender, stats: &Userspace) {
     };
     while let Some(item) = ring.next() {
         Userspace::add(&stats.events_read, 1);
-        match decode(&item) {
+        match decode_with(&item, arena) {
             Ok(event) => {
                 if batch.capacity() == 0 {
                     batch = tx.batch();
