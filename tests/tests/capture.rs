@@ -94,6 +94,22 @@ fn assert_streams(
             .all(|e| e.role == "server" && !e.midstream),
         "{what}"
     );
+    // `loupe capture` names the thread on every event, not only on a connection's first (which
+    // is all `loupe run` asks the kernel for). Both ends are this test's thread, still alive.
+    let thread_comm = |tid: u32| {
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default()
+    };
+    for e in client_events.iter().chain(c.of(sl, sr).iter()) {
+        assert_eq!(
+            e.comm,
+            thread_comm(e.tid),
+            "{what}: seq {} {}",
+            e.seq,
+            e.direction
+        );
+    }
 }
 
 /// The capture path the agent must say it uses (its log's `capture:` line).

@@ -93,9 +93,7 @@ pub fn current_call_and_goroutine() -> (Option<ActiveCall>, u64) {
     if regs == 0 {
         return (None, 0);
     }
-    let Some((nr, ptr, len, goroutine)) = read_with_goroutine(regs) else {
-        return (None, 0);
-    };
+    let (nr, ptr, len, goroutine) = read_with_goroutine(regs);
     (call_of(nr, ptr, len), goroutine)
 }
 
@@ -125,37 +123,29 @@ fn call_of(nr: u64, ptr: u64, len: u64) -> Option<ActiveCall> {
 }
 
 /// (syscall number, argument 1, argument 2, goroutine register).
-#[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-fn read_with_goroutine(regs: u64) -> Option<(u64, u64, u64, u64)> {
-    let (nr, a1, a2) = read(regs)?;
-    Some((nr, a1, a2, load(regs, abi::GOROUTINE)))
-}
-
-#[cfg(bpf_target_arch = "aarch64")]
-#[inline(always)]
-fn read_with_goroutine(regs: u64) -> Option<(u64, u64, u64, u64)> {
-    let (nr, a1, a2) = read(regs)?;
-    Some((nr, a1, a2, load(regs, abi::GOROUTINE)))
+fn read_with_goroutine(regs: u64) -> (u64, u64, u64, u64) {
+    let (nr, a1, a2) = read(regs);
+    (nr, a1, a2, load(regs, abi::GOROUTINE))
 }
 
 /// (syscall number, argument 1, argument 2).
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-fn read(regs: u64) -> Option<(u64, u64, u64)> {
-    Some((
+fn read(regs: u64) -> (u64, u64, u64) {
+    (
         load(regs, abi::NR),
         load(regs, abi::ARG1),
         load(regs, abi::ARG2),
-    ))
+    )
 }
 
 #[cfg(bpf_target_arch = "aarch64")]
 #[inline(always)]
-fn read(regs: u64) -> Option<(u64, u64, u64)> {
+fn read(regs: u64) -> (u64, u64, u64) {
     // SAFETY: syscallno is an s32 field of the trusted pt_regs pointer (see `load`).
     let nr = unsafe { ((regs + abi::SYSCALLNO) as *const i32).read_volatile() } as u64;
-    Some((nr, load(regs, abi::ARG1), load(regs, abi::ARG2)))
+    (nr, load(regs, abi::ARG1), load(regs, abi::ARG2))
 }
 
 /// The goroutine (`g`) running the current syscall, from the user registers saved at entry: Go
@@ -188,5 +178,5 @@ pub fn user_stack_pointer() -> u64 {
 #[inline(always)]
 pub fn in_futex() -> bool {
     let regs = user_regs();
-    regs != 0 && read(regs).is_some_and(|(nr, _, _)| nr == abi::NR_FUTEX)
+    regs != 0 && read(regs).0 == abi::NR_FUTEX
 }
