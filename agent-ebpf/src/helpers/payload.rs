@@ -165,8 +165,8 @@ fn copy_mmsg(dst: *mut u8, msgvec: u64, n: u64, want: u64) -> Result<u64, ()> {
 fn copy_call(call: &ActiveCall, dst: *mut u8, want: u64) -> Result<u64, ()> {
     match call.shape {
         SHAPE_BUF => read_into(dst, 0, want, call.ptr).map(|()| want),
-        SHAPE_IOV => copy_iov(dst, call.ptr, call.len, want),
-        SHAPE_MSG => copy_msg(dst, call.ptr, want),
+        SHAPE_IOV => copy_iov_pairs(dst, call.ptr, call.len, want),
+        SHAPE_MSG => copy_msg_pairs(dst, call.ptr, want),
         _ => Err(()),
     }
 }
@@ -198,6 +198,69 @@ fn copy_msg(dst: *mut u8, msg: u64, want: u64) -> Result<u64, ()> {
     let iovlen: u64 = unsafe { bpf_probe_read_user((msg + MSGHDR_IOVLEN_OFFSET) as *const u64) }
         .map_err(|_| ())?;
     copy_iov(dst, iov, iovlen, want)
+}
+
+/// `copy_msg` with the message's iovec pointer and count in one read (they are adjacent in
+/// `struct msghdr`). The sock path only: see `copy_iov_pairs`.
+#[inline(always)]
+fn copy_msg_pairs(dst: *mut u8, msg: u64, want: u64) -> Result<u64, ()> {
+    const _: () = assert!(MSGHDR_IOVLEN_OFFSET == MSGHDR_IOV_OFFSET + 8);
+    // SAFETY: user read through the fault-tolerant helper.
+    let [iov, iovlen]: [u64; 2] =
+        unsafe { bpf_probe_read_user((msg + MSGHDR_IOV_OFFSET) as *const [u64; 2]) }
+            .map_err(|_| ())?;
+    copy_iov_pairs(dst, iov, iovlen, want)
+}
+
+/// `copy_iov` reading the iovecs two at a time: every helper call is costly (nginx's writev of
+/// a head and a body took four reads, now three). The sock path only: the syscall path's exit
+/// programs are at the verifier's budget with the one-at-a-time loop, and kernels that use it
+/// verify more slowly.
+#[inline(always)]
+fn copy_iov_pairs(dst: *mut u8, iov: u64, iovcnt: u64, want: u64) -> Result<u64, ()> {
+    let mut off: u64 = 0;
+    let mut i: u64 = 0;
+    let max = if crate::maps::LOUPE_CONFIG.load().tcp_context != 0 {
+        MAX_IOV_TCP_CONTEXT
+    } else {
+        MAX_IOV
+    };
+    while i < max {
+        if i >= iovcnt || off >= want {
+            return Ok(off);
+        }
+        let at = iov + i * 16;
+        // SAFETY: user reads through the fault-tolerant helper; struct iovec is {base, len}.
+        // The pair is read only when both exist: past the array's end may be unmapped.
+        let vecs: [u64; 4] = if i + 1 < iovcnt {
+            unsafe { bpf_probe_read_user(at as *const [u64; 4]) }.map_err(|_| ())?
+        } else {
+            let [base, len]: [u64; 2] =
+                unsafe { bpf_probe_read_user(at as *const [u64; 2]) }.map_err(|_| ())?;
+            [base, len, 0, 0]
+        };
+        let first = take(vecs[1], want - off);
+        if first > 0 {
+            read_into(dst, off, first, vecs[0])?;
+            off += first;
+        }
+        let second = take(vecs[3], want - off);
+        if second > 0 {
+            read_into(dst, off, second, vecs[2])?;
+            off += second;
+        }
+        i += 2;
+    }
+    if i < iovcnt && off < want {
+        count(counters::IOV_LIMIT);
+    }
+    Ok(off)
+}
+
+/// The bytes of an iovec of `len` that fit in `room`.
+#[inline(always)]
+fn take(len: u64, room: u64) -> u64 {
+    if len < room { len } else { room }
 }
 
 /// Copies iovecs in order until `want` bytes; returns how many were copied.
