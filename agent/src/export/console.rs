@@ -26,6 +26,12 @@ use crate::{
 const QUIET: Duration = Duration::from_millis(1500);
 /// Traces being assembled at most; beyond, the oldest is taken as complete.
 const MAX_PENDING: usize = 10_000;
+/// Spans of one trace printed as one tree at most. A trace that never goes quiet (a worker whose
+/// every request sends the next) would otherwise grow without bound in memory and print as a
+/// chain of millions of lines: beyond this, it is printed in pieces.
+const MAX_LINES: usize = 100;
+/// Tree levels indented at most; deeper spans are printed at this indentation.
+const MAX_INDENT: usize = 16;
 /// How often the "not shown" line is printed (when something was not shown).
 const NOTE_EVERY: Duration = Duration::from_secs(10);
 
@@ -63,6 +69,8 @@ struct Ranked {
     key: (bool, u64, Reverse<u64>),
     trace_id: [u8; 16],
     lines: Vec<Line>,
+    /// A piece of a longer trace (see `MAX_LINES`).
+    full: bool,
 }
 
 impl PartialEq for Ranked {
@@ -189,6 +197,11 @@ impl<W: Write> ConsoleTree<W> {
             Some(p) => {
                 p.last = now;
                 p.lines.push(line);
+                if p.lines.len() >= MAX_LINES {
+                    // Its later spans start the next piece (their parents then show as
+                    // "child of").
+                    self.complete(s.trace_id);
+                }
             }
             None => {
                 self.pending.insert(
@@ -247,6 +260,7 @@ impl<W: Write> ConsoleTree<W> {
         let Some(p) = self.pending.remove(&trace_id) else {
             return;
         };
+        let full = p.lines.len() >= MAX_LINES;
         let error = p.lines.iter().any(|l| l.error);
         let first = p.lines.iter().map(|l| l.start).min().unwrap_or(0);
         let last = p.lines.iter().map(|l| l.end).max().unwrap_or(0);
@@ -256,6 +270,7 @@ impl<W: Write> ConsoleTree<W> {
             key: (error, last.saturating_sub(first), Reverse(self.seq)),
             trace_id,
             lines: p.lines,
+            full,
         };
         if self.chosen.len() < self.budget {
             self.chosen.push(Reverse(ranked));
@@ -286,6 +301,13 @@ impl<W: Write> ConsoleTree<W> {
         chosen.sort_by_key(|r| r.lines.iter().map(|l| l.start).min());
         for r in chosen {
             self.print(r.trace_id, r.lines);
+            if r.full {
+                let _ = writeln!(
+                    self.out,
+                    "   … more spans of this trace not shown here (it goes on past {MAX_LINES}); {} gets every span",
+                    self.elsewhere
+                );
+            }
         }
     }
 
@@ -370,14 +392,19 @@ impl<W: Write> ConsoleTree<W> {
             l.status,
         );
         let _ = writeln!(self.out, "{}{note}", text.trim_end());
-        // Depth is bounded by the number of spans: a cycle of ids cannot recurse forever.
+        // Depth is bounded by the number of spans (at most `MAX_LINES`): a cycle of ids cannot
+        // recurse forever.
         if depth > lines.len() {
             return;
         }
         let children: Vec<usize> = (0..lines.len())
             .filter(|&c| c != i && lines[c].parent == Some(l.span_id))
             .collect();
-        let inner = format!("{prefix}{}", if last { "   " } else { "│  " });
+        let inner = if depth < MAX_INDENT {
+            format!("{prefix}{}", if last { "   " } else { "│  " })
+        } else {
+            prefix.to_string()
+        };
         for (n, &child) in children.iter().enumerate() {
             let last = n + 1 == children.len();
             self.print_subtree(lines, child, &inner, last, depth + 1, "", names);
@@ -490,6 +517,32 @@ mod tests {
         );
         c.finish();
         assert!(c.out.is_empty(), "nothing more to say");
+    }
+
+    /// A process that is its own downstream (a worker that handles a message and sends the next
+    /// one) makes one trace that never goes quiet and grows a parent chain as long as the run.
+    #[test]
+    fn an_endless_chain_is_printed_in_bounded_pieces() {
+        let (mut c, stats) = tree(10);
+        let now = Instant::now();
+        let chain = 200_000u64;
+        for i in 0..chain {
+            let mut s = span(1, 0, None, i * 10, SpanKind::Server, "GET /next");
+            s.span_id = (i + 1).to_be_bytes();
+            s.parent_span_id = (i > 0).then(|| i.to_be_bytes());
+            c.add(&s, now);
+            assert!(c.pending.values().all(|p| p.lines.len() <= MAX_LINES), "bounded at {i}");
+        }
+        c.finish();
+        let text = String::from_utf8(std::mem::take(&mut c.out)).unwrap();
+        let longest = text.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+        assert!(longest < 200, "indentation is bounded: {longest}");
+        assert!(text.contains("more spans of this trace not shown"), "{}", &text[..2000.min(text.len())]);
+        // Every piece is a trace of its own in the view's accounting.
+        let pieces = chain.div_ceil(MAX_LINES as u64);
+        let seen = stats.traces_printed.load(Ordering::Relaxed)
+            + stats.traces_not_shown.load(Ordering::Relaxed);
+        assert_eq!(seen, pieces);
     }
 
     #[test]
