@@ -33,7 +33,7 @@ pub struct KernelOffsets {
     pub net_ns_inum: u16,
     /// The syscall capture path's walk from a file descriptor to its socket (see
     /// `agent-ebpf` helpers/fd.rs): task_struct.files, files_struct.fdt, fdtable.max_fds and
-    /// .fd, file.f_inode and .private_data, inode.i_mode, socket.sk, sock.sk_protocol.
+    /// .fd, file.f_inode and .private_data, inode.i_mode, socket.sk.
     /// Zero on kernels where the agent uses the sock tracepoints and BTF lacks one of them.
     pub task_files: u16,
     pub files_fdt: u16,
@@ -43,6 +43,7 @@ pub struct KernelOffsets {
     pub file_private_data: u16,
     pub inode_mode: u16,
     pub socket_sk: u16,
+    /// sock.sk_protocol: a socket first met on I/O is captured only if it is TCP (both paths).
     pub sk_protocol: u16,
     pub _pad: [u16; 2],
 }

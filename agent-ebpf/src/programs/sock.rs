@@ -19,8 +19,8 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 use crate::{
@@ -31,6 +31,7 @@ use crate::{
         count::count,
         emit::emit,
         event::{Transfer, send_data},
+        fd::is_tcp,
         filter::process_selected,
         payload::{copy_from_call, copy_saved},
         regs::{current_call_and_goroutine, syscall_goroutine},
@@ -47,15 +48,6 @@ const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
-
-/// Field offsets of the sock_{send,recv}_length record (tracefs format file).
-mod len_tp {
-    pub const SK: usize = 8;
-    pub const FAMILY: usize = 16;
-    pub const PROTOCOL: usize = 18;
-    pub const RET: usize = 20;
-    pub const FLAGS: usize = 24;
-}
 
 /// Field offsets of the inet_sock_set_state record.
 mod state_tp {
@@ -77,42 +69,50 @@ fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> Result<T, ()> {
     Ok(crate::helpers::record::field(ctx, offset))
 }
 
-#[tracepoint]
-pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+// sock_send_length / sock_recv_length are attached as raw tracepoints: TP_PROTO(struct sock
+// *sk, int ret, int flags) arrives as three words, and the kernel neither builds the trace
+// record (which reads the socket's family and protocol for every socket of the host) nor runs
+// the perf-event glue around the program. A socket already in CONNS is TCP (only TCP sockets
+// are entered), so only an unknown one has its family and protocol read, here.
+mod len_args {
+    pub const SK: usize = 0;
+    pub const RET: usize = 1;
+    pub const FLAGS: usize = 2;
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn sock_send_length(ctx: RawTracePointContext) -> i32 {
     let _ = on_sock_io(&ctx, DIR_SEND);
     0
 }
 
-#[tracepoint]
-pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length(ctx: RawTracePointContext) -> i32 {
     let _ = on_sock_io(&ctx, DIR_RECV);
     0
 }
 
 #[inline(always)]
-fn on_sock_io(ctx: &TracePointContext, direction: u8) -> Result<(), ()> {
+fn on_sock_io(ctx: &RawTracePointContext, direction: u8) -> Result<(), ()> {
     let cfg = LOUPE_CONFIG.load();
     let pid_tgid = bpf_get_current_pid_tgid();
     if !process_selected(&cfg, pid_tgid) {
         return Ok(());
     }
-    let protocol: u16 = field(ctx, len_tp::PROTOCOL)?;
-    let family: u16 = field(ctx, len_tp::FAMILY)?;
-    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
-        return Ok(());
-    }
-    let ret: i32 = field(ctx, len_tp::RET)?;
+    let ret = ctx.arg::<u64>(len_args::RET) as i32;
     if ret <= 0 {
         return Ok(());
     }
     // A peek is read again by the real recv: capturing both would duplicate the bytes.
-    if direction == DIR_RECV && field::<i32>(ctx, len_tp::FLAGS)? & MSG_PEEK != 0 {
+    if direction == DIR_RECV && ctx.arg::<u64>(len_args::FLAGS) as i32 & MSG_PEEK != 0 {
         return Ok(());
     }
-    let sk: u64 = field(ctx, len_tp::SK)?;
+    let sk: u64 = ctx.arg(len_args::SK);
 
     let conn = match CONNS.get_ptr_mut(sk) {
         Some(conn) => conn,
+        // UDP, unix and other sockets end here, on their protocol.
+        None if !is_tcp(&cfg, sk) => return Ok(()),
         None => track_midstream(&cfg, sk)?,
     };
     capture(&cfg, pid_tgid, sk, conn, direction, ret as u32, None)

@@ -273,6 +273,8 @@ impl Btf {
             skc_v6_rcv_saddr: sock_common("skc_v6_rcv_saddr")?,
             skc_net: sock_common("skc_net")?,
             net_ns_inum: self.small_offset("net", &["ns", "inum"])?,
+            // A socket met first on I/O is captured only if it is TCP (both capture paths).
+            sk_protocol: self.small_offset("sock", &["sk_protocol"])?,
             ..KernelOffsets::default()
         })
     }
@@ -287,7 +289,6 @@ impl Btf {
         off.file_private_data = self.small_offset("file", &["private_data"])?;
         off.inode_mode = self.small_offset("inode", &["i_mode"])?;
         off.socket_sk = self.small_offset("socket", &["sk"])?;
-        off.sk_protocol = self.small_offset("sock", &["sk_protocol"])?;
         Ok(())
     }
 

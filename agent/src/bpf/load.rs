@@ -70,6 +70,9 @@ struct Hook {
     required: bool,
     /// What the user loses when an optional hook is missing.
     loss: &'static str,
+    /// Attached as a raw tracepoint: the program gets the tracepoint's arguments, and the
+    /// kernel builds no trace record for it.
+    raw: bool,
 }
 
 const fn hook(
@@ -84,6 +87,15 @@ const fn hook(
         tracepoint: program,
         required,
         loss,
+        raw: false,
+    }
+}
+
+/// A program attached as a raw tracepoint of its own name.
+const fn raw_hook(program: &'static str, category: &'static str, required: bool) -> Hook {
+    Hook {
+        raw: true,
+        ..hook(program, category, required, "")
     }
 }
 
@@ -101,14 +113,15 @@ const fn hook_at(
         tracepoint,
         required,
         loss,
+        raw: false,
     }
 }
 
 /// The sock capture path. Every other socket syscall's buffer is read from the registers saved
 /// at syscall entry (agent-ebpf helpers/regs.rs): no sys_enter/sys_exit pair per syscall.
 const SOCK_PATH: &[Hook] = &[
-    hook("sock_send_length", "sock", true, ""),
-    hook("sock_recv_length", "sock", true, ""),
+    raw_hook("sock_send_length", "sock", true),
+    raw_hook("sock_recv_length", "sock", true),
     hook(
         "sys_enter_recvmmsg",
         "syscalls",
@@ -551,6 +564,17 @@ impl KernelCounters {
 fn attach(ebpf: &mut Ebpf, tracefs: &Path, hook: &Hook) -> anyhow::Result<()> {
     if !tracefs::has_tracepoint(tracefs, hook.category, hook.tracepoint) {
         bail!("this kernel has no such tracepoint");
+    }
+    if hook.raw {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(hook.program)
+            .with_context(|| format!("kernel object has no program {}", hook.program))?
+            .try_into()?;
+        program
+            .load()
+            .with_context(|| format!("the verifier rejected {}", hook.program))?;
+        program.attach(hook.tracepoint)?;
+        return Ok(());
     }
     let program: &mut TracePoint = ebpf
         .program_mut(hook.program)

@@ -531,13 +531,20 @@ mod tests {
             s.span_id = (i + 1).to_be_bytes();
             s.parent_span_id = (i > 0).then(|| i.to_be_bytes());
             c.add(&s, now);
-            assert!(c.pending.values().all(|p| p.lines.len() <= MAX_LINES), "bounded at {i}");
+            assert!(
+                c.pending.values().all(|p| p.lines.len() <= MAX_LINES),
+                "bounded at {i}"
+            );
         }
         c.finish();
         let text = String::from_utf8(std::mem::take(&mut c.out)).unwrap();
         let longest = text.lines().map(|l| l.chars().count()).max().unwrap_or(0);
         assert!(longest < 200, "indentation is bounded: {longest}");
-        assert!(text.contains("more spans of this trace not shown"), "{}", &text[..2000.min(text.len())]);
+        assert!(
+            text.contains("more spans of this trace not shown"),
+            "{}",
+            &text[..2000.min(text.len())]
+        );
         // Every piece is a trace of its own in the view's accounting.
         let pieces = chain.div_ceil(MAX_LINES as u64);
         let seen = stats.traces_printed.load(Ordering::Relaxed)
