@@ -35,6 +35,10 @@ pub const FLAG_MIDSTREAM: u8 = 1 << 2;
 /// socket's bytes; set on the connection once its plaintext is seen, after which its
 /// ciphertext is no longer sent.
 pub const FLAG_TLS: u8 = 1 << 3;
+/// On `ConnState` only (such a connection sends no event): `--port` or the network-namespace
+/// selection leaves the connection out. Unlike a connection no parser wanted, it does not get a
+/// new chance when its TLS plaintext shows up.
+pub const FLAG_EXCLUDED: u8 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

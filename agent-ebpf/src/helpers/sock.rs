@@ -4,6 +4,7 @@ use agent_common::{
     config::{FILTER_NETNS, FILTER_PORT, LoupeConfig},
     conn::{AF_INET, AF_INET6, ConnState, ConnTuple, STATUS_IGNORED, STATUS_UNCLASSIFIED},
     counters,
+    event::FLAG_EXCLUDED,
 };
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 
@@ -85,11 +86,11 @@ pub fn track(
     role: u8,
     flags: u8,
 ) -> Option<*mut ConnState> {
-    let status = if netns_excluded(cfg, sk) || port_excluded(cfg, &tuple) {
+    let (status, flags) = if netns_excluded(cfg, sk) || port_excluded(cfg, &tuple) {
         count(counters::CONNS_IGNORED);
-        STATUS_IGNORED
+        (STATUS_IGNORED, flags | FLAG_EXCLUDED)
     } else {
-        STATUS_UNCLASSIFIED
+        (STATUS_UNCLASSIFIED, flags)
     };
     let mut slot = core::mem::MaybeUninit::<ConnState>::uninit();
     zero_words(slot.as_mut_ptr());

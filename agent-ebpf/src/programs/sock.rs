@@ -12,7 +12,7 @@ use agent_common::{
     counters,
     event::{
         CLOSE_EVENT_SIZE, CloseEvent, DIR_RECV, DIR_SEND, EVENT_VERSION, EventHeader,
-        FLAG_MIDSTREAM, FLAG_TLS, FLAG_TRUNCATED, KIND_CLOSE, MAX_PAYLOAD,
+        FLAG_EXCLUDED, FLAG_MIDSTREAM, FLAG_TLS, FLAG_TRUNCATED, KIND_CLOSE, MAX_PAYLOAD,
     },
     protocol::{PROTO_HTTP1, PROTO_HTTP2, PROTO_REDIS, PROTO_TLS},
     syscall::ActiveCall,
@@ -135,6 +135,10 @@ pub fn capture(
 ) -> Result<(), ()> {
     // SAFETY: pointer from a successful lookup/insert, valid for this program run.
     let conn: &mut ConnState = unsafe { &mut *conn };
+    // Left out by the selection: before the TLS lookup, whose hook would capture its plaintext.
+    if conn.flags & FLAG_EXCLUDED != 0 {
+        return Ok(());
+    }
     // TLS: a syscall inside a hooked library call carries that call's ciphertext; the plaintext
     // goes out instead (helpers/tls.rs). A connection whose plaintext is seen sends no more
     // ciphertext at all.
