@@ -80,7 +80,8 @@ pub fn ssl_read_ex(ctx: ProbeContext) -> u32 {
     openssl_enter(&ctx, TLS_RECV, true)
 }
 
-/// Return of SSL_read (bytes read, or <= 0) and SSL_read_ex (1 and *readbytes, or 0).
+/// Return of SSL_read (bytes read, or <= 0), and of SSL_read_ex or the function both wrap
+/// (elf::inner_site; > 0 and *readbytes, or <= 0).
 #[uretprobe]
 pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -95,7 +96,7 @@ pub fn ssl_read_ret(ctx: RetProbeContext) -> u32 {
     call.state = TLS_IDLE;
     let ret: i64 = ctx.ret::<i32>() as i64;
     let n = if call.readbytes != 0 {
-        if ret != 1 {
+        if ret <= 0 {
             return 0;
         }
         // SAFETY: fault-tolerant user read.

@@ -245,7 +245,15 @@ impl Attacher {
             }
             Target::OpenSsl(o) => self.attach_openssl(path, o).map(|()| {
                 self.stats.openssl_files.fetch_add(1, Ordering::Relaxed);
-                tracing::info!("TLS: OpenSSL probed in {} (pid {pid})", c.shown_path);
+                let sites = match (o.read_inner, o.write_inner) {
+                    (Some(_), Some(_)) => "the functions SSL_read/_write wrap",
+                    (None, None) => "SSL_read/_write",
+                    _ => "SSL_read/_write or the functions they wrap",
+                };
+                tracing::info!(
+                    "TLS: OpenSSL probed in {} (pid {pid}) at {sites}",
+                    c.shown_path
+                );
             }),
             Target::Go(g) => {
                 self.go_files.insert(c.id);
@@ -282,16 +290,24 @@ impl Attacher {
         let (Some(write), Some(read)) = (o.write, o.read) else {
             anyhow::bail!("SSL_write or SSL_read is missing");
         };
-        let mut points = vec![
-            ("ssl_write", write),
-            ("ssl_read", read),
-            ("ssl_read_ret", read),
-        ];
-        if let Some(w) = o.write_ex {
-            points.push(("ssl_write", w));
+        let mut points = Vec::new();
+        // The function both wrappers call, where a probe costs one trap instead of two
+        // (elf::inner_site); it has SSL_read_ex's and SSL_write_ex's arguments.
+        match o.write_inner {
+            Some(inner) => points.push(("ssl_write", inner)),
+            None => {
+                points.push(("ssl_write", write));
+                points.extend(o.write_ex.map(|w| ("ssl_write", w)));
+            }
         }
-        if let Some(r) = o.read_ex {
-            points.extend([("ssl_read_ex", r), ("ssl_read_ret", r)]);
+        match o.read_inner {
+            Some(inner) => points.extend([("ssl_read_ex", inner), ("ssl_read_ret", inner)]),
+            None => {
+                points.extend([("ssl_read", read), ("ssl_read_ret", read)]);
+                if let Some(r) = o.read_ex {
+                    points.extend([("ssl_read_ex", r), ("ssl_read_ret", r)]);
+                }
+            }
         }
         self.attach_all(path, &points)
     }
