@@ -192,40 +192,81 @@ fn return_offsets(arch: object::Architecture, body: &[u8]) -> anyhow::Result<Vec
 /// with the same probes on the functions they wrap, which start with a push, against 110k
 /// unprobed). x86-64 only; None keeps the wrappers' probes.
 fn inner_site(file: &object::File<'_>, data: &[u8], a: u64, b: u64) -> Option<u64> {
-    let call_a = first_call(file, data, a)?;
-    if first_call(file, data, b)? != call_a {
-        return None;
-    }
-    let target = file_offset(file, call_a)?;
+    let code = |offset: u64| {
+        let code = data.get(offset as usize..)?;
+        Some((&code[..code.len().min(128)], file_address(file, offset)?))
+    };
+    let (code_a, address_a) = code(a)?;
+    let (code_b, address_b) = code(b)?;
+    let target = wrapped_call(code_a, address_a, code_b, address_b)?;
+    let target = file_offset(file, target)?;
     let skip = emulated_entry(data.get(target as usize..)?)?;
     Some(target + skip)
 }
 
+/// The function two wrappers such as SSL_read and SSL_read_ex both call first with their own
+/// session and buffer, the first passing the address of a local as the fourth argument (where
+/// SSL_read's `&readbytes` goes) and the second its own fourth argument untouched: the shape
+/// of `ssl_read_internal(s, buf, num, &readbytes)`, whose result and `*readbytes` mean what
+/// SSL_read_ex's do. Anything else (another library's wrapper calling a helper first, say)
+/// is None.
+fn wrapped_call(code_a: &[u8], address_a: u64, code_b: &[u8], address_b: u64) -> Option<u64> {
+    let (target_a, fourth_a) = first_call(code_a, address_a)?;
+    let (target_b, fourth_b) = first_call(code_b, address_b)?;
+    (target_a == target_b && fourth_a == Fourth::LocalAddress && fourth_b == Fourth::Untouched)
+        .then_some(target_a)
+}
+
+/// What a wrapper put in the fourth argument register (rcx) before its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fourth {
+    Untouched,
+    /// `mov rcx, rsp` or `lea rcx, [rsp + d]`.
+    LocalAddress,
+    Other,
+}
+
 /// The target address of the first direct call on the fall-through path from a function's
-/// start, if nothing before it writes the first two argument registers (rdi, rsi).
-fn first_call(file: &object::File<'_>, data: &[u8], offset: u64) -> Option<u64> {
+/// start (at `address`), with what rcx holds then, if nothing before it writes the first two
+/// argument registers (rdi, rsi).
+fn first_call(code: &[u8], address: u64) -> Option<(u64, Fourth)> {
     use iced_x86::{
-        Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpKind, Register,
+        Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+        Register,
     };
-    let address = file_address(file, offset)?;
-    let code = data.get(offset as usize..)?;
-    let code = &code[..code.len().min(128)];
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
+    let mut fourth = Fourth::Untouched;
     for insn in decoder.iter().take(32) {
         if insn.is_invalid() {
             return None;
         }
-        let writes_args = info.info(&insn).used_registers().iter().any(|r| {
-            matches!(r.register().full_register(), Register::RDI | Register::RSI)
-                && !matches!(
-                    r.access(),
-                    iced_x86::OpAccess::Read | iced_x86::OpAccess::CondRead
-                )
-        });
+        let mut writes_args = false;
+        for r in info.info(&insn).used_registers() {
+            if matches!(r.access(), OpAccess::Read | OpAccess::CondRead) {
+                continue;
+            }
+            match r.register().full_register() {
+                Register::RDI | Register::RSI => writes_args = true,
+                Register::RCX => {
+                    let local = (insn.mnemonic() == Mnemonic::Mov
+                        && insn.op1_kind() == OpKind::Register
+                        && insn.op1_register() == Register::RSP)
+                        || (insn.mnemonic() == Mnemonic::Lea
+                            && insn.memory_base() == Register::RSP
+                            && insn.memory_index() == Register::None);
+                    fourth = if local && insn.op0_register() == Register::RCX {
+                        Fourth::LocalAddress
+                    } else {
+                        Fourth::Other
+                    };
+                }
+                _ => {}
+            }
+        }
         match insn.flow_control() {
             FlowControl::Call if insn.op0_kind() == OpKind::NearBranch64 => {
-                return Some(insn.near_branch_target());
+                return Some((insn.near_branch_target(), fourth));
             }
             FlowControl::Next | FlowControl::ConditionalBranch if !writes_args => {}
             _ => return None,
@@ -394,6 +435,43 @@ mod tests {
         assert_eq!(emulated_entry(&[0x48, 0x89, 0xf8]), None);
         assert_eq!(emulated_entry(&[0xc3]), None);
         assert_eq!(emulated_entry(&[]), None);
+    }
+
+    // Debian's libssl3 (OpenSSL 3.0), at their addresses: SSL_read and SSL_read_ex.
+    const SSL_READ: &[u8] = &[
+        0x48, 0x83, 0xec, 0x18, // sub rsp, 0x18
+        0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0, 0, 0, // mov rax, fs:0x28
+        0x48, 0x89, 0x44, 0x24, 0x08, // mov [rsp+8], rax
+        0x31, 0xc0, // xor eax, eax
+        0x85, 0xd2, // test edx, edx
+        0x78, 0x2f, // js error
+        0x48, 0x89, 0xe1, // mov rcx, rsp
+        0x48, 0x63, 0xd2, // movsxd rdx, edx
+        0xe8, 0x3d, 0xfe, 0xff, 0xff, // call 0x35290
+    ];
+    const SSL_READ_EX: &[u8] = &[
+        0x48, 0x83, 0xec, 0x08, // sub rsp, 8
+        0xe8, 0xc7, 0xfd, 0xff, 0xff, // call 0x35290
+    ];
+
+    #[test]
+    fn the_function_both_read_wrappers_call_is_found_by_its_shape() {
+        assert_eq!(
+            wrapped_call(SSL_READ, 0x35430, SSL_READ_EX, 0x354c0),
+            Some(0x35290)
+        );
+        // The other way round: SSL_read_ex passes its own fourth argument, SSL_read a local's
+        // address.
+        assert_eq!(wrapped_call(SSL_READ_EX, 0x354c0, SSL_READ, 0x35430), None);
+        // Calls to different functions.
+        assert_eq!(wrapped_call(SSL_READ, 0x35430, SSL_READ_EX, 0x354c4), None);
+        // The buffer register written before the call (mov rsi, rdx): not the same arguments.
+        let mut moved = vec![0x48, 0x89, 0xd6];
+        moved.extend_from_slice(SSL_READ_EX);
+        assert_eq!(wrapped_call(SSL_READ, 0x35430, &moved, 0x354bd), None);
+        // A return before any call, and truncated code.
+        assert_eq!(first_call(&[0xc3], 0), None);
+        assert_eq!(first_call(&SSL_READ[..20], 0x35430), None);
     }
 
     #[test]
