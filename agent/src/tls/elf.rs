@@ -287,7 +287,8 @@ fn emulated_entry(code: &[u8]) -> Option<u64> {
         insn = decoder.decode();
     }
     let emulated = match insn.mnemonic() {
-        Mnemonic::Push => insn.op0_kind() == OpKind::Register,
+        // Not `push fs`/`push gs`: only general-purpose registers are emulated.
+        Mnemonic::Push => insn.op0_kind() == OpKind::Register && insn.op0_register().is_gpr64(),
         Mnemonic::Nop => insn.len() == 1,
         _ => {
             matches!(
@@ -433,6 +434,8 @@ mod tests {
             None
         );
         assert_eq!(emulated_entry(&[0x48, 0x89, 0xf8]), None);
+        // push fs
+        assert_eq!(emulated_entry(&[0x0f, 0xa0]), None);
         assert_eq!(emulated_entry(&[0xc3]), None);
         assert_eq!(emulated_entry(&[]), None);
     }
