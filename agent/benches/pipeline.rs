@@ -153,7 +153,7 @@ fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
         let Some((conn, _)) = table.ingest(ev, &mut NoResolver) else {
             continue;
         };
-        let segments = conn.stream_mut(dir).drain().collect();
+        let segments: loupe::conn::Segments = conn.stream_mut(dir).drain().collect();
         sink.data(&conn.info, &meta, dir, segments);
     }
     let mut spans = 0;
@@ -201,7 +201,7 @@ fn pipeline(c: &mut Criterion) {
                 let Some((conn, _)) = table.ingest(ev, &mut NoResolver) else {
                     continue;
                 };
-                let segments = conn.stream_mut(dir).drain().collect();
+                let segments: loupe::conn::Segments = conn.stream_mut(dir).drain().collect();
                 let info = conn.info.clone();
                 let session = sessions
                     .entry(info.key.sk)

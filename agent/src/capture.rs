@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     clock::{WallClock, time_of_day},
-    conn::{ConnInfo, Segment},
+    conn::{ConnInfo, Segment, Segments},
     decode::{CloseEvent, DataEvent, Direction},
     pipeline::Sink,
 };
@@ -112,7 +112,7 @@ fn conn_id(info: &ConnInfo) -> String {
 }
 
 impl<W: Write> Sink for CapturePrinter<W> {
-    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>) {
+    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Segments) {
         let lost_before = match segments.first() {
             Some(Segment::Gap(n)) => *n,
             _ => 0,

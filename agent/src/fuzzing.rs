@@ -153,7 +153,7 @@ pub fn l7_connection(data: &[u8]) {
             direction: dir,
             ..DataEvent::for_tests(info.key)
         };
-        sink.data(&info, &ev, dir, vec![seg]);
+        sink.data(&info, &ev, dir, smallvec::smallvec![seg]);
         while rx.try_recv().is_ok() {}
     }
     sink.tick(u64::MAX);

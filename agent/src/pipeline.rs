@@ -11,7 +11,7 @@ use std::{
 
 use crate::{
     clock,
-    conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segment, TableStats},
+    conn::{ConnInfo, ConnTable, Connection, Limits, RoleResolver, Segments, TableStats},
     decode::{CloseEvent, DataEvent, Direction, Event},
     event_queue::EventReceiver,
     goroutines::Goroutines,
@@ -38,7 +38,7 @@ impl Userspace {
 pub trait Sink {
     /// A data event was added to `conn`'s stream in `dir`; `segments` is what it made available
     /// (a leading gap if bytes were lost before it).
-    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>);
+    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Segments);
     fn closed(&mut self, conn: &ConnInfo, ev: Option<&CloseEvent>);
     /// Thread `ev.parent_tid` created `ev.child_tid`.
     fn fork(&mut self, _ev: &crate::decode::ForkEvent) {}
@@ -112,7 +112,7 @@ fn handle<S: Sink>(
                 finish(evicted, None, sink);
             }
             if let Some((conn, _)) = table.ingest(ev, resolver) {
-                let segments: Vec<Segment> = conn.stream_mut(dir).drain().collect();
+                let segments: Segments = conn.stream_mut(dir).drain().collect();
                 sink.data(&conn.info, &meta, dir, segments);
             }
         }
@@ -137,7 +137,7 @@ fn handle<S: Sink>(
 
 fn finish<S: Sink>(mut conn: Connection, close: Option<&CloseEvent>, sink: &mut S) {
     for dir in [Direction::Send, Direction::Recv] {
-        let rest: Vec<Segment> = conn.stream_mut(dir).drain().collect();
+        let rest: Segments = conn.stream_mut(dir).drain().collect();
         debug_assert!(rest.is_empty(), "sinks drain on every event");
     }
     sink.closed(&conn.info, close);

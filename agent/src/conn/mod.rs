@@ -8,7 +8,7 @@ use foldhash::{HashMap, HashMapExt};
 use std::{net::SocketAddr, sync::Arc};
 
 use crate::decode::{CloseEvent, ConnKey, DataEvent, Direction, Role};
-pub use stream::{Pushed, Segment, Stream, StreamStats};
+pub use stream::{Pushed, Segment, Segments, Stream, StreamStats};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

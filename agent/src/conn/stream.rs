@@ -27,6 +27,10 @@ impl Segment {
     }
 }
 
+/// What one event made available: almost always one segment (a gap and data at most), so it
+/// travels inline instead of in an allocation per event.
+pub type Segments = smallvec::SmallVec<[Segment; 2]>;
+
 /// What pushing one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {

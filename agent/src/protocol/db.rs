@@ -221,7 +221,7 @@ impl Session {
         tid: u32,
         sql: &mut sql::Cache,
         assign: &mut dyn FnMut(&DbRequest, RequestStart) -> Identity,
-        segments: Vec<Segment>,
+        segments: impl IntoIterator<Item = Segment>,
     ) {
         let mut out = std::mem::take(&mut self.scratch);
         for seg in segments {
@@ -261,7 +261,11 @@ impl Session {
         self.scratch = out;
     }
 
-    pub fn on_responses(&mut self, ts_ns: u64, segments: Vec<Segment>) -> Vec<DbExchange> {
+    pub fn on_responses(
+        &mut self,
+        ts_ns: u64,
+        segments: impl IntoIterator<Item = Segment>,
+    ) -> Vec<DbExchange> {
         let mut done = Vec::new();
         let mut out = std::mem::take(&mut self.scratch);
         for seg in segments {

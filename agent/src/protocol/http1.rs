@@ -46,7 +46,7 @@ pub struct Head {
     pub minor_version: u8,
     /// Only the headers something reads (`KEPT`), under their lowercase names; values as bytes
     /// (they need not be UTF-8). Everything else, credentials included, is never stored.
-    pub headers: Vec<(&'static str, Bytes)>,
+    pub headers: Headers,
     /// The head was cut by a gap: headers after the cut are missing.
     pub truncated: bool,
 }
@@ -112,6 +112,9 @@ pub enum Framing {
     UntilClose,
 }
 
+// A head travels by value (its kept headers inline): boxing it would be the allocation
+// the inline headers save.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadParse {
     Incomplete,
@@ -119,6 +122,10 @@ pub enum HeadParse {
     /// The head and its length in bytes.
     Parsed(Head, usize),
 }
+
+/// A head's kept headers: a request carries two to four of them (host, user agent, trace
+/// context), a response one or two (framing), so they live inline in the head.
+pub type Headers = smallvec::SmallVec<[(&'static str, Bytes); 4]>;
 
 /// The headers the agent reads: framing, span attributes, trace context. Keeping only these
 /// saves two allocations per header of every message, and keeps secrets out of memory.
@@ -163,7 +170,7 @@ fn kept(name: &str) -> Option<&'static str> {
 
 /// The kept headers; values slice `source` (the buffer parsed, when it is a `Bytes`) instead of
 /// being copied: one reference count instead of an allocation per header.
-fn headers_of(raw: &[httparse::Header<'_>], source: Option<&Bytes>) -> Vec<(&'static str, Bytes)> {
+fn headers_of(raw: &[httparse::Header<'_>], source: Option<&Bytes>) -> Headers {
     raw.iter()
         .filter_map(|h| {
             let name = kept(h.name)?;
@@ -321,6 +328,9 @@ pub fn detect(data: &[u8], requests: bool) -> super::Detect {
 }
 
 /// What the reader found, in stream order.
+// A head travels by value (its kept headers inline): boxing it would be the allocation
+// the inline headers save.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
     /// A message head; its body (if any) follows.

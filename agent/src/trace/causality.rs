@@ -209,7 +209,8 @@ const JOINED_LATE_NS: u64 = 1_000_000;
 pub struct Linker {
     ids: Box<dyn IdSource + Send>,
     /// (pid, tid) -> SERVER exchanges that thread is handling.
-    in_flight: HashMap<(u32, u32), Vec<InFlight>>,
+    /// Almost always one: inline, not an allocation per request.
+    in_flight: HashMap<(u32, u32), smallvec::SmallVec<[InFlight; 1]>>,
     /// (client local, client remote, ordinal) -> the CLIENT exchange's identity and start.
     peers: HashMap<RequestKey, (Identity, u64)>,
     /// Peers in the order they came (key, start): expiry by event time and eviction of the

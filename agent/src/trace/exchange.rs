@@ -148,7 +148,7 @@ impl Session {
         ts_ns: u64,
         tid: u32,
         assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
-        segments: Vec<Segment>,
+        segments: impl IntoIterator<Item = Segment>,
     ) {
         let mut items = std::mem::take(&mut self.items);
         for seg in segments {
@@ -188,7 +188,11 @@ impl Session {
     }
 
     /// Bytes of the response direction, moved at `ts_ns`. Returns the exchanges they completed.
-    pub fn on_responses(&mut self, ts_ns: u64, segments: Vec<Segment>) -> Vec<Exchange> {
+    pub fn on_responses(
+        &mut self,
+        ts_ns: u64,
+        segments: impl IntoIterator<Item = Segment>,
+    ) -> Vec<Exchange> {
         let mut done = Vec::new();
         self.on_responses_into(ts_ns, segments, &mut done);
         done
@@ -198,7 +202,7 @@ impl Session {
     pub fn on_responses_into(
         &mut self,
         ts_ns: u64,
-        segments: Vec<Segment>,
+        segments: impl IntoIterator<Item = Segment>,
         done: &mut Vec<Exchange>,
     ) {
         let mut items = std::mem::take(&mut self.items);

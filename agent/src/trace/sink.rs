@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     clock::{self, WallClock},
-    conn::{ConnInfo, Segment},
+    conn::{ConnInfo, Segment, Segments},
     decode::{CloseEvent, ConnKey, DataEvent, Direction, KernelContext, Role},
     export::{ExportStats, offer},
     pipeline::Sink,
@@ -81,7 +81,7 @@ const MAX_HELD: usize = 8;
 struct Held {
     ev: DataEvent,
     dir: Direction,
-    segments: Vec<Segment>,
+    segments: Segments,
 }
 
 enum Proto {
@@ -478,7 +478,7 @@ impl TraceSink {
         conn: &ConnInfo,
         ev: &DataEvent,
         dir: Direction,
-        segments: Vec<Segment>,
+        segments: Segments,
         requests_dir: Direction,
     ) -> Option<Vec<Held>> {
         let tracked = self.conns.get_mut(&conn.key)?;
@@ -567,7 +567,7 @@ impl TraceSink {
         conn: &ConnInfo,
         ev: &DataEvent,
         dir: Direction,
-        segments: Vec<Segment>,
+        segments: Segments,
         requests_dir: Direction,
     ) {
         let Self {
@@ -720,7 +720,7 @@ impl TraceSink {
 }
 
 impl Sink for TraceSink {
-    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Vec<Segment>) {
+    fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Segments) {
         if self.excluded.contains(&conn.key) {
             return;
         }
@@ -981,7 +981,8 @@ mod tests {
             Role::Server => (Direction::Recv, Direction::Send),
             _ => (Direction::Send, Direction::Recv),
         };
-        let seg = |b: &'static [u8]| vec![Segment::Data(bytes::Bytes::from_static(b))];
+        let seg =
+            |b: &'static [u8]| smallvec::smallvec![Segment::Data(bytes::Bytes::from_static(b))];
         let ev = |ts, direction| DataEvent {
             ts_ns: ts,
             direction,
@@ -1066,7 +1067,7 @@ mod tests {
             conn,
             &ev,
             dir,
-            vec![Segment::Data(bytes::Bytes::from_static(b))],
+            smallvec::smallvec![Segment::Data(bytes::Bytes::from_static(b))],
         );
     }
 

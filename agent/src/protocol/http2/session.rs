@@ -145,7 +145,7 @@ fn head_request(fields: &[(String, Bytes)]) -> Head {
             .find(|(k, _)| k == n)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
-    let mut headers: Vec<(&'static str, Bytes)> = Vec::new();
+    let mut headers = crate::protocol::http1::Headers::new();
     if let Some(a) = get(":authority") {
         headers.push(("host", Bytes::from(a)));
     }
@@ -175,7 +175,7 @@ fn head_response(fields: &[(String, Bytes)]) -> Option<Head> {
     Some(Head {
         start: StartLine::Response { status },
         minor_version: 1,
-        headers: Vec::new(),
+        headers: Default::default(),
         truncated: false,
     })
 }
@@ -238,7 +238,7 @@ impl Session {
         dir: usize,
         ts_ns: u64,
         tid: u32,
-        segments: Vec<Segment>,
+        segments: impl IntoIterator<Item = Segment>,
         assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
     ) -> Vec<H2Exchange> {
         let mut done = Vec::new();

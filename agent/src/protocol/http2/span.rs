@@ -146,7 +146,7 @@ mod tests {
                         target: path.into(),
                     },
                     minor_version: 1,
-                    headers: vec![
+                    headers: smallvec::smallvec![
                         ("host", Bytes::from_static(b"orders:50051")),
                         ("content-type", Bytes::from_static(b"application/grpc")),
                     ],
@@ -155,7 +155,7 @@ mod tests {
                 response: Some(Head {
                     start: StartLine::Response { status: 200 },
                     minor_version: 1,
-                    headers: vec![],
+                    headers: Default::default(),
                     truncated: false,
                 }),
                 start_ns: 0,
