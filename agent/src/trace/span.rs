@@ -268,13 +268,7 @@ pub fn build<'a>(
             a.push(("http.request.method_original", s(method)));
         }
     }
-    // A path with nothing to template is its route: shared, not copied (`/`, `/healthz`).
-    let path_value = if *route == *path {
-        Value::Shared(route.clone())
-    } else {
-        s(path)
-    };
-    a.push(("url.path", path_value));
+    a.push(("url.path", s(path)));
     if let Some(q) = query {
         a.push(("url.query", Value::Str(redact_query(q, redaction))));
     }
