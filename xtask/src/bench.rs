@@ -1341,5 +1341,15 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         "--",
         "--noplot",
     ]))?;
+    step("what encoding spans into an OTLP request costs per span (criterion, one core)");
+    run(Command::new("cargo").args([
+        "bench",
+        "--package",
+        "loupe",
+        "--bench",
+        "export",
+        "--",
+        "--noplot",
+    ]))?;
     Ok(())
 }
