@@ -57,7 +57,7 @@ impl Head {
         self.headers
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_ref())
+            .map(|(_, v)| v)
     }
 
     pub fn header_str(&self, name: &str) -> Option<&str> {
@@ -123,9 +123,71 @@ pub enum HeadParse {
     Parsed(Head, usize),
 }
 
-/// A head's kept headers: a request carries two to four of them (host, user agent, trace
-/// context), a response one or two (framing), so they live inline in the head.
-pub type Headers = smallvec::SmallVec<[(&'static str, Bytes); 4]>;
+/// A head's kept headers: their names, and where each value lies in one buffer. A parsed
+/// head's values lie in the payload it was parsed from, so the head holds one reference to it
+/// instead of one per header (each count is an atomic add in the pipeline and a subtract
+/// wherever the head is dropped, on a counter the ring reader's thread touches too). A request
+/// carries two to four kept headers (host, user agent, trace context), a response one or two
+/// (framing): they live inline.
+#[derive(Clone, Default)]
+pub struct Headers {
+    text: Bytes,
+    kept: smallvec::SmallVec<[(&'static str, u32, u32); 4]>,
+}
+
+impl Headers {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Headers whose values are copied together into one buffer (heads not parsed from a
+    /// payload: HTTP/2's decoded fields, tests).
+    pub fn from_values<'a>(values: impl IntoIterator<Item = (&'static str, &'a [u8])>) -> Self {
+        let mut text = Vec::new();
+        let mut kept = smallvec::SmallVec::new();
+        for (name, value) in values {
+            let at = text.len() as u32;
+            text.extend_from_slice(value);
+            kept.push((name, at, text.len() as u32));
+        }
+        Self {
+            text: text.into(),
+            kept,
+        }
+    }
+
+    /// Each kept header's name and value, in the order they came.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
+        self.kept
+            .iter()
+            .map(|&(name, from, to)| (name, &self.text[from as usize..to as usize]))
+    }
+
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
+
+/// Only the kept headers, never the rest of the buffer they lie in (credentials included).
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.iter().map(|(n, v)| (n, String::from_utf8_lossy(v))))
+            .finish()
+    }
+}
 
 /// The headers the agent reads: framing, span attributes, trace context. Keeping only these
 /// saves two allocations per header of every message, and keeps secrets out of memory.
@@ -168,19 +230,37 @@ fn kept(name: &str) -> Option<&'static str> {
         .copied()
 }
 
-/// The kept headers; values slice `source` (the buffer parsed, when it is a `Bytes`) instead of
-/// being copied: one reference count instead of an allocation per header.
-fn headers_of(raw: &[httparse::Header<'_>], source: Option<&Bytes>) -> Headers {
-    raw.iter()
-        .filter_map(|h| {
-            let name = kept(h.name)?;
-            let value = match source {
-                Some(b) if !h.value.is_empty() => b.slice_ref(h.value),
-                _ => Bytes::copy_from_slice(h.value),
-            };
-            Some((name, value))
-        })
-        .collect()
+/// The kept headers of a head parsed from `buf`. When `source` is `buf` as `Bytes`, the values
+/// stay where they lie: one reference to the parsed head's bytes instead of a copy, or a
+/// count, per header.
+fn headers_of(
+    raw: &[httparse::Header<'_>],
+    buf: &[u8],
+    len: usize,
+    source: Option<&Bytes>,
+) -> Headers {
+    let kept = raw.iter().filter_map(|h| Some((kept(h.name)?, h.value)));
+    let Some(source) = source else {
+        return Headers::from_values(kept);
+    };
+    let head = buf.as_ptr() as usize..buf.as_ptr() as usize + len;
+    let mut headers = Headers::new();
+    for (name, value) in kept.clone() {
+        // httparse's values are slices of the head; an empty one may point anywhere.
+        let at = value.as_ptr() as usize;
+        if value.is_empty() {
+            headers.kept.push((name, 0, 0));
+        } else if head.contains(&at) && at + value.len() <= head.end {
+            let from = (at - head.start) as u32;
+            headers.kept.push((name, from, from + value.len() as u32));
+        } else {
+            return Headers::from_values(kept);
+        }
+    }
+    if !headers.kept.is_empty() {
+        headers.text = source.slice(..len);
+    }
+    headers
 }
 
 /// Parses a request head at the start of `buf`.
@@ -202,7 +282,7 @@ fn request_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
                     target: req.path.unwrap_or_default().to_string(),
                 },
                 minor_version: req.version.unwrap_or(1),
-                headers: headers_of(req.headers, source),
+                headers: headers_of(req.headers, buf, len, source),
                 truncated: false,
             },
             len,
@@ -234,7 +314,7 @@ fn response_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
                     status: resp.code.unwrap_or_default(),
                 },
                 minor_version: resp.version.unwrap_or(1),
-                headers: headers_of(resp.headers, source),
+                headers: headers_of(resp.headers, buf, len, source),
                 truncated: false,
             },
             len,

@@ -50,6 +50,37 @@ fn a_simple_request() {
 }
 
 #[test]
+fn kept_headers_read_the_same_from_a_payload_and_from_a_copy() {
+    // The second request of a read: its values lie past the start of the payload.
+    let raw = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: shop:8080\r\nX-Empty:\r\nUser-Agent:\r\nAuthorization: Bearer s3cret\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+    let items = run(MessageReader::requests(), vec![data(raw)], None);
+    let heads: Vec<&Head> = items
+        .iter()
+        .filter_map(|i| match i {
+            Item::Head { head, .. } => Some(head),
+            _ => None,
+        })
+        .collect();
+    let HeadParse::Parsed(copied, _) = parse_request(&raw[28..]) else {
+        panic!("the second head parses alone")
+    };
+    assert_eq!(heads[1], &copied);
+    let kept: Vec<(&str, &[u8])> = heads[1].headers.iter().collect();
+    assert_eq!(
+        kept,
+        [
+            ("host", &b"shop:8080"[..]),
+            ("user-agent", b""),
+            (
+                "traceparent",
+                b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            ),
+        ]
+    );
+    assert!(!format!("{:?}", heads[1]).contains("s3cret"));
+}
+
+#[test]
 fn keep_alive_and_pipelined_requests_in_one_read() {
     let all = [GET, POST, GET].concat();
     let items = run(MessageReader::requests(), vec![data(&all)], None);

@@ -145,15 +145,13 @@ fn head_request(fields: &[(String, Bytes)]) -> Head {
             .find(|(k, _)| k == n)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
-    let mut headers = crate::protocol::http1::Headers::new();
-    if let Some(a) = get(":authority") {
-        headers.push(("host", Bytes::from(a)));
-    }
-    for (k, v) in fields {
-        if let Some(name) = kept(k) {
-            headers.push((name, v.clone()));
-        }
-    }
+    let authority = get(":authority");
+    let headers = crate::protocol::http1::Headers::from_values(
+        authority
+            .iter()
+            .map(|a| ("host", a.as_bytes()))
+            .chain(fields.iter().filter_map(|(k, v)| Some((kept(k)?, &v[..])))),
+    );
     Head {
         start: StartLine::Request {
             method: get(":method").map_or(std::borrow::Cow::Borrowed("_OTHER"), |m| {

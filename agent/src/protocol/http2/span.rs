@@ -129,7 +129,6 @@ mod tests {
         protocol::http1::{Head, StartLine},
         trace::exchange::{Exchange, Identity, RequestStart},
     };
-    use bytes::Bytes;
 
     fn exchange(path: &str, status: Option<u32>, outcome: Outcome) -> H2Exchange {
         H2Exchange {
@@ -146,10 +145,10 @@ mod tests {
                         target: path.into(),
                     },
                     minor_version: 1,
-                    headers: smallvec::smallvec![
-                        ("host", Bytes::from_static(b"orders:50051")),
-                        ("content-type", Bytes::from_static(b"application/grpc")),
-                    ],
+                    headers: crate::protocol::http1::Headers::from_values([
+                        ("host", &b"orders:50051"[..]),
+                        ("content-type", &b"application/grpc"[..]),
+                    ]),
                     truncated: false,
                 },
                 response: Some(Head {
