@@ -73,8 +73,9 @@ fn main() -> anyhow::Result<()> {
             .join("\x1f"),
         )
         // The outer build's compiler settings are not for this target; the workspace's release
-        // LTO is the agent's (bpf-linker links the programs' bitcode itself), so the kernel
-        // objects stay as the verifier on every supported kernel has seen them.
+        // LTO is the agent's (bpf-linker links the programs' bitcode itself). Without it the
+        // programs, their relocations and maps come out byte for byte as before the agent
+        // took LTO: what the verifier on every supported kernel has seen.
         .env("CARGO_PROFILE_RELEASE_LTO", "false")
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

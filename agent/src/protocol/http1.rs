@@ -162,14 +162,6 @@ impl Headers {
             .iter()
             .map(|&(name, from, to)| (name, &self.text[from as usize..to as usize]))
     }
-
-    pub fn len(&self) -> usize {
-        self.kept.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.kept.is_empty()
-    }
 }
 
 impl PartialEq for Headers {
