@@ -41,6 +41,7 @@ use crate::{
     trace::{
         context::{Carried, extract},
         exchange::{Identity, RequestStart},
+        orphans::{Finished, Orphans, Pair, Started},
         route::is_id_like,
         span::IdSource,
     },
@@ -133,7 +134,7 @@ pub struct Callee {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Orphan {
+pub(super) struct Orphan {
     pid: u32,
     span_id: [u8; 8],
     trace_id: [u8; 16],
@@ -142,6 +143,12 @@ struct Orphan {
     root: bool,
     /// Parented by carried context already: a late caller only names the service-graph edge.
     graph_only: bool,
+}
+
+impl Started for Orphan {
+    fn started_ns(&self) -> u64 {
+        self.started_ns
+    }
 }
 
 /// What causality needs of a request, whatever its protocol: never a protocol's own types.
@@ -180,20 +187,22 @@ struct RequestKey(SocketAddr, SocketAddr, u64);
 
 impl std::hash::Hash for RequestKey {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        fn bits(a: &SocketAddr) -> u64 {
-            let ip = match a.ip() {
-                std::net::IpAddr::V4(v4) => u64::from(v4.to_bits()),
-                std::net::IpAddr::V6(v6) => {
-                    let b = v6.to_bits();
-                    (b as u64) ^ ((b >> 64) as u64).rotate_left(17)
-                }
-            };
-            ip.rotate_left(16) ^ u64::from(a.port())
-        }
-        h.write_u64(bits(&self.0));
-        h.write_u64(bits(&self.1));
+        h.write_u64(addr_bits(&self.0));
+        h.write_u64(addr_bits(&self.1));
         h.write_u64(self.2);
     }
+}
+
+/// An address folded into 64 bits for hashing (equality still compares the whole address).
+pub(super) fn addr_bits(a: &SocketAddr) -> u64 {
+    let ip = match a.ip() {
+        std::net::IpAddr::V4(v4) => u64::from(v4.to_bits()),
+        std::net::IpAddr::V6(v6) => {
+            let b = v6.to_bits();
+            (b as u64) ^ ((b >> 64) as u64).rotate_left(17)
+        }
+    };
+    ip.rotate_left(16) ^ u64::from(a.port())
 }
 
 /// The ordinal slot of a connection joined mid-stream, where each side may have seen a different
@@ -216,13 +225,8 @@ pub struct Linker {
     /// Peers in the order they came (key, start): expiry by event time and eviction of the
     /// oldest when full. Entries already taken are skipped when they reach the front.
     peer_order: VecDeque<(RequestKey, u64)>,
-    /// Same key -> a SERVER start that found no peer: (its span id, its start).
-    orphans: HashMap<RequestKey, Orphan>,
-    /// Orphans and finished orphans in the order they came (key, start), for their expiry by
-    /// event time (finished orphans: by the time they finished, the agent's clock); entries
-    /// already taken are skipped when they reach the front.
-    orphan_order: VecDeque<(RequestKey, u64)>,
-    finished_order: VecDeque<([u8; 8], u64)>,
+    /// SERVER starts that found no peer, by connection and ordinal (`trace::orphans`).
+    orphans: Orphans<Orphan>,
     /// A trace started by an orphan that was then adopted -> the trace it joined, and when.
     /// Descendants that started under the orphan's own trace follow it at finalize.
     aliases: HashMap<[u8; 16], ([u8; 16], u64)>,
@@ -242,7 +246,7 @@ pub struct Linker {
     callees: HashMap<[u8; 8], Callee>,
     callers: HashMap<[u8; 8], [u8; 8]>,
     /// Finished SERVER spans no caller has claimed yet -> (seconds, when).
-    finished_orphans: HashMap<[u8; 8], (f64, u64)>,
+    finished_orphans: Finished,
     /// Trace id -> the `sampled` flag it arrived with (parent-based sampling).
     carried_flags: HashMap<[u8; 16], bool>,
     pub stats: std::sync::Arc<LinkStats>,
@@ -284,9 +288,7 @@ impl Linker {
             in_flight: HashMap::new(),
             peers: HashMap::new(),
             peer_order: VecDeque::new(),
-            orphans: HashMap::new(),
-            orphan_order: VecDeque::new(),
-            finished_order: VecDeque::new(),
+            orphans: Orphans::new(),
             aliases: HashMap::new(),
             creators: HashMap::new(),
             adopted: HashMap::new(),
@@ -296,7 +298,7 @@ impl Linker {
             settled: Vec::new(),
             callees: HashMap::new(),
             callers: HashMap::new(),
-            finished_orphans: HashMap::new(),
+            finished_orphans: Finished::new(ORPHAN_EVENT_WAIT_NS, MAX_PEERS),
             carried_flags: HashMap::new(),
             stats: std::sync::Arc::new(LinkStats::default()),
         }
@@ -538,22 +540,23 @@ impl Linker {
             // sender's tracepoint fires): its latest request is this one if the two started
             // within JOINED_LATE_NS of each other. An earlier request of the callee's is a full
             // round trip older than this one.
-            let key = RequestKey(conn.local, conn.remote, JOINED);
-            if let Some(o) = self.orphans.get(&key)
-                && o.started_ns.abs_diff(st.ts_ns) <= JOINED_LATE_NS
+            let late = |o: &Orphan| o.started_ns.abs_diff(st.ts_ns) <= JOINED_LATE_NS;
+            if let Some(orphan) = self
+                .orphans
+                .take_if(&Pair(conn.local, conn.remote), JOINED, late)
             {
-                let orphan = *o;
-                self.orphans.remove(&key);
                 self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
                 return identity;
             }
+            let key = RequestKey(conn.local, conn.remote, JOINED);
             self.await_callee(key, &identity, st.ts_ns);
             return identity;
         }
-        let key = RequestKey(conn.local, conn.remote, st.ordinal);
-        if let Some(orphan) = self.orphans.remove(&key) {
+        let pair = Pair(conn.local, conn.remote);
+        if let Some(orphan) = self.orphans.take_if(&pair, st.ordinal, |_| true) {
             self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
         } else {
+            let key = RequestKey(conn.local, conn.remote, st.ordinal);
             self.await_callee(key, &identity, st.ts_ns);
         }
         identity
@@ -601,25 +604,11 @@ impl Linker {
         root: bool,
         graph_only: bool,
     ) {
-        while let Some(&(key, started)) = self.orphan_order.front() {
-            if st.ts_ns.saturating_sub(started) < ORPHAN_EVENT_WAIT_NS {
-                break;
-            }
-            self.orphan_order.pop_front();
-            if self
-                .orphans
-                .get(&key)
-                .is_some_and(|o| o.started_ns == started)
-            {
-                self.orphans.remove(&key);
-            }
-        }
-        if self.orphans.len() < MAX_PEERS && self.orphan_order.len() < MAX_PEERS {
+        if self.orphans.entries() < MAX_PEERS {
             let ordinal = if joined { JOINED } else { st.ordinal };
-            let key = RequestKey(conn.remote, conn.local, ordinal);
-            self.orphan_order.push_back((key, st.ts_ns));
             self.orphans.insert(
-                key,
+                Pair(conn.remote, conn.local),
+                ordinal,
                 Orphan {
                     pid: conn.pid,
                     span_id: identity.span_id,
@@ -628,6 +617,7 @@ impl Linker {
                     root,
                     graph_only,
                 },
+                ORPHAN_EVENT_WAIT_NS,
             );
         }
     }
@@ -681,7 +671,7 @@ impl Linker {
             self.callees.clear();
             self.callers.clear();
         }
-        let finished = self.finished_orphans.remove(&server_span).map(|(s, _)| s);
+        let finished = self.finished_orphans.take(&server_span);
         self.callees.insert(
             client_span,
             Callee {
@@ -704,25 +694,7 @@ impl Linker {
                 c.server_seconds = Some(seconds);
             }
         } else if orphan {
-            while let Some(&(span, at)) = self.finished_order.front() {
-                if now_ns.saturating_sub(at) < ORPHAN_EVENT_WAIT_NS {
-                    break;
-                }
-                self.finished_order.pop_front();
-                if self
-                    .finished_orphans
-                    .get(&span)
-                    .is_some_and(|&(_, t)| t == at)
-                {
-                    self.finished_orphans.remove(&span);
-                }
-            }
-            if self.finished_orphans.len() >= MAX_PEERS || self.finished_order.len() >= MAX_PEERS {
-                self.finished_orphans.clear();
-                self.finished_order.clear();
-            }
-            self.finished_order.push_back((span_id, now_ns));
-            self.finished_orphans.insert(span_id, (seconds, now_ns));
+            self.finished_orphans.insert(span_id, seconds, now_ns);
         }
     }
 
@@ -925,19 +897,10 @@ impl Linker {
         let peers = &self.peers;
         self.peer_order
             .retain(|(k, s)| peers.get(k).is_some_and(|&(_, t)| t == *s));
-        self.orphans
-            .retain(|_, o| now_ns.saturating_sub(o.started_ns) < ORPHAN_WAIT_NS);
+        self.orphans.expire(now_ns, ORPHAN_WAIT_NS);
         self.aliases
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < IN_FLIGHT_MAX_NS);
-        self.finished_orphans
-            .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < ORPHAN_WAIT_NS);
-        // The queues keep only what their maps still hold (entries taken since are dropped).
-        let orphans = &self.orphans;
-        self.orphan_order
-            .retain(|(k, s)| orphans.get(k).is_some_and(|o| o.started_ns == *s));
-        let finished = &self.finished_orphans;
-        self.finished_order
-            .retain(|(k, s)| finished.get(k).is_some_and(|&(_, t)| t == *s));
+        self.finished_orphans.age(now_ns);
         self.creators
             .retain(|_, (_, ts)| now_ns.saturating_sub(*ts) < THREAD_MAX_AGE_NS);
         // An adoption whose exchange never finished (evicted) must not pile up.
@@ -1276,16 +1239,16 @@ mod tests {
             l.server_start(&svc, &req, at(i * 1_000_000, i), None);
         }
         // A second of requests, a millisecond apart: only the last 250 ms wait, without a tick.
-        assert_eq!(l.orphans.len(), 250);
-        assert_eq!(l.orphan_order.len(), 250);
+        assert_eq!(l.orphans.entries(), 250);
+        assert_eq!(l.orphans.waiting(), 250);
         // A caller within the wait is still matched to its callee.
         let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
         l.client_start(&up, &req, at(999_000_000, 999), None);
         assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 1);
-        assert_eq!(l.orphans.len(), 249);
+        assert_eq!(l.orphans.waiting(), 249);
         // The tick's sweep drops the queue's entries whose orphan was taken.
         l.expire(999_000_001);
-        assert_eq!(l.orphan_order.len(), 249);
+        assert_eq!(l.orphans.entries(), 249);
     }
 
     #[test]
@@ -1541,7 +1504,7 @@ mod tests {
             None,
         );
         l.expire(IN_FLIGHT_MAX_NS + 10);
-        assert!(l.peers.is_empty() && l.in_flight.is_empty() && l.orphans.is_empty());
+        assert!(l.peers.is_empty() && l.in_flight.is_empty() && l.orphans.entries() == 0);
     }
 
     fn kernel(source: ContextSource, trace: u8, span: u8) -> Option<KernelContext> {

@@ -5,6 +5,7 @@
 pub mod causality;
 pub mod context;
 pub mod exchange;
+mod orphans;
 pub mod route;
 pub mod sampling;
 pub mod shared_text;
