@@ -3,9 +3,10 @@
 //! One map entry per request (its connection's two ends and ordinal) meant, with only the
 //! server traced, a table of the last quarter second's requests (10 000 at 40k req/s, ~2 MB
 //! with its expiry queue) in which every request inserted one entry and expired another: two
-//! cache misses a request, 16% of the agent's user CPU in that setup. By connection, a request
-//! is appended to its connection's queue and expires from the front of the same queue: the map
-//! has one entry per connection and the queues are read in order.
+//! cache misses a request (a build waiting 25 ms instead of 250 used 16% less user CPU in that
+//! setup). By connection, a request is appended to its connection's queue and expires from the
+//! front of the same queue: the map has one entry per connection and the queues are read in
+//! order (−11% agent user CPU at 40k req/s, the 250 ms wait kept).
 
 use std::{collections::VecDeque, net::SocketAddr};
 
