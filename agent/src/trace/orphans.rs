@@ -39,13 +39,21 @@ pub(super) struct Orphans<T> {
     by_pair: HashMap<Pair, VecDeque<Entry<T>>>,
     /// Entries in all queues, taken ones included (the bound counts memory, not waiters).
     entries: usize,
+    /// Inserts since every queue was last expired by event time.
+    since_sweep: usize,
 }
+
+/// Inserts between two event-time sweeps of every queue. A queue expires its front as its own
+/// requests come; one whose connection said nothing more (short-lived connections: one request
+/// each) would otherwise wait for the agent's per-second sweep of entries over a second old.
+const SWEEP_EVERY: usize = 4096;
 
 impl<T: Started> Orphans<T> {
     pub fn new() -> Self {
         Self {
             by_pair: HashMap::new(),
             entries: 0,
+            since_sweep: 0,
         }
     }
 
@@ -58,6 +66,11 @@ impl<T: Started> Orphans<T> {
     /// one is a new connection between the same two ends: the old one's entries go.
     pub fn insert(&mut self, pair: Pair, ordinal: u64, value: T, wait_ns: u64) {
         let started_ns = value.started_ns();
+        self.since_sweep += 1;
+        if self.since_sweep >= SWEEP_EVERY {
+            self.since_sweep = 0;
+            self.expire(started_ns, wait_ns);
+        }
         let queue = self.by_pair.entry(pair).or_default();
         let before = queue.len();
         if queue.back().is_some_and(|e| e.ordinal > ordinal) {
@@ -261,6 +274,18 @@ mod tests {
             (0, 0),
             "taken entries go at the sweep"
         );
+    }
+
+    #[test]
+    fn a_connection_that_said_nothing_more_is_swept_by_event_time() {
+        let mut o = Orphans::new();
+        o.insert(pair(1), 0, W(0, 1), WAIT);
+        for n in 0..SWEEP_EVERY as u64 {
+            o.insert(pair(2), n, W(WAIT + n, 2), WAIT);
+        }
+        assert_eq!(o.take_if(&pair(1), 0, |_| true), None);
+        assert!(o.entries() <= SWEEP_EVERY);
+        assert!(!o.by_pair.contains_key(&pair(1)), "its queue is gone");
     }
 
     #[test]
