@@ -43,9 +43,11 @@ pub(super) struct Orphans<T> {
     since_sweep: usize,
 }
 
-/// Inserts between two event-time sweeps of every queue. A queue expires its front as its own
-/// requests come; one whose connection said nothing more (short-lived connections: one request
-/// each) would otherwise wait for the agent's per-second sweep of entries over a second old.
+/// Inserts between two event-time sweeps of every queue, at least (at most one entry visited
+/// per insert: the sweep waits for as many inserts as there are entries). A queue expires its
+/// front as its own requests come; one whose connection said nothing more (short-lived
+/// connections: one request each) would otherwise wait for the agent's per-second sweep of
+/// entries over a second old.
 const SWEEP_EVERY: usize = 4096;
 
 impl<T: Started> Orphans<T> {
@@ -67,7 +69,7 @@ impl<T: Started> Orphans<T> {
     pub fn insert(&mut self, pair: Pair, ordinal: u64, value: T, wait_ns: u64) {
         let started_ns = value.started_ns();
         self.since_sweep += 1;
-        if self.since_sweep >= SWEEP_EVERY {
+        if self.since_sweep >= SWEEP_EVERY.max(self.entries) {
             self.since_sweep = 0;
             self.expire(started_ns, wait_ns);
         }
