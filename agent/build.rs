@@ -97,8 +97,33 @@ fn main() -> anyhow::Result<()> {
         std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
     // Silently: cargo replays a build script's warnings on every later build.
     dedupe_line_info(&mut object).context("rewriting .BTF.ext line info")?;
+    let object = strip_dwarf(&object).context("removing the DWARF sections")?;
     std::fs::write(out_dir.join(OBJECT), object).context("writing the object to OUT_DIR")?;
     Ok(())
+}
+
+/// The object without its DWARF (`.debug_*` and their relocations): three quarters of its
+/// 2.3 MB, embedded in the agent and read whole when the programs load, so resident for the
+/// agent's life. The loader and the kernel read BTF (`.BTF`, `.BTF.ext`: types, CO-RE
+/// relocations, line info), which stays; DWARF only served bpf-linker to produce it.
+fn strip_dwarf(elf: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut builder = object::build::elf::Builder::read(elf)?;
+    for section in builder.sections.iter_mut() {
+        let name = section.name.as_slice();
+        if name.starts_with(b".debug_") || name.starts_with(b".rel.debug_") {
+            section.delete = true;
+        }
+    }
+    builder.delete_orphans();
+    // bpf-linker names sections in the symbol string table; the writer wants their own.
+    let names = builder.sections.add();
+    names.name = b".shstrtab".to_vec().into();
+    names.sh_type = object::elf::SHT_STRTAB;
+    names.sh_addralign = 1;
+    names.data = object::build::elf::SectionData::SectionString;
+    let mut out = Vec::with_capacity(elf.len() / 3);
+    builder.write(&mut out)?;
+    Ok(out)
 }
 
 /// Kernels before ~6.13 reject a program whose BTF line records do not have strictly
