@@ -200,3 +200,44 @@ pub fn recv(fd: RawFd, family: Family, len: usize) -> Vec<u8> {
     }
     out
 }
+
+/// Sends `data` with writev, `slice` bytes per iovec (as many iovecs as that takes, up to the
+/// kernel's 1024), retrying until all is sent.
+pub fn writev_sliced(fd: RawFd, data: &[u8], slice: usize) {
+    let mut sent = 0;
+    while sent < data.len() {
+        let parts: Vec<&[u8]> = data[sent..].chunks(slice).take(1024).collect();
+        let v = iovecs(&parts);
+        // SAFETY: the iovecs point into `data`, alive for the call.
+        let n = unsafe { libc::writev(fd, v.as_ptr(), v.len() as i32) };
+        sent += check(n, "writev");
+    }
+}
+
+/// Receives exactly `len` bytes with recvmsg into iovecs of `slice` bytes each.
+pub fn recvmsg_sliced(fd: RawFd, len: usize, slice: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let want = len - out.len();
+        let mut bufs: Vec<Vec<u8>> = (0..want.div_ceil(slice).min(1024))
+            .map(|_| vec![0u8; slice])
+            .collect();
+        let v: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: plain data; the iovecs point into `bufs`, alive for the call.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = v.as_ptr() as *mut _;
+            msg.msg_iovlen = v.len();
+            check(libc::recvmsg(fd, &mut msg, 0), "recvmsg")
+        };
+        assert!(n > 0, "peer closed early");
+        out.extend_from_slice(&bufs.concat()[..n.min(want)]);
+    }
+    out
+}

@@ -9,7 +9,7 @@ use std::{
 
 use loupe_tests::{
     Agent, Captured, contains, metric, pattern, privileged,
-    sockets::{Family, recv, send},
+    sockets::{self, Family, recv, send},
 };
 
 /// A connected pair over loopback: (client, server).
@@ -182,6 +182,62 @@ fn the_syscall_path_captures_every_syscall_family_over_ipv4() {
 #[test]
 fn the_syscall_path_captures_every_syscall_family_over_ipv6() {
     every_syscall_family(true, Path::Syscalls);
+}
+
+/// A writev and a recvmsg of 100 slices each, more than the programs' unrolled loop walks (32):
+/// the sock path walks the rest with bpf_loop, so both streams come out whole and nothing is
+/// counted; the syscall path (kernels before 6.3) stops at 32 and says so (`iov_limit`).
+fn long_vectors(path: Path, extra: &[&str]) {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let agent = start(path, &[&["--all-protocols", "--pid", &me], extra].concat());
+    let (client, server) = pair(false);
+    let data = pattern(3000, 41);
+    sockets::writev_sliced(client.as_raw_fd(), &data, 30);
+    assert_eq!(
+        sockets::recvmsg_sliced(server.as_raw_fd(), data.len(), 30),
+        data
+    );
+    let c = agent.stop();
+    let (cl, cr) = addrs(&client);
+    let (sl, sr) = addrs(&server);
+    match path {
+        Path::Auto => {
+            assert_eq!(c.stream(cl, cr, "send"), data, "the writev's stream");
+            assert_eq!(c.stream(sl, sr, "recv"), data, "the recvmsg's stream");
+            assert!(!c.stderr.contains("iov_limit"), "{}", c.stderr);
+        }
+        Path::Syscalls => {
+            let sends: Vec<_> = c
+                .of(cl, cr)
+                .into_iter()
+                .filter(|e| e.direction == "send")
+                .collect();
+            assert_eq!(sends.len(), 1, "one writev, one event");
+            assert_eq!(sends[0].bytes, 3000);
+            assert!(sends[0].truncated);
+            assert_eq!(sends[0].payload(), &data[..32 * 30]);
+            assert!(c.stderr.contains("kernel.iov_limit="), "{}", c.stderr);
+        }
+    }
+}
+
+#[test]
+fn vectors_longer_than_the_unrolled_loop_are_captured_whole() {
+    long_vectors(Path::Auto, &[]);
+}
+
+/// The same with `--tcp-context`, whose larger programs unroll only 20.
+#[test]
+fn vectors_longer_than_the_unrolled_loop_are_captured_whole_with_tcp_context() {
+    long_vectors(Path::Auto, &["--tcp-context"]);
+}
+
+#[test]
+fn the_syscall_path_stops_at_32_iovecs_and_counts_the_rest() {
+    long_vectors(Path::Syscalls, &[]);
 }
 
 #[test]

@@ -8,7 +8,13 @@ use agent_common::{
         SHAPE_BUF, SHAPE_IOV, SHAPE_MMSG, SHAPE_MSG, SYS_NONE,
     },
 };
-use aya_ebpf::helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as read_user_raw};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{
+        bpf_probe_read_user,
+        generated::{bpf_loop, bpf_probe_read_user as read_user_raw},
+    },
+};
 
 use crate::{
     helpers::{
@@ -18,7 +24,8 @@ use crate::{
     maps::ACTIVE_CALLS,
 };
 
-/// iovecs walked per message; the rest of a longer vector is not captured (counted). gRPC's C
+/// iovecs walked per message by the unrolled loops; the sock path goes on with `bpf_loop`
+/// (`copy_iov_looped`), the syscall path's programs stop there (the rest is counted). gRPC's C
 /// core writes a new connection's first frames in one sendmsg of 24-28 slices; 16 lost the
 /// first request's headers and with them the HPACK table. With `--tcp-context` the programs are
 /// larger and the verifier's budget allows 20 (read from the frozen config: the verifier sees
@@ -252,9 +259,89 @@ fn copy_iov_pairs(dst: *mut u8, iov: u64, iovcnt: u64, want: u64) -> Result<u64,
         i += 2;
     }
     if i < iovcnt && off < want {
-        count(counters::IOV_LIMIT);
+        return copy_iov_looped(dst, iov, i, iovcnt, want, off);
     }
     Ok(off)
+}
+
+/// A vector's iovecs from index `from` on: walked by `bpf_loop` (Linux 5.17+; this is the sock
+/// path, 6.3+), whose callback the verifier checks once rather than once per iteration, so the
+/// walk may go to the kernel's own limit on a vector (UIO_MAXIOV). Only vectors longer than
+/// the unrolled loop's reach it: gRPC's C core writes a new connection's first frames in one
+/// sendmsg of 24-28 slices, and a busy channel batches more.
+#[inline(always)]
+fn copy_iov_looped(
+    dst: *mut u8,
+    iov: u64,
+    from: u64,
+    iovcnt: u64,
+    want: u64,
+    off: u64,
+) -> Result<u64, ()> {
+    let mut walk = IovWalk {
+        dst,
+        iov,
+        from,
+        iovcnt,
+        want,
+        off,
+        failed: 0,
+    };
+    // SAFETY: the helper calls `copy_one_iov` with `walk`, on this stack, for each index.
+    unsafe {
+        bpf_loop(
+            (UIO_MAXIOV - from) as u32,
+            copy_one_iov as *mut c_void,
+            core::ptr::addr_of_mut!(walk).cast(),
+            0,
+        )
+    };
+    if walk.failed != 0 {
+        return Err(());
+    }
+    Ok(walk.off)
+}
+
+/// What `copy_one_iov` walks and where it is (on the caller's stack).
+#[repr(C)]
+struct IovWalk {
+    dst: *mut u8,
+    iov: u64,
+    from: u64,
+    iovcnt: u64,
+    want: u64,
+    off: u64,
+    failed: u64,
+}
+
+/// The kernel's limit on iovecs per call.
+const UIO_MAXIOV: u64 = 1024;
+
+/// `bpf_loop`'s callback: copies iovec `from + i`; 1 stops the loop (the vector or `want` is
+/// exhausted, or a read failed).
+#[inline(never)]
+extern "C" fn copy_one_iov(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `IovWalk` copy_iov_looped passed, alive on its stack for the loop.
+    let walk = unsafe { &mut *ctx.cast::<IovWalk>() };
+    let at = walk.from + i;
+    if at >= walk.iovcnt || walk.off >= walk.want {
+        return 1;
+    }
+    // SAFETY: user read through the fault-tolerant helper; struct iovec is {base, len}.
+    let Ok([base, len]) = (unsafe { bpf_probe_read_user((walk.iov + at * 16) as *const [u64; 2]) })
+    else {
+        walk.failed = 1;
+        return 1;
+    };
+    let n = take(len, walk.want - walk.off);
+    if n > 0 {
+        if read_into(walk.dst, walk.off, n, base).is_err() {
+            walk.failed = 1;
+            return 1;
+        }
+        walk.off += n;
+    }
+    0
 }
 
 /// The bytes of an iovec of `len` that fit in `room`.
