@@ -128,7 +128,7 @@ fn redis_records() -> Vec<Vec<u8>> {
 
 /// The records through decode, the connection table and the tracing sink, as `loupe run` does.
 fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(input.len());
+    let (tx, mut rx) = loupe::export::queue::span_queue(input.len());
     let mut sink = TraceSink::new(
         tx,
         Arc::new(ExportStats::default()),
@@ -142,25 +142,24 @@ fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
     });
     let mut table = ConnTable::new(Limits::default());
     let mut arena = PayloadArena::default();
-    for raw in input {
+    for (i, raw) in input.iter().enumerate() {
+        // Spans go on per batch of events, as the reader hands them to the pipeline.
+        if i % loupe::event_queue::BATCH == 0 {
+            sink.batch_done();
+        }
         let Ok(Event::Data(mut ev)) = decode_with(raw, &mut arena) else {
             panic!("bad record")
         };
         let dir = ev.direction;
         let payload = std::mem::take(&mut ev.payload);
-        let meta = ev.clone();
-        ev.payload = payload;
-        let Some((conn, _)) = table.ingest(ev, &mut NoResolver) else {
+        let Some((conn, _)) = table.ingest_payload(&ev, payload, &mut NoResolver) else {
             continue;
         };
         let segments: loupe::conn::Segments = conn.stream_mut(dir).drain().collect();
-        sink.data(&conn.info, &meta, dir, segments);
+        sink.data(&conn.info, &ev, dir, segments);
     }
-    let mut spans = 0;
-    while rx.try_recv().is_ok() {
-        spans += 1;
-    }
-    spans
+    sink.flush();
+    rx.take_ready().len()
 }
 
 fn sink(c: &mut Criterion) {

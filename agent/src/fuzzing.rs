@@ -124,7 +124,7 @@ pub fn l7_connection(data: &[u8]) {
     let mut info = conn(role, mode & 1 != 0);
     // The kernel's hint, any value: user space must not trust it.
     info.protocol = mode >> 2;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let (tx, mut rx) = crate::export::queue::span_queue(1024);
     let mut sink = TraceSink::new(
         tx,
         std::sync::Arc::new(crate::export::ExportStats::default()),
@@ -154,11 +154,13 @@ pub fn l7_connection(data: &[u8]) {
             ..DataEvent::for_tests(info.key)
         };
         sink.data(&info, &ev, dir, smallvec::smallvec![seg]);
-        while rx.try_recv().is_ok() {}
+        sink.batch_done();
+        rx.take_ready();
     }
     sink.tick(u64::MAX);
     sink.closed(&info, None);
-    while rx.try_recv().is_ok() {}
+    sink.flush();
+    rx.take_ready();
 }
 
 /// Any bytes as one direction of a stream, fed to the message reader directly (both the request

@@ -394,7 +394,10 @@ async fn run_command(
     if let (Some((pods, _)), Ok(mut p)) = (&k8s, processes.lock()) {
         p.with_pods(pods.clone());
     }
-    let exporter = Exporter::spawn(export_cfg, processes.clone(), export_stats.clone())?;
+    let Exporter {
+        out: spans_out,
+        task: export_task,
+    } = Exporter::spawn(export_cfg, processes.clone(), export_stats.clone())?;
 
     let Capture {
         mut probe,
@@ -410,7 +413,7 @@ async fn run_command(
         query_values: file.redaction.query_values,
     };
     let mut sink = TraceSink::new(
-        exporter.tx.clone(),
+        spans_out,
         export_stats.clone(),
         redaction,
         args.response_timeout * 1_000_000_000,
@@ -447,11 +450,6 @@ async fn run_command(
         Some(o) => MetricsExport::start(o, metrics.clone(), &host_name())?,
         None => None,
     };
-    let Exporter {
-        tx,
-        task: export_task,
-    } = exporter;
-    drop(tx);
     let destination = match &otlp {
         Some(o) => format!(
             "OTLP {} {}",

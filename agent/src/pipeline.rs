@@ -48,6 +48,8 @@ pub trait Sink {
     fn wake(&mut self, _ev: &crate::decode::WakeEvent) {}
     /// Called about once a second with the monotonic time: for timeouts.
     fn tick(&mut self, _now_ns: u64) {}
+    /// A batch of events is handled: what it made may go on (spans travel per batch).
+    fn batch_done(&mut self) {}
     fn flush(&mut self) {}
     /// The run is over: nothing is held back any more.
     fn drain(&mut self) {}
@@ -72,6 +74,7 @@ pub async fn run<S: Sink>(
                 for event in batch.events.drain(..) {
                     handle(&mut table, &mut goroutines, event, &mut resolver, sink);
                 }
+                sink.batch_done();
             }
             _ = tick.tick() => {
                 let now = clock::monotonic_ns();
@@ -104,16 +107,14 @@ fn handle<S: Sink>(
         Event::Data(mut ev) => {
             goroutines.rekey(&mut ev);
             let dir = ev.direction;
-            // The sink sees the payload through the stream; keep the event light.
+            // The sink sees the payload through the stream.
             let payload = std::mem::take(&mut ev.payload);
-            let meta = ev.clone();
-            ev.payload = payload;
             for evicted in table.make_room(&ev.conn) {
                 finish(evicted, None, sink);
             }
-            if let Some((conn, _)) = table.ingest(ev, resolver) {
+            if let Some((conn, _)) = table.ingest_payload(&ev, payload, resolver) {
                 let segments: Segments = conn.stream_mut(dir).drain().collect();
-                sink.data(&conn.info, &meta, dir, segments);
+                sink.data(&conn.info, &ev, dir, segments);
             }
         }
         Event::Fork(fork) => sink.fork(&fork),

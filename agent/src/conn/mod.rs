@@ -4,6 +4,7 @@
 
 pub mod stream;
 
+use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt};
 use std::{net::SocketAddr, sync::Arc};
 
@@ -110,7 +111,19 @@ impl ConnTable {
     /// Adds a data event to its connection's stream. Returns None when the table is full.
     pub fn ingest(
         &mut self,
-        ev: DataEvent,
+        mut ev: DataEvent,
+        resolver: &mut dyn RoleResolver,
+    ) -> Option<(&mut Connection, Pushed)> {
+        let payload = std::mem::take(&mut ev.payload);
+        self.ingest_payload(&ev, payload, resolver)
+    }
+
+    /// `ingest` with the event's payload apart: the pipeline hands the event on to the sink
+    /// after this, and a copy of it per event (some 200 bytes) was the price of owning it here.
+    pub fn ingest_payload(
+        &mut self,
+        ev: &DataEvent,
+        payload: Bytes,
         resolver: &mut dyn RoleResolver,
     ) -> Option<(&mut Connection, Pushed)> {
         let full = self.conns.len() >= self.limits.max_connections;
@@ -150,7 +163,7 @@ impl ConnTable {
             }
         };
         conn.last_seen_ns = conn.last_seen_ns.max(ev.ts_ns);
-        let pushed = conn.streams[ev.direction.index()].push(ev.seq, ev.bytes, ev.payload);
+        let pushed = conn.streams[ev.direction.index()].push(ev.seq, ev.bytes, payload);
         Some((conn, pushed))
     }
 

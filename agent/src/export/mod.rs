@@ -9,6 +9,7 @@ pub mod otlp_errors;
 pub mod otlp_metrics;
 pub mod otlp_proto;
 pub mod otlp_settings;
+pub mod queue;
 
 use std::{
     path::PathBuf,
@@ -18,8 +19,6 @@ use std::{
     },
     time::{Duration, Instant},
 };
-
-use tokio::sync::mpsc;
 
 use crate::{
     process::{ProcessInfo, SharedProcesses},
@@ -74,7 +73,8 @@ pub struct Resolved<'a> {
 
 /// Handle to the export task.
 pub struct Exporter {
-    pub tx: mpsc::Sender<SpanRecord>,
+    /// The pipeline's end of the export queue; the task ends once it is dropped.
+    pub out: queue::SpanOut,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -84,7 +84,7 @@ impl Exporter {
         processes: SharedProcesses,
         stats: Arc<ExportStats>,
     ) -> anyhow::Result<Self> {
-        let (tx, rx) = mpsc::channel(cfg.queue_capacity);
+        let (out, rx) = queue::span_queue(cfg.queue_capacity);
         stats
             .retry_window_ms
             .store(cfg.retry_for.as_millis() as u64, Ordering::Relaxed);
@@ -128,22 +128,7 @@ impl Exporter {
                 console,
             },
         ));
-        Ok(Self { tx, task })
-    }
-}
-
-/// Hands a span to the export queue; counts it as dropped when the queue is full.
-pub fn offer(tx: &mpsc::Sender<SpanRecord>, stats: &ExportStats, span: SpanRecord) {
-    stats.spans_built.fetch_add(1, Ordering::Relaxed);
-    let room = tx.capacity();
-    stats
-        .queued
-        .store((tx.max_capacity() - room) as u64, Ordering::Relaxed);
-    if room < tx.max_capacity() / 4 {
-        crate::scheduling::ADAPTIVE.pressure();
-    }
-    if tx.try_send(span).is_err() {
-        stats.queue_full.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { out, task })
     }
 }
 
@@ -154,7 +139,7 @@ struct Outputs {
 }
 
 async fn run(
-    mut rx: mpsc::Receiver<SpanRecord>,
+    mut rx: queue::SpanIn,
     cfg: ExportConfig,
     processes: SharedProcesses,
     stats: Arc<ExportStats>,
@@ -164,16 +149,21 @@ async fn run(
     let mut tick = tokio::time::interval(cfg.flush_interval);
     let mut ticks: u64 = 0;
     loop {
-        let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
         tokio::select! {
-            // Whatever the queue holds, up to a full batch, per wakeup (not a select per span).
-            // Zero only once every sender is gone.
-            taken = rx.recv_many(&mut batch, room) => {
-                if taken == 0 {
+            // The spans of one pipeline batch per wakeup. `None` only once the pipeline's end
+            // is gone and everything it sent is taken.
+            spans = rx.recv() => {
+                let Some(spans) = spans else {
                     break;
-                }
+                };
                 stats.queued.store(rx.len() as u64, Ordering::Relaxed);
-                if batch.len() >= cfg.batch_size {
+                let mut spans = spans.into_iter();
+                loop {
+                    let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
+                    batch.extend(spans.by_ref().take(room));
+                    if batch.len() < cfg.batch_size {
+                        break;
+                    }
                     flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
                 }
             },

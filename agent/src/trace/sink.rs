@@ -9,13 +9,11 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
-use tokio::sync::mpsc;
-
 use crate::{
     clock::{self, WallClock},
     conn::{ConnInfo, Segment, Segments},
     decode::{CloseEvent, ConnKey, DataEvent, Direction, KernelContext, Role},
-    export::{ExportStats, offer},
+    export::{ExportStats, queue::SpanOut},
     pipeline::Sink,
     protocol::{
         PROTO_COUNT, PROTO_HTTP1, PROTO_HTTP2, PROTO_TLS_ID as PROTO_TLS, db,
@@ -114,7 +112,7 @@ pub struct TraceSink {
     sql: sql::Cache,
     verdicts: Box<dyn Verdicts>,
     pub linker: Linker,
-    out: mpsc::Sender<SpanRecord>,
+    out: SpanOut,
     export_stats: Arc<ExportStats>,
     pub stats: Arc<TraceStats>,
     response_timeout_ns: u64,
@@ -190,7 +188,7 @@ impl TraceSink {
     }
 
     pub fn new(
-        out: mpsc::Sender<SpanRecord>,
+        out: SpanOut,
         export_stats: Arc<ExportStats>,
         redaction: Redaction,
         response_timeout_ns: u64,
@@ -281,7 +279,7 @@ impl TraceSink {
         let carried = self.linker.carried_flag(&span.trace_id);
         if let Some(keep) = self.sampler.without_waiting(carried) {
             if let Some(span) = self.sampler.count_one(keep, span) {
-                offer(&self.out, &self.export_stats, span);
+                self.out.offer(&self.export_stats, span);
             }
             return;
         }
@@ -294,7 +292,7 @@ impl TraceSink {
             carried_sampled: carried,
         });
         for span in self.sampler.offer(span, root) {
-            offer(&self.out, &self.export_stats, span);
+            self.out.offer(&self.export_stats, span);
         }
     }
 
@@ -311,7 +309,7 @@ impl TraceSink {
 
     fn sampled_out(&mut self, spans: Vec<SpanRecord>) {
         for span in spans {
-            offer(&self.out, &self.export_stats, span);
+            self.out.offer(&self.export_stats, span);
         }
     }
 
@@ -904,7 +902,13 @@ impl Sink for TraceSink {
         }
     }
 
-    fn flush(&mut self) {}
+    fn batch_done(&mut self) {
+        self.out.send(&self.export_stats);
+    }
+
+    fn flush(&mut self) {
+        self.out.send(&self.export_stats);
+    }
 
     fn drain(&mut self) {
         self.linker.settle_all();
@@ -964,7 +968,7 @@ mod tests {
 
     /// One GET on `role`'s side; the spans the sink made.
     fn one_get(role: Role, server_spans: bool) -> (Vec<SpanRecord>, Arc<TraceStats>) {
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = crate::export::queue::span_queue(16);
         let mut sink = TraceSink::new(
             tx,
             Arc::new(ExportStats::default()),
@@ -995,8 +999,9 @@ mod tests {
             seg(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
         );
         sink.data(&conn, &ev(20, resp_dir), resp_dir, seg(b"$1\r\nv\r\n"));
+        sink.batch_done();
         let mut spans = Vec::new();
-        while let Ok(s) = rx.try_recv() {
+        for s in rx.take_ready() {
             spans.push(s);
         }
         (spans, sink.stats.clone())
@@ -1025,8 +1030,8 @@ mod tests {
         assert_eq!(spans[0].kind, SpanKind::Server);
     }
 
-    fn sink() -> (TraceSink, mpsc::Receiver<SpanRecord>) {
-        let (tx, rx) = mpsc::channel(16);
+    fn sink() -> (TraceSink, crate::export::queue::SpanIn) {
+        let (tx, rx) = crate::export::queue::span_queue(16);
         let sink = TraceSink::new(
             tx,
             Arc::new(ExportStats::default()),
@@ -1096,7 +1101,10 @@ mod tests {
             3,
             b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
         );
-        let span = rx.try_recv().expect("a span from the plaintext");
+        sink.batch_done();
+        let mut spans = rx.take_ready();
+        assert_eq!(spans.len(), 1, "one span, from the plaintext");
+        let span = spans.remove(0);
         let scheme = span
             .attributes
             .iter()
@@ -1114,7 +1122,8 @@ mod tests {
                 b"\x17\x03\x03\x00\x10",
             );
         }
-        assert!(rx.try_recv().is_err());
+        sink.batch_done();
+        assert!(rx.take_ready().is_empty());
         let unhooked: u64 = sink
             .tls
             .unhooked

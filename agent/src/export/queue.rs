@@ -1,0 +1,182 @@
+//! The export queue between the pipeline and the exporter, bounded in spans.
+//!
+//! The pipeline gathers the spans it makes while it works through a batch of events and hands
+//! them over together when the batch is done (`SpanOut::send`): one channel operation and at
+//! most one wakeup of the exporter per batch. A channel of single spans cost four atomic
+//! operations on lines the exporter's thread was reading (semaphore, slot, tail, waker) and a
+//! move of every span into and out of the channel's blocks, per span.
+//!
+//! The bound stays a number of spans, counted across batches: spans handed over and not yet
+//! taken by the exporter plus those gathered since. A span offered beyond it is dropped and
+//! counted, as before.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::sync::mpsc;
+
+use super::ExportStats;
+use crate::trace::span::SpanRecord;
+
+/// A queue of `capacity` spans: the pipeline's end and the exporter's.
+pub fn span_queue(capacity: usize) -> (SpanOut, SpanIn) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        SpanOut {
+            tx,
+            queued: queued.clone(),
+            capacity,
+            pending: Vec::new(),
+        },
+        SpanIn { rx, queued },
+    )
+}
+
+pub struct SpanOut {
+    tx: mpsc::UnboundedSender<Vec<SpanRecord>>,
+    /// Spans handed over and not yet taken by the exporter.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+    /// Spans made since the last `send`.
+    pending: Vec<SpanRecord>,
+}
+
+impl SpanOut {
+    /// Queues a span for the next `send`; counts it as dropped when the queue is full.
+    pub fn offer(&mut self, stats: &ExportStats, span: SpanRecord) {
+        stats.spans_built.fetch_add(1, Ordering::Relaxed);
+        let queued = self.queued.load(Ordering::Relaxed) + self.pending.len();
+        stats.queued.store(queued as u64, Ordering::Relaxed);
+        if self.capacity.saturating_sub(queued) < self.capacity / 4 {
+            crate::scheduling::ADAPTIVE.pressure();
+        }
+        if queued >= self.capacity {
+            stats.queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.pending.push(span);
+    }
+
+    /// Hands the spans made since the last call to the exporter. A stopped exporter loses
+    /// them, counted as a full queue.
+    pub fn send(&mut self, stats: &ExportStats) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // The next batch of spans starts with room for as many as this one had.
+        let room = self.pending.capacity();
+        let spans = std::mem::replace(&mut self.pending, Vec::with_capacity(room));
+        let n = spans.len();
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        if self.tx.send(spans).is_err() {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+            stats.queue_full.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Spans made and not yet sent.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+pub struct SpanIn {
+    rx: mpsc::UnboundedReceiver<Vec<SpanRecord>>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl SpanIn {
+    /// The next spans handed over; `None` once the pipeline's end is gone and all are taken.
+    pub async fn recv(&mut self) -> Option<Vec<SpanRecord>> {
+        let spans = self.rx.recv().await?;
+        self.queued.fetch_sub(spans.len(), Ordering::Relaxed);
+        Some(spans)
+    }
+
+    /// Spans handed over and not taken yet.
+    pub fn len(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything handed over so far, without waiting: for tests and benchmarks.
+    pub fn take_ready(&mut self) -> Vec<SpanRecord> {
+        let mut all = Vec::new();
+        while let Ok(spans) = self.rx.try_recv() {
+            self.queued.fetch_sub(spans.len(), Ordering::Relaxed);
+            all.extend(spans);
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::span::{SpanKind, SpanRecord};
+
+    fn span(n: u8) -> SpanRecord {
+        SpanRecord {
+            trace_id: [n; 16],
+            span_id: [n; 8],
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+            name: "GET".into(),
+            kind: SpanKind::Server,
+            start_unix_ns: 0,
+            end_unix_ns: 0,
+            attributes: Vec::new(),
+            error: None,
+            status: None,
+            pid: 1,
+            comm: "c".into(),
+        }
+    }
+
+    #[test]
+    fn spans_go_over_together_when_sent_and_the_bound_counts_both_ends() {
+        let stats = ExportStats::default();
+        let (mut out, mut inn) = span_queue(4);
+        out.offer(&stats, span(1));
+        out.offer(&stats, span(2));
+        assert!(
+            inn.take_ready().is_empty(),
+            "nothing before the batch is sent"
+        );
+        out.send(&stats);
+        assert_eq!(inn.len(), 2);
+        out.offer(&stats, span(3));
+        out.offer(&stats, span(4));
+        // Two handed over and two pending fill the queue: the fifth is dropped and counted.
+        out.offer(&stats, span(5));
+        assert_eq!(stats.queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.spans_built.load(Ordering::Relaxed), 5);
+        out.send(&stats);
+        let got: Vec<u8> = inn.take_ready().iter().map(|s| s.span_id[0]).collect();
+        assert_eq!(got, [1, 2, 3, 4], "in order");
+        assert_eq!(inn.len(), 0);
+        // Taken spans make room again.
+        out.offer(&stats, span(6));
+        assert_eq!(out.pending(), 1);
+        assert_eq!(stats.queue_full.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn spans_sent_to_a_stopped_exporter_are_counted_lost() {
+        let stats = ExportStats::default();
+        let (mut out, inn) = span_queue(8);
+        drop(inn);
+        out.offer(&stats, span(1));
+        out.offer(&stats, span(2));
+        out.send(&stats);
+        assert_eq!(stats.queue_full.load(Ordering::Relaxed), 2);
+        assert_eq!(out.pending(), 0);
+    }
+}
