@@ -299,6 +299,10 @@ fn copy_iov_looped(
     if walk.failed != 0 {
         return Err(());
     }
+    // The kernel refuses longer vectors, so this never counts; the exit is counted all the same.
+    if iovcnt > UIO_MAXIOV && walk.off < want {
+        count(counters::IOV_LIMIT);
+    }
     Ok(walk.off)
 }
 
