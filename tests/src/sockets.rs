@@ -73,6 +73,30 @@ fn iovecs(parts: &[&[u8]]) -> Vec<libc::iovec> {
         .collect()
 }
 
+/// One iovec per buffer, to receive into (the buffers must outlive them).
+fn buffers(bufs: &mut [Vec<u8>]) -> Vec<libc::iovec> {
+    bufs.iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect()
+}
+
+/// One recvmsg into the iovecs `v`; the bytes received.
+///
+/// # Safety
+/// Every iovec must point to a live, writable buffer of its length.
+unsafe fn recvmsg_into(fd: RawFd, v: &[libc::iovec]) -> usize {
+    // SAFETY: msghdr is plain data; the caller vouches for the iovecs.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = v.as_ptr() as *mut _;
+        msg.msg_iovlen = v.len();
+        check(libc::recvmsg(fd, &mut msg, 0), "recvmsg")
+    }
+}
+
 /// Sends `parts` with one call of `family` (split into 3 iovecs or messages where the family
 /// takes several), retrying until all is sent.
 pub fn send(fd: RawFd, family: Family, data: &[u8]) {
@@ -152,31 +176,16 @@ pub fn recv(fd: RawFd, family: Family, len: usize) -> Vec<u8> {
                 }
                 Family::Vectored | Family::Msg => {
                     // Bytes fill the iovecs in order: reassemble them the same way.
-                    let v: Vec<libc::iovec> = bufs
-                        .iter_mut()
-                        .map(|b| libc::iovec {
-                            iov_base: b.as_mut_ptr().cast(),
-                            iov_len: b.len(),
-                        })
-                        .collect();
+                    let v = buffers(&mut bufs);
                     let n = if family == Family::Vectored {
                         check(libc::readv(fd, v.as_ptr(), v.len() as i32), "readv")
                     } else {
-                        let mut msg: libc::msghdr = std::mem::zeroed();
-                        msg.msg_iov = v.as_ptr() as *mut _;
-                        msg.msg_iovlen = v.len();
-                        check(libc::recvmsg(fd, &mut msg, 0), "recvmsg")
+                        recvmsg_into(fd, &v)
                     };
                     bufs.concat()[..n].to_vec()
                 }
                 Family::Mmsg => {
-                    let mut vs: Vec<libc::iovec> = bufs
-                        .iter_mut()
-                        .map(|b| libc::iovec {
-                            iov_base: b.as_mut_ptr().cast(),
-                            iov_len: b.len(),
-                        })
-                        .collect();
+                    let mut vs = buffers(&mut bufs);
                     let mut msgs = one_message_per_iovec(&mut vs);
                     // MSG_WAITFORONE: block for the first message only, take what else is there.
                     let count = libc::recvmmsg(
@@ -222,20 +231,9 @@ pub fn recvmsg_sliced(fd: RawFd, len: usize, slice: usize) -> Vec<u8> {
         let mut bufs: Vec<Vec<u8>> = (0..want.div_ceil(slice).min(1024))
             .map(|_| vec![0u8; slice])
             .collect();
-        let v: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: plain data; the iovecs point into `bufs`, alive for the call.
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = v.as_ptr() as *mut _;
-            msg.msg_iovlen = v.len();
-            check(libc::recvmsg(fd, &mut msg, 0), "recvmsg")
-        };
+        let v = buffers(&mut bufs);
+        // SAFETY: the iovecs point into `bufs`, alive for the call.
+        let n = unsafe { recvmsg_into(fd, &v) };
         assert!(n > 0, "peer closed early");
         out.extend_from_slice(&bufs.concat()[..n.min(want)]);
     }

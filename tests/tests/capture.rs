@@ -191,9 +191,10 @@ fn long_vectors(path: Path, extra: &[&str]) {
     if !privileged() {
         return;
     }
+    // The connection is open before the agent, as a service's would be.
+    let (client, server) = pair(false);
     let me = std::process::id().to_string();
     let agent = start(path, &[&["--all-protocols", "--pid", &me], extra].concat());
-    let (client, server) = pair(false);
     let data = pattern(3000, 41);
     sockets::writev_sliced(client.as_raw_fd(), &data, 30);
     assert_eq!(
