@@ -84,7 +84,13 @@ impl Exporter {
         processes: SharedProcesses,
         stats: Arc<ExportStats>,
     ) -> anyhow::Result<Self> {
-        let (out, rx) = queue::span_queue(cfg.queue_capacity);
+        // With OTLP the only output nothing reads a record after the pipeline: spans cross the
+        // queue encoded.
+        let (out, rx) = if cfg.otlp.is_some() && !cfg.console && cfg.jsonl.is_none() {
+            queue::encoding_span_queue(cfg.queue_capacity)
+        } else {
+            queue::span_queue(cfg.queue_capacity)
+        };
         stats
             .retry_window_ms
             .store(cfg.retry_for.as_millis() as u64, Ordering::Relaxed);
@@ -138,6 +144,18 @@ struct Outputs {
     console: Option<console::ConsoleTree<crate::stdout::Stdout>>,
 }
 
+/// The spans of the batch being gathered, in the queue's form (one of the two stays empty).
+struct Batch {
+    records: Vec<SpanRecord>,
+    encoded: otlp_proto::EncodedSpans,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.records.len() + self.encoded.len()
+    }
+}
+
 async fn run(
     mut rx: queue::SpanIn,
     cfg: ExportConfig,
@@ -145,7 +163,10 @@ async fn run(
     stats: Arc<ExportStats>,
     mut out: Outputs,
 ) {
-    let mut batch: Vec<SpanRecord> = Vec::with_capacity(cfg.batch_size);
+    let mut batch = Batch {
+        records: Vec::with_capacity(cfg.batch_size),
+        encoded: otlp_proto::EncodedSpans::default(),
+    };
     let mut tick = tokio::time::interval(cfg.flush_interval);
     let mut ticks: u64 = 0;
     loop {
@@ -157,14 +178,31 @@ async fn run(
                     break;
                 };
                 stats.queued.store(rx.len() as u64, Ordering::Relaxed);
-                let mut spans = spans.into_iter();
-                loop {
-                    let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
-                    batch.extend(spans.by_ref().take(room));
-                    if batch.len() < cfg.batch_size {
-                        break;
+                match spans {
+                    queue::Spans::Records(spans) => {
+                        let mut spans = spans.into_iter();
+                        loop {
+                            let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
+                            batch.records.extend(spans.by_ref().take(room));
+                            if batch.len() < cfg.batch_size {
+                                break;
+                            }
+                            flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
+                        }
                     }
-                    flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for).await;
+                    queue::Spans::Encoded(spans) => {
+                        let mut from = 0;
+                        while from < spans.len() {
+                            let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
+                            let to = spans.len().min(from + room);
+                            batch.encoded.extend_from(&spans, from..to);
+                            from = to;
+                            if batch.len() >= cfg.batch_size {
+                                flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for)
+                                    .await;
+                            }
+                        }
+                    }
                 }
             },
             _ = tick.tick() => {
@@ -191,17 +229,33 @@ async fn run(
 }
 
 async fn flush(
-    batch: &mut Vec<SpanRecord>,
+    batch: &mut Batch,
     processes: &SharedProcesses,
     stats: &Arc<ExportStats>,
     out: &mut Outputs,
     retry_for: Duration,
 ) {
-    if batch.is_empty() {
+    if !batch.encoded.is_empty() {
+        // Only OTLP makes an encoding queue.
+        match out.otlp.as_mut() {
+            Some(o) => {
+                o.export_encoded(&batch.encoded, processes, retry_for, stats)
+                    .await
+            }
+            None => {
+                stats
+                    .spans_exported
+                    .fetch_add(batch.encoded.len() as u64, Ordering::Relaxed);
+            }
+        }
+        batch.encoded.clear();
+    }
+    if batch.records.is_empty() {
         return;
     }
     // The next batch starts at the size this one reached (growing it again moved every span).
-    let spans = std::mem::replace(batch, Vec::with_capacity(batch.capacity()));
+    let room = batch.records.capacity();
+    let spans = std::mem::replace(&mut batch.records, Vec::with_capacity(room));
     if let Some(c) = out.console.as_mut() {
         let now = Instant::now();
         for span in &spans {
@@ -233,12 +287,17 @@ async fn flush(
 
 /// The process of a span (a placeholder built from the span if the cache lock is poisoned).
 pub fn lookup(processes: &SharedProcesses, span: &SpanRecord) -> ProcessInfo {
+    lookup_pid(processes, span.pid, &span.comm)
+}
+
+/// The process `pid`, named `comm` by the kernel.
+pub fn lookup_pid(processes: &SharedProcesses, pid: u32, comm: &str) -> ProcessInfo {
     match processes.lock() {
-        Ok(mut p) => p.resolve(span.pid, &span.comm),
+        Ok(mut p) => p.resolve(pid, comm),
         Err(_) => ProcessInfo {
-            pid: span.pid,
-            service_name: span.comm.to_string(),
-            executable_name: span.comm.to_string(),
+            pid,
+            service_name: comm.to_string(),
+            executable_name: comm.to_string(),
             ..ProcessInfo::default()
         },
     }

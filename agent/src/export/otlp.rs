@@ -31,6 +31,8 @@ use super::{
     otlp_proto,
     otlp_settings::{Settings, Signal, settings, settings_for},
 };
+use opentelemetry_proto::tonic::resource::v1::Resource;
+
 use crate::trace::span::SpanRecord;
 
 // The configuration types live with the settings that read them (no import circle).
@@ -161,6 +163,46 @@ impl OtlpOut {
         self.bytes_per_span = body.len() / spans.len().max(1);
         drop(groups);
         drop(spans);
+        self.dispatch(body, n, retry_for, stats).await;
+    }
+
+    /// `export` for spans the pipeline encoded (`EncodedSpans`): grouped by process in the
+    /// order they came, their bytes copied into the request.
+    pub async fn export_encoded(
+        &mut self,
+        spans: &otlp_proto::EncodedSpans,
+        processes: &crate::process::SharedProcesses,
+        retry_for: Duration,
+        stats: &Arc<ExportStats>,
+    ) {
+        let n = spans.len();
+        // (process, position): sorted, each process's spans stay in order.
+        let mut order: Vec<(u32, usize)> = (0..n).map(|i| (spans.get(i).0, i)).collect();
+        order.sort_unstable();
+        let mut groups: Vec<(Resource, Vec<&[u8]>)> = Vec::new();
+        for chunk in order.chunk_by(|a, b| a.0 == b.0) {
+            let pid = chunk[0].0;
+            let process = super::lookup_pid(processes, pid, spans.comm(pid));
+            groups.push((
+                otlp_proto::resource(&process, &self.host_name),
+                chunk.iter().map(|&(_, i)| spans.get(i).1).collect(),
+            ));
+        }
+        // The spans' bytes, their keys and lengths, and a resource and scope per process.
+        let hint = spans.byte_len() + n * 4 + groups.len() * 1024 + 256;
+        let body = otlp_proto::encode_encoded_request(&groups, hint);
+        drop(groups);
+        self.dispatch(body, n as u64, retry_for, stats).await;
+    }
+
+    /// Starts sending an encoded request of `n` spans.
+    async fn dispatch(
+        &mut self,
+        body: Bytes,
+        n: u64,
+        retry_for: Duration,
+        stats: &Arc<ExportStats>,
+    ) {
         let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
             return;
         };

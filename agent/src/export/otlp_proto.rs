@@ -6,7 +6,7 @@
 //! are those of opentelemetry/proto/trace/v1/trace.proto and common/v1/common.proto; the tests
 //! decode the output with the generated messages.
 
-use std::borrow::Borrow;
+use std::{borrow::Borrow, sync::Arc};
 
 use bytes::Bytes;
 use opentelemetry_proto::tonic::{
@@ -250,25 +250,149 @@ pub fn encode_request<S: Borrow<SpanRecord>>(
     groups: &[(Resource, Vec<S>)],
     size_hint: usize,
 ) -> Bytes {
+    request(groups, size_hint, |out, records| {
+        for record in records {
+            nested(out, field::SPANS, SPAN_LEN_GUESS, |out| {
+                span(out, record.borrow())
+            });
+        }
+    })
+}
+
+/// The same request from spans already encoded (`EncodedSpans`): each group's spans are its
+/// messages' bytes, copied in. Byte for byte what `encode_request` writes for the records.
+pub fn encode_encoded_request(groups: &[(Resource, Vec<&[u8]>)], size_hint: usize) -> Bytes {
+    request(groups, size_hint, |out, spans| {
+        for bytes in spans {
+            delimited(out, field::SPANS, bytes);
+        }
+    })
+}
+
+/// ResourceSpans { resource, ScopeSpans { scope, spans... } } per group; `spans` writes a
+/// group's Span fields.
+fn request<G>(
+    groups: &[(Resource, G)],
+    size_hint: usize,
+    mut spans: impl FnMut(&mut Vec<u8>, &G),
+) -> Bytes {
     let scope = scope().encode_to_vec();
     let mut out = Vec::with_capacity(size_hint);
-    // ResourceSpans { resource, ScopeSpans { scope, spans... } }
-    for (resource, records) in groups {
+    for (resource, group) in groups {
         nested(&mut out, field::RESOURCE_SPANS, GROUP_LEN_GUESS, |out| {
             put_key(out, field::RESOURCE, WireType::LengthDelimited);
             put_varint(out, resource.encoded_len() as u64);
             resource.encode_raw(out);
             nested(out, field::SCOPE_SPANS, GROUP_LEN_GUESS, |out| {
                 delimited(out, field::SCOPE, &scope);
-                for record in records {
-                    nested(out, field::SPANS, SPAN_LEN_GUESS, |out| {
-                        span(out, record.borrow())
-                    });
-                }
+                spans(out, group);
             });
         });
     }
     out.into()
+}
+
+/// Spans in their wire form, each with its process: what the pipeline hands the exporter when
+/// OTLP is the only output. A span is encoded on the pipeline's thread right after it is built,
+/// while its attributes are in that core's cache, and its record is freed there, where the
+/// next span reuses the memory. Encoded by the exporter instead, every record crossed cores
+/// twice (built on one, read and freed on the other): the next span's attribute list was
+/// written into lines the exporter's core held, and each shared text's reference count moved
+/// between the cores once per span.
+#[derive(Debug, Default)]
+pub struct EncodedSpans {
+    /// Span messages back to back, each its fields without its own key and length.
+    bytes: Vec<u8>,
+    /// Per span: its process and where its message ends in `bytes`.
+    spans: Vec<(u32, usize)>,
+    /// The command name of each process with spans here, for its resource should the process
+    /// be gone from /proc by export time.
+    comms: Vec<(u32, Arc<str>)>,
+}
+
+impl EncodedSpans {
+    /// Room for as many spans and bytes as `like` holds.
+    pub fn with_capacity_of(like: &EncodedSpans) -> Self {
+        Self {
+            bytes: Vec::with_capacity(like.bytes.capacity()),
+            spans: Vec::with_capacity(like.spans.capacity()),
+            comms: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, s: &SpanRecord) {
+        span(&mut self.bytes, s);
+        self.spans.push((s.pid, self.bytes.len()));
+        self.note_comm(s.pid, &s.comm);
+    }
+
+    fn note_comm(&mut self, pid: u32, comm: &Arc<str>) {
+        // Consecutive spans are mostly of one process; a batch holds a few.
+        if self.comms.last().is_some_and(|(p, _)| *p == pid)
+            || self.comms.iter().any(|(p, _)| *p == pid)
+        {
+            return;
+        }
+        self.comms.push((pid, comm.clone()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// The process and the message bytes of span `i`.
+    pub fn get(&self, i: usize) -> (u32, &[u8]) {
+        let start = if i == 0 { 0 } else { self.spans[i - 1].1 };
+        let (pid, end) = self.spans[i];
+        (pid, &self.bytes[start..end])
+    }
+
+    /// The command name recorded with `pid`'s spans.
+    pub fn comm(&self, pid: u32) -> &str {
+        self.comms
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map_or("", |(_, c)| c)
+    }
+
+    /// Appends spans `range` of `other`.
+    pub fn extend_from(&mut self, other: &EncodedSpans, range: std::ops::Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        let from = if range.start == 0 {
+            0
+        } else {
+            other.spans[range.start - 1].1
+        };
+        let at = self.bytes.len();
+        self.bytes
+            .extend_from_slice(&other.bytes[from..other.spans[range.end - 1].1]);
+        self.spans.extend(
+            other.spans[range]
+                .iter()
+                .map(|&(pid, end)| (pid, end - from + at)),
+        );
+        // Every process of `other` (a few): one without spans here is never looked up.
+        for (pid, comm) in &other.comms {
+            self.note_comm(*pid, comm);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.spans.clear();
+        self.comms.clear();
+    }
+
+    /// Bytes of span messages held.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +509,63 @@ mod tests {
         assert_eq!(s.flags, SAMPLED | HAS_IS_REMOTE);
         assert!(s.status.is_none());
         assert_eq!(s.kind, span::SpanKind::Server as i32);
+    }
+
+    #[test]
+    fn spans_encoded_where_built_make_the_request_their_records_make() {
+        // Spans of three processes, interleaved as a pipeline batch has them, some with
+        // lengths in each varint size class.
+        let mut records = Vec::new();
+        for i in 0..90usize {
+            let mut r = record();
+            r.pid = [7, 3, 7, 9][i % 4];
+            r.comm = format!("comm-{}", r.pid).into();
+            r.span_id = [i as u8; 8];
+            r.attributes
+                .push(("long", Value::Str("x".repeat(i * i * 3))));
+            r.error = (i % 5 == 0).then(|| "boom".into());
+            records.push(r);
+        }
+        // Gathered in two pipeline batches, then cut into the exporter's batch at other places.
+        let mut first = EncodedSpans::default();
+        let mut second = EncodedSpans::default();
+        for (i, r) in records.iter().enumerate() {
+            if i < 50 { &mut first } else { &mut second }.push(r);
+        }
+        let mut batch = EncodedSpans::default();
+        batch.extend_from(&first, 0..20);
+        batch.extend_from(&first, 20..50);
+        batch.extend_from(&second, 0..0);
+        batch.extend_from(&second, 0..40);
+        assert_eq!(batch.len(), 90);
+        assert_eq!(batch.comm(9), "comm-9");
+
+        let mut order: Vec<(u32, usize)> = (0..batch.len()).map(|i| (batch.get(i).0, i)).collect();
+        order.sort_unstable();
+        let mut from_bytes: Vec<(Resource, Vec<&[u8]>)> = Vec::new();
+        let mut from_records: Vec<(Resource, Vec<&SpanRecord>)> = Vec::new();
+        for group in order.chunk_by(|a, b| a.0 == b.0) {
+            let process = ProcessInfo {
+                pid: group[0].0,
+                ..ProcessInfo::default()
+            };
+            from_bytes.push((
+                resource(&process, "h"),
+                group.iter().map(|&(_, i)| batch.get(i).1).collect(),
+            ));
+            from_records.push((
+                resource(&process, "h"),
+                group.iter().map(|&(_, i)| &records[i]).collect(),
+            ));
+        }
+        assert_eq!(from_bytes.len(), 3);
+        let encoded = encode_encoded_request(&from_bytes, 0);
+        assert_eq!(encoded, encode_request(&from_records, 0), "byte for byte");
+        let back = ExportTraceServiceRequest::decode(encoded).unwrap();
+        let spans = &back.resource_spans[0].scope_spans[0].spans;
+        let ids: Vec<u8> = spans.iter().map(|s| s.span_id[0]).collect();
+        let want: Vec<u8> = (0..90u8).filter(|i| i % 4 == 1).collect();
+        assert_eq!(ids, want, "pid 3's spans, in the order they were built");
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! The bound stays a number of spans, counted across batches: spans handed over and not yet
 //! taken by the exporter plus those gathered since. A span offered beyond it is dropped and
 //! counted, as before.
+//!
+//! When OTLP is the only output, a span is encoded as it is offered and only its bytes cross
+//! (`otlp_proto::EncodedSpans`); the console and JSON lines read records, so with either of
+//! them the records cross.
 
 use std::sync::{
     Arc,
@@ -17,11 +21,50 @@ use std::sync::{
 
 use tokio::sync::mpsc;
 
-use super::ExportStats;
+use super::{ExportStats, otlp_proto::EncodedSpans};
 use crate::trace::span::SpanRecord;
 
-/// A queue of `capacity` spans: the pipeline's end and the exporter's.
+/// What crosses the queue: span records for the outputs that read them (the console, JSON
+/// lines), or, when OTLP is the only output, each span already in its wire form (see
+/// `EncodedSpans`).
+#[derive(Debug)]
+pub enum Spans {
+    Records(Vec<SpanRecord>),
+    Encoded(EncodedSpans),
+}
+
+impl Spans {
+    pub fn len(&self) -> usize {
+        match self {
+            Spans::Records(r) => r.len(),
+            Spans::Encoded(e) => e.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// An empty one of the same form, with room for as many spans.
+    fn like(&self) -> Self {
+        match self {
+            Spans::Records(r) => Spans::Records(Vec::with_capacity(r.capacity())),
+            Spans::Encoded(e) => Spans::Encoded(EncodedSpans::with_capacity_of(e)),
+        }
+    }
+}
+
+/// A queue of `capacity` spans that carries records: the pipeline's end and the exporter's.
 pub fn span_queue(capacity: usize) -> (SpanOut, SpanIn) {
+    queue(capacity, Spans::Records(Vec::new()))
+}
+
+/// A queue of `capacity` spans that encodes each span as it is offered (OTLP the only output).
+pub fn encoding_span_queue(capacity: usize) -> (SpanOut, SpanIn) {
+    queue(capacity, Spans::Encoded(EncodedSpans::default()))
+}
+
+fn queue(capacity: usize, pending: Spans) -> (SpanOut, SpanIn) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     (
@@ -29,19 +72,19 @@ pub fn span_queue(capacity: usize) -> (SpanOut, SpanIn) {
             tx,
             queued: queued.clone(),
             capacity,
-            pending: Vec::new(),
+            pending,
         },
         SpanIn { rx, queued },
     )
 }
 
 pub struct SpanOut {
-    tx: mpsc::UnboundedSender<Vec<SpanRecord>>,
+    tx: mpsc::UnboundedSender<Spans>,
     /// Spans handed over and not yet taken by the exporter.
     queued: Arc<AtomicUsize>,
     capacity: usize,
     /// Spans made since the last `send`.
-    pending: Vec<SpanRecord>,
+    pending: Spans,
 }
 
 impl SpanOut {
@@ -57,7 +100,11 @@ impl SpanOut {
             stats.queue_full.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.pending.push(span);
+        match &mut self.pending {
+            Spans::Records(r) => r.push(span),
+            // The record is freed here, on the thread that built it.
+            Spans::Encoded(e) => e.push(&span),
+        }
     }
 
     /// Hands the spans made since the last call to the exporter. A stopped exporter loses
@@ -67,8 +114,8 @@ impl SpanOut {
             return;
         }
         // The next batch of spans starts with room for as many as this one had.
-        let room = self.pending.capacity();
-        let spans = std::mem::replace(&mut self.pending, Vec::with_capacity(room));
+        let next = self.pending.like();
+        let spans = std::mem::replace(&mut self.pending, next);
         let n = spans.len();
         self.queued.fetch_add(n, Ordering::Relaxed);
         if self.tx.send(spans).is_err() {
@@ -84,13 +131,13 @@ impl SpanOut {
 }
 
 pub struct SpanIn {
-    rx: mpsc::UnboundedReceiver<Vec<SpanRecord>>,
+    rx: mpsc::UnboundedReceiver<Spans>,
     queued: Arc<AtomicUsize>,
 }
 
 impl SpanIn {
     /// The next spans handed over; `None` once the pipeline's end is gone and all are taken.
-    pub async fn recv(&mut self) -> Option<Vec<SpanRecord>> {
+    pub async fn recv(&mut self) -> Option<Spans> {
         let spans = self.rx.recv().await?;
         self.queued.fetch_sub(spans.len(), Ordering::Relaxed);
         Some(spans)
@@ -106,11 +153,23 @@ impl SpanIn {
     }
 
     /// Everything handed over so far, without waiting: for tests and benchmarks.
-    pub fn take_ready(&mut self) -> Vec<SpanRecord> {
+    pub fn take_ready_spans(&mut self) -> Vec<Spans> {
         let mut all = Vec::new();
         while let Ok(spans) = self.rx.try_recv() {
             self.queued.fetch_sub(spans.len(), Ordering::Relaxed);
-            all.extend(spans);
+            all.push(spans);
+        }
+        all
+    }
+
+    /// The records handed over so far, without waiting (a queue of records: tests, benchmarks).
+    pub fn take_ready(&mut self) -> Vec<SpanRecord> {
+        let mut all = Vec::new();
+        for spans in self.take_ready_spans() {
+            match spans {
+                Spans::Records(r) => all.extend(r),
+                Spans::Encoded(_) => panic!("take_ready on an encoding queue"),
+            }
         }
         all
     }
@@ -166,6 +225,29 @@ mod tests {
         out.offer(&stats, span(6));
         assert_eq!(out.pending(), 1);
         assert_eq!(stats.queue_full.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn an_encoding_queue_hands_over_each_span_encoded_with_the_same_bound() {
+        let stats = ExportStats::default();
+        let (mut out, mut inn) = encoding_span_queue(3);
+        for n in 1..=4 {
+            out.offer(&stats, span(n));
+        }
+        assert_eq!(stats.queue_full.load(Ordering::Relaxed), 1);
+        out.send(&stats);
+        assert_eq!(inn.len(), 3);
+        let mut got = inn.take_ready_spans();
+        assert_eq!(got.len(), 1, "one hand-over per batch");
+        let Spans::Encoded(e) = got.remove(0) else {
+            panic!("records from an encoding queue");
+        };
+        assert_eq!(e.len(), 3);
+        assert_eq!(e.comm(1), "c");
+        let mut one = super::super::otlp_proto::EncodedSpans::default();
+        one.push(&span(2));
+        assert_eq!(e.get(1), one.get(0));
+        assert_eq!(inn.len(), 0);
     }
 
     #[test]
