@@ -146,17 +146,11 @@ impl OtlpOut {
         let n = spans.len() as u64;
         // Grouped by reference: moving each span into its group's vector cost a copy of every
         // span, and more as the vectors grew.
-        let mut by_pid: BTreeMap<u32, Vec<&SpanRecord>> = BTreeMap::new();
-        for s in &spans {
-            by_pid.entry(s.pid).or_default().push(s);
-        }
-        let groups: Vec<_> = by_pid
-            .into_values()
-            .filter_map(|spans| {
-                let process = super::lookup(processes, spans.first()?);
-                Some((otlp_proto::resource(&process, &self.host_name), spans))
-            })
-            .collect();
+        let groups = self.by_process(
+            processes,
+            spans.iter().map(|s| (s.pid, s)),
+            |_, s: &&SpanRecord| &s.comm,
+        );
         // An eighth over the last batch's average, so a batch like it fits in one allocation.
         let hint = spans.len() * self.bytes_per_span * 9 / 8 + 4096;
         let body = otlp_proto::encode_request(&groups, hint);
@@ -176,23 +170,35 @@ impl OtlpOut {
         stats: &Arc<ExportStats>,
     ) {
         let n = spans.len();
-        // (process, position): sorted, each process's spans stay in order.
-        let mut order: Vec<(u32, usize)> = (0..n).map(|i| (spans.get(i).0, i)).collect();
-        order.sort_unstable();
-        let mut groups: Vec<(Resource, Vec<&[u8]>)> = Vec::new();
-        for chunk in order.chunk_by(|a, b| a.0 == b.0) {
-            let pid = chunk[0].0;
-            let process = super::lookup_pid(processes, pid, spans.comm(pid));
-            groups.push((
-                otlp_proto::resource(&process, &self.host_name),
-                chunk.iter().map(|&(_, i)| spans.get(i).1).collect(),
-            ));
-        }
+        let groups = self.by_process(processes, (0..n).map(|i| spans.get(i)), |pid, _| {
+            spans.comm(pid)
+        });
         // The spans' bytes, their keys and lengths, and a resource and scope per process.
         let hint = spans.byte_len() + n * 4 + groups.len() * 1024 + 256;
         let body = otlp_proto::encode_encoded_request(&groups, hint);
         drop(groups);
         self.dispatch(body, n as u64, retry_for, stats).await;
+    }
+
+    /// `items` grouped by process, in pid order, each group in the order given and with its
+    /// process's resource; `comm` names a group's process from the pid and its first item.
+    fn by_process<'a, T>(
+        &self,
+        processes: &crate::process::SharedProcesses,
+        items: impl Iterator<Item = (u32, T)>,
+        comm: impl Fn(u32, &T) -> &'a str,
+    ) -> Vec<(Resource, Vec<T>)> {
+        let mut by_pid: BTreeMap<u32, Vec<T>> = BTreeMap::new();
+        for (pid, item) in items {
+            by_pid.entry(pid).or_default().push(item);
+        }
+        by_pid
+            .into_iter()
+            .filter_map(|(pid, items)| {
+                let process = super::lookup_pid(processes, pid, comm(pid, items.first()?));
+                Some((otlp_proto::resource(&process, &self.host_name), items))
+            })
+            .collect()
     }
 
     /// Starts sending an encoded request of `n` spans.
