@@ -6,6 +6,7 @@ pub mod console;
 pub mod jsonl;
 pub mod otlp;
 pub mod otlp_errors;
+pub mod otlp_grpc;
 pub mod otlp_metrics;
 pub mod otlp_proto;
 pub mod otlp_settings;
@@ -147,7 +148,7 @@ struct Outputs {
 /// The spans of the batch being gathered, in the queue's form (one of the two stays empty).
 struct Batch {
     records: Vec<SpanRecord>,
-    encoded: otlp_proto::EncodedSpans,
+    encoded: otlp_proto::EncodedBatch,
 }
 
 impl Batch {
@@ -165,7 +166,7 @@ async fn run(
 ) {
     let mut batch = Batch {
         records: Vec::with_capacity(cfg.batch_size),
-        encoded: otlp_proto::EncodedSpans::default(),
+        encoded: otlp_proto::EncodedBatch::default(),
     };
     let mut tick = tokio::time::interval(cfg.flush_interval);
     let mut ticks: u64 = 0;
@@ -191,11 +192,12 @@ async fn run(
                         }
                     }
                     queue::Spans::Encoded(spans) => {
+                        let spans = Arc::new(spans);
                         let mut from = 0;
                         while from < spans.len() {
                             let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
                             let to = spans.len().min(from + room);
-                            batch.encoded.extend_from(&spans, from..to);
+                            batch.encoded.push(&spans, from..to);
                             from = to;
                             if batch.len() >= cfg.batch_size {
                                 flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for)

@@ -1,5 +1,6 @@
 //! OTLP trace export over gRPC or HTTP/protobuf. Spans become opentelemetry-proto messages,
-//! encoded once per batch (`otlp_proto`); the encoded bytes go out on tonic or reqwest, with up
+//! encoded once per batch (`otlp_proto`); the encoded bytes go out on a tonic channel
+//! (`otlp_grpc`, without a copy) or reqwest, with up
 //! to `MAX_IN_FLIGHT` batches on the wire at once and each one retried with backoff. Settings
 //! follow the standard `OTEL_EXPORTER_OTLP_[TRACES_]*` variables (`otlp_settings`); flags
 //! override endpoint and protocol.
@@ -14,20 +15,15 @@ use std::{
 };
 
 use anyhow::Context as _;
-use bytes::{Buf as _, BufMut as _, Bytes};
 use opentelemetry_proto::tonic::collector::{
     metrics::v1::ExportMetricsServiceResponse, trace::v1::ExportTraceServiceResponse,
 };
 use tokio::sync::Semaphore;
-use tonic::{
-    Status,
-    codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    transport::Channel,
-};
 
 use super::{
     ExportStats,
     otlp_errors::{chain, explain},
+    otlp_grpc::{self, Body},
     otlp_proto,
     otlp_settings::{Settings, Signal, settings, settings_for},
 };
@@ -62,7 +58,7 @@ pub struct OtlpOut {
     bytes_per_span: usize,
 }
 
-/// Where encoded requests of one signal go: tonic or reqwest, with the signal's settings.
+/// Where encoded requests of one signal go: a tonic channel or reqwest, with the signal's settings.
 pub(super) struct Transport {
     signal: Signal,
     wire: Wire,
@@ -70,9 +66,7 @@ pub(super) struct Transport {
 
 enum Wire {
     Grpc {
-        client: tonic::client::Grpc<Channel>,
-        metadata: tonic::metadata::MetadataMap,
-        timeout: Duration,
+        unary: otlp_grpc::Unary,
         url: String,
     },
     Http {
@@ -160,19 +154,17 @@ impl OtlpOut {
         self.dispatch(body, n, retry_for, stats).await;
     }
 
-    /// `export` for spans the pipeline encoded (`EncodedSpans`): grouped by process in the
+    /// `export` for spans the pipeline encoded (`EncodedBatch`): grouped by process in the
     /// order they came, their bytes copied into the request.
     pub async fn export_encoded(
         &mut self,
-        spans: &otlp_proto::EncodedSpans,
+        spans: &otlp_proto::EncodedBatch,
         processes: &crate::process::SharedProcesses,
         retry_for: Duration,
         stats: &Arc<ExportStats>,
     ) {
         let n = spans.len();
-        let groups = self.by_process(processes, (0..n).map(|i| spans.get(i)), |pid, _| {
-            spans.comm(pid)
-        });
+        let groups = self.by_process(processes, spans.iter(), |pid, _| spans.comm(pid));
         // The spans' bytes, their keys and lengths, and a resource and scope per process.
         let hint = spans.byte_len() + n * 4 + groups.len() * 1024 + 256;
         let body = otlp_proto::encode_encoded_request(&groups, hint);
@@ -204,7 +196,7 @@ impl OtlpOut {
     /// Starts sending an encoded request of `n` spans.
     async fn dispatch(
         &mut self,
-        body: Bytes,
+        body: Body,
         n: u64,
         retry_for: Duration,
         stats: &Arc<ExportStats>,
@@ -236,7 +228,7 @@ impl OtlpOut {
 async fn send_with_retry(
     transport: &Transport,
     failures: &FailureLog,
-    body: Bytes,
+    body: Body,
     n: u64,
     retry_for: Duration,
     stats: &ExportStats,
@@ -307,40 +299,36 @@ impl Transport {
     }
 
     /// One attempt; Ok(items the endpoint rejected).
-    pub(super) async fn send(&self, body: Bytes) -> Result<u64, String> {
+    pub(super) async fn send(&self, body: Body) -> Result<u64, String> {
         match self.signal {
             Signal::Traces => self.send_as::<ExportTraceServiceResponse>(body).await,
             Signal::Metrics => self.send_as::<ExportMetricsServiceResponse>(body).await,
         }
     }
 
-    async fn send_as<R: Response>(&self, body: Bytes) -> Result<u64, String> {
+    async fn send_as<R: Response>(&self, body: Body) -> Result<u64, String> {
         match &self.wire {
-            Wire::Grpc {
-                client,
-                metadata,
-                timeout,
-                url,
-            } => {
-                let mut client = client.clone();
-                client
-                    .ready()
+            Wire::Grpc { unary, url } => {
+                let response = unary
+                    .call(grpc_path(self.signal), &body)
                     .await
-                    .map_err(|e| explain(Protocol::Grpc, url, &chain(&e)))?;
-                let mut request = tonic::Request::new(body);
-                *request.metadata_mut() = metadata.clone();
-                request.set_timeout(*timeout);
-                let path = http::uri::PathAndQuery::from_static(grpc_path(self.signal));
-                let codec = PreEncoded::<R>(std::marker::PhantomData);
-                let response = client.unary(request, path, codec).await.map_err(|s| {
-                    let detail = match std::error::Error::source(&s) {
-                        Some(src) => format!("{}: {}", s.message(), chain(src)),
-                        None => s.message().to_string(),
-                    };
-                    let detail = format!("gRPC status {:?}: {detail}", s.code());
-                    explain(Protocol::Grpc, url, &detail)
-                })?;
-                Ok(response.into_inner().rejected())
+                    .map_err(|s| {
+                        let detail = match std::error::Error::source(&s).map(chain) {
+                            // A transport error's status repeats its first cause.
+                            Some(src) if src.starts_with(s.message()) => src,
+                            Some(src) => format!("{}: {src}", s.message()),
+                            None => s.message().to_string(),
+                        };
+                        let detail = format!("gRPC status {:?}: {detail}", s.code());
+                        explain(Protocol::Grpc, url, &detail)
+                    })?;
+                R::decode(response).map(|r| r.rejected()).map_err(|e| {
+                    explain(
+                        Protocol::Grpc,
+                        url,
+                        &format!("undecodable export response: {e}"),
+                    )
+                })
             }
             Wire::Http {
                 client,
@@ -355,9 +343,9 @@ impl Transport {
                 request = if *gzip {
                     request
                         .header("content-encoding", "gzip")
-                        .body(gzip_bytes(&body).map_err(|e| format!("gzip: {e}"))?)
+                        .body(gzip_bytes(&body.message()).map_err(|e| format!("gzip: {e}"))?)
                 } else {
-                    request.body(body)
+                    request.body(body.message())
                 };
                 let failed = |detail: String| explain(Protocol::HttpProtobuf, url, &detail);
                 let response = request.send().await.map_err(|e| failed(chain(&e)))?;
@@ -397,10 +385,6 @@ fn grpc(s: &Settings) -> anyhow::Result<Wire> {
         .connect_timeout(s.timeout)
         .timeout(s.timeout)
         .connect_lazy();
-    let mut client = tonic::client::Grpc::new(channel);
-    if s.gzip {
-        client = client.send_compressed(CompressionEncoding::Gzip);
-    }
     let mut metadata = tonic::metadata::MetadataMap::new();
     for (k, v) in &s.headers {
         let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes());
@@ -412,9 +396,7 @@ fn grpc(s: &Settings) -> anyhow::Result<Wire> {
         }
     }
     Ok(Wire::Grpc {
-        client,
-        metadata,
-        timeout: s.timeout,
+        unary: otlp_grpc::Unary::new(channel, metadata.into_headers(), s.timeout, s.gzip),
         url: s.url.clone(),
     })
 }
@@ -442,55 +424,6 @@ fn http(s: &Settings) -> anyhow::Result<Wire> {
         headers,
         gzip: s.gzip,
     })
-}
-
-/// A tonic codec for a request body that is already protobuf (encoded once, sent again on a
-/// retry without re-encoding), and the signal's standard response.
-struct PreEncoded<R>(std::marker::PhantomData<R>);
-
-impl<R> Clone for PreEncoded<R> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<R> Copy for PreEncoded<R> {}
-
-impl<R: Response> Codec for PreEncoded<R> {
-    type Encode = Bytes;
-    type Decode = R;
-    type Encoder = PreEncoded<R>;
-    type Decoder = PreEncoded<R>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        *self
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        *self
-    }
-}
-
-impl<R: Response> Encoder for PreEncoded<R> {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // At once: tonic's buffer starts at 8 KiB and would double its way up, copying.
-        dst.reserve(item.len());
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl<R: Response> Decoder for PreEncoded<R> {
-    type Item = R;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        R::decode(bytes)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("undecodable export response: {e}")))
-    }
 }
 
 /// The socket addresses the OTLP endpoint resolves to, so the pipeline can leave that traffic

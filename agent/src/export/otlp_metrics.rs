@@ -14,7 +14,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use bytes::Bytes;
 use opentelemetry_proto::tonic::{
     collector::metrics::v1::ExportMetricsServiceRequest,
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
@@ -28,6 +27,7 @@ use prost::Message as _;
 
 use super::{
     otlp::Transport,
+    otlp_grpc::Body,
     otlp_settings::{OtlpConfig, Signal},
 };
 use crate::{
@@ -332,7 +332,7 @@ fn own_metrics(metrics: &Metrics, start_ns: u64, now_ns: u64) -> Vec<Metric> {
 }
 
 impl Sources {
-    fn encode(&self, now_ns: u64) -> Bytes {
+    fn encode(&self, now_ns: u64) -> Body {
         let mut scopes = vec![scope(
             "loupe",
             own_metrics(&self.metrics, self.start_ns, now_ns),
@@ -349,7 +349,11 @@ impl Sources {
                 ..Default::default()
             }],
         };
-        request.encode_to_vec().into()
+        let mut buf = Body::buffer(request.encoded_len());
+        request
+            .encode(&mut buf)
+            .expect("a Vec grows to hold any message");
+        Body::finish(buf)
     }
 }
 

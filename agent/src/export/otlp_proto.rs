@@ -8,7 +8,7 @@
 
 use std::{borrow::Borrow, sync::Arc};
 
-use bytes::Bytes;
+use super::otlp_grpc::Body;
 use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     resource::v1::Resource,
@@ -249,7 +249,7 @@ fn nested(buf: &mut Vec<u8>, tag: u32, guess: usize, body: impl FnOnce(&mut Vec<
 pub fn encode_request<S: Borrow<SpanRecord>>(
     groups: &[(Resource, Vec<S>)],
     size_hint: usize,
-) -> Bytes {
+) -> Body {
     request(groups, size_hint, |out, records| {
         for record in records {
             nested(out, field::SPANS, SPAN_LEN_GUESS, |out| {
@@ -261,7 +261,7 @@ pub fn encode_request<S: Borrow<SpanRecord>>(
 
 /// The same request from spans already encoded (`EncodedSpans`): each group's spans are its
 /// messages' bytes, copied in. Byte for byte what `encode_request` writes for the records.
-pub fn encode_encoded_request(groups: &[(Resource, Vec<&[u8]>)], size_hint: usize) -> Bytes {
+pub fn encode_encoded_request(groups: &[(Resource, Vec<&[u8]>)], size_hint: usize) -> Body {
     request(groups, size_hint, |out, spans| {
         for bytes in spans {
             delimited(out, field::SPANS, bytes);
@@ -275,9 +275,9 @@ fn request<G>(
     groups: &[(Resource, G)],
     size_hint: usize,
     mut spans: impl FnMut(&mut Vec<u8>, &G),
-) -> Bytes {
+) -> Body {
     let scope = scope().encode_to_vec();
-    let mut out = Vec::with_capacity(size_hint);
+    let mut out = Body::buffer(size_hint);
     for (resource, group) in groups {
         nested(&mut out, field::RESOURCE_SPANS, GROUP_LEN_GUESS, |out| {
             put_key(out, field::RESOURCE, WireType::LengthDelimited);
@@ -289,7 +289,7 @@ fn request<G>(
             });
         });
     }
-    out.into()
+    Body::finish(out)
 }
 
 /// Spans in their wire form, each with its process: what the pipeline hands the exporter when
@@ -359,30 +359,6 @@ impl EncodedSpans {
             .map_or("", |(_, c)| c)
     }
 
-    /// Appends spans `range` of `other`.
-    pub fn extend_from(&mut self, other: &EncodedSpans, range: std::ops::Range<usize>) {
-        if range.is_empty() {
-            return;
-        }
-        let from = if range.start == 0 {
-            0
-        } else {
-            other.spans[range.start - 1].1
-        };
-        let at = self.bytes.len();
-        self.bytes
-            .extend_from_slice(&other.bytes[from..other.spans[range.end - 1].1]);
-        self.spans.extend(
-            other.spans[range]
-                .iter()
-                .map(|&(pid, end)| (pid, end - from + at)),
-        );
-        // Every process of `other` (a few): one without spans here is never looked up.
-        for (pid, comm) in &other.comms {
-            self.note_comm(*pid, comm);
-        }
-    }
-
     pub fn clear(&mut self) {
         self.bytes.clear();
         self.spans.clear();
@@ -392,6 +368,67 @@ impl EncodedSpans {
     /// Bytes of span messages held.
     pub fn byte_len(&self) -> usize {
         self.bytes.len()
+    }
+}
+
+/// The exporter's batch of encoded spans: ranges of the pipeline's hand-overs, kept where they
+/// arrived. Gathering them into one buffer copied every span once more on its way to the request.
+#[derive(Debug, Default)]
+pub struct EncodedBatch {
+    parts: Vec<(Arc<EncodedSpans>, std::ops::Range<usize>)>,
+    len: usize,
+    bytes: usize,
+}
+
+impl EncodedBatch {
+    /// Takes spans `range` of the hand-over `spans` (which another batch may share).
+    pub fn push(&mut self, spans: &Arc<EncodedSpans>, range: std::ops::Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        let from = if range.start == 0 {
+            0
+        } else {
+            spans.spans[range.start - 1].1
+        };
+        self.bytes += spans.spans[range.end - 1].1 - from;
+        self.len += range.len();
+        self.parts.push((spans.clone(), range));
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Each span's process and message bytes, in the order taken.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        self.parts
+            .iter()
+            .flat_map(|(spans, range)| range.clone().map(|i| spans.get(i)))
+    }
+
+    /// The command name recorded with `pid`'s spans.
+    pub fn comm(&self, pid: u32) -> &str {
+        self.parts
+            .iter()
+            .map(|(spans, _)| spans.comm(pid))
+            .find(|c| !c.is_empty())
+            .unwrap_or("")
+    }
+
+    /// Bytes of span messages held.
+    pub fn byte_len(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn clear(&mut self) {
+        self.parts.clear();
+        self.len = 0;
+        self.bytes = 0;
     }
 }
 
@@ -435,7 +472,7 @@ mod tests {
             attributes: vec![("k8s.pod.name".into(), "users-0".into())],
             ..ProcessInfo::default()
         };
-        let bytes = encode_request(&[(resource(&process, "node-1"), vec![record()])], 0);
+        let bytes = encode_request(&[(resource(&process, "node-1"), vec![record()])], 0).message();
         let back = ExportTraceServiceRequest::decode(bytes).unwrap();
         let rs = &back.resource_spans[0];
         let res_attr = |k: &str| {
@@ -502,7 +539,7 @@ mod tests {
         r.parent_is_remote = false;
         r.error = None;
         r.trace_state = String::new();
-        let bytes = encode_request(&[(Resource::default(), vec![r])], 64);
+        let bytes = encode_request(&[(Resource::default(), vec![r])], 64).message();
         let back = ExportTraceServiceRequest::decode(bytes).unwrap();
         let s = &back.resource_spans[0].scope_spans[0].spans[0];
         assert!(s.parent_span_id.is_empty());
@@ -532,15 +569,23 @@ mod tests {
         for (i, r) in records.iter().enumerate() {
             if i < 50 { &mut first } else { &mut second }.push(r);
         }
-        let mut batch = EncodedSpans::default();
-        batch.extend_from(&first, 0..20);
-        batch.extend_from(&first, 20..50);
-        batch.extend_from(&second, 0..0);
-        batch.extend_from(&second, 0..40);
+        let (first, second) = (Arc::new(first), Arc::new(second));
+        let mut batch = EncodedBatch::default();
+        batch.push(&first, 0..20);
+        batch.push(&first, 20..50);
+        batch.push(&second, 0..0);
+        batch.push(&second, 0..40);
         assert_eq!(batch.len(), 90);
         assert_eq!(batch.comm(9), "comm-9");
+        assert_eq!(
+            batch.byte_len(),
+            first.byte_len() + second.byte_len(),
+            "every byte counted once"
+        );
+        let spans: Vec<(u32, &[u8])> = batch.iter().collect();
 
-        let mut order: Vec<(u32, usize)> = (0..batch.len()).map(|i| (batch.get(i).0, i)).collect();
+        let mut order: Vec<(u32, usize)> =
+            spans.iter().enumerate().map(|(i, s)| (s.0, i)).collect();
         order.sort_unstable();
         let mut from_bytes: Vec<(Resource, Vec<&[u8]>)> = Vec::new();
         let mut from_records: Vec<(Resource, Vec<&SpanRecord>)> = Vec::new();
@@ -551,7 +596,7 @@ mod tests {
             };
             from_bytes.push((
                 resource(&process, "h"),
-                group.iter().map(|&(_, i)| batch.get(i).1).collect(),
+                group.iter().map(|&(_, i)| spans[i].1).collect(),
             ));
             from_records.push((
                 resource(&process, "h"),
@@ -559,8 +604,12 @@ mod tests {
             ));
         }
         assert_eq!(from_bytes.len(), 3);
-        let encoded = encode_encoded_request(&from_bytes, 0);
-        assert_eq!(encoded, encode_request(&from_records, 0), "byte for byte");
+        let encoded = encode_encoded_request(&from_bytes, 0).message();
+        assert_eq!(
+            encoded,
+            encode_request(&from_records, 0).message(),
+            "byte for byte"
+        );
         let back = ExportTraceServiceRequest::decode(encoded).unwrap();
         let spans = &back.resource_spans[0].scope_spans[0].spans;
         let ids: Vec<u8> = spans.iter().map(|s| s.span_id[0]).collect();
@@ -605,7 +654,7 @@ mod tests {
             };
             groups.push((resource(&process, "h"), spans));
         }
-        let bytes = encode_request(&groups, 1 << 20);
+        let bytes = encode_request(&groups, 1 << 20).message();
         let back = ExportTraceServiceRequest::decode(bytes.clone()).unwrap();
         // Canonical: prost writes the decoded request back byte for byte (minimal varints,
         // fields in number order).
