@@ -317,7 +317,9 @@ impl Red {
 }
 
 fn same_str(v: &LabelValue, s: &str) -> bool {
-    matches!(v, LabelValue::Str(x) if **x == *s)
+    // A label's text is mostly the very text the span carries (a shared text, the cached
+    // service name): the same pointer and length settle it before any byte is compared.
+    matches!(v, LabelValue::Str(x) if (x.as_ptr() == s.as_ptr() && x.len() == s.len()) || **x == *s)
 }
 
 fn same_value(v: &LabelValue, w: &Value) -> bool {
