@@ -727,6 +727,14 @@ impl Sink for TraceSink {
             && is_excluded(&self.exclude, conn)
         {
             self.excluded.insert(conn.key);
+            // A collector on this node receives every span Loupe sends: without the verdict the
+            // kernel copied all of those bytes for this pipeline to drop.
+            let counter = if self.verdicts.ignore(conn.key) {
+                &self.stats.detect.verdicts_written
+            } else {
+                &self.stats.detect.verdicts_failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
             return;
         }
         // Requests arrive on the server side and leave from the client side.
@@ -947,6 +955,49 @@ mod tests {
         ));
         let any = vec!["0.0.0.0:4318".parse().unwrap()];
         assert!(is_excluded(&any, &conn("10.0.0.5:4318", "10.0.0.9:50000")));
+    }
+
+    /// Verdicts the sink wrote, shared with the test.
+    struct Recorded(Arc<std::sync::Mutex<Vec<ConnKey>>>);
+
+    impl Verdicts for Recorded {
+        fn ignore(&mut self, key: ConnKey) -> bool {
+            self.0.lock().unwrap().push(key);
+            true
+        }
+    }
+
+    #[test]
+    fn the_kernel_stops_capturing_a_connection_of_the_export_path() {
+        let (mut sink, mut rx) = sink();
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        sink.verdicts(Box::new(Recorded(written.clone())));
+        sink.exclude(vec!["127.0.0.1:4318".parse().unwrap()]);
+        // The collector's side of the agent's export connection: without the exclusion, a
+        // request and its response, a span.
+        let conn = ConnInfo {
+            local: "127.0.0.1:4318".parse().unwrap(),
+            comm: "collector".into(),
+            protocol: crate::protocol::PROTO_HTTP1,
+            ..redis_conn(Role::Server)
+        };
+        let post = b"POST /v1/traces HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+        push(&mut sink, &conn, Direction::Recv, 10, post);
+        push(
+            &mut sink,
+            &conn,
+            Direction::Send,
+            20,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        );
+        push(&mut sink, &conn, Direction::Recv, 30, post);
+        sink.batch_done();
+        assert_eq!(*written.lock().unwrap(), vec![conn.key], "one verdict");
+        assert_eq!(
+            sink.stats.detect.verdicts_written.load(Ordering::Relaxed),
+            1
+        );
+        assert!(rx.take_ready().is_empty(), "nothing traced");
     }
 
     fn redis_conn(role: Role) -> ConnInfo {
