@@ -27,11 +27,8 @@ impl Body {
     }
 
     /// The request encoded into `buf` (from `buffer`), its prefix filled in.
-    pub fn finish(mut buf: Vec<u8>) -> Self {
-        let len = u32::try_from(buf.len() - PREFIX).expect("an export request under 4 GiB");
-        buf[0] = 0;
-        buf[1..PREFIX].copy_from_slice(&len.to_be_bytes());
-        Self(buf.into())
+    pub fn finish(buf: Vec<u8>) -> Self {
+        Self(framed(buf, false))
     }
 
     /// The protobuf message alone (OTLP/HTTP's body), sharing the buffer.
@@ -56,10 +53,16 @@ impl Body {
         use std::io::Write as _;
         let mut enc = flate2::write::GzEncoder::new(Body::buffer(0), flate2::Compression::fast());
         enc.write_all(&self.0[PREFIX..])?;
-        let mut framed = Body::finish(enc.finish()?).0.to_vec();
-        framed[0] = 1;
-        Ok(framed.into())
+        Ok(framed(enc.finish()?, true))
     }
+}
+
+/// `buf`'s message (from byte 5) behind its prefix, filled in.
+fn framed(mut buf: Vec<u8>, compressed: bool) -> Bytes {
+    let len = u32::try_from(buf.len() - PREFIX).expect("an export request under 4 GiB");
+    buf[0] = compressed as u8;
+    buf[1..PREFIX].copy_from_slice(&len.to_be_bytes());
+    buf.into()
 }
 
 /// Unary calls of one service over a tonic channel (which adds the origin, the user agent and
@@ -148,7 +151,7 @@ fn without_grpc_status(http: http::StatusCode) -> Status {
         H::TOO_MANY_REQUESTS | H::BAD_GATEWAY | H::SERVICE_UNAVAILABLE | H::GATEWAY_TIMEOUT => {
             Code::Unavailable
         }
-        H::OK => Code::Unknown,
+        // 200 included: a gRPC response must end with a grpc-status.
         _ => Code::Unknown,
     };
     Status::new(code, format!("HTTP {http} without a grpc-status"))

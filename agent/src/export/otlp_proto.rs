@@ -359,12 +359,6 @@ impl EncodedSpans {
             .map_or("", |(_, c)| c)
     }
 
-    pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.spans.clear();
-        self.comms.clear();
-    }
-
     /// Bytes of span messages held.
     pub fn byte_len(&self) -> usize {
         self.bytes.len()
