@@ -765,7 +765,7 @@ fn l7_samples(t: &TraceStats) -> Vec<Sample> {
     for (name, help, c) in [
         (
             "loupe_l7_verdicts_written_total",
-            "Ignored verdicts the kernel took: the connection costs one lookup per syscall from then on.",
+            "Ignored verdicts the kernel took (no parser wanted the connection, the OTLP export path, another agent's, an unhooked TLS connection): it costs one lookup per syscall from then on.",
             &d.verdicts_written,
         ),
         (

@@ -312,16 +312,7 @@ impl Transport {
                 let response = unary
                     .call(grpc_path(self.signal), &body)
                     .await
-                    .map_err(|s| {
-                        let detail = match std::error::Error::source(&s).map(chain) {
-                            // A transport error's status repeats its first cause.
-                            Some(src) if src.starts_with(s.message()) => src,
-                            Some(src) => format!("{}: {src}", s.message()),
-                            None => s.message().to_string(),
-                        };
-                        let detail = format!("gRPC status {:?}: {detail}", s.code());
-                        explain(Protocol::Grpc, url, &detail)
-                    })?;
+                    .map_err(|s| explain(Protocol::Grpc, url, &status_detail(&s)))?;
                 R::decode(response).map(|r| r.rejected()).map_err(|e| {
                     explain(
                         Protocol::Grpc,
@@ -343,7 +334,7 @@ impl Transport {
                 request = if *gzip {
                     request
                         .header("content-encoding", "gzip")
-                        .body(gzip_bytes(&body.message()).map_err(|e| format!("gzip: {e}"))?)
+                        .body(body.gzipped().map_err(|e| format!("gzip: {e}"))?)
                 } else {
                     request.body(body.message())
                 };
@@ -360,11 +351,15 @@ impl Transport {
     }
 }
 
-fn gzip_bytes(body: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write as _;
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    enc.write_all(body)?;
-    enc.finish()
+/// A failed call's status and its causes, each once.
+fn status_detail(s: &tonic::Status) -> String {
+    let detail = match std::error::Error::source(s).map(chain) {
+        // A transport error's status repeats its first cause.
+        Some(src) if src.starts_with(s.message()) => src,
+        Some(src) => format!("{}: {src}", s.message()),
+        None => s.message().to_string(),
+    };
+    format!("gRPC status {:?}: {detail}", s.code())
 }
 
 fn grpc(s: &Settings) -> anyhow::Result<Wire> {
@@ -452,4 +447,21 @@ pub fn endpoint_addrs(cfg: &OtlpConfig) -> Vec<std::net::SocketAddr> {
         .to_socket_addrs()
         .map(|a| a.collect())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_calls_detail_names_its_code_and_each_cause_once() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let s = tonic::Status::from_error(Box::new(refused));
+        assert_eq!(
+            status_detail(&s),
+            format!("gRPC status {:?}: refused", s.code())
+        );
+        let s = tonic::Status::unavailable("overloaded");
+        assert_eq!(status_detail(&s), "gRPC status Unavailable: overloaded");
+    }
 }

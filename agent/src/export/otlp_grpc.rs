@@ -45,16 +45,26 @@ impl Body {
         self.len() == 0
     }
 
+    /// The message gzipped (OTLP/HTTP's body with `Content-Encoding: gzip`).
+    pub fn gzipped(&self) -> std::io::Result<Vec<u8>> {
+        gzip(Vec::new(), &self.0[PREFIX..])
+    }
+
     /// The gRPC message: the buffer as is, or its message gzipped behind a new prefix.
-    fn frame(&self, gzip: bool) -> std::io::Result<Bytes> {
-        if !gzip {
+    fn frame(&self, gzip_it: bool) -> std::io::Result<Bytes> {
+        if !gzip_it {
             return Ok(self.0.clone());
         }
-        use std::io::Write as _;
-        let mut enc = flate2::write::GzEncoder::new(Body::buffer(0), flate2::Compression::fast());
-        enc.write_all(&self.0[PREFIX..])?;
-        Ok(framed(enc.finish()?, true))
+        Ok(framed(gzip(Body::buffer(0), &self.0[PREFIX..])?, true))
     }
+}
+
+/// `data` gzipped onto the end of `into` (fast: the collector's link is rarely the limit).
+fn gzip(into: Vec<u8>, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(into, flate2::Compression::fast());
+    enc.write_all(data)?;
+    enc.finish()
 }
 
 /// `buf`'s message (from byte 5) behind its prefix, filled in.
@@ -210,6 +220,16 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         assert_eq!(out, vec![b'x'; 1000]);
+        let body = Body::finish({
+            let mut b = Body::buffer(0);
+            b.extend_from_slice(b"abc");
+            b
+        });
+        assert_eq!(
+            body.gzipped().unwrap(),
+            &body.frame(true).unwrap()[PREFIX..],
+            "OTLP/HTTP's gzipped body is the gRPC frame's message"
+        );
     }
 
     #[test]

@@ -20,7 +20,8 @@ pub struct DetectStats {
     pub undecided: [AtomicU64; PROTO_COUNT],
     /// Connections no parser wanted (the verdict written back to the kernel).
     pub ignored: AtomicU64,
-    /// ...of which the kernel took the verdict, and of which it could not (gone, reused).
+    /// Ignored verdicts written to the kernel (for these, for the export path's connections,
+    /// another agent's and unhooked TLS ones): taken, or not (the connection gone, reused).
     pub verdicts_written: AtomicU64,
     pub verdicts_failed: AtomicU64,
 }

@@ -158,6 +158,17 @@ fn peer_name(span: &SpanRecord) -> String {
 }
 
 /// Whether a connection is the agent's own export path (seen from the collector's side).
+/// Tells the kernel to stop capturing `key` (it keeps one lookup per syscall for it), counted
+/// as taken or not: every way a connection is let go goes through here.
+fn silence(verdicts: &mut dyn Verdicts, detect: &DetectStats, key: ConnKey) {
+    let counter = if verdicts.ignore(key) {
+        &detect.verdicts_written
+    } else {
+        &detect.verdicts_failed
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
     exclude.iter().any(|a| {
         let matches = |s: std::net::SocketAddr| {
@@ -372,7 +383,7 @@ impl TraceSink {
                 w.server_name
             );
             t.proto = Proto::Ignored;
-            self.verdicts.ignore(conn.key);
+            silence(self.verdicts.as_mut(), &self.stats.detect, conn.key);
         }
     }
 
@@ -516,12 +527,7 @@ impl TraceSink {
             Verdict::Pending => None,
             Verdict::Ignore => {
                 tracked.proto = Proto::Ignored;
-                let counter = if self.verdicts.ignore(conn.key) {
-                    &self.stats.detect.verdicts_written
-                } else {
-                    &self.stats.detect.verdicts_failed
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+                silence(self.verdicts.as_mut(), &self.stats.detect, conn.key);
                 None
             }
             Verdict::Protocol(p) => {
@@ -729,12 +735,7 @@ impl Sink for TraceSink {
             self.excluded.insert(conn.key);
             // A collector on this node receives every span Loupe sends: without the verdict the
             // kernel copied all of those bytes for this pipeline to drop.
-            let counter = if self.verdicts.ignore(conn.key) {
-                &self.stats.detect.verdicts_written
-            } else {
-                &self.stats.detect.verdicts_failed
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            silence(self.verdicts.as_mut(), &self.stats.detect, conn.key);
             return;
         }
         // Requests arrive on the server side and leave from the client side.
@@ -774,7 +775,7 @@ impl Sink for TraceSink {
                 // Another agent's exports would become spans that it then exports, and so on.
                 let proto = if other_agent {
                     self.stats.other_agents.fetch_add(1, Ordering::Relaxed);
-                    self.verdicts.ignore(conn.key);
+                    silence(self.verdicts.as_mut(), &self.stats.detect, conn.key);
                     Proto::Ignored
                 } else if !conn.tls && conn.protocol == PROTO_TLS {
                     Proto::Tls(crate::protocol::tls::TlsWatch {
