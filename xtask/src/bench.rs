@@ -77,6 +77,35 @@ struct Load {
     p99_ms: f64,
     p999_ms: f64,
     requests: u64,
+    /// The host's CPU busy during the load, in % of all its cores (fixed-rate runs): half of
+    /// the saturation rate can keep the host far busier than half, and the tail at a fixed
+    /// rate grows with how busy it is, whoever takes the CPU.
+    host_busy_pct: f64,
+}
+
+/// (busy, total) jiffies of all CPUs so far, from /proc/stat (idle and iowait are not busy).
+fn cpu_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// `load`, with the host's CPU busy while it ran.
+fn busy_during(load: impl FnOnce() -> anyhow::Result<Load>) -> anyhow::Result<Load> {
+    let (b0, t0) = cpu_jiffies();
+    let mut l = load()?;
+    let (b1, t1) = cpu_jiffies();
+    l.host_busy_pct = 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
+    Ok(l)
 }
 
 #[derive(Debug, Default, Clone)]
@@ -256,6 +285,7 @@ fn oha(url: &str, seconds: u64, connections: usize, rate: Option<f64>) -> anyhow
         p99_ms: pct("p99"),
         p999_ms: pct("p99.9"),
         requests: ok,
+        ..Load::default()
     })
 }
 
@@ -619,6 +649,7 @@ fn postgres(dir: &Path) -> anyhow::Result<DbWorkload> {
                     p99_ms,
                     p999_ms,
                     requests,
+                    ..Load::default()
                 });
             }
             Ok(Load {
@@ -773,6 +804,7 @@ fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
                     p99_ms,
                     p999_ms,
                     requests: succeeded,
+                    ..Load::default()
                 });
             }
             Ok(Load {
@@ -915,12 +947,14 @@ fn fixed_rate_rows(
         for with in [on_first, !on_first] {
             if with {
                 let (l, c) = with_agent(bin, otlp, &[], &opts.agent_args, || {
-                    (w.load)(opts.seconds, opts.connections, Some(rate))
+                    busy_during(|| (w.load)(opts.seconds, opts.connections, Some(rate)))
                 })?;
                 on.push(l);
                 drops += c.drops;
             } else {
-                off.push((w.load)(opts.seconds, opts.connections, Some(rate))?);
+                off.push(busy_during(|| {
+                    (w.load)(opts.seconds, opts.connections, Some(rate))
+                })?);
             }
         }
     }
@@ -931,6 +965,12 @@ fn fixed_rate_rows(
         ("p99", |l| l.p99_ms, "   target <= +5%"),
         ("p99.9", |l| l.p999_ms, ""),
     ];
+    out.push_str(&format!(
+        "{:<50} {:>12.1} {:>12.1}\n",
+        format!("host CPU busy at {rate:.0} ops/s (% of all cores)"),
+        median(off.iter().map(|l| l.host_busy_pct).collect()),
+        median(on.iter().map(|l| l.host_busy_pct).collect()),
+    ));
     for (name, f, target) in rows {
         let (a, b) = (
             median(off.iter().map(f).collect()),
@@ -963,7 +1003,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
     let with = |rate: Option<f64>| {
         move |i: usize| {
             with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
-                oha(&w.url, opts.seconds, opts.connections, rate)
+                busy_during(|| oha(&w.url, opts.seconds, opts.connections, rate))
             })
         }
     };
@@ -986,7 +1026,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
         opts,
         setups.len(),
         true,
-        || oha(&w.url, opts.seconds, opts.connections, Some(rate)),
+        || busy_during(|| oha(&w.url, opts.seconds, opts.connections, Some(rate))),
         with(Some(rate)),
     )?;
     let lat_on: Vec<Vec<Load>> = fixed
@@ -1040,6 +1080,17 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
             )
             .collect(),
         ">= 0.90 selected, >= 0.80 all",
+    );
+    t.row(
+        &format!("host CPU busy at {rate:.0} req/s (% of all cores)"),
+        std::iter::once(format!("{:.1}", lat(&lat_off, |l| l.host_busy_pct)))
+            .chain(
+                lat_on
+                    .iter()
+                    .map(|v| format!("{:.1}", lat(v, |l| l.host_busy_pct))),
+            )
+            .collect(),
+        "",
     );
     for (label, f, target) in [
         ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64, ""),
