@@ -461,6 +461,105 @@ fn a_second_agent_warns_and_never_traces_the_first_ones_exports() {
     );
 }
 
+/// A collector on the node (a Collector DaemonSet, the bench's sink) reads every byte the agent
+/// exports. Traced like any process, its side of the export connection would be captured in
+/// full and dropped in user space (21k truncated payloads per 5 s at 40k requests/s): the agent
+/// tells the kernel to stop capturing it, and the kernel then skips its reads.
+#[test]
+fn a_collector_on_the_node_is_not_captured_reading_the_exports() {
+    if !privileged() {
+        return;
+    }
+    use std::io::BufRead as _;
+    let web_cg = TestCgroup::new("web-beside-a-collector");
+    let collector_cg = TestCgroup::new("collector");
+    let dir = loupe_tests::databases::TempDir::new("collector-on-node");
+    let web = nginx(&web_cg, dir.0.as_path());
+    let mut collector = collector_cg
+        .command(env!("CARGO_BIN_EXE_otlp-sink"), &[])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(collector.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let endpoint = first
+        .trim()
+        .strip_prefix("grpc=")
+        .unwrap_or_else(|| panic!("the sink printed {first:?}"))
+        .to_string();
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let agent = Agent::spawn(
+        &[
+            "--cgroup",
+            &web_cg.dir,
+            "--cgroup",
+            &collector_cg.dir,
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "grpc",
+            "--metrics-addr",
+            &metrics,
+        ],
+        &[],
+    );
+    let requests = |round: usize| {
+        for i in 0..10 {
+            web_cg.run(
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    &format!("http://{}/orders/{round}/{i}", web.addr),
+                ],
+            );
+        }
+    };
+    let truncated = "loupe_kernel_events_total{reason=\"payload_truncated\",kind=\"volume\"}";
+    // Until the first exports reached the collector and its side was handed to the kernel.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut before = String::new();
+    for round in 0.. {
+        requests(round);
+        std::thread::sleep(Duration::from_millis(500));
+        before = scrape(&metrics);
+        let exported = metric(&before, "loupe_spans_exported_total").unwrap_or(0);
+        let verdicts = metric(&before, "loupe_l7_verdicts_written_total").unwrap_or(0);
+        if (exported >= 20 && verdicts >= 1) || Instant::now() > deadline {
+            break;
+        }
+    }
+    // Then more exports (one a second, each over 4 KiB: a captured read of one is truncated).
+    for round in 100..104 {
+        requests(round);
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let after = scrape(&metrics);
+    let (_, log) = agent.stop_raw();
+    let _ = collector.kill();
+    let _ = collector.wait();
+    assert!(
+        metric(&before, "loupe_l7_verdicts_written_total").unwrap_or(0) >= 1,
+        "the collector's side of the export connection was handed to the kernel:\n{before}\n{log}"
+    );
+    let exported = |t: &str| metric(t, "loupe_spans_exported_total").unwrap_or(0);
+    assert!(
+        exported(&after) >= exported(&before) + 60,
+        "the collector took the later exports:\n{after}"
+    );
+    assert!(metric(&before, truncated).is_some(), "{before}");
+    assert_eq!(
+        metric(&after, truncated),
+        metric(&before, truncated),
+        "the kernel captured none of the collector's later reads:\n{after}"
+    );
+}
+
 #[test]
 fn json_logs_are_one_object_per_line() {
     if !privileged() {
