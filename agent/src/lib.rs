@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod counter;
 pub mod decode;
 pub mod drop_warnings;
 pub mod event_queue;

@@ -90,7 +90,8 @@ pub struct SpanOut {
 impl SpanOut {
     /// Queues a span for the next `send`; counts it as dropped when the queue is full.
     pub fn offer(&mut self, stats: &ExportStats, span: SpanRecord) {
-        stats.spans_built.fetch_add(1, Ordering::Relaxed);
+        // Only the pipeline's thread builds spans (`crate::counter`).
+        crate::counter::add(&stats.spans_built, 1);
         let queued = self.queued.load(Ordering::Relaxed) + self.pending.len();
         stats.queued.store(queued as u64, Ordering::Relaxed);
         if self.capacity.saturating_sub(queued) < self.capacity / 4 {

@@ -281,7 +281,8 @@ impl Sampler {
         } else {
             &self.stats.spans_dropped
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        // The sampler's counters: the pipeline's thread alone writes them.
+        crate::counter::add(counter, 1);
         keep.then_some(span)
     }
 

@@ -65,11 +65,12 @@ pub struct L7Stats {
     pub unknown_fields: [AtomicU64; PROTO_COUNT],
 }
 
+/// Per-exchange counts: the sink's thread alone writes them (`crate::counter`).
 fn add(c: &[AtomicU64; PROTO_COUNT], proto: u8, n: u64) {
     if n > 0
         && let Some(c) = c.get(proto as usize)
     {
-        c.fetch_add(n, Ordering::Relaxed);
+        crate::counter::add(c, n);
     }
 }
 
@@ -399,7 +400,7 @@ impl TraceSink {
         add(&self.stats.l7.exchanges, PROTO_HTTP1, done.len() as u64);
         add(&self.stats.l7.spans, PROTO_HTTP1, done.len() as u64);
         for mut ex in done.drain(..) {
-            self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
+            crate::counter::add(&self.stats.exchanges, 1);
             self.linker.finalize(&mut ex.identity);
             if kind == SpanKind::Server {
                 self.linker
@@ -451,9 +452,12 @@ impl TraceSink {
             after.overflow - before.overflow,
             after.orphan_responses - before.orphan_responses,
         );
-        self.stats.malformed.fetch_add(m, Ordering::Relaxed);
-        self.stats.pending_overflow.fetch_add(o, Ordering::Relaxed);
-        self.stats.orphan_responses.fetch_add(r, Ordering::Relaxed);
+        if m + o + r == 0 {
+            return;
+        }
+        crate::counter::add(&self.stats.malformed, m);
+        crate::counter::add(&self.stats.pending_overflow, o);
+        crate::counter::add(&self.stats.orphan_responses, r);
         add(&self.stats.l7.malformed, p, m);
         add(&self.stats.l7.overflow, p, o);
         add(&self.stats.l7.orphans, p, r);
