@@ -45,7 +45,10 @@ pub struct KernelOffsets {
     pub socket_sk: u16,
     /// sock.sk_protocol: a socket first met on I/O is captured only if it is TCP (both paths).
     pub sk_protocol: u16,
-    pub _pad: [u16; 2],
+    /// task_struct.pid: the thread a sched_waking raw tracepoint wakes (its one argument is
+    /// the woken task).
+    pub task_pid: u16,
+    pub _pad: [u16; 1],
 }
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
 

@@ -13,7 +13,7 @@ use agent_common::{
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Filled in by the agent at load time (offsets from BTF, own pid, capture cap, filters).
@@ -42,7 +42,8 @@ pub static LOUPE_CONFIG: Global<LoupeConfig> = Global::new(LoupeConfig {
         inode_mode: 0,
         socket_sk: 0,
         sk_protocol: 0,
-        _pad: [0; 2],
+        task_pid: 0,
+        _pad: [0; 1],
     },
     tcp_context: 0,
     comm_every_event: 0,
@@ -83,12 +84,17 @@ pub static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
 /// Selected ports (host order): a connection is captured when either end's port is one.
 #[map]
 pub static PORT_FILTER: HashMap<u16, u8> = HashMap::with_max_entries(256, 0);
-/// Executable names (as the task's comm: NUL-padded, first 15 bytes) whose new processes are
-/// selected when they exec.
 /// tgid -> 1 for processes of a thread-pool runtime (the JVM), whose futex wakes the agent
 /// follows (programs/sched.rs). Filled by the agent's process watcher.
 #[map]
 pub static POOL_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+/// How many entries POOL_PIDS has, kept by the agent beside it: sched_waking runs on every
+/// wakeup of the host, and on a node without a JVM this one inlined array read ends it
+/// before a hash lookup.
+#[map]
+pub static POOL_COUNT: Array<u32> = Array::with_max_entries(1, 0);
+/// Executable names (as the task's comm: NUL-padded, first 15 bytes) whose new processes are
+/// selected when they exec.
 #[map]
 pub static EXE_FILTER: HashMap<[u8; 16], u8> = HashMap::with_max_entries(64, 0);
 

@@ -7,14 +7,14 @@ use agent_common::event::{
     WakeEvent,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{raw_tracepoint, tracepoint},
+    programs::{RawTracePointContext, TracePointContext},
 };
 
 use crate::{
-    helpers::{emit::emit, filter::process_selected, record::field, regs::in_futex},
-    maps::{LOUPE_CONFIG, POOL_PIDS},
+    helpers::{emit::emit, filter::process_selected, regs::in_futex},
+    maps::{LOUPE_CONFIG, POOL_COUNT, POOL_PIDS},
 };
 
 /// Offset of child_pid in the sched_process_fork record (tracefs format file).
@@ -44,15 +44,17 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched_waking record: the woken `pid` (a thread id) at 24. (The common fields, where the
-/// interrupt flags are, are out of a BPF program's reach.)
-const WAKING_PID: usize = 24;
-
-/// Fires on every wakeup of the host, in the waker's context: the cheapest test first (a
-/// process of a pool runtime), then only a wake from inside a futex syscall is sent (a wake
-/// from an interrupt has a random current task, seldom one inside futex).
-#[tracepoint]
-pub fn sched_waking(ctx: TracePointContext) -> u32 {
+/// Fires on every wakeup of the host, in the waker's context: the cheapest tests first (any
+/// process of a pool runtime on the node, this one of them), then only a wake from inside a futex syscall is sent (a wake
+/// from an interrupt has a random current task, seldom one inside futex). Attached as a raw
+/// tracepoint: its one argument is the woken `struct task_struct *`, and the kernel builds no
+/// trace record (the record's command-name copy and the perf glue were most of a run that
+/// ends at the first test, on every wakeup of the host).
+#[raw_tracepoint(tracepoint = "sched_waking")]
+pub fn sched_waking(ctx: RawTracePointContext) -> i32 {
+    if POOL_COUNT.get(0).is_none_or(|n| *n == 0) {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: map lookup of a plain key.
     if unsafe { POOL_PIDS.get((pid_tgid >> 32) as u32) }.is_none() {
@@ -61,11 +63,18 @@ pub fn sched_waking(ctx: TracePointContext) -> u32 {
     if !in_futex() {
         return 0;
     }
-    let wakee = field::<i32>(&ctx, WAKING_PID) as u32;
+    let cfg = LOUPE_CONFIG.load();
+    let task: u64 = ctx.arg(0);
+    // SAFETY: fault-tolerant kernel read at an offset taken from BTF.
+    let Ok(wakee) =
+        (unsafe { bpf_probe_read_kernel((task + cfg.offsets.task_pid as u64) as *const i32) })
+    else {
+        return 0;
+    };
+    let wakee = wakee as u32;
     if wakee == pid_tgid as u32 {
         return 0;
     }
-    let cfg = LOUPE_CONFIG.load();
     if !process_selected(&cfg, pid_tgid) {
         return 0;
     }

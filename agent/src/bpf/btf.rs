@@ -275,6 +275,7 @@ impl Btf {
             net_ns_inum: self.small_offset("net", &["ns", "inum"])?,
             // A socket met first on I/O is captured only if it is TCP (both capture paths).
             sk_protocol: self.small_offset("sock", &["sk_protocol"])?,
+            task_pid: self.small_offset("task_struct", &["pid"])?,
             ..KernelOffsets::default()
         })
     }

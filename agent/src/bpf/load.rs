@@ -222,12 +222,15 @@ const COMMON: &[Hook] = &[
         false,
         "following requests handed to new threads",
     ),
-    hook(
-        "sched_waking",
-        "sched",
-        false,
-        "following calls a Java thread pool makes for a request another thread handles",
-    ),
+    Hook {
+        raw: true,
+        ..hook(
+            "sched_waking",
+            "sched",
+            false,
+            "following calls a Java thread pool makes for a request another thread handles",
+        )
+    },
     hook(
         "task_newtask",
         "task",

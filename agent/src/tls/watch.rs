@@ -196,6 +196,18 @@ impl Attacher {
         } else {
             map.remove(&pid).is_ok()
         };
+        let known = self.jvms.contains(&pid);
+        let count = match (on && ok, on, known) {
+            (true, _, false) => self.jvms.len() + 1,
+            (false, false, true) => self.jvms.len() - 1,
+            _ => self.jvms.len(),
+        };
+        // Written after the map changed: the kernel tests this count before the map.
+        if let Some(map) = ebpf.map_mut("POOL_COUNT")
+            && let Ok(mut slot) = aya::maps::Array::<_, u32>::try_from(map)
+        {
+            let _ = slot.set(0, count as u32, 0);
+        }
         drop(ebpf);
         if on && ok {
             self.jvms.insert(pid);
