@@ -45,11 +45,11 @@ pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
 }
 
 /// Fires on every wakeup of the host, in the waker's context: the cheapest tests first (any
-/// process of a pool runtime on the node, this one of them), then only a wake from inside a futex syscall is sent (a wake
-/// from an interrupt has a random current task, seldom one inside futex). Attached as a raw
-/// tracepoint: its one argument is the woken `struct task_struct *`, and the kernel builds no
-/// trace record (the record's command-name copy and the perf glue were most of a run that
-/// ends at the first test, on every wakeup of the host).
+/// process of a pool runtime on the node, then this one of them), then only a wake from inside
+/// a futex syscall is sent (a wake from an interrupt has a random current task, seldom one
+/// inside futex). Attached as a raw tracepoint: its one argument is the woken `struct
+/// task_struct *`, and the kernel builds no trace record (the record's command-name copy and
+/// the perf glue were most of a run that ends at the first test).
 #[raw_tracepoint(tracepoint = "sched_waking")]
 pub fn sched_waking(ctx: RawTracePointContext) -> i32 {
     if POOL_COUNT.get(0).is_none_or(|n| *n == 0) {

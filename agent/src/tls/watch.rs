@@ -184,35 +184,27 @@ impl Attacher {
 
     /// Marks (or unmarks) a process whose futex wakes the kernel reports (programs/sched.rs).
     fn pool_pid(&mut self, pid: u32, on: bool) {
-        let Ok(mut ebpf) = self.lock() else { return };
+        let ebpf = Arc::clone(&self.ebpf);
+        let Ok(mut ebpf) = ebpf.lock() else { return };
         let Some(map) = ebpf.map_mut("POOL_PIDS") else {
             return;
         };
         let Ok(mut map) = aya::maps::HashMap::<_, u32, u8>::try_from(map) else {
             return;
         };
-        let ok = if on {
-            map.insert(pid, 1, 0).is_ok()
+        if on {
+            if map.insert(pid, 1, 0).is_ok() {
+                self.jvms.insert(pid);
+            }
         } else {
-            map.remove(&pid).is_ok()
-        };
-        let known = self.jvms.contains(&pid);
-        let count = match (on && ok, on, known) {
-            (true, _, false) => self.jvms.len() + 1,
-            (false, false, true) => self.jvms.len() - 1,
-            _ => self.jvms.len(),
-        };
+            let _ = map.remove(&pid);
+            self.jvms.remove(&pid);
+        }
         // Written after the map changed: the kernel tests this count before the map.
         if let Some(map) = ebpf.map_mut("POOL_COUNT")
-            && let Ok(mut slot) = aya::maps::Array::<_, u32>::try_from(map)
+            && let Ok(mut count) = aya::maps::Array::<_, u32>::try_from(map)
         {
-            let _ = slot.set(0, count as u32, 0);
-        }
-        drop(ebpf);
-        if on && ok {
-            self.jvms.insert(pid);
-        } else if !on {
-            self.jvms.remove(&pid);
+            let _ = count.set(0, self.jvms.len() as u32, 0);
         }
     }
 
