@@ -152,10 +152,11 @@ fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
         };
         let dir = ev.direction;
         let payload = std::mem::take(&mut ev.payload);
-        let Some((conn, _)) = table.ingest_payload(&ev, payload, &mut NoResolver) else {
+        let mut segments = loupe::conn::Segments::new();
+        let Some((conn, _)) = table.ingest_payload(&ev, payload, &mut NoResolver, &mut segments)
+        else {
             continue;
         };
-        let segments: loupe::conn::Segments = conn.stream_mut(dir).drain().collect();
         sink.data(&conn.info, &ev, dir, segments);
     }
     sink.flush();
@@ -192,15 +193,18 @@ fn pipeline(c: &mut Criterion) {
             let mut spans = 0usize;
             let mut arena = PayloadArena::default();
             for raw in &input {
-                let Ok(Event::Data(ev)) = decode_with(raw, &mut arena) else {
+                let Ok(Event::Data(mut ev)) = decode_with(raw, &mut arena) else {
                     panic!("bad record")
                 };
                 let dir = ev.direction;
                 let (ts, tid) = (ev.ts_ns, ev.tid);
-                let Some((conn, _)) = table.ingest(ev, &mut NoResolver) else {
+                let payload = std::mem::take(&mut ev.payload);
+                let mut segments = loupe::conn::Segments::new();
+                let Some((conn, _)) =
+                    table.ingest_payload(&ev, payload, &mut NoResolver, &mut segments)
+                else {
                     continue;
                 };
-                let segments: loupe::conn::Segments = conn.stream_mut(dir).drain().collect();
                 let info = conn.info.clone();
                 let session = sessions
                     .entry(info.key.sk)

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::{
     clock::WallClock,
-    conn::{ConnInfo, Segment, stream::Stream},
+    conn::{ConnInfo, Pushed, Segment, Segments, stream::Stream},
     decode::{ConnKey, Role, decode},
     protocol::http1::{Head, MessageReader},
     trace::{
@@ -181,10 +181,10 @@ pub fn http1_reader(data: &[u8]) {
     }
 }
 
-/// Any (seq, length, payload) events into stream reassembly: never panics, buffers at most its
-/// cap.
+/// Any (seq, length, payload) events into stream reassembly: never panics, hands on at most
+/// its cap of data per event, and accounts for every byte an event moved.
 pub fn reassembly(data: &[u8]) {
-    const CAP: usize = 4096;
+    const CAP: usize = 4;
     let mut stream = Stream::new(CAP);
     for chunk in data.chunks(11) {
         if chunk.len() < 6 {
@@ -193,10 +193,22 @@ pub fn reassembly(data: &[u8]) {
         let seq = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as u64;
         let bytes = u16::from_le_bytes([chunk[4], chunk[5]]) as u32;
         let payload = Bytes::copy_from_slice(&chunk[6..]);
-        let _ = stream.push(seq, bytes, payload);
-        assert!(stream.buffered_bytes() <= CAP + 11);
-        if chunk[0] & 1 == 0 {
-            stream.drain().for_each(drop);
+        let moved = u64::from(bytes).max(payload.len() as u64);
+        let before = stream.end();
+        let mut out = Segments::new();
+        if let Pushed::Appended { lost } = stream.push(seq, bytes, payload, &mut out) {
+            let data: usize = out
+                .iter()
+                .map(|s| match s {
+                    Segment::Data(b) => b.len(),
+                    Segment::Gap(_) => 0,
+                })
+                .sum();
+            assert!(data <= CAP);
+            assert_eq!(out.iter().map(Segment::len).sum::<u64>(), lost + moved);
+            assert!(before.is_none_or(|b| b + lost == seq));
+        } else {
+            assert!(out.is_empty());
         }
     }
 }

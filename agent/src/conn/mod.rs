@@ -1,5 +1,5 @@
 //! The connection table: every connection the kernel reports, its identity and one reassembled
-//! stream per direction. Bounded in connections and in bytes per stream; closed connections
+//! stream position per direction. Bounded in connections and in bytes per event; closed connections
 //! leave when their consumer is done, idle ones are evicted; every eviction is counted.
 
 pub mod stream;
@@ -14,7 +14,7 @@ pub use stream::{Pushed, Segment, Segments, Stream, StreamStats};
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
-    /// Captured bytes held per direction before the oldest become gaps.
+    /// Captured bytes one event may hand on; more become a gap.
     pub max_buffered_per_stream: usize,
     /// A connection with no event for this long is evicted.
     pub idle_timeout_ns: u64,
@@ -108,23 +108,29 @@ impl ConnTable {
         }
     }
 
-    /// Adds a data event to its connection's stream. Returns None when the table is full.
+    /// `ingest_payload` for a whole event, with the segments it made available.
+    #[cfg(test)]
     pub fn ingest(
         &mut self,
         mut ev: DataEvent,
         resolver: &mut dyn RoleResolver,
-    ) -> Option<(&mut Connection, Pushed)> {
+    ) -> Option<(&mut Connection, Pushed, Segments)> {
         let payload = std::mem::take(&mut ev.payload);
-        self.ingest_payload(&ev, payload, resolver)
+        let mut out = Segments::new();
+        let (conn, pushed) = self.ingest_payload(&ev, payload, resolver, &mut out)?;
+        Some((conn, pushed, out))
     }
 
-    /// `ingest` with the event's payload apart: the pipeline hands the event on to the sink
-    /// after this, and a copy of it per event (some 200 bytes) was the price of owning it here.
+    /// Adds a data event, its payload apart, to its connection's stream; `out` gets the
+    /// segments it made available. Returns None when the table is full. The pipeline hands the
+    /// event on to the sink after this, and a copy of it per event (some 200 bytes) was the
+    /// price of owning it here.
     pub fn ingest_payload(
         &mut self,
         ev: &DataEvent,
         payload: Bytes,
         resolver: &mut dyn RoleResolver,
+        out: &mut Segments,
     ) -> Option<(&mut Connection, Pushed)> {
         let full = self.conns.len() >= self.limits.max_connections;
         let cap = self.limits.max_buffered_per_stream;
@@ -163,7 +169,7 @@ impl ConnTable {
             }
         };
         conn.last_seen_ns = conn.last_seen_ns.max(ev.ts_ns);
-        let pushed = conn.streams[ev.direction.index()].push(ev.seq, ev.bytes, payload);
+        let pushed = conn.streams[ev.direction.index()].push(ev.seq, ev.bytes, payload, out);
         Some((conn, pushed))
     }
 
@@ -312,10 +318,10 @@ mod tests {
         // with zeros when the first was lost.
         let mut later = ev(1, Direction::Recv, 100, "GET / HTTP/1.1\r\n", 1);
         later.comm = crate::decode::tests::comm("");
-        let (conn, _) = t.ingest(later, &mut NamedProcess).unwrap();
+        let (conn, _, _) = t.ingest(later, &mut NamedProcess).unwrap();
         assert_eq!(&*conn.info.comm, "from-proc");
         // A first event names it itself, and the resolver is not asked.
-        let (conn, _) = t
+        let (conn, _, _) = t
             .ingest(ev(2, Direction::Recv, 0, "GET", 2), &mut NamedProcess)
             .unwrap();
         assert_eq!(&*conn.info.comm, "t");
@@ -324,36 +330,36 @@ mod tests {
     #[test]
     fn directions_are_reassembled_separately() {
         let mut t = ConnTable::new(Limits::default());
-        t.ingest(
-            ev(1, Direction::Recv, 0, "GET / HTTP/1.1\r\n", 1),
-            &mut NoResolver,
-        );
-        t.ingest(
-            ev(1, Direction::Send, 0, "HTTP/1.1 200", 2),
-            &mut NoResolver,
-        );
-        let (conn, _) = t
-            .ingest(ev(1, Direction::Recv, 16, "\r\n", 3), &mut NoResolver)
-            .unwrap();
-        let recv: Vec<_> = conn.stream_mut(Direction::Recv).drain().collect();
+        let seen = |t: &mut ConnTable, e: DataEvent| t.ingest(e, &mut NoResolver).unwrap().2;
+        let recv_1 = seen(&mut t, ev(1, Direction::Recv, 0, "GET / HTTP/1.1\r\n", 1));
+        let send = seen(&mut t, ev(1, Direction::Send, 0, "HTTP/1.1 200", 2));
+        let recv_2 = seen(&mut t, ev(1, Direction::Recv, 16, "\r\n", 3));
         assert_eq!(
-            recv,
+            [recv_1.to_vec(), recv_2.to_vec()].concat(),
             vec![
                 Segment::Data(Bytes::from_static(b"GET / HTTP/1.1\r\n")),
                 Segment::Data(Bytes::from_static(b"\r\n"))
             ]
         );
-        let send: Vec<_> = conn.stream_mut(Direction::Send).drain().collect();
         assert_eq!(
-            send,
+            send.to_vec(),
             vec![Segment::Data(Bytes::from_static(b"HTTP/1.1 200"))]
         );
+        let conn = t
+            .conns
+            .get(&ConnKey {
+                sk: 1,
+                generation: 1,
+            })
+            .unwrap();
+        assert_eq!(conn.streams[Direction::Recv.index()].end(), Some(18));
+        assert_eq!(conn.streams[Direction::Send.index()].end(), Some(12));
     }
 
     #[test]
     fn unknown_roles_are_resolved_once() {
         let mut t = ConnTable::new(Limits::default());
-        let (conn, _) = t
+        let (conn, _, _) = t
             .ingest(ev(1, Direction::Recv, 0, "x", 1), &mut AlwaysServer)
             .unwrap();
         assert_eq!(conn.info.role, Role::Server);
@@ -415,7 +421,7 @@ mod tests {
         t.ingest(ev(1, Direction::Send, 0, "a", 1), &mut NoResolver);
         let mut again = ev(1, Direction::Send, 0, "b", 2);
         again.conn.generation = 2;
-        let (_, pushed) = t.ingest(again, &mut NoResolver).unwrap();
+        let (_, pushed, _) = t.ingest(again, &mut NoResolver).unwrap();
         assert_eq!(pushed, Pushed::Appended { lost: 0 });
         assert_eq!(t.len(), 2);
     }
