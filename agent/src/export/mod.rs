@@ -10,6 +10,7 @@ pub mod otlp_grpc;
 pub mod otlp_metrics;
 pub mod otlp_proto;
 pub mod otlp_settings;
+mod otlp_span;
 pub mod queue;
 
 use std::{

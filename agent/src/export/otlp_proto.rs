@@ -1,6 +1,6 @@
 //! Spans straight into OTLP protobuf bytes. Resource and scope (one per process per batch) go
 //! through opentelemetry-proto's generated messages; spans, the volume, are written field by
-//! field with prost's encoding primitives from the record itself. Building the generated
+//! field from the record itself (`otlp_span`). Building the generated
 //! messages first (a String per attribute key, then prost's nested length passes) was a fifth of
 //! the agent's CPU in a profile of the nginx bench; the SDK path before that, half. Field numbers
 //! are those of opentelemetry/proto/trace/v1/trace.proto and common/v1/common.proto; the tests
@@ -8,7 +8,7 @@
 
 use std::{borrow::Borrow, sync::Arc};
 
-use super::otlp_grpc::Body;
+use super::{otlp_grpc::Body, otlp_span::span};
 use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     resource::v1::Resource,
@@ -18,21 +18,7 @@ use prost::{
     encoding::{WireType, encode_varint, encoded_len_varint},
 };
 
-use crate::{
-    process::ProcessInfo,
-    trace::span::{SpanKind, SpanRecord, Value},
-};
-
-/// W3C trace flags: every exported span is sampled.
-const SAMPLED: u32 = 0x01;
-/// OTLP SpanFlags: whether the parent is remote is known, and whether it is.
-const HAS_IS_REMOTE: u32 = 0x100;
-const IS_REMOTE: u32 = 0x200;
-
-/// Span.SpanKind and Status.StatusCode values.
-const KIND_SERVER: u64 = 2;
-const KIND_CLIENT: u64 = 3;
-const STATUS_ERROR: u64 = 2;
+use crate::{process::ProcessInfo, trace::span::SpanRecord};
 
 mod field {
     // ExportTraceServiceRequest
@@ -43,27 +29,6 @@ mod field {
     // ScopeSpans
     pub const SCOPE: u32 = 1;
     pub const SPANS: u32 = 2;
-    // Span
-    pub const TRACE_ID: u32 = 1;
-    pub const SPAN_ID: u32 = 2;
-    pub const TRACE_STATE: u32 = 3;
-    pub const PARENT_SPAN_ID: u32 = 4;
-    pub const NAME: u32 = 5;
-    pub const KIND: u32 = 6;
-    pub const START: u32 = 7;
-    pub const END: u32 = 8;
-    pub const ATTRIBUTES: u32 = 9;
-    pub const STATUS: u32 = 15;
-    pub const FLAGS: u32 = 16;
-    // Status
-    pub const MESSAGE: u32 = 2;
-    pub const CODE: u32 = 3;
-    // KeyValue
-    pub const KEY: u32 = 1;
-    pub const VALUE: u32 = 2;
-    // AnyValue
-    pub const STRING_VALUE: u32 = 1;
-    pub const INT_VALUE: u32 = 3;
 }
 
 fn kv(key: &str, value: any_value::Value) -> KeyValue {
@@ -123,95 +88,6 @@ fn delimited(buf: &mut Vec<u8>, tag: u32, data: &[u8]) {
     put_key(buf, tag, WireType::LengthDelimited);
     put_varint(buf, data.len() as u64);
     buf.extend_from_slice(data);
-}
-
-fn delimited_len(tag: u32, len: usize) -> usize {
-    prost::encoding::key_len(tag) + encoded_len_varint(len as u64) + len
-}
-
-fn varint(buf: &mut Vec<u8>, tag: u32, v: u64) {
-    put_key(buf, tag, WireType::Varint);
-    put_varint(buf, v);
-}
-
-fn fixed64(buf: &mut Vec<u8>, tag: u32, v: u64) {
-    put_key(buf, tag, WireType::SixtyFourBit);
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn fixed32(buf: &mut Vec<u8>, tag: u32, v: u32) {
-    put_key(buf, tag, WireType::ThirtyTwoBit);
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-/// The lengths of a KeyValue's AnyValue and of the KeyValue itself.
-fn attribute_lens(key: &str, value: &Value) -> (usize, usize) {
-    let any_len = match value {
-        Value::Int(i) => prost::encoding::key_len(field::INT_VALUE) + encoded_len_varint(*i as u64),
-        v => delimited_len(field::STRING_VALUE, v.as_str().unwrap_or_default().len()),
-    };
-    (
-        any_len,
-        delimited_len(field::KEY, key.len()) + delimited_len(field::VALUE, any_len),
-    )
-}
-
-/// One KeyValue attribute; lengths are computed, so nothing is buffered.
-fn attribute(buf: &mut Vec<u8>, key: &str, value: &Value) {
-    let (any_len, kv_len) = attribute_lens(key, value);
-    put_key(buf, field::ATTRIBUTES, WireType::LengthDelimited);
-    put_varint(buf, kv_len as u64);
-    delimited(buf, field::KEY, key.as_bytes());
-    put_key(buf, field::VALUE, WireType::LengthDelimited);
-    put_varint(buf, any_len as u64);
-    match value {
-        // An int64 is its two's complement as a varint.
-        Value::Int(i) => varint(buf, field::INT_VALUE, *i as u64),
-        v => delimited(
-            buf,
-            field::STRING_VALUE,
-            v.as_str().unwrap_or_default().as_bytes(),
-        ),
-    }
-}
-
-/// The fields of one Span message (without its own key and length).
-fn span(buf: &mut Vec<u8>, s: &SpanRecord) {
-    delimited(buf, field::TRACE_ID, &s.trace_id);
-    delimited(buf, field::SPAN_ID, &s.span_id);
-    if !s.trace_state.is_empty() {
-        delimited(buf, field::TRACE_STATE, s.trace_state.as_bytes());
-    }
-    if let Some(parent) = &s.parent_span_id {
-        delimited(buf, field::PARENT_SPAN_ID, parent);
-    }
-    // proto3 leaves empty strings out (what prost and the SDKs write).
-    if !s.name.is_empty() {
-        delimited(buf, field::NAME, s.name.as_bytes());
-    }
-    varint(buf, field::KIND, span_kind(s));
-    fixed64(buf, field::START, s.start_unix_ns);
-    fixed64(buf, field::END, s.end_unix_ns);
-    for (k, v) in &s.attributes {
-        attribute(buf, k, v);
-    }
-    if let Some(message) = &s.error {
-        nested(buf, field::STATUS, 1, |buf| {
-            if !message.is_empty() {
-                delimited(buf, field::MESSAGE, message.as_bytes());
-            }
-            varint(buf, field::CODE, STATUS_ERROR);
-        });
-    }
-    let remote = if s.parent_is_remote { IS_REMOTE } else { 0 };
-    fixed32(buf, field::FLAGS, SAMPLED | HAS_IS_REMOTE | remote);
-}
-
-fn span_kind(s: &SpanRecord) -> u64 {
-    match s.kind {
-        SpanKind::Server => KIND_SERVER,
-        SpanKind::Client => KIND_CLIENT,
-    }
 }
 
 /// Bytes kept for the length of a nested message before its body is written: the length of a
@@ -434,6 +310,10 @@ mod tests {
     };
 
     use super::*;
+    use crate::{
+        export::otlp_span::{HAS_IS_REMOTE, IS_REMOTE, SAMPLED},
+        trace::span::{SpanKind, Value},
+    };
 
     fn record() -> SpanRecord {
         SpanRecord {

@@ -1,0 +1,247 @@
+//! One Span message, written into room reserved for it at once. A span is some twenty fields
+//! and forty small writes; pushed one by one onto the buffer, every write checked the buffer's
+//! room and the nested lengths were worked out field by field through prost's helpers (a span's
+//! encoding was an eighth of the tracing sink's work). Here the worst case is reserved once,
+//! each write is a store into that room, and every length is known before its field is written,
+//! so nothing moves. Byte for byte the same canonical encoding (the tests of `otlp_proto`
+//! decode it with the generated messages).
+
+use std::mem::MaybeUninit;
+
+use crate::trace::span::{SpanKind, SpanRecord, Value};
+
+/// W3C trace flags: every exported span is sampled.
+pub(super) const SAMPLED: u32 = 0x01;
+/// OTLP SpanFlags: whether the parent is remote is known, and whether it is.
+pub(super) const HAS_IS_REMOTE: u32 = 0x100;
+pub(super) const IS_REMOTE: u32 = 0x200;
+
+/// Span.SpanKind and Status.StatusCode values.
+const KIND_SERVER: u64 = 2;
+const KIND_CLIENT: u64 = 3;
+const STATUS_ERROR: u64 = 2;
+
+/// Field numbers of opentelemetry/proto/trace/v1/trace.proto and common/v1/common.proto.
+mod field {
+    // Span
+    pub const TRACE_ID: u32 = 1;
+    pub const SPAN_ID: u32 = 2;
+    pub const TRACE_STATE: u32 = 3;
+    pub const PARENT_SPAN_ID: u32 = 4;
+    pub const NAME: u32 = 5;
+    pub const KIND: u32 = 6;
+    pub const START: u32 = 7;
+    pub const END: u32 = 8;
+    pub const ATTRIBUTES: u32 = 9;
+    pub const STATUS: u32 = 15;
+    pub const FLAGS: u32 = 16;
+    // Status
+    pub const MESSAGE: u32 = 2;
+    pub const CODE: u32 = 3;
+    // KeyValue
+    pub const KEY: u32 = 1;
+    pub const VALUE: u32 = 2;
+    // AnyValue
+    pub const STRING_VALUE: u32 = 1;
+    pub const INT_VALUE: u32 = 3;
+}
+
+/// Protobuf wire types.
+const VARINT: u32 = 0;
+const FIXED64: u32 = 1;
+const LEN: u32 = 2;
+const FIXED32: u32 = 5;
+
+/// Most bytes a varint takes.
+const VARINT_MAX: usize = 10;
+
+/// Bytes of `v` as a varint.
+#[inline(always)]
+fn varint_len(v: u64) -> usize {
+    // 1 + floor(log2(v) / 7), with v = 0 taking one byte.
+    ((64 - (v | 1).leading_zeros() as usize) * 9 + 64) / 64
+}
+
+/// Bytes of a key and length-delimited payload of `len` bytes.
+#[inline(always)]
+fn delimited_len(tag: u32, len: usize) -> usize {
+    varint_len(u64::from(tag << 3)) + varint_len(len as u64) + len
+}
+
+/// The reserved room and how much of it is written.
+struct Room<'a> {
+    out: &'a mut [MaybeUninit<u8>],
+    at: usize,
+}
+
+impl Room<'_> {
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.out[self.at].write(b);
+        self.at += 1;
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) {
+        self.out[self.at..self.at + b.len()].write_copy_of_slice(b);
+        self.at += b.len();
+    }
+
+    #[inline(always)]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+
+    #[inline(always)]
+    fn key(&mut self, tag: u32, wire_type: u32) {
+        self.varint(u64::from(tag << 3 | wire_type));
+    }
+
+    #[inline(always)]
+    fn delimited(&mut self, tag: u32, data: &[u8]) {
+        self.key(tag, LEN);
+        self.varint(data.len() as u64);
+        self.bytes(data);
+    }
+
+    #[inline(always)]
+    fn varint_field(&mut self, tag: u32, v: u64) {
+        self.key(tag, VARINT);
+        self.varint(v);
+    }
+
+    #[inline(always)]
+    fn fixed64(&mut self, tag: u32, v: u64) {
+        self.key(tag, FIXED64);
+        self.bytes(&v.to_le_bytes());
+    }
+
+    #[inline(always)]
+    fn fixed32(&mut self, tag: u32, v: u32) {
+        self.key(tag, FIXED32);
+        self.bytes(&v.to_le_bytes());
+    }
+
+    /// One KeyValue attribute.
+    #[inline(always)]
+    fn attribute(&mut self, key: &str, value: &Value) {
+        let any_len = match value {
+            // An int64 is its two's complement as a varint.
+            Value::Int(i) => 1 + varint_len(*i as u64),
+            v => delimited_len(field::STRING_VALUE, value_str(v).len()),
+        };
+        let kv_len = delimited_len(field::KEY, key.len()) + delimited_len(field::VALUE, any_len);
+        self.key(field::ATTRIBUTES, LEN);
+        self.varint(kv_len as u64);
+        self.delimited(field::KEY, key.as_bytes());
+        self.key(field::VALUE, LEN);
+        self.varint(any_len as u64);
+        match value {
+            Value::Int(i) => self.varint_field(field::INT_VALUE, *i as u64),
+            v => self.delimited(field::STRING_VALUE, value_str(v).as_bytes()),
+        }
+    }
+}
+
+#[inline(always)]
+fn value_str(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
+/// The most bytes `s` can take: every varint counted at its widest.
+fn bound(s: &SpanRecord) -> usize {
+    // Ids, kind, times, flags, and the keys and lengths of the variable fields.
+    let fixed = 18 + 10 + 10 + 11 + 10 + 11 + 11 + 6 + 2 * (1 + VARINT_MAX);
+    let attributes: usize = s
+        .attributes
+        .iter()
+        .map(|(k, v)| k.len() + value_str(v).len() + 7 + 4 * VARINT_MAX)
+        .sum();
+    let status = s
+        .error
+        .as_ref()
+        .map_or(0, |m| m.len() + 2 + 1 + 2 * VARINT_MAX + 2 + VARINT_MAX);
+    fixed + s.trace_state.len() + s.name.len() + attributes + status
+}
+
+/// The fields of one Span message (without its own key and length) onto the end of `buf`.
+pub(super) fn span(buf: &mut Vec<u8>, s: &SpanRecord) {
+    buf.reserve(bound(s));
+    let start = buf.len();
+    let mut room = Room {
+        out: buf.spare_capacity_mut(),
+        at: 0,
+    };
+    fields(&mut room, s);
+    let written = room.at;
+    // SAFETY: `fields` initialised the first `written` bytes of the spare capacity (every write
+    // goes through `Room`, which stores each byte it counts).
+    unsafe { buf.set_len(start + written) };
+}
+
+fn fields(out: &mut Room<'_>, s: &SpanRecord) {
+    out.delimited(field::TRACE_ID, &s.trace_id);
+    out.delimited(field::SPAN_ID, &s.span_id);
+    if !s.trace_state.is_empty() {
+        out.delimited(field::TRACE_STATE, s.trace_state.as_bytes());
+    }
+    if let Some(parent) = &s.parent_span_id {
+        out.delimited(field::PARENT_SPAN_ID, parent);
+    }
+    // proto3 leaves empty strings out (what prost and the SDKs write).
+    if !s.name.is_empty() {
+        out.delimited(field::NAME, s.name.as_bytes());
+    }
+    out.varint_field(field::KIND, span_kind(s));
+    out.fixed64(field::START, s.start_unix_ns);
+    out.fixed64(field::END, s.end_unix_ns);
+    for (k, v) in &s.attributes {
+        out.attribute(k, v);
+    }
+    if let Some(message) = &s.error {
+        let message_len = if message.is_empty() {
+            0
+        } else {
+            delimited_len(field::MESSAGE, message.len())
+        };
+        out.key(field::STATUS, LEN);
+        out.varint((message_len + 2) as u64);
+        if !message.is_empty() {
+            out.delimited(field::MESSAGE, message.as_bytes());
+        }
+        out.varint_field(field::CODE, STATUS_ERROR);
+    }
+    let remote = if s.parent_is_remote { IS_REMOTE } else { 0 };
+    out.fixed32(field::FLAGS, SAMPLED | HAS_IS_REMOTE | remote);
+}
+
+fn span_kind(s: &SpanRecord) -> u64 {
+    match s.kind {
+        SpanKind::Server => KIND_SERVER,
+        SpanKind::Client => KIND_CLIENT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varint_lengths_match_prost() {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
+            assert_eq!(varint_len(v), prost::encoding::encoded_len_varint(v), "{v}");
+        }
+        for shift in 0..64 {
+            let v = 1u64 << shift;
+            assert_eq!(varint_len(v), prost::encoding::encoded_len_varint(v));
+            assert_eq!(
+                varint_len(v - 1),
+                prost::encoding::encoded_len_varint(v - 1)
+            );
+        }
+    }
+}
