@@ -2,7 +2,8 @@
 //! record -> connection table and reassembly -> HTTP/1 parsing and pairing -> span building.
 //! Reported as events per second on one core (`cargo xtask bench` runs it too). The `sink`
 //! cases take the daemon's own path instead: the tracing sink, with user-space protocol
-//! detection, dispatch and causality, for HTTP/1 and for Redis.
+//! detection, dispatch and causality, for HTTP/1 and for Redis; `sink/http1_otlp_red` adds
+//! what `loupe run` does with every span by default besides (OTLP encoding, RED metrics).
 
 use agent_common::{
     conn::{AF_INET, ConnTuple, ROLE_SERVER},
@@ -126,16 +127,33 @@ fn redis_records() -> Vec<Vec<u8>> {
     out
 }
 
+/// What the sink's spans go to.
+#[derive(Clone, Copy)]
+enum Outputs {
+    /// Span records, as the console takes them.
+    Records,
+    /// `loupe run`'s default with an OTLP endpoint: spans encoded where they are built, and
+    /// RED metrics and the service graph counted.
+    OtlpAndRed,
+}
+
 /// The records through decode, the connection table and the tracing sink, as `loupe run` does.
-fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
-    let (tx, mut rx) = loupe::export::queue::span_queue(input.len());
+fn through_sink(input: &[Vec<u8>], server_spans: bool, outputs: Outputs) -> usize {
+    let (tx, mut rx) = match outputs {
+        Outputs::Records => loupe::export::queue::span_queue(input.len()),
+        Outputs::OtlpAndRed => loupe::export::queue::encoding_span_queue(input.len()),
+    };
+    let processes = ProcessCache::shared(Vec::new(), true);
     let mut sink = TraceSink::new(
         tx,
         Arc::new(ExportStats::default()),
         Redaction::default(),
         30_000_000_000,
-        ProcessCache::shared(Vec::new(), true),
+        processes.clone(),
     );
+    if let Outputs::OtlpAndRed = outputs {
+        sink.red(loupe::red::Red::new(processes, 10_000));
+    }
     sink.databases(DbOptions {
         server_spans,
         ..DbOptions::default()
@@ -160,7 +178,7 @@ fn through_sink(input: &[Vec<u8>], server_spans: bool) -> usize {
         sink.data(&conn.info, &ev, dir, segments);
     }
     sink.flush();
-    rx.take_ready().len()
+    rx.take_ready_spans().iter().map(|s| s.len()).sum()
 }
 
 fn sink(c: &mut Criterion) {
@@ -169,12 +187,15 @@ fn sink(c: &mut Criterion) {
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(http.len() as u64));
     group.bench_function("http1", |b| {
-        b.iter(|| std::hint::black_box(through_sink(&http, false)))
+        b.iter(|| std::hint::black_box(through_sink(&http, false, Outputs::Records)))
+    });
+    group.bench_function("http1_otlp_red", |b| {
+        b.iter(|| std::hint::black_box(through_sink(&http, false, Outputs::OtlpAndRed)))
     });
     group.throughput(Throughput::Elements(redis.len() as u64));
     // Server side with spans on, so the work matches the HTTP case (a span per exchange).
     group.bench_function("redis", |b| {
-        b.iter(|| std::hint::black_box(through_sink(&redis, true)))
+        b.iter(|| std::hint::black_box(through_sink(&redis, true, Outputs::Records)))
     });
     group.finish();
 }

@@ -689,13 +689,19 @@ impl Linker {
     /// A SERVER span finished: its duration, for its caller's edge of the service graph. One
     /// without a caller yet (`orphan`: a local root) may still be adopted by a caller whose
     /// event comes late, so its duration is kept until then.
-    pub fn server_finished(&mut self, span_id: [u8; 8], seconds: f64, orphan: bool, now_ns: u64) {
+    pub fn server_finished(
+        &mut self,
+        span_id: [u8; 8],
+        seconds: f64,
+        orphan: bool,
+        now_ns: impl FnOnce() -> u64,
+    ) {
         if let Some(client) = self.callers.remove(&span_id) {
             if let Some(c) = self.callees.get_mut(&client) {
                 c.server_seconds = Some(seconds);
             }
         } else if orphan {
-            self.finished_orphans.insert(span_id, seconds, now_ns);
+            self.finished_orphans.insert(span_id, seconds, now_ns());
         }
     }
 
@@ -1181,7 +1187,7 @@ mod tests {
             st(1, 0),
             None,
         );
-        l.server_finished(server.span_id, 0.002, true, 5);
+        l.server_finished(server.span_id, 0.002, true, || 5);
         let client = l.client_start(
             &conn(3, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
             &h,
