@@ -1,6 +1,7 @@
-//! The connection table: every connection the kernel reports, its identity and one reassembled
-//! stream position per direction. Bounded in connections and in bytes per event; closed connections
-//! leave when their consumer is done, idle ones are evicted; every eviction is counted.
+//! The connection table: every connection the kernel reports, its identity and where each
+//! direction's stream stands. Bounded in connections and in bytes per event; closed
+//! connections leave when their consumer is done, idle ones are evicted; every eviction is
+//! counted.
 
 pub mod stream;
 
@@ -15,7 +16,7 @@ pub use stream::{Pushed, Segment, Segments, Stream, StreamStats};
 pub struct Limits {
     pub max_connections: usize,
     /// Captured bytes one event may hand on; more become a gap.
-    pub max_buffered_per_stream: usize,
+    pub max_event_bytes: usize,
     /// A connection with no event for this long is evicted.
     pub idle_timeout_ns: u64,
 }
@@ -24,7 +25,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 65_536,
-            max_buffered_per_stream: 256 * 1024,
+            max_event_bytes: 256 * 1024,
             idle_timeout_ns: 300 * 1_000_000_000,
         }
     }
@@ -133,7 +134,7 @@ impl ConnTable {
         out: &mut Segments,
     ) -> Option<(&mut Connection, Pushed)> {
         let full = self.conns.len() >= self.limits.max_connections;
-        let cap = self.limits.max_buffered_per_stream;
+        let cap = self.limits.max_event_bytes;
         let conn = match self.conns.entry(ev.conn) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {

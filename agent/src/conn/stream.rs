@@ -207,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_run_and_an_uncaptured_tail_are_one_gap() {
+    fn a_lost_run_and_an_uncaptured_event_are_one_gap() {
         let mut s = Fed::new(1024);
         s.push(0, 1, b("a"));
         let mut out = Segments::new();

@@ -8,6 +8,11 @@
 
 use std::mem::MaybeUninit;
 
+use WireType::{
+    LengthDelimited as LEN, SixtyFourBit as FIXED64, ThirtyTwoBit as FIXED32, Varint as VARINT,
+};
+use prost::encoding::{WireType, encoded_len_varint};
+
 use crate::trace::span::{SpanKind, SpanRecord, Value};
 
 /// W3C trace flags: every exported span is sampled.
@@ -46,26 +51,13 @@ mod field {
     pub const INT_VALUE: u32 = 3;
 }
 
-/// Protobuf wire types.
-const VARINT: u32 = 0;
-const FIXED64: u32 = 1;
-const LEN: u32 = 2;
-const FIXED32: u32 = 5;
-
 /// Most bytes a varint takes.
 const VARINT_MAX: usize = 10;
-
-/// Bytes of `v` as a varint.
-#[inline(always)]
-fn varint_len(v: u64) -> usize {
-    // 1 + floor(log2(v) / 7), with v = 0 taking one byte.
-    ((64 - (v | 1).leading_zeros() as usize) * 9 + 64) / 64
-}
 
 /// Bytes of a key and length-delimited payload of `len` bytes.
 #[inline(always)]
 fn delimited_len(tag: u32, len: usize) -> usize {
-    varint_len(u64::from(tag << 3)) + varint_len(len as u64) + len
+    prost::encoding::key_len(tag) + encoded_len_varint(len as u64) + len
 }
 
 /// The reserved room and how much of it is written.
@@ -97,8 +89,8 @@ impl Room<'_> {
     }
 
     #[inline(always)]
-    fn key(&mut self, tag: u32, wire_type: u32) {
-        self.varint(u64::from(tag << 3 | wire_type));
+    fn key(&mut self, tag: u32, wire_type: WireType) {
+        self.varint(u64::from(tag << 3 | wire_type as u32));
     }
 
     #[inline(always)]
@@ -131,7 +123,7 @@ impl Room<'_> {
     fn attribute(&mut self, key: &str, value: &Value) {
         let any_len = match value {
             // An int64 is its two's complement as a varint.
-            Value::Int(i) => 1 + varint_len(*i as u64),
+            Value::Int(i) => 1 + encoded_len_varint(*i as u64),
             v => delimited_len(field::STRING_VALUE, value_str(v).len()),
         };
         let kv_len = delimited_len(field::KEY, key.len()) + delimited_len(field::VALUE, any_len);
@@ -223,25 +215,5 @@ fn span_kind(s: &SpanRecord) -> u64 {
     match s.kind {
         SpanKind::Server => KIND_SERVER,
         SpanKind::Client => KIND_CLIENT,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn varint_lengths_match_prost() {
-        for v in [0u64, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX] {
-            assert_eq!(varint_len(v), prost::encoding::encoded_len_varint(v), "{v}");
-        }
-        for shift in 0..64 {
-            let v = 1u64 << shift;
-            assert_eq!(varint_len(v), prost::encoding::encoded_len_varint(v));
-            assert_eq!(
-                varint_len(v - 1),
-                prost::encoding::encoded_len_varint(v - 1)
-            );
-        }
     }
 }
