@@ -323,6 +323,31 @@ impl Shutdown {
     }
 }
 
+/// The pipeline (`work`) on a thread of its own, with a single-threaded runtime for its queue
+/// and its ticks. As a task of the two-worker runtime it was woken onto whichever worker was
+/// free, so its state (connection table, linker, RED series) moved between the cores with it,
+/// and it shared each worker with the exporter's tasks. Resolves when the work is done (an
+/// error if it panicked).
+fn spawn_pipeline(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::sync::oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .context("starting the pipeline's runtime")?;
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("loupe-pipeline".into())
+        .spawn(move || {
+            ADAPTIVE.join();
+            runtime.block_on(work);
+            ADAPTIVE.leave();
+            let _ = done.send(());
+        })
+        .context("starting the pipeline thread")?;
+    Ok(finished)
+}
+
 async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::install()?;
     let protocols = if args.all_protocols {
@@ -361,17 +386,19 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
     };
     let stats = metrics.user.clone();
     let show_secrets = args.show_secrets;
-    let consumer = tokio::spawn(async move {
+    let consumer = spawn_pipeline(async move {
         let mut sink = CapturePrinter::new(
             std::io::BufWriter::new(loupe::stdout::Stdout::new()),
             format,
             !show_secrets,
         );
         pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
-    });
+    })?;
     shutdown.wait().await;
     reader.stop().await?;
-    consumer.await.context("pipeline task")?;
+    consumer
+        .await
+        .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
     tracing::info!("{}", metrics.summary());
     drop(probe);
     Ok(())
@@ -486,11 +513,11 @@ async fn run_command(
         ..Limits::default()
     };
     let stats = metrics.user.clone();
-    let consumer = tokio::spawn(async move {
+    let consumer = spawn_pipeline(async move {
         pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
         // Dropping the sink closes the export queue: the exporter flushes and ends.
         drop(sink);
-    });
+    })?;
     match top {
         None => shutdown.wait().await,
         Some((tail, refresh)) => {
@@ -509,7 +536,9 @@ async fn run_command(
         }
     }
     reader.stop().await?;
-    consumer.await.context("pipeline task")?;
+    consumer
+        .await
+        .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
     if tokio::time::timeout(Duration::from_secs(5), export_task)
         .await
         .is_err()

@@ -921,7 +921,7 @@ impl Sink for TraceSink {
     }
 
     fn batch_done(&mut self) {
-        self.out.send(&self.export_stats);
+        self.out.send_due(&self.export_stats);
     }
 
     fn flush(&mut self) {
