@@ -1307,7 +1307,10 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         "--bin",
         "otlp-sink",
     ]))?;
-    let bin = root.join("target/release/loupe");
+    // Another build of the agent (an earlier commit's) to compare on this host as it is now.
+    let bin = std::env::var_os("LOUPE_BENCH_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release/loupe"));
     let mut sink = Command::new(root.join("target/release/otlp-sink"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
