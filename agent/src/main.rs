@@ -339,9 +339,17 @@ fn spawn_pipeline(
     std::thread::Builder::new()
         .name("loupe-pipeline".into())
         .spawn(move || {
+            // Leaves the adaptive group however the thread ends (a panic included), so a reused
+            // tid is never re-prioritised.
+            struct Member;
+            impl Drop for Member {
+                fn drop(&mut self) {
+                    ADAPTIVE.leave();
+                }
+            }
             ADAPTIVE.join();
+            let _member = Member;
             runtime.block_on(work);
-            ADAPTIVE.leave();
             let _ = done.send(());
         })
         .context("starting the pipeline thread")?;

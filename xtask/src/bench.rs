@@ -1361,10 +1361,11 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
         .status();
     println!(
-        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent flags: {}; HTTP workloads in two setups: the server's processes selected (--pid, as on a node whose clients are elsewhere: one traced side per request) and every process traced (the default: the load generator too, two sides); targets are #19's{report}",
+        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent: {}; agent flags: {}; HTTP workloads in two setups: the server's processes selected (--pid, as on a node whose clients are elsewhere: one traced side per request) and every process traced (the default: the load generator too, two sides); targets are #19's{report}",
         opts.rounds,
         opts.seconds,
         opts.connections,
+        bin.display(),
         if opts.agent_args.is_empty() {
             "defaults".to_string()
         } else {
