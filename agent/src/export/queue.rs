@@ -119,7 +119,10 @@ impl SpanOut {
         match &mut self.pending {
             Spans::Records(r) => r.push(span),
             // The record is freed here, on the thread that built it.
-            Spans::Encoded(e) => e.push(&span),
+            Spans::Encoded(e) => {
+                e.push(&span);
+                span.recycle();
+            }
         }
     }
 

@@ -13,6 +13,9 @@ use foldhash::{HashMap, HashMapExt};
 
 /// Entries per table before it starts over.
 const LIMIT: usize = 4096;
+/// Slots of the path memo (`route_and_name`): a service's spans repeat a few paths; a path
+/// with an id in it takes a slot until another path hashes to it.
+const MEMO: usize = 256;
 /// Longer text is made per span, never kept: a client choosing its `User-Agent` or target (a
 /// head may be 64 KiB) must not make the tables hold LIMIT of them.
 const MAX_LEN: usize = 256;
@@ -24,6 +27,16 @@ struct Tables {
     texts: HashMap<Box<str>, Arc<str>>,
     /// Where a route is templated (or a name put together) before it is looked up.
     scratch: String,
+    /// Direct-mapped by a hash of the verb and the path.
+    memo: Vec<Option<Named>>,
+}
+
+/// What a request path and verb make: its route and its span name.
+struct Named {
+    verb: Box<str>,
+    path: String,
+    route: Arc<str>,
+    name: Arc<str>,
 }
 
 thread_local! {
@@ -32,6 +45,7 @@ thread_local! {
         routes: HashMap::new(),
         texts: HashMap::new(),
         scratch: String::new(),
+        memo: Vec::new(),
     });
 }
 
@@ -59,6 +73,70 @@ pub fn route(target: &str) -> Arc<str> {
         scratch.clear();
         crate::trace::route::template_into(target, scratch);
         shared(routes, scratch)
+    })
+}
+
+/// The route of a request `target` and the span name `verb route`, both shared. Remembered per
+/// path: templating the path and looking up both texts were a quarter of building an HTTP span.
+pub fn route_and_name(verb: &str, target: &str) -> (Arc<str>, Arc<str>) {
+    let end = target
+        .bytes()
+        .position(|b| b == b'?' || b == b'#')
+        .unwrap_or(target.len());
+    let path = &target[..end];
+    if path.len() > MAX_LEN {
+        let route = route(path);
+        let name = joined(&[verb, " ", &route]);
+        return (route, name);
+    }
+    TABLES.with_borrow_mut(|t| {
+        use std::hash::BuildHasher as _;
+        let slot = foldhash::fast::FixedState::with_seed(0).hash_one((verb, path)) as usize % MEMO;
+        if t.memo.is_empty() {
+            t.memo.resize_with(MEMO, || None);
+        }
+        if let Some(n) = &t.memo[slot]
+            && n.path == path
+            && *n.verb == *verb
+        {
+            return (n.route.clone(), n.name.clone());
+        }
+        let Tables {
+            routes,
+            texts,
+            scratch,
+            memo,
+            ..
+        } = t;
+        scratch.clear();
+        crate::trace::route::template_into(path, scratch);
+        let route = shared(routes, scratch);
+        scratch.clear();
+        scratch.push_str(verb);
+        scratch.push(' ');
+        scratch.push_str(&route);
+        let name = shared(texts, scratch);
+        // The slot's buffers are reused by the path that takes it.
+        match &mut memo[slot] {
+            Some(n) => {
+                if *n.verb != *verb {
+                    n.verb = verb.into();
+                }
+                n.path.clear();
+                n.path.push_str(path);
+                n.route = route.clone();
+                n.name = name.clone();
+            }
+            empty => {
+                *empty = Some(Named {
+                    verb: verb.into(),
+                    path: path.to_string(),
+                    route: route.clone(),
+                    name: name.clone(),
+                })
+            }
+        }
+        (route, name)
     })
 }
 
@@ -108,6 +186,28 @@ mod tests {
         assert_eq!(&*r, "/users/{id}");
         let n = joined(&["GET", " ", &r]);
         assert!(Arc::ptr_eq(&n, &text("GET /users/{id}")));
+    }
+
+    #[test]
+    fn a_remembered_path_gives_the_route_and_name_it_made() {
+        let (r, n) = route_and_name("GET", "/users/42?x=1");
+        assert_eq!((&*r, &*n), ("/users/{id}", "GET /users/{id}"));
+        let (r2, n2) = route_and_name("GET", "/users/42#top");
+        assert!(Arc::ptr_eq(&r, &r2) && Arc::ptr_eq(&n, &n2));
+        // The verb is part of what is remembered.
+        let (_, post) = route_and_name("POST", "/users/42");
+        assert_eq!(&*post, "POST /users/{id}");
+        assert_eq!(&*route_and_name("GET", "/users/42").1, "GET /users/{id}");
+        // Paths that share a slot replace each other and still come out right.
+        for i in 0..(3 * MEMO) {
+            let path = format!("/p{i}/items");
+            let (r, n) = route_and_name("PUT", &path);
+            assert_eq!(&*r, path.as_str());
+            assert_eq!(*n, format!("PUT {path}"));
+        }
+        // A path too long to remember is templated all the same.
+        let long = format!("/shop{}", "/cart".repeat(MAX_LEN / 4));
+        assert_eq!(route_and_name("GET", &long).0, route(&long));
     }
 
     #[test]

@@ -404,7 +404,8 @@ impl TraceSink {
         let kind = Self::kind(conn);
         add(&self.stats.l7.exchanges, PROTO_HTTP1, done.len() as u64);
         add(&self.stats.l7.spans, PROTO_HTTP1, done.len() as u64);
-        for mut ex in done.drain(..) {
+        // By reference, cleared after: moving each ~500-byte exchange out was a copy apiece.
+        for ex in done.iter_mut() {
             crate::counter::add(&self.stats.exchanges, 1);
             self.linker.finalize(&mut ex.identity);
             if kind == SpanKind::Server {
@@ -413,9 +414,10 @@ impl TraceSink {
             } else {
                 self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
-            let span = build(&ex, conn, kind, &self.clock, &self.redaction);
+            let span = build(ex, conn, kind, &self.clock, &self.redaction);
             self.send(span, !ex.identity.local_parent);
         }
+        done.clear();
     }
 
     fn emit_db(

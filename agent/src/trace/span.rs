@@ -70,7 +70,36 @@ pub struct SpanRecord {
     pub comm: Arc<str>,
 }
 
+/// Emptied attribute lists kept for the next spans on this thread: a span's list (~16 entries,
+/// 640 bytes) was an allocation and a free per span. Spans are built and encoded on the
+/// pipeline's thread, so the list comes back where it is taken.
+const SPARE_ATTRIBUTES: usize = 64;
+
+thread_local! {
+    static ATTRIBUTES: std::cell::RefCell<Vec<Vec<(&'static str, Value)>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty attribute list with room for `n`: a spare one when there is.
+pub fn attribute_list(n: usize) -> Vec<(&'static str, Value)> {
+    ATTRIBUTES
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| Vec::with_capacity(n))
+}
+
 impl SpanRecord {
+    /// Drops the span, keeping its attribute list for the next span built on this thread.
+    pub fn recycle(mut self) {
+        let mut list = std::mem::take(&mut self.attributes);
+        list.clear();
+        drop(self);
+        ATTRIBUTES.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_ATTRIBUTES && list.capacity() >= 16 && list.capacity() <= 64 {
+                spare.push(list);
+            }
+        });
+    }
+
     pub fn attr(&self, key: &str) -> Option<&Value> {
         self.attributes
             .iter()
@@ -254,12 +283,11 @@ pub fn build<'a>(
         Some(i) => (&target[..i], Some(until(&target[i + 1..], b'#'))),
         None => (until(target, b'#'), None),
     };
-    let route = shared_text::route(target);
     let known = KNOWN_METHODS.contains(&method);
     let verb = if known { method } else { "HTTP" };
-    let name = shared_text::joined(&[verb, " ", &route]);
+    let (route, name) = shared_text::route_and_name(verb, target);
 
-    let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(16);
+    let mut a = attribute_list(16);
     let s = |v: &str| Value::Str(v.to_string());
     match KNOWN_METHODS.iter().find(|m| **m == method) {
         Some(m) => a.push(("http.request.method", Value::Static(m))),
