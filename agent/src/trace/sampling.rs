@@ -274,8 +274,9 @@ impl Sampler {
         simple.then(|| !self.head.parent_based || carried.unwrap_or(true))
     }
 
-    /// One span decided without waiting: counted, and returned if kept.
-    pub fn count_one(&self, keep: bool, span: SpanRecord) -> Option<SpanRecord> {
+    /// One span decided without waiting: counted. The span stays with the caller (a span moved
+    /// in and back out was two copies of it).
+    pub fn count_one(&self, keep: bool) {
         let counter = if keep {
             &self.stats.spans_kept
         } else {
@@ -283,7 +284,6 @@ impl Sampler {
         };
         // The sampler's counters: the pipeline's thread alone writes them.
         crate::counter::add(counter, 1);
-        keep.then_some(span)
     }
 
     /// A finished span; `root` when it is its trace's local root. Returns what may be exported

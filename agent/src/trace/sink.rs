@@ -295,7 +295,8 @@ impl TraceSink {
     fn sample(&mut self, span: SpanRecord, local_root: bool) {
         let carried = self.linker.carried_flag(&span.trace_id);
         if let Some(keep) = self.sampler.without_waiting(carried) {
-            if let Some(span) = self.sampler.count_one(keep, span) {
+            self.sampler.count_one(keep);
+            if keep {
                 self.out.offer(&self.export_stats, span);
             }
             return;
