@@ -50,10 +50,16 @@ pub trait Sink {
     fn tick(&mut self, _now_ns: u64) {}
     /// A batch of events is handled: what it made may go on (spans travel per batch).
     fn batch_done(&mut self) {}
+    /// Called on every tick, and once events pause (`QUIET` after the last batch): nothing
+    /// made so far waits any longer.
     fn flush(&mut self) {}
     /// The run is over: nothing is held back any more.
     fn drain(&mut self) {}
 }
+
+/// Events stopped coming this long ago: what the sink holds back for larger hand-overs
+/// (`Sink::batch_done`) goes on now instead of at the next tick, up to a second later.
+const QUIET: Duration = Duration::from_millis(50);
 
 pub async fn run<S: Sink>(
     mut rx: EventReceiver,
@@ -67,6 +73,8 @@ pub async fn run<S: Sink>(
     let mut table = ConnTable::new(limits);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
+    // When what the last batches made goes on if no batch comes first.
+    let mut quiet_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             batch = rx.recv() => {
@@ -75,6 +83,12 @@ pub async fn run<S: Sink>(
                     handle(&mut table, &mut goroutines, event, &mut resolver, sink);
                 }
                 sink.batch_done();
+                quiet_at = Some(tokio::time::Instant::now() + QUIET);
+            }
+            _ = tokio::time::sleep_until(quiet_at.unwrap_or_else(tokio::time::Instant::now)),
+                if quiet_at.is_some() => {
+                quiet_at = None;
+                sink.flush();
             }
             _ = tick.tick() => {
                 let now = clock::monotonic_ns();
@@ -138,4 +152,68 @@ fn handle<S: Sink>(
 
 fn finish<S: Sink>(conn: Connection, close: Option<&CloseEvent>, sink: &mut S) {
     sink.closed(&conn.info, close);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::ForkEvent;
+
+    #[derive(Default)]
+    struct Counts {
+        batches: usize,
+        flushes: usize,
+    }
+
+    #[derive(Clone, Default)]
+    struct Counting(Arc<Mutex<Counts>>);
+
+    impl Sink for Counting {
+        fn data(&mut self, _: &ConnInfo, _: &DataEvent, _: Direction, _: Segments) {}
+        fn closed(&mut self, _: &ConnInfo, _: Option<&CloseEvent>) {}
+        fn batch_done(&mut self) {
+            self.0.lock().unwrap().batches += 1;
+        }
+        fn flush(&mut self) {
+            self.0.lock().unwrap().flushes += 1;
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_batch_made_goes_on_soon_after_events_pause_not_at_the_next_tick() {
+        let (tx, rx) = crate::event_queue::channel(16);
+        let sink = Counting::default();
+        let counts = sink.0.clone();
+        let run = tokio::spawn(async move {
+            let mut sink = sink;
+            run(
+                rx,
+                Limits::default(),
+                crate::conn::NoResolver,
+                &mut sink,
+                Arc::new(Userspace::default()),
+                Default::default(),
+            )
+            .await
+        });
+        // The interval's first tick is at once.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(counts.lock().unwrap().flushes, 1, "the first tick");
+        let fork = Event::Fork(ForkEvent {
+            ts_ns: 1,
+            pid: 1,
+            parent_tid: 1,
+            child_tid: 2,
+        });
+        assert_eq!(tx.send(vec![fork]), 0);
+        // The next tick is ~900 ms away; the pause is noticed after QUIET (50 ms).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        {
+            let c = counts.lock().unwrap();
+            assert_eq!(c.batches, 1);
+            assert_eq!(c.flushes, 2, "flushed once events paused");
+        }
+        drop(tx);
+        run.await.unwrap();
+    }
 }
