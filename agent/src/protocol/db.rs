@@ -341,7 +341,7 @@ pub fn build(
     clock: &WallClock,
 ) -> SpanRecord {
     let r = &ex.request;
-    let mut a = crate::trace::span::attribute_list(12);
+    let mut a = crate::trace::span::attribute_list();
     a.push(("db.system.name", Value::Static(system)));
     if let Some(ns) = &r.namespace {
         a.push(("db.namespace", Value::Str(ns.to_string())));

@@ -80,11 +80,15 @@ thread_local! {
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// An empty attribute list with room for `n`: a spare one when there is.
-pub fn attribute_list(n: usize) -> Vec<(&'static str, Value)> {
+/// Room a new attribute list starts with: an HTTP span's attributes. A database span needs
+/// fewer, and takes the same size so that its list is kept for reuse too.
+const ATTRIBUTE_ROOM: usize = 16;
+
+/// An empty attribute list: a spare one when there is.
+pub fn attribute_list() -> Vec<(&'static str, Value)> {
     ATTRIBUTES
         .with_borrow_mut(Vec::pop)
-        .unwrap_or_else(|| Vec::with_capacity(n))
+        .unwrap_or_else(|| Vec::with_capacity(ATTRIBUTE_ROOM))
 }
 
 impl SpanRecord {
@@ -94,7 +98,10 @@ impl SpanRecord {
         list.clear();
         drop(self);
         ATTRIBUTES.with_borrow_mut(|spare| {
-            if spare.len() < SPARE_ATTRIBUTES && list.capacity() >= 16 && list.capacity() <= 64 {
+            // A list grown far past the usual (many HTTP/2 fields) is freed, not kept.
+            if spare.len() < SPARE_ATTRIBUTES
+                && (ATTRIBUTE_ROOM..=4 * ATTRIBUTE_ROOM).contains(&list.capacity())
+            {
                 spare.push(list);
             }
         });
@@ -287,7 +294,7 @@ pub fn build<'a>(
     let verb = if known { method } else { "HTTP" };
     let (route, name) = shared_text::route_and_name(verb, target);
 
-    let mut a = attribute_list(16);
+    let mut a = attribute_list();
     let s = |v: &str| Value::Str(v.to_string());
     match KNOWN_METHODS.iter().find(|m| **m == method) {
         Some(m) => a.push(("http.request.method", Value::Static(m))),
@@ -445,6 +452,43 @@ mod tests {
             outcome,
         }
     }
+    #[test]
+    fn an_encoded_span_leaves_its_attribute_list_for_the_next_span_http_or_database() {
+        let ex = exchange(
+            "GET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+            Some("HTTP/1.1 200 OK\r\n\r\n"),
+            Outcome::Complete,
+        );
+        let span = || {
+            build(
+                &ex,
+                &conn(),
+                SpanKind::Server,
+                &WallClock::default(),
+                &Redaction::default(),
+            )
+        };
+        ATTRIBUTES.with_borrow_mut(Vec::clear);
+        let http = span();
+        let list = http.attributes.as_ptr();
+        http.recycle();
+        let again = attribute_list();
+        assert_eq!(again.as_ptr(), list, "the HTTP span's list");
+        // A database span's list, made new (nothing spare) and holding a dozen attributes.
+        ATTRIBUTES.with_borrow_mut(Vec::clear);
+        let mut fresh = attribute_list();
+        fresh.extend((0..12).map(|_| ("db.system.name", Value::Static("postgresql"))));
+        let list = fresh.as_ptr();
+        SpanRecord {
+            attributes: fresh,
+            ..span()
+        }
+        .recycle();
+        let kept = attribute_list();
+        assert_eq!(kept.as_ptr(), list, "the database span's list");
+        assert!(kept.is_empty());
+    }
+
     fn str_attr(s: &SpanRecord, k: &str) -> String {
         match s.attr(k) {
             Some(Value::Int(i)) => i.to_string(),
