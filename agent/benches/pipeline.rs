@@ -2,7 +2,7 @@
 //! record -> connection table and reassembly -> HTTP/1 parsing and pairing -> span building.
 //! Reported as events per second on one core (`cargo xtask bench` runs it too). The `sink`
 //! cases take the daemon's own path instead: the tracing sink, with user-space protocol
-//! detection, dispatch and causality, for HTTP/1 and for Redis; `sink/http1_otlp_red` adds
+//! detection, dispatch and causality, for HTTP/1, for Redis and for gRPC unary calls; `sink/http1_otlp_red` adds
 //! what `loupe run` does with every span by default besides (OTLP encoding, RED metrics).
 
 use agent_common::{
@@ -127,6 +127,125 @@ fn redis_records() -> Vec<Vec<u8>> {
     out
 }
 
+/// An HPACK integer with an N-bit prefix, the first byte's high bits set to `flags`.
+fn hpack_int(out: &mut Vec<u8>, flags: u8, prefix: u8, mut value: usize) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.push(flags | value as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    value -= max;
+    while value >= 128 {
+        out.push(0x80 | (value & 0x7f) as u8);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn hpack_str(out: &mut Vec<u8>, s: &str) {
+    hpack_int(out, 0, 7, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A header field for the dynamic table: `name` a static index, or 0 and the name spelled out.
+fn hpack_insert(out: &mut Vec<u8>, name: usize, spelled: &str, value: &str) {
+    hpack_int(out, 0x40, 6, name);
+    if name == 0 {
+        hpack_str(out, spelled);
+    }
+    hpack_str(out, value);
+}
+
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// gRPC unary calls on HTTP/2 connections as a grpcio server sees them under h2load: the first
+/// call's headers go into the dynamic tables, every later one is indexed (as real encoders do);
+/// a call is three events: the request (HEADERS + DATA), the response head and message, the
+/// trailers (grpcio writes those two separately).
+fn grpc_records() -> Vec<Vec<u8>> {
+    const HEADERS: u8 = 1;
+    const DATA: u8 = 0;
+    const SETTINGS: u8 = 4;
+    const END_STREAM: u8 = 1;
+    const END_HEADERS: u8 = 4;
+    let mut out = Vec::new();
+    let mut seq = vec![[0u64; 2]; CONNS as usize];
+    let mut ts = 1_000;
+    let mut push = |out: &mut Vec<Vec<u8>>, sk: u64, dir: u8, bytes: Vec<u8>, ts: u64| {
+        let side = &mut seq[sk as usize][usize::from(dir == DIR_SEND)];
+        out.push(record_as(sk, dir, *side, &bytes, ts, 2));
+        *side += bytes.len() as u64;
+    };
+    for sk in 0..CONNS {
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        h2_frame(&mut hello, SETTINGS, 0, 0, &[]);
+        push(&mut out, sk, DIR_RECV, hello, ts);
+        let mut settings = Vec::new();
+        h2_frame(&mut settings, SETTINGS, 0, 0, &[]);
+        h2_frame(&mut settings, SETTINGS, 1, 0, &[]);
+        push(&mut out, sk, DIR_SEND, settings, ts);
+    }
+    for x in 0..EXCHANGES {
+        for sk in 0..CONNS {
+            let stream = 2 * x as u32 + 1;
+            let mut block = Vec::new();
+            if x == 0 {
+                block.extend_from_slice(&[0x83, 0x86]);
+                hpack_insert(&mut block, 4, "", "/shop.v1.Orders/Ping");
+                hpack_insert(&mut block, 1, "", "127.0.0.1:18090");
+                hpack_insert(&mut block, 0, "te", "trailers");
+                hpack_insert(&mut block, 31, "", "application/grpc");
+                hpack_insert(&mut block, 58, "", "h2load nghttp2/1.52.0");
+            } else {
+                block.extend_from_slice(&[0x83, 0x86, 0x80 | 66, 0x80 | 65, 0x80 | 64]);
+                block.extend_from_slice(&[0x80 | 63, 0x80 | 62]);
+            }
+            let mut request = Vec::new();
+            h2_frame(&mut request, HEADERS, END_HEADERS, stream, &block);
+            h2_frame(&mut request, DATA, END_STREAM, stream, b"\0\0\0\0\x04ping");
+            push(&mut out, sk, DIR_RECV, request, ts);
+
+            let mut head = Vec::new();
+            let mut trailers = Vec::new();
+            if x == 0 {
+                head.push(0x88);
+                hpack_insert(&mut head, 31, "", "application/grpc");
+                hpack_insert(
+                    &mut head,
+                    0,
+                    "grpc-accept-encoding",
+                    "identity,deflate,gzip",
+                );
+                hpack_insert(&mut trailers, 0, "grpc-status", "0");
+            } else {
+                head.extend_from_slice(&[0x88, 0x80 | 64, 0x80 | 63]);
+                trailers.push(0x80 | 62);
+            }
+            let mut response = Vec::new();
+            h2_frame(&mut response, HEADERS, END_HEADERS, stream, &head);
+            h2_frame(&mut response, DATA, 0, stream, b"\0\0\0\0\x04pong");
+            push(&mut out, sk, DIR_SEND, response, ts + 40_000);
+            let mut end = Vec::new();
+            h2_frame(
+                &mut end,
+                HEADERS,
+                END_HEADERS | END_STREAM,
+                stream,
+                &trailers,
+            );
+            push(&mut out, sk, DIR_SEND, end, ts + 50_000);
+            ts += 1_000;
+        }
+    }
+    out
+}
+
 /// What the sink's spans go to.
 #[derive(Clone, Copy)]
 enum Outputs {
@@ -196,6 +315,15 @@ fn sink(c: &mut Criterion) {
     // Server side with spans on, so the work matches the HTTP case (a span per exchange).
     group.bench_function("redis", |b| {
         b.iter(|| std::hint::black_box(through_sink(&redis, true, Outputs::Records)))
+    });
+    let grpc = grpc_records();
+    group.throughput(Throughput::Elements(grpc.len() as u64));
+    group.bench_function("grpc_otlp_red", |b| {
+        b.iter(|| {
+            let spans = through_sink(&grpc, false, Outputs::OtlpAndRed);
+            assert_eq!(spans, (CONNS * EXCHANGES) as usize, "a span per call");
+            std::hint::black_box(spans)
+        })
     });
     group.finish();
 }

@@ -120,6 +120,10 @@ pub struct DecodeStats {
     pub unknown_refs: u64,
 }
 
+/// What `Decoder::decode_with` hands each field to: its name and value, either `None` where
+/// it is unknown (an entry from before attach).
+pub type Visit<'a> = dyn FnMut(Option<&[u8]>, Option<&[u8]>) + 'a;
+
 pub struct Decoder {
     /// Entries inserted since attach, newest first (index 62 is `known[0]`).
     known: VecDeque<Entry>,
@@ -134,6 +138,9 @@ pub struct Decoder {
     max_size: usize,
     /// What SETTINGS allows the encoder (a size update above it is an error).
     settings_max: usize,
+    /// Where a literal that does not enter the table is decoded, reused block after block.
+    name_buf: Vec<u8>,
+    value_buf: Vec<u8>,
     pub stats: DecodeStats,
 }
 
@@ -147,6 +154,8 @@ impl Decoder {
             unnamed: 0,
             max_size: DEFAULT_TABLE_SIZE,
             settings_max: DEFAULT_TABLE_SIZE,
+            name_buf: Vec::new(),
+            value_buf: Vec::new(),
             stats: DecodeStats::default(),
         }
     }
@@ -168,23 +177,52 @@ impl Decoder {
         !self.unknown_tail && self.unnamed == 0
     }
 
-    /// Decodes one complete header block (HEADERS plus CONTINUATIONs, padding removed).
+    /// Decodes one complete header block (HEADERS plus CONTINUATIONs, padding removed) into
+    /// a list of fields.
     /// On an error the table may be out of sync: the caller resets the connection's decoder.
-    pub fn decode(&mut self, mut block: &[u8]) -> Result<Vec<Field>, Error> {
+    #[cfg(test)]
+    pub fn decode(&mut self, block: &[u8]) -> Result<Vec<Field>, Error> {
         let mut fields = Vec::new();
+        self.decode_with(block, &mut |name, value| {
+            fields.push(Field {
+                name: name.map(<[u8]>::to_vec),
+                value: value.map(<[u8]>::to_vec),
+            })
+        })?;
+        Ok(fields)
+    }
+
+    /// Decodes one complete header block, handing each field to `visit` where it lies: in the
+    /// static table, the dynamic one, or a buffer the decoder reuses. Nothing is allocated
+    /// but what enters the dynamic table; a span keeps a few fields of the ten or so a block
+    /// carries, and an indexed field (most fields on a busy connection) is a lookup.
+    /// On an error the table may be out of sync: the caller resets the connection's decoder.
+    pub fn decode_with(&mut self, mut block: &[u8], visit: &mut Visit<'_>) -> Result<(), Error> {
         let mut at_start = true;
         while let Some(&first) = block.first() {
             if first & 0x80 != 0 {
                 // Indexed field.
                 let index = integer(&mut block, 7)?;
-                fields.push(self.lookup(index)?);
+                match resolve(&self.known, self.unknown_tail, index)? {
+                    Some((name, value)) => visit(name, Some(value)),
+                    None => {
+                        self.stats.unknown_refs += 1;
+                        visit(None, None);
+                    }
+                }
             } else if first & 0xc0 == 0x40 {
-                // Literal with incremental indexing.
-                let (name, value) = self.literal(&mut block, 6)?;
-                fields.push(Field {
-                    name: name.clone(),
-                    value: Some(value.clone()),
-                });
+                // Literal with incremental indexing: the table keeps its own copy.
+                let index = integer(&mut block, 6)?;
+                let name = if index == 0 {
+                    let mut name = Vec::new();
+                    string(&mut block, &mut name)?;
+                    Some(name)
+                } else {
+                    self.name_of(index)?.map(<[u8]>::to_vec)
+                };
+                let mut value = Vec::new();
+                string(&mut block, &mut value)?;
+                visit(name.as_deref(), Some(&value));
                 self.insert(name, value);
             } else if first & 0xe0 == 0x20 {
                 // Dynamic table size update: only before the first field.
@@ -198,58 +236,40 @@ impl Decoder {
                 self.resize(size);
                 continue;
             } else {
-                // Literal without indexing (0000) or never indexed (0001).
-                let (name, value) = self.literal(&mut block, 4)?;
-                fields.push(Field {
-                    name,
-                    value: Some(value),
-                });
+                // Literal without indexing (0000) or never indexed (0001): decoded into the
+                // reused buffers, gone once visited.
+                let index = integer(&mut block, 4)?;
+                if index == 0 {
+                    string(&mut block, &mut self.name_buf)?;
+                    string(&mut block, &mut self.value_buf)?;
+                    visit(Some(&self.name_buf), Some(&self.value_buf));
+                } else {
+                    // Resolved first so that an unknown name is counted as the lookup did.
+                    let known = self.name_of(index)?.is_some();
+                    string(&mut block, &mut self.value_buf)?;
+                    let name = if known {
+                        resolve(&self.known, self.unknown_tail, index)?.and_then(|(n, _)| n)
+                    } else {
+                        None
+                    };
+                    visit(name, Some(&self.value_buf));
+                }
             }
             at_start = false;
         }
-        Ok(fields)
+        Ok(())
     }
 
-    fn lookup(&mut self, index: usize) -> Result<Field, Error> {
-        match index {
-            0 => Err(Error::BadIndex(0)),
-            1..=61 => {
-                let (n, v) = STATIC[index - 1];
-                Ok(Field {
-                    name: Some(n.as_bytes().to_vec()),
-                    value: Some(v.as_bytes().to_vec()),
-                })
+    /// The name at `index`, `None` if unknown (an entry from before attach, counted, or one
+    /// inserted under such a name).
+    fn name_of(&mut self, index: usize) -> Result<Option<&[u8]>, Error> {
+        match resolve(&self.known, self.unknown_tail, index)? {
+            Some((name, _)) => Ok(name),
+            None => {
+                self.stats.unknown_refs += 1;
+                Ok(None)
             }
-            _ => match self.known.get(index - 62) {
-                Some(e) => Ok(Field {
-                    name: e.name.clone(),
-                    value: Some(e.value.clone()),
-                }),
-                None if self.unknown_tail => {
-                    self.stats.unknown_refs += 1;
-                    Ok(Field {
-                        name: None,
-                        value: None,
-                    })
-                }
-                None => Err(Error::BadIndex(index)),
-            },
         }
-    }
-
-    /// A literal's name (indexed or literal) and value; `prefix` bits hold the name index.
-    fn literal(
-        &mut self,
-        block: &mut &[u8],
-        prefix: u8,
-    ) -> Result<(Option<Vec<u8>>, Vec<u8>), Error> {
-        let index = integer(block, prefix)?;
-        let name = if index == 0 {
-            Some(string(block)?)
-        } else {
-            self.lookup(index)?.name
-        };
-        Ok((name, string(block)?))
     }
 
     fn insert(&mut self, name: Option<Vec<u8>>, value: Vec<u8>) {
@@ -319,8 +339,32 @@ fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, Error> {
     }
 }
 
-/// A string literal (RFC 7541 5.2), Huffman-decoded when flagged.
-fn string(block: &mut &[u8]) -> Result<Vec<u8>, Error> {
+/// A table entry's name (`None` if unknown) and value.
+type Resolved<'a> = (Option<&'a [u8]>, &'a [u8]);
+
+/// The entry at `index`: its name (`None` if it is unknown) and value; `None` for an entry
+/// from before attach.
+fn resolve(
+    known: &VecDeque<Entry>,
+    unknown_tail: bool,
+    index: usize,
+) -> Result<Option<Resolved<'_>>, Error> {
+    match index {
+        0 => Err(Error::BadIndex(0)),
+        1..=61 => {
+            let (n, v) = STATIC[index - 1];
+            Ok(Some((Some(n.as_bytes()), v.as_bytes())))
+        }
+        _ => match known.get(index - 62) {
+            Some(e) => Ok(Some((e.name.as_deref(), &e.value))),
+            None if unknown_tail => Ok(None),
+            None => Err(Error::BadIndex(index)),
+        },
+    }
+}
+
+/// A string literal (RFC 7541 5.2) into `out` (cleared first), Huffman-decoded when flagged.
+fn string(block: &mut &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
     let huffman = block.first().ok_or(Error::Truncated)? & 0x80 != 0;
     let len = integer(block, 7)?;
     if block.len() < len {
@@ -328,13 +372,14 @@ fn string(block: &mut &[u8]) -> Result<Vec<u8>, Error> {
     }
     let (raw, rest) = block.split_at(len);
     *block = rest;
+    out.clear();
     if !huffman {
-        return Ok(raw.to_vec());
+        out.extend_from_slice(raw);
+        return Ok(());
     }
-    let mut out = Vec::with_capacity(raw.len() * 8 / 5);
-    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FourBits)
-        .map_err(|_| Error::Huffman)?;
-    Ok(out)
+    out.reserve(raw.len() * 8 / 5);
+    httlib_huffman::decode(raw, out, httlib_huffman::DecoderSpeed::FourBits)
+        .map_err(|_| Error::Huffman)
 }
 
 #[cfg(test)]

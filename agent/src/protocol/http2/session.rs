@@ -8,6 +8,7 @@
 
 use foldhash::{HashMap, HashMapExt};
 
+#[cfg(test)]
 use bytes::Bytes;
 
 use super::{frame, hpack};
@@ -31,12 +32,54 @@ const MAX_RESYNC: usize = 64 << 10;
 /// needs it) and dropped.
 const KEPT_H2: [&str; 3] = ["content-type", "grpc-status", "grpc-message"];
 
-fn kept(name: &str) -> Option<&'static str> {
+fn kept(name: &[u8]) -> Option<&'static str> {
     crate::protocol::http1::KEPT
         .iter()
         .chain(KEPT_H2.iter())
-        .find(|k| **k == name)
+        .find(|k| k.as_bytes() == name)
         .copied()
+}
+
+/// The pseudo-headers a span reads.
+const PSEUDO: [&str; 5] = [":method", ":path", ":authority", ":scheme", ":status"];
+
+/// The fields of one header block a span reads, their values copied together into one
+/// buffer; both reused block after block.
+#[derive(Default)]
+struct Fields {
+    text: Vec<u8>,
+    kept: Vec<(&'static str, u32, u32)>,
+}
+
+impl Fields {
+    fn clear(&mut self) {
+        self.text.clear();
+        self.kept.clear();
+    }
+
+    /// Keeps the field if a span reads it.
+    fn offer(&mut self, name: &[u8], value: &[u8]) {
+        let name = if name.first() == Some(&b':') {
+            PSEUDO.iter().find(|p| p.as_bytes() == name).copied()
+        } else {
+            kept(name)
+        };
+        if let Some(name) = name {
+            let at = self.text.len() as u32;
+            self.text.extend_from_slice(value);
+            self.kept.push((name, at, self.text.len() as u32));
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
+        self.kept
+            .iter()
+            .map(|&(n, from, to)| (n, &self.text[from as usize..to as usize]))
+    }
+
+    fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +173,8 @@ pub struct Session {
     streams: HashMap<u32, Stream>,
     /// Streams above this were refused by GOAWAY.
     goaway: Option<u32>,
+    /// The current header block's fields (reused).
+    fields: Fields,
     pub stats: SessionStats,
 }
 
@@ -138,26 +183,25 @@ pub struct Progress {
     pub completed: Vec<H2Exchange>,
 }
 
-fn head_request(fields: &[(String, Bytes)]) -> Head {
-    let get = |n: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-    };
-    let authority = get(":authority");
+fn head_request(fields: &Fields) -> Head {
     let headers = crate::protocol::http1::Headers::from_values(
-        authority
-            .iter()
-            .map(|a| ("host", a.as_bytes()))
-            .chain(fields.iter().filter_map(|(k, v)| Some((kept(k)?, &v[..])))),
+        fields
+            .get(":authority")
+            .map(|a| ("host", a))
+            .into_iter()
+            .chain(fields.iter().filter(|(k, _)| !k.starts_with(':'))),
     );
     Head {
         start: StartLine::Request {
-            method: get(":method").map_or(std::borrow::Cow::Borrowed("_OTHER"), |m| {
-                crate::protocol::http1::method_name(&m)
-            }),
-            target: get(":path").unwrap_or_default(),
+            method: fields
+                .get(":method")
+                .map_or(std::borrow::Cow::Borrowed("_OTHER"), |m| {
+                    crate::protocol::http1::method_name(&String::from_utf8_lossy(m))
+                }),
+            target: fields
+                .get(":path")
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default(),
         },
         minor_version: 1,
         headers,
@@ -165,11 +209,10 @@ fn head_request(fields: &[(String, Bytes)]) -> Head {
     }
 }
 
-fn head_response(fields: &[(String, Bytes)]) -> Option<Head> {
+fn head_response(fields: &Fields) -> Option<Head> {
     let status = fields
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())?;
+        .get(":status")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())?;
     Some(Head {
         start: StartLine::Response { status },
         minor_version: 1,
@@ -213,6 +256,7 @@ impl Session {
             ],
             streams: HashMap::new(),
             goaway: None,
+            fields: Fields::default(),
             stats: SessionStats::default(),
         }
     }
@@ -514,30 +558,38 @@ impl Session {
         assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
         done: &mut Vec<H2Exchange>,
     ) {
-        let decoded = match self.decoders[dir].decode(block) {
-            Ok(f) => f,
-            Err(_) => {
-                self.stats.hpack_errors += 1;
-                self.decoders[dir] = hpack::Decoder::new(true);
-                return;
-            }
-        };
-        // A promised request's headers keep the table right; no span comes of them.
-        if kind == frame::PUSH_PROMISE {
-            return;
+        let mut fields = std::mem::take(&mut self.fields);
+        fields.clear();
+        let stats = &mut self.stats;
+        let decoded =
+            self.decoders[dir].decode_with(block, &mut |name, value| match (name, value) {
+                (Some(n), Some(v)) => fields.offer(n, v),
+                _ => stats.unknown_fields += 1,
+            });
+        if decoded.is_err() {
+            self.stats.hpack_errors += 1;
+            self.decoders[dir] = hpack::Decoder::new(true);
+        } else if kind == frame::PUSH_PROMISE {
+            // A promised request's headers keep the table right; no span comes of them.
+        } else {
+            self.apply(dir, stream, flags, &fields, ts, tid, assign, done);
         }
-        let mut fields: Vec<(String, Bytes)> = Vec::new();
-        for f in decoded {
-            match (f.name, f.value) {
-                (Some(n), Some(v)) => {
-                    let name = String::from_utf8_lossy(&n).into_owned();
-                    if name.starts_with(':') || kept(&name).is_some() {
-                        fields.push((name, Bytes::from(v)));
-                    }
-                }
-                _ => self.stats.unknown_fields += 1,
-            }
-        }
+        self.fields = fields;
+    }
+
+    /// A decoded header block's fields applied to its stream.
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        dir: usize,
+        stream: u32,
+        flags: u8,
+        fields: &Fields,
+        ts: u64,
+        tid: u32,
+        assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
+        done: &mut Vec<H2Exchange>,
+    ) {
         let end_stream = flags & frame::END_STREAM != 0;
         if dir == REQUESTS {
             if let Some(s) = self.streams.get_mut(&stream) {
@@ -548,7 +600,7 @@ impl Session {
             } else if self.streams.len() >= MAX_STREAMS {
                 self.stats.overflow += 1;
             } else {
-                let request = head_request(&fields);
+                let request = head_request(fields);
                 let grpc = request
                     .header_str("content-type")
                     .is_some_and(|c| c.starts_with("application/grpc"))
@@ -585,7 +637,7 @@ impl Session {
             };
             s.last_ns = ts;
             if s.response.is_none()
-                && let Some(head) = head_response(&fields)
+                && let Some(head) = head_response(fields)
             {
                 // 1xx answers are interim: the final one follows.
                 if head.status().is_some_and(|c| c >= 200) {
@@ -593,8 +645,8 @@ impl Session {
                 }
             }
             if let Some(g) = s.grpc.as_mut() {
-                for (k, v) in &fields {
-                    match k.as_str() {
+                for (k, v) in fields.iter() {
+                    match k {
                         "grpc-status" => {
                             g.status = std::str::from_utf8(v)
                                 .ok()
