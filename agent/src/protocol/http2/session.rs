@@ -288,8 +288,19 @@ impl Session {
             match seg {
                 Segment::Gap(n) => self.gap(dir, n),
                 Segment::Data(b) => {
-                    self.readers[dir].buf.extend_from_slice(&b);
-                    self.run(dir, ts_ns, tid, assign, &mut done);
+                    // Frames are read where they lie: in the segment itself when nothing is
+                    // held from before (the usual case: a write is whole frames), else in the
+                    // held bytes with the segment appended. Only an unfinished frame is kept.
+                    let mut buf = std::mem::take(&mut self.readers[dir].buf);
+                    if buf.is_empty() {
+                        let used = self.run(dir, &b, ts_ns, tid, assign, &mut done);
+                        buf.extend_from_slice(&b[used..]);
+                    } else {
+                        buf.extend_from_slice(&b);
+                        let used = self.run(dir, &buf, ts_ns, tid, assign, &mut done);
+                        buf.drain(..used);
+                    }
+                    self.readers[dir].buf = buf;
                 }
             }
         }
@@ -320,68 +331,72 @@ impl Session {
         self.decoders[dir] = hpack::Decoder::new(true);
     }
 
+    /// Reads the frames of `data` (the direction's next bytes); returns how many bytes it is
+    /// done with. The rest, an unfinished frame, comes again with the next bytes.
     fn run(
         &mut self,
         dir: usize,
+        data: &[u8],
         ts: u64,
         tid: u32,
         assign: &mut dyn FnMut(&Head, RequestStart) -> Identity,
         done: &mut Vec<H2Exchange>,
-    ) {
+    ) -> usize {
+        let mut at = 0;
         loop {
+            let rest = &data[at..];
             let r = &mut self.readers[dir];
             match r.state {
                 State::Preface => {
-                    let n = r.buf.len().min(frame::PREFACE.len());
-                    if r.buf[..n] != frame::PREFACE[..n] {
+                    let n = rest.len().min(frame::PREFACE.len());
+                    if rest[..n] != frame::PREFACE[..n] {
                         r.state = State::Resync;
                         continue;
                     }
                     if n < frame::PREFACE.len() {
-                        return;
+                        return at;
                     }
-                    r.buf.drain(..n);
+                    at += n;
                     r.state = State::Frame;
                 }
                 State::Resync => {
                     let found =
-                        (0..r.buf.len().saturating_sub(frame::HEADER_LEN - 1)).find(|&at| {
-                            let run = frame::plausible_run(&r.buf[at..], 3);
+                        (0..rest.len().saturating_sub(frame::HEADER_LEN - 1)).find(|&from| {
+                            let run = frame::plausible_run(&rest[from..], 3);
                             // Two frames in a row, or one that ends exactly where the bytes do.
                             run >= 2
                                 || (run == 1
-                                    && frame::Header::parse(&r.buf[at..]).is_some_and(|h| {
-                                        at + frame::HEADER_LEN + h.len as usize == r.buf.len()
+                                    && frame::Header::parse(&rest[from..]).is_some_and(|h| {
+                                        from + frame::HEADER_LEN + h.len as usize == rest.len()
                                     }))
                         });
                     match found {
-                        Some(at) => {
-                            r.buf.drain(..at);
+                        Some(from) => {
+                            at += from;
                             r.state = State::Frame;
                         }
                         None => {
-                            if r.buf.len() > MAX_RESYNC {
-                                let cut = r.buf.len() - frame::HEADER_LEN;
-                                r.buf.drain(..cut);
+                            if rest.len() > MAX_RESYNC {
+                                return data.len() - frame::HEADER_LEN;
                             }
-                            return;
+                            return at;
                         }
                     }
                 }
                 State::Frame => {
-                    let Some(h) = frame::Header::parse(&r.buf) else {
-                        return;
+                    let Some(h) = frame::Header::parse(rest) else {
+                        return at;
                     };
-                    if !frame::Header::sane(&r.buf) {
+                    if !frame::Header::sane(rest) {
                         // Not a frame where one must start: look for the next one from here.
                         self.stats.resyncs += 1;
                         r.state = State::Resync;
                         r.block = None;
-                        r.buf.drain(..1);
+                        at += 1;
                         self.decoders[dir] = hpack::Decoder::new(true);
                         continue;
                     }
-                    r.buf.drain(..frame::HEADER_LEN);
+                    at += frame::HEADER_LEN;
                     match h.kind {
                         frame::DATA => {
                             r.data_stream = h.stream;
@@ -412,24 +427,30 @@ impl Session {
                 }
                 State::Payload(h) => {
                     let len = h.len as usize;
-                    if r.buf.len() < len {
-                        return;
+                    if rest.len() < len {
+                        return at;
                     }
-                    let payload: Vec<u8> = r.buf.drain(..len).collect();
+                    at += len;
                     r.state = State::Frame;
-                    self.frame(dir, &h, &payload, ts, tid, assign, done);
+                    self.frame(dir, &h, &rest[..len], ts, tid, assign, done);
+                    if matches!(self.readers[dir].state, State::Resync) {
+                        // The frame lost the framing (`lose_sync`): what follows is not read
+                        // as frames from here; the next bytes are searched instead.
+                        return data.len();
+                    }
                 }
                 State::Skip(left) => {
-                    let n = (r.buf.len() as u64).min(left);
+                    let n = (rest.len() as u64).min(left);
                     // The gRPC message prefixes inside a DATA body are counted as they pass.
                     let stream = r.data_stream;
                     if let Some(s) = self.streams.get_mut(&stream) {
-                        count_messages(s, dir, &r.buf[..n as usize]);
+                        count_messages(s, dir, &rest[..n as usize]);
                     }
-                    r.buf.drain(..n as usize);
+                    at += n as usize;
+                    let r = &mut self.readers[dir];
                     if n < left {
                         r.state = State::Skip(left - n);
-                        return;
+                        return at;
                     }
                     r.state = State::Frame;
                     let ended = std::mem::take(&mut r.data_end);
