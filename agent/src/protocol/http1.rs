@@ -201,9 +201,14 @@ pub const KEPT: [&str; 15] = [
     "uber-trace-id",
 ];
 
+/// The `KEPT` name `name` is, in any case.
+fn kept(name: &str) -> Option<&'static str> {
+    kept_name(name.as_bytes())
+}
+
 /// The `KEPT` name `name` is, in any case. Names are compared only with the kept ones of the
 /// same length (most headers have a length no kept name has).
-fn kept(name: &str) -> Option<&'static str> {
+pub(crate) fn kept_name(name: &[u8]) -> Option<&'static str> {
     let candidates: &[&'static str] = match name.len() {
         2 => &["b3"],
         4 => &["host"],
@@ -218,7 +223,7 @@ fn kept(name: &str) -> Option<&'static str> {
     };
     candidates
         .iter()
-        .find(|k| name.eq_ignore_ascii_case(k))
+        .find(|k| name.eq_ignore_ascii_case(k.as_bytes()))
         .copied()
 }
 

@@ -33,11 +33,8 @@ const MAX_RESYNC: usize = 64 << 10;
 const KEPT_H2: [&str; 3] = ["content-type", "grpc-status", "grpc-message"];
 
 fn kept(name: &[u8]) -> Option<&'static str> {
-    crate::protocol::http1::KEPT
-        .iter()
-        .chain(KEPT_H2.iter())
-        .find(|k| k.as_bytes() == name)
-        .copied()
+    crate::protocol::http1::kept_name(name)
+        .or_else(|| KEPT_H2.iter().find(|k| k.as_bytes() == name).copied())
 }
 
 /// The pseudo-headers a span reads.
