@@ -118,15 +118,22 @@ fn run(
         {
             while !woken
                 && !stop.load(Ordering::Acquire)
-                && fill.waiting() < fill.hold_bytes
-                && crate::clock::monotonic_ns().saturating_sub(now_ns)
-                    + DRAIN_INTERVAL_MS as u64 * 1_000_000
-                    <= HOLD_MS * 1_000_000
+                && keep_holding(
+                    fill.waiting(),
+                    fill.hold_bytes,
+                    crate::clock::monotonic_ns().saturating_sub(now_ns),
+                )
             {
                 woken = wakeups.wait(DRAIN_INTERVAL_MS)?;
             }
         }
     }
+}
+
+/// Whether a held drain waits one more interval: fewer than `hold_bytes` wait in the ring and
+/// another interval keeps the oldest record within `HOLD_MS` (`held_ns` since the last drain).
+fn keep_holding(waiting: usize, hold_bytes: usize, held_ns: u64) -> bool {
+    waiting < hold_bytes && held_ns + DRAIN_INTERVAL_MS as u64 * 1_000_000 <= HOLD_MS * 1_000_000
 }
 
 /// The ring's two position pages, mapped read-only beside aya's own mapping: how many bytes
@@ -324,6 +331,19 @@ mod tests {
     use super::*;
 
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_held_drain_goes_once_enough_bytes_wait_or_the_oldest_would_be_too_old() {
+        const MS: u64 = 1_000_000;
+        // Few bytes, young: one more interval.
+        assert!(keep_holding(0, HOLD_BYTES, 0));
+        assert!(keep_holding(HOLD_BYTES - 1, HOLD_BYTES, 29 * MS));
+        // Enough bytes: now.
+        assert!(!keep_holding(HOLD_BYTES, HOLD_BYTES, 0));
+        // Another 10 ms would pass HOLD_MS: now.
+        assert!(keep_holding(1, HOLD_BYTES, (HOLD_MS - 10) * MS));
+        assert!(!keep_holding(1, HOLD_BYTES, (HOLD_MS - 10) * MS + 1));
+    }
 
     #[test]
     fn the_wait_shortens_only_when_a_full_interval_would_gather_a_long_burst() {

@@ -244,14 +244,14 @@ impl Decoder {
                     string(&mut block, &mut self.value_buf)?;
                     visit(Some(&self.name_buf), Some(&self.value_buf));
                 } else {
-                    // Resolved first so that an unknown name is counted as the lookup did.
-                    let known = self.name_of(index)?.is_some();
-                    string(&mut block, &mut self.value_buf)?;
-                    let name = if known {
-                        resolve(&self.known, self.unknown_tail, index)?.and_then(|(n, _)| n)
-                    } else {
-                        None
+                    let name = match resolve(&self.known, self.unknown_tail, index)? {
+                        Some((name, _)) => name,
+                        None => {
+                            self.stats.unknown_refs += 1;
+                            None
+                        }
                     };
+                    string(&mut block, &mut self.value_buf)?;
                     visit(name, Some(&self.value_buf));
                 }
             }
