@@ -19,6 +19,9 @@ pub struct Options {
     pub agent_args: Vec<String>,
     /// Workload names to run; empty runs all and the criterion benchmarks.
     pub only: Vec<String>,
+    /// Another build of the agent whose columns the HTTP tables add, in the same alternating
+    /// rounds: two builds compared on the host as it is at that moment, not on two days.
+    pub baseline: Option<PathBuf>,
 }
 
 impl Options {
@@ -150,13 +153,20 @@ fn ensure_tools(root: &Path) -> anyhow::Result<()> {
     }
     if Command::new("bpftool").arg("version").output().is_err() {
         step("installing bpftool (kernel program run times)");
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "bpftool"]))?;
+        apt_install("bpftool")?;
     }
     if Command::new("h2load").arg("--version").output().is_err() {
         step("installing h2load (nghttp2-client: the gRPC load generator)");
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "nghttp2-client"]))?;
+        apt_install("nghttp2-client")?;
     }
     run(Command::new("bash").arg(root.join("tests/setup.sh")))
+}
+
+/// The package index a fresh or long-running machine has may name versions the mirror no longer
+/// holds (a 404 on install): it is refreshed first, as tests/setup.sh does.
+fn apt_install(package: &str) -> anyhow::Result<()> {
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
 }
 
 /// nginx answering a fixed body; over TLS (a self-signed certificate made here) when `tls`.
@@ -993,16 +1003,21 @@ fn fixed_rate_rows(
 /// One HTTP workload: saturation and a fixed rate (half of saturation without the agent), without
 /// the agent and in each setup, as columns of one table.
 fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::Result<String> {
-    // (column, --pid selection, traced sides per request: the sides that can have spans)
-    let setups: [(&str, &[u32], u64); 2] = [
-        ("server selected", &w.pids, 1),
-        ("all traced", &[], 1 + w.client_spans as u64),
+    // (column, --pid selection, traced sides per request: the sides that can have spans, agent)
+    let mut setups: Vec<(&str, &[u32], u64, &Path)> = vec![
+        ("server selected", &w.pids, 1, bin),
+        ("all traced", &[], 1 + w.client_spans as u64, bin),
     ];
+    if let Some(base) = &opts.baseline {
+        setups.insert(1, ("selected, baseline", &w.pids, 1, base));
+        setups.push(("all, baseline", &[], 1 + w.client_spans as u64, base));
+    }
+    let setups = &setups;
     step(&format!("{}: warm-up", w.name));
     oha(&w.url, 2, opts.connections, None)?;
     let with = |rate: Option<f64>| {
         move |i: usize| {
-            with_agent(bin, otlp, setups[i].1, &opts.agent_args, || {
+            with_agent(setups[i].3, otlp, setups[i].1, &opts.agent_args, || {
                 busy_during(|| oha(&w.url, opts.seconds, opts.connections, rate))
             })
         }
@@ -1361,11 +1376,15 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         .args(["-qw", "kernel.bpf_stats_enabled=0"])
         .status();
     println!(
-        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent: {}; agent flags: {}; HTTP workloads in two setups: the server's processes selected (--pid, as on a node whose clients are elsewhere: one traced side per request) and every process traced (the default: the load generator too, two sides); targets are #19's{report}",
+        "\nLoupe overhead: {} rounds x {} s per side, {} connections; both ends on loopback, every request traced and exported over OTLP/gRPC (to a sink that does not decode); agent: {}{}; agent flags: {}; HTTP workloads in two setups: the server's processes selected (--pid, as on a node whose clients are elsewhere: one traced side per request) and every process traced (the default: the load generator too, two sides); targets are #19's{report}",
         opts.rounds,
         opts.seconds,
         opts.connections,
         bin.display(),
+        opts.baseline
+            .as_ref()
+            .map(|b| format!(" (HTTP columns \"baseline\": {})", b.display()))
+            .unwrap_or_default(),
         if opts.agent_args.is_empty() {
             "defaults".to_string()
         } else {

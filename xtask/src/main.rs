@@ -93,6 +93,10 @@ enum Task {
         /// redis, grpc. Default: all, then the criterion benchmarks.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Another build of the agent (an earlier commit's) whose columns the HTTP tables add,
+        /// in the same alternating rounds.
+        #[arg(long, value_name = "AGENT")]
+        baseline: Option<PathBuf>,
     },
 }
 
@@ -160,6 +164,7 @@ fn main() -> anyhow::Result<()> {
             connections,
             agent_args,
             only,
+            baseline,
         } => {
             ensure_toolchain()?;
             if !is_root() {
@@ -173,6 +178,7 @@ fn main() -> anyhow::Result<()> {
                     connections,
                     agent_args,
                     only,
+                    baseline,
                 },
             )
         }
