@@ -409,7 +409,37 @@ fn every_kept_header_is_found_in_any_case_and_no_other() {
         "x-b3-traceidx",
         "hos",
         "",
+        // Bytes that differ from a kept name's only in bit 0x20 where it has no letter: '-'
+        // (0x2d) and CR (0x0d), '3' (0x33) and 0x13.
+        "x\rb3-flags",
+        "x-b\x13-flags",
+        "user\ragent",
+        // One byte off at the end of a name longer than a word, and in its last word.
+        "transfer-encodinf",
+        "x-b3-parentspanie",
+        "content-lengtg",
+        "HOSU",
+        "bb",
     ] {
-        assert_eq!(kept(other), None, "{other}");
+        assert_eq!(kept(other), None, "{other:?}");
     }
+    // The word comparison says what a byte-wise case-insensitive one says, for every name
+    // with one byte of a kept name changed to any other value.
+    for name in KEPT {
+        for at in 0..name.len() {
+            for b in 0..=255u8 {
+                let mut changed = name.as_bytes().to_vec();
+                changed[at] = b;
+                let expected = KEPT
+                    .into_iter()
+                    .find(|k| changed.eq_ignore_ascii_case(k.as_bytes()));
+                assert_eq!(kept_name(&changed), expected, "{changed:?}");
+            }
+        }
+    }
+    // Kept names are lowercase letters, digits and '-', which the comparison relies on.
+    assert!(KEPT.iter().all(|n| {
+        n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    }));
 }
