@@ -351,8 +351,8 @@ pub fn build<'a>(
     }
     a.push(("network.peer.address", Value::Shared(peer_ip)));
     a.push(("network.peer.port", Value::Int(peer.port().into())));
-    if let Some(ua) = req.header_str("user-agent") {
-        a.push(("user_agent.original", Value::Shared(shared_text::text(ua))));
+    if let Some(ua) = req.header("user-agent").and_then(shared_text::header_text) {
+        a.push(("user_agent.original", Value::Shared(ua)));
     }
     let status = ex.response.as_ref().and_then(Head::status);
     if let Some(code) = status {
