@@ -15,6 +15,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod instructions;
 mod kernels;
 
 #[derive(Parser)]
@@ -98,6 +99,10 @@ enum Task {
         #[arg(long, value_name = "AGENT")]
         baseline: Option<PathBuf>,
     },
+    /// Instructions per event through the tracing sink (the criterion pipeline cases under
+    /// valgrind's callgrind): exact where timings drift. OTHER: pipeline benchmark executables
+    /// of other builds (copied from target/release/deps/pipeline-*) to print beside.
+    Instructions { other: Vec<PathBuf> },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -158,6 +163,7 @@ fn main() -> anyhow::Result<()> {
             ensure_toolchain()?;
             fuzz(seconds, target.as_deref())
         }
+        Task::Instructions { other } => instructions::instructions(&root, &other),
         Task::Bench {
             rounds,
             seconds,

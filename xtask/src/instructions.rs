@@ -1,0 +1,146 @@
+//! `cargo xtask instructions`: the tracing sink's cost per event counted in instructions
+//! (valgrind's callgrind) instead of timed. On a shared VM the criterion figures of one build
+//! moved by ±15% within minutes, more than most changes; an instruction count does not move at
+//! all, so two builds compare exactly. It is not time (a cache miss counts as one instruction):
+//! the live benchmark stays the judge of what a change is worth.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{output, run, step};
+
+/// The criterion cases of agent/benches/pipeline.rs counted, all through the tracing sink.
+const CASES: [&str; 4] = ["http1", "http1_otlp_red", "redis", "grpc_otlp_red"];
+
+/// The bench's function that feeds records to the sink: only what runs inside it is counted.
+const FEED: &str = "pipeline::through_sink";
+/// Called once per record: the count of events.
+const PER_EVENT: &str = "loupe::decode::decode_with";
+
+pub fn instructions(root: &Path, others: &[PathBuf]) -> anyhow::Result<()> {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        step("installing valgrind (callgrind counts the instructions)");
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "valgrind"]))?;
+    }
+    step("building the pipeline benchmark");
+    let built = output(Command::new("cargo").args([
+        "bench",
+        "--package",
+        "loupe",
+        "--bench",
+        "pipeline",
+        "--no-run",
+        "--message-format=json",
+    ]))?;
+    let this = built
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"]["name"] == "pipeline")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .context("the pipeline benchmark's executable is not in cargo's output")?;
+    let mut exes = vec![this];
+    exes.extend(others.iter().cloned());
+    let dir = root.join("target/instructions");
+    std::fs::create_dir_all(&dir)?;
+    let mut rows = Vec::new();
+    for case in CASES {
+        let mut row = Vec::new();
+        for (i, exe) in exes.iter().enumerate() {
+            step(&format!("{case}: {}", exe.display()));
+            row.push(per_event(exe, case, &dir.join(format!("{case}.{i}.out")))?);
+        }
+        rows.push((case, row));
+    }
+    println!("\nInstructions per event through the tracing sink (callgrind; decode included)");
+    for (i, exe) in exes.iter().enumerate() {
+        println!("  [{i}] {}", exe.display());
+    }
+    for (case, row) in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .map(|v| match row.first() {
+                Some(first) if v != first => {
+                    format!("{v:>8.0} ({:+.1}%)", 100.0 * (v / first - 1.0))
+                }
+                _ => format!("{v:>8.0}"),
+            })
+            .collect();
+        println!("  {case:<16} {}", cells.join("  "));
+    }
+    Ok(())
+}
+
+/// Instructions inside `FEED` per call of `PER_EVENT`, for one criterion case.
+fn per_event(exe: &Path, case: &str, out: &Path) -> anyhow::Result<f64> {
+    let status = Command::new("valgrind")
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(format!("--toggle-collect={FEED}"))
+        .arg(exe)
+        .args(["--bench", "--profile-time", "2"])
+        .arg(format!("sink/{case}$"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running valgrind")?;
+    if !status.success() {
+        bail!("valgrind on {} failed ({status})", exe.display());
+    }
+    let text = std::fs::read_to_string(out)?;
+    let (total, events) = count(&text);
+    if events == 0 {
+        bail!(
+            "no call of {PER_EVENT} in {}: was the benchmark built with debug symbols?",
+            out.display()
+        );
+    }
+    Ok(total as f64 / events as f64)
+}
+
+/// From a callgrind output: the instructions collected (`summary:`) and the calls of
+/// `PER_EVENT` (each `calls=` line after a `cfn=` naming it; names are given once, by id).
+fn count(text: &str) -> (u64, u64) {
+    let mut total = 0;
+    let mut calls = 0;
+    let mut ids = std::collections::HashMap::new();
+    let mut callee_is_target = false;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("summary:") {
+            total = v
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("cfn=") {
+            callee_is_target = name_of(rest, &mut ids);
+        } else if let Some(rest) = line.strip_prefix("fn=") {
+            name_of(rest, &mut ids);
+        } else if let Some(n) = line.strip_prefix("calls=")
+            && callee_is_target
+        {
+            calls += n
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            callee_is_target = false;
+        }
+    }
+    (total, calls)
+}
+
+/// Whether a `fn=`/`cfn=` value, `(id) name` or `(id)` once the name was given, is `PER_EVENT`.
+fn name_of(value: &str, ids: &mut std::collections::HashMap<String, bool>) -> bool {
+    let (id, name) = value.split_once(' ').unwrap_or((value, ""));
+    if name.is_empty() {
+        return ids.get(id).copied().unwrap_or(false);
+    }
+    let is = name == PER_EVENT;
+    ids.insert(id.to_string(), is);
+    is
+}
