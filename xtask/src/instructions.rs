@@ -1,8 +1,9 @@
 //! `cargo xtask instructions`: the tracing sink's cost per event counted in instructions
 //! (valgrind's callgrind) instead of timed. On a shared VM the criterion figures of one build
-//! moved by ±15% within minutes, more than most changes; an instruction count does not move at
-//! all, so two builds compare exactly. It is not time (a cache miss counts as one instruction):
-//! the live benchmark stays the judge of what a change is worth.
+//! moved by ±15% within minutes, more than most changes; an instruction count moves by a
+//! fraction of a percent (hash seeds), so two builds compare closely. It is not time (a cache
+//! miss counts as one instruction): the live benchmark stays the judge of what a change is
+//! worth.
 
 use std::{
     path::{Path, PathBuf},

@@ -100,7 +100,7 @@ enum Task {
         baseline: Option<PathBuf>,
     },
     /// Instructions per event through the tracing sink (the criterion pipeline cases under
-    /// valgrind's callgrind): exact where timings drift. OTHER: pipeline benchmark executables
+    /// valgrind's callgrind): steady where timings drift. OTHER: pipeline benchmark executables
     /// of other builds (copied from target/release/deps/pipeline-*) to print beside.
     Instructions { other: Vec<PathBuf> },
 }
