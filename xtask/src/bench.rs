@@ -164,7 +164,7 @@ fn ensure_tools(root: &Path) -> anyhow::Result<()> {
 
 /// The package index a fresh or long-running machine has may name versions the mirror no longer
 /// holds (a 404 on install): it is refreshed first, as tests/setup.sh does.
-fn apt_install(package: &str) -> anyhow::Result<()> {
+pub(crate) fn apt_install(package: &str) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get").args(["install", "-y", "-qq", package]))
 }

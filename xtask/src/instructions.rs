@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{output, run, step};
+use crate::{output, step};
 
 /// The criterion cases of agent/benches/pipeline.rs counted, all through the tracing sink.
 const CASES: [&str; 4] = ["http1", "http1_otlp_red", "redis", "grpc_otlp_red"];
@@ -25,8 +25,7 @@ const PER_EVENT: &str = "loupe::decode::decode_with";
 pub fn instructions(root: &Path, others: &[PathBuf]) -> anyhow::Result<()> {
     if Command::new("valgrind").arg("--version").output().is_err() {
         step("installing valgrind (callgrind counts the instructions)");
-        run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "valgrind"]))?;
+        crate::bench::apt_install("valgrind")?;
     }
     step("building the pipeline benchmark");
     let built = output(Command::new("cargo").args([

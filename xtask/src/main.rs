@@ -163,7 +163,11 @@ fn main() -> anyhow::Result<()> {
             ensure_toolchain()?;
             fuzz(seconds, target.as_deref())
         }
-        Task::Instructions { other } => instructions::instructions(&root, &other),
+        Task::Instructions { other } => {
+            // The benchmark links the agent, whose build embeds the kernel programs.
+            ensure_toolchain()?;
+            instructions::instructions(&root, &other)
+        }
         Task::Bench {
             rounds,
             seconds,
