@@ -1,7 +1,8 @@
 //! `cargo xtask instructions`: the tracing sink's cost per event counted in instructions
 //! (valgrind's callgrind) instead of timed. On a shared VM the criterion figures of one build
-//! moved by ±15% within minutes, more than most changes; an instruction count moves by a
-//! fraction of a percent (hash seeds), so two builds compare closely. It is not time (a cache
+//! moved by ±15% within minutes, more than most changes; an instruction count moves by up to 1%
+//! (hash tables are seeded at random per run), and the median of a few runs by less, so two
+//! builds compare closely. It is not time (a cache
 //! miss counts as one instruction): the live benchmark stays the judge of what a change is
 //! worth.
 
@@ -22,7 +23,8 @@ const FEED: &str = "pipeline::through_sink";
 /// Called once per record: the count of events.
 const PER_EVENT: &str = "loupe::decode::decode_with";
 
-pub fn instructions(root: &Path, others: &[PathBuf]) -> anyhow::Result<()> {
+pub fn instructions(root: &Path, runs: usize, others: &[PathBuf]) -> anyhow::Result<()> {
+    let runs = runs.max(1);
     if Command::new("valgrind").arg("--version").output().is_err() {
         step("installing valgrind (callgrind counts the instructions)");
         crate::bench::apt_install("valgrind")?;
@@ -51,12 +53,18 @@ pub fn instructions(root: &Path, others: &[PathBuf]) -> anyhow::Result<()> {
     for case in CASES {
         let mut row = Vec::new();
         for (i, exe) in exes.iter().enumerate() {
-            step(&format!("{case}: {}", exe.display()));
-            row.push(per_event(exe, case, &dir.join(format!("{case}.{i}.out")))?);
+            step(&format!("{case}: {} ({runs} runs)", exe.display()));
+            let mut counts = (0..runs)
+                .map(|_| per_event(exe, case, &dir.join(format!("{case}.{i}.out"))))
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            counts.sort_by(f64::total_cmp);
+            row.push(counts[counts.len() / 2]);
         }
         rows.push((case, row));
     }
-    println!("\nInstructions per event through the tracing sink (callgrind; decode included)");
+    println!(
+        "\nInstructions per event through the tracing sink (callgrind; decode included; median of {runs})"
+    );
     for (i, exe) in exes.iter().enumerate() {
         println!("  [{i}] {}", exe.display());
     }

@@ -102,7 +102,13 @@ enum Task {
     /// Instructions per event through the tracing sink (the criterion pipeline cases under
     /// valgrind's callgrind): steady where timings drift. OTHER: pipeline benchmark executables
     /// of other builds (copied from target/release/deps/pipeline-*) to print beside.
-    Instructions { other: Vec<PathBuf> },
+    Instructions {
+        /// Runs per case and build: the median is printed (hash tables are seeded at random
+        /// per run, which moves a count by up to 1%).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        other: Vec<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -163,10 +169,10 @@ fn main() -> anyhow::Result<()> {
             ensure_toolchain()?;
             fuzz(seconds, target.as_deref())
         }
-        Task::Instructions { other } => {
+        Task::Instructions { runs, other } => {
             // The benchmark links the agent, whose build embeds the kernel programs.
             ensure_toolchain()?;
-            instructions::instructions(&root, &other)
+            instructions::instructions(&root, runs, &other)
         }
         Task::Bench {
             rounds,

@@ -19,7 +19,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::trace::span::{SpanKind, SpanRecord, Value};
+use crate::trace::span::{SpanKind, SpanRecord, Value, same_text};
 use store::{LabelValue, Labels, Store};
 
 /// The conventions' advised bucket boundaries (seconds): HTTP and RPC durations.
@@ -228,7 +228,7 @@ impl Red {
             labels.first().is_some_and(|(_, v)| same_str(v, &service))
                 && labels[1..].iter().all(|(k, v)| {
                     want.next()
-                        .is_some_and(|(wk, wv)| *k == wk && same_value(v, wv))
+                        .is_some_and(|(wk, wv)| same_text(k, wk) && same_value(v, wv))
                 })
                 && want.next().is_none()
         };
@@ -318,8 +318,9 @@ impl Red {
 
 fn same_str(v: &LabelValue, s: &str) -> bool {
     // A label's text is mostly the very text the span carries (a shared text, the cached
-    // service name): the same pointer and length settle it before any byte is compared.
-    matches!(v, LabelValue::Str(x) if (x.as_ptr() == s.as_ptr() && x.len() == s.len()) || **x == *s)
+    // service name): the same pointer and length settle it before any byte is compared, and
+    // a constant's copy (a method, a scheme) is compared in words.
+    matches!(v, LabelValue::Str(x) if same_text(x, s))
 }
 
 fn same_value(v: &LabelValue, w: &Value) -> bool {
