@@ -1,8 +1,10 @@
 //! `cargo xtask instructions`: the tracing sink's cost per event counted in instructions
 //! (valgrind's callgrind) instead of timed. On a shared VM the criterion figures of one build
-//! moved by ±15% within minutes, more than most changes; an instruction count moves by up to 1%
-//! (hash tables are seeded at random per run), and the median of a few runs by less, so two
-//! builds compare closely. It is not time (a cache
+//! moved by ±15% within minutes, more than most changes. An instruction count is steadier: the
+//! figure is the median over every call of the benchmark's feed function but the first (which
+//! fills the agent's tables), over a few runs. Whole runs differed by up to 1.6%, as a run's
+//! calls were a different mix of warm and growing buffers; calls differ by less (hash seeds),
+//! so two builds compare closely. It is not time (a cache
 //! miss counts as one instruction): the live benchmark stays the judge of what a change is
 //! worth.
 
@@ -54,16 +56,18 @@ pub fn instructions(root: &Path, runs: usize, others: &[PathBuf]) -> anyhow::Res
         let mut row = Vec::new();
         for (i, exe) in exes.iter().enumerate() {
             step(&format!("{case}: {} ({runs} runs)", exe.display()));
-            let mut counts = (0..runs)
-                .map(|_| per_event(exe, case, &dir.join(format!("{case}.{i}.out"))))
-                .collect::<anyhow::Result<Vec<f64>>>()?;
+            let mut counts = Vec::new();
+            for _ in 0..runs {
+                counts.extend(per_event(exe, case, &dir.join(format!("{case}.{i}.out")))?);
+            }
             counts.sort_by(f64::total_cmp);
             row.push(counts[counts.len() / 2]);
         }
         rows.push((case, row));
     }
     println!(
-        "\nInstructions per event through the tracing sink (callgrind; decode included; median of {runs})"
+        "\nInstructions per event through the tracing sink (callgrind; decode included; median \
+         over the calls of {runs} runs)"
     );
     for (i, exe) in exes.iter().enumerate() {
         println!("  [{i}] {}", exe.display());
@@ -83,12 +87,40 @@ pub fn instructions(root: &Path, runs: usize, others: &[PathBuf]) -> anyhow::Res
     Ok(())
 }
 
-/// Instructions inside `FEED` per call of `PER_EVENT`, for one criterion case.
-fn per_event(exe: &Path, case: &str, out: &Path) -> anyhow::Result<f64> {
+/// Instructions inside `FEED` per call of `PER_EVENT`, for one criterion case: one figure per
+/// call of `FEED` (callgrind dumps a part after each), the first left out (it fills the
+/// agent's tables; the criterion routine runs `FEED` over and over).
+fn per_event(exe: &Path, case: &str, out: &Path) -> anyhow::Result<Vec<f64>> {
+    let dir = out.parent().context("output in a directory")?;
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("output name")?;
+    let parts = |dir: &Path| -> anyhow::Result<Vec<PathBuf>> {
+        let mut parts: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let n = e
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix(name)?
+                    .strip_prefix('.')?
+                    .parse()
+                    .ok()?;
+                Some((n, e.path()))
+            })
+            .collect();
+        parts.sort();
+        Ok(parts.into_iter().map(|(_, p)| p).collect())
+    };
+    for stale in parts(dir)? {
+        std::fs::remove_file(stale)?;
+    }
     let status = Command::new("valgrind")
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(format!("--toggle-collect={FEED}"))
+        .arg(format!("--dump-after={FEED}"))
         .arg(exe)
         .args(["--bench", "--profile-time", "2"])
         .arg(format!("sink/{case}$"))
@@ -99,15 +131,24 @@ fn per_event(exe: &Path, case: &str, out: &Path) -> anyhow::Result<f64> {
     if !status.success() {
         bail!("valgrind on {} failed ({status})", exe.display());
     }
-    let text = std::fs::read_to_string(out)?;
-    let (total, events) = count(&text);
-    if events == 0 {
+    let mut figures = Vec::new();
+    for part in parts(dir)?.iter().skip(1) {
+        let (total, events) = count(&std::fs::read_to_string(part)?);
+        if events == 0 {
+            bail!(
+                "no call of {PER_EVENT} in {}: was the benchmark built with debug symbols?",
+                part.display()
+            );
+        }
+        figures.push(total as f64 / events as f64);
+    }
+    if figures.is_empty() {
         bail!(
-            "no call of {PER_EVENT} in {}: was the benchmark built with debug symbols?",
+            "{FEED} ran fewer than twice under valgrind ({})",
             out.display()
         );
     }
-    Ok(total as f64 / events as f64)
+    Ok(figures)
 }
 
 /// From a callgrind output: the instructions collected (`summary:`) and the calls of

@@ -103,9 +103,9 @@ enum Task {
     /// valgrind's callgrind): steady where timings drift. OTHER: pipeline benchmark executables
     /// of other builds (copied from target/release/deps/pipeline-*) to print beside.
     Instructions {
-        /// Runs per case and build: the median is printed (hash tables are seeded at random
-        /// per run, which moves a count by up to 1%).
-        #[arg(long, default_value_t = 3)]
+        /// Runs per case and build (hash tables are seeded at random per run): the median
+        /// over their calls of the feed function is printed.
+        #[arg(long, default_value_t = 2)]
         runs: usize,
         other: Vec<PathBuf>,
     },

@@ -187,6 +187,15 @@ pub struct EncodedSpans {
 }
 
 impl EncodedSpans {
+    /// Room for `spans` spans of `bytes` bytes in all.
+    pub fn with_room(spans: usize, bytes: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(bytes),
+            spans: Vec::with_capacity(spans),
+            comms: Vec::new(),
+        }
+    }
+
     /// Room for as many spans and bytes as `like` holds.
     pub fn with_capacity_of(like: &EncodedSpans) -> Self {
         Self {

@@ -75,7 +75,7 @@ impl Room<'_> {
 
     #[inline(always)]
     fn bytes(&mut self, b: &[u8]) {
-        self.out[self.at..self.at + b.len()].write_copy_of_slice(b);
+        copy_short(&mut self.out[self.at..self.at + b.len()], b);
         self.at += b.len();
     }
 
@@ -135,6 +135,37 @@ impl Room<'_> {
         match value {
             Value::Int(i) => self.varint_field(field::INT_VALUE, *i as u64),
             v => self.delimited(field::STRING_VALUE, value_str(v).as_bytes()),
+        }
+    }
+}
+
+/// `src` into `dst` (of the same length). A span's texts are mostly short (keys of 10 to 25
+/// bytes, a method, an address): up to 32 bytes they are copied as two overlapping loads and
+/// stores of the widest size that fits, not by a call to memcpy (26 calls per HTTP span, with
+/// their size dispatch, were a tenth of encoding it).
+#[inline(always)]
+fn copy_short(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
+    #[inline(always)]
+    fn ends<const N: usize>(dst: &mut [MaybeUninit<u8>], src: &[u8]) {
+        let n = src.len();
+        let head: [u8; N] = *src.first_chunk().expect("n >= N");
+        let tail: [u8; N] = *src.last_chunk().expect("n >= N");
+        dst[..N].write_copy_of_slice(&head);
+        dst[n - N..].write_copy_of_slice(&tail);
+    }
+    debug_assert_eq!(dst.len(), src.len());
+    match src.len() {
+        0 => {}
+        n @ 1..4 => {
+            for (d, s) in dst[..n].iter_mut().zip(src) {
+                d.write(*s);
+            }
+        }
+        4..8 => ends::<4>(dst, src),
+        8..16 => ends::<8>(dst, src),
+        16..=32 => ends::<16>(dst, src),
+        _ => {
+            dst.write_copy_of_slice(src);
         }
     }
 }
@@ -215,5 +246,27 @@ fn span_kind(s: &SpanRecord) -> u64 {
     match s.kind {
         SpanKind::Server => KIND_SERVER,
         SpanKind::Client => KIND_CLIENT,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_copies_are_exact_at_every_length() {
+        let src: Vec<u8> = (1..=70).collect();
+        for len in 0..=src.len() {
+            // The source ends where its slice ends: nothing past it may be read.
+            let from = &src[src.len() - len..];
+            let mut dst = vec![MaybeUninit::new(0u8); len + 8];
+            copy_short(&mut dst[4..4 + len], from);
+            let got: Vec<u8> = dst.iter().map(|b| unsafe { b.assume_init() }).collect();
+            assert_eq!(&got[4..4 + len], from, "length {len}");
+            assert!(
+                got[..4].iter().chain(&got[4 + len..]).all(|b| *b == 0),
+                "length {len}: wrote outside"
+            );
+        }
     }
 }

@@ -64,8 +64,17 @@ pub fn span_queue(capacity: usize) -> (SpanOut, SpanIn) {
 
 /// A queue of `capacity` spans that encodes each span as it is offered (OTLP the only output).
 pub fn encoding_span_queue(capacity: usize) -> (SpanOut, SpanIn) {
-    queue(capacity, Spans::Encoded(EncodedSpans::default()))
+    // Room for a hand-over from the start: grown span by span, the buffer was copied a dozen
+    // times over before reaching its size (each later hand-over starts with the room of the
+    // one before). Pages are touched only as spans are written.
+    let spans = HAND_OVER_AT + crate::event_queue::BATCH;
+    let room = EncodedSpans::with_room(spans, spans * ROOM_PER_SPAN);
+    queue(capacity, Spans::Encoded(room))
 }
+
+/// Bytes of the first hand-over's room per span: an HTTP span with its attributes encodes to
+/// some 400 bytes, and a span reserves its widest encoding before it is written.
+const ROOM_PER_SPAN: usize = 1024;
 
 fn queue(capacity: usize, pending: Spans) -> (SpanOut, SpanIn) {
     let (tx, rx) = mpsc::unbounded_channel();

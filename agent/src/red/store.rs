@@ -69,6 +69,20 @@ impl Histogram {
     }
 }
 
+/// The overflow series of a table, made on first use.
+fn overflow_series<T>(
+    overflow: &mut Option<Series<T>>,
+    data: impl FnOnce() -> T,
+    now_ns: u64,
+) -> &mut Series<T> {
+    overflow.get_or_insert_with(|| Series {
+        labels: Box::new([(OVERFLOW.0, LabelValue::Str(OVERFLOW.1.into()))]),
+        data: data(),
+        start_ns: now_ns,
+        updated_ns: now_ns,
+    })
+}
+
 /// One service-graph edge: the four metrics Tempo's and the Collector's servicegraph name.
 #[derive(Debug, Clone)]
 pub struct Edge {
@@ -115,28 +129,33 @@ impl<T> Table<T> {
         limit: usize,
         now_ns: u64,
     ) -> &mut T {
-        let found = self
-            .by_hash
-            .get(&hash)
-            .and_then(|chain| chain.iter().position(|s| same(&s.labels)));
-        let series = match found {
-            Some(i) => &mut self.by_hash.get_mut(&hash).expect("just found")[i],
-            None if self.len >= limit => self.overflow.get_or_insert_with(|| Series {
-                labels: Box::new([(OVERFLOW.0, LabelValue::Str(OVERFLOW.1.into()))]),
-                data: data(),
-                start_ns: now_ns,
-                updated_ns: now_ns,
-            }),
-            None => {
+        use std::collections::hash_map::Entry;
+        let new_series = |labels: Labels, data: T| Series {
+            labels,
+            data,
+            start_ns: now_ns,
+            updated_ns: now_ns,
+        };
+        // One probe of the table per measurement (a lookup, then another to borrow the series
+        // found, was two).
+        let full = self.len >= limit;
+        let series = match self.by_hash.entry(hash) {
+            Entry::Occupied(chain) => {
+                let chain = chain.into_mut();
+                match chain.iter().position(|s| same(&s.labels)) {
+                    Some(i) => &mut chain[i],
+                    None if full => overflow_series(&mut self.overflow, data, now_ns),
+                    None => {
+                        self.len += 1;
+                        chain.push(new_series(labels(), data()));
+                        chain.last_mut().expect("just pushed")
+                    }
+                }
+            }
+            Entry::Vacant(_) if full => overflow_series(&mut self.overflow, data, now_ns),
+            Entry::Vacant(slot) => {
                 self.len += 1;
-                let chain = self.by_hash.entry(hash).or_default();
-                chain.push(Series {
-                    labels: labels(),
-                    data: data(),
-                    start_ns: now_ns,
-                    updated_ns: now_ns,
-                });
-                chain.last_mut().expect("just pushed")
+                &mut slot.insert(vec![new_series(labels(), data())])[0]
             }
         };
         series.updated_ns = series.updated_ns.max(now_ns);
