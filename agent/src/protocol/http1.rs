@@ -369,10 +369,7 @@ pub fn framing(head: &Head, request_method: Option<&str>) -> Framing {
     if head.has_token("transfer-encoding", "chunked") {
         return Framing::Chunked;
     }
-    if let Some(len) = head
-        .header_str("content-length")
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    if let Some(len) = head.header("content-length").and_then(decimal) {
         return if len == 0 {
             Framing::None
         } else {
@@ -384,6 +381,22 @@ pub fn framing(head: &Head, request_method: Option<&str>) -> Framing {
     } else {
         Framing::UntilClose
     }
+}
+
+/// A header value as a decimal number (`Content-Length`): digits between optional whitespace,
+/// as `str::parse` reads them (a leading `+` allowed, overflow refused), without validating the
+/// value as UTF-8 first (once per response).
+fn decimal(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    let digits = value.strip_prefix(b"+").unwrap_or(value);
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
+    })
 }
 
 /// Whether `data` starts like an HTTP/1 message of this direction: used to resynchronise.

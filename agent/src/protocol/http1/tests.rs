@@ -443,3 +443,37 @@ fn every_kept_header_is_found_in_any_case_and_no_other() {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     }));
 }
+
+#[test]
+fn content_length_reads_as_str_parse_does() {
+    let values: [&[u8]; 16] = [
+        b"0",
+        b"11",
+        b" 42 ",
+        b"\t7\r",
+        b"+5",
+        b"-5",
+        b"",
+        b" ",
+        b"+",
+        b"1 2",
+        b"0x10",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"99999999999999999999999",
+        b"12a",
+        b"\xc3\xa912",
+    ];
+    for v in values {
+        let by_str = std::str::from_utf8(v)
+            .ok()
+            .map(str::trim)
+            .and_then(|t| t.parse::<u64>().ok());
+        assert_eq!(
+            super::decimal(v),
+            by_str,
+            "{:?}",
+            String::from_utf8_lossy(v)
+        );
+    }
+}
