@@ -4,9 +4,8 @@
 //! figure is the median over every call of the benchmark's feed function but the first (which
 //! fills the agent's tables), over a few runs. Whole runs differed by up to 1.6%, as a run's
 //! calls were a different mix of warm and growing buffers; calls differ by less (hash seeds),
-//! so two builds compare closely. It is not time (a cache
-//! miss counts as one instruction): the live benchmark stays the judge of what a change is
-//! worth.
+//! so two builds compare closely. It is not time (a cache miss counts as one instruction): the
+//! live benchmark stays the judge of what a change is worth.
 
 use std::{
     path::{Path, PathBuf},

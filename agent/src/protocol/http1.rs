@@ -383,9 +383,10 @@ pub fn framing(head: &Head, request_method: Option<&str>) -> Framing {
     }
 }
 
-/// A header value as a decimal number (`Content-Length`): digits between optional whitespace,
-/// as `str::parse` reads them (a leading `+` allowed, overflow refused), without validating the
-/// value as UTF-8 first (once per response).
+/// A header value as a decimal number (`Content-Length`): digits between optional ASCII
+/// whitespace (RFC 9110's OWS is spaces and tabs), read as `str::parse` reads them (a leading
+/// `+` allowed, overflow refused), without validating the value as UTF-8 first (once per
+/// response).
 fn decimal(value: &[u8]) -> Option<u64> {
     let value = value.trim_ascii();
     let digits = value.strip_prefix(b"+").unwrap_or(value);

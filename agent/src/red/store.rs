@@ -75,11 +75,12 @@ fn overflow_series<T>(
     data: impl FnOnce() -> T,
     now_ns: u64,
 ) -> &mut Series<T> {
-    overflow.get_or_insert_with(|| Series {
-        labels: Box::new([(OVERFLOW.0, LabelValue::Str(OVERFLOW.1.into()))]),
-        data: data(),
-        start_ns: now_ns,
-        updated_ns: now_ns,
+    overflow.get_or_insert_with(|| {
+        Series::new(
+            Box::new([(OVERFLOW.0, LabelValue::Str(OVERFLOW.1.into()))]),
+            data(),
+            now_ns,
+        )
     })
 }
 
@@ -99,6 +100,17 @@ pub struct Series<T> {
     pub start_ns: u64,
     /// Wall-clock ns of the latest measurement.
     pub updated_ns: u64,
+}
+
+impl<T> Series<T> {
+    fn new(labels: Labels, data: T, now_ns: u64) -> Self {
+        Self {
+            labels,
+            data,
+            start_ns: now_ns,
+            updated_ns: now_ns,
+        }
+    }
 }
 
 /// The series of one metric (or of the edges): by the caller's hash of their label values,
@@ -130,12 +142,6 @@ impl<T> Table<T> {
         now_ns: u64,
     ) -> &mut T {
         use std::collections::hash_map::Entry;
-        let new_series = |labels: Labels, data: T| Series {
-            labels,
-            data,
-            start_ns: now_ns,
-            updated_ns: now_ns,
-        };
         // One probe of the table per measurement (a lookup, then another to borrow the series
         // found, was two).
         let full = self.len >= limit;
@@ -147,7 +153,7 @@ impl<T> Table<T> {
                     None if full => overflow_series(&mut self.overflow, data, now_ns),
                     None => {
                         self.len += 1;
-                        chain.push(new_series(labels(), data()));
+                        chain.push(Series::new(labels(), data(), now_ns));
                         chain.last_mut().expect("just pushed")
                     }
                 }
@@ -155,7 +161,7 @@ impl<T> Table<T> {
             Entry::Vacant(_) if full => overflow_series(&mut self.overflow, data, now_ns),
             Entry::Vacant(slot) => {
                 self.len += 1;
-                &mut slot.insert(vec![new_series(labels(), data())])[0]
+                &mut slot.insert(vec![Series::new(labels(), data(), now_ns)])[0]
             }
         };
         series.updated_ns = series.updated_ns.max(now_ns);
