@@ -42,7 +42,10 @@ fn span(kind: SpanKind, trace: u64, route: usize) -> SpanRecord {
         attributes: vec![
             ("http.request.method", Value::Static("GET")),
             ("http.response.status_code", Value::Int(200)),
-            ("http.route", Value::Str(format!("/users/{{id}}/{route}"))),
+            (
+                "http.route",
+                Value::Shared(format!("/users/{{id}}/{route}").into()),
+            ),
             ("url.scheme", Value::Static("http")),
             ("network.protocol.version", Value::Static("1.1")),
             ("server.address", Value::Static("catalog")),
@@ -54,6 +57,9 @@ fn span(kind: SpanKind, trace: u64, route: usize) -> SpanRecord {
         comm: "catalog".into(),
     }
 }
+
+/// Spans per hand-over: a batch of events makes about half as many spans.
+const HAND_OVER: usize = loupe::event_queue::BATCH / 2;
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("red_and_sampling");
@@ -68,6 +74,10 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i += 1;
             red.record(&servers[i % 20]);
+            // Into the store once per batch of events, as the pipeline hands them over.
+            if i.is_multiple_of(HAND_OVER) {
+                red.hand_over();
+            }
         })
     });
     g.bench_function("red_edge", |b| {

@@ -476,7 +476,7 @@ async fn run_command(
         probe.take_conns()?,
     )));
     // RED metrics and the service graph: scraped on --metrics-addr, pushed with the spans.
-    let red = loupe::red::Red::new(sink_processes.clone(), args.metrics_series as usize);
+    let mut red = loupe::red::Red::new(sink_processes.clone(), args.metrics_series as usize);
     let head = loupe::trace::sampling::HeadSampler::from_env(
         std::env::var("OTEL_TRACES_SAMPLER").ok().as_deref(),
         std::env::var("OTEL_TRACES_SAMPLER_ARG").ok().as_deref(),

@@ -12,6 +12,7 @@
 
 pub mod prometheus;
 pub mod store;
+mod tally;
 
 use foldhash::{HashMap, HashMapExt};
 use std::{
@@ -77,6 +78,15 @@ fn metrics() -> Vec<store::Metric> {
     ]
 }
 
+/// The bucket boundaries of a histogram (as `metrics` gives them).
+fn bounds(which: usize) -> &'static [f64] {
+    if which == DB_CLIENT {
+        &DB_BUCKETS
+    } else {
+        &HTTP_BUCKETS
+    }
+}
+
 /// The label keys of each histogram after `service.name`, in `Store::metrics` order.
 const RPC_KEYS: [&str; 6] = [
     "rpc.system.name",
@@ -136,6 +146,8 @@ pub struct Red {
     /// Edges whose server side had not finished when the client's did: SERVER span -> the
     /// edge's hash and labels.
     awaiting_server: HashMap<[u8; 8], (u64, Labels)>,
+    /// Duration measurements not yet in `store`.
+    tallies: tally::Tallies,
 }
 
 impl Red {
@@ -146,11 +158,25 @@ impl Red {
             names: HashMap::new(),
             processes,
             awaiting_server: HashMap::new(),
+            tallies: tally::Tallies::new(),
         }
     }
 
-    pub fn store(&self) -> SharedStore {
+    /// The store, with every measurement so far in it.
+    pub fn store(&mut self) -> SharedStore {
+        self.hand_over();
         self.store.clone()
+    }
+
+    /// Puts the measurements gathered since the last hand-over into the store, where its
+    /// readers see them: after each batch of events.
+    pub fn hand_over(&mut self) {
+        if self.tallies.is_empty() {
+            return;
+        }
+        if let Ok(mut store) = self.store.lock() {
+            self.tallies.hand_over(&mut store);
+        }
     }
 
     /// The service name of a process, looked up at most every NAME_TTL_NS of span time
@@ -201,23 +227,25 @@ impl Red {
             *slot = span.attr(key);
         }
         let values = &values[..keys.len().min(MAX_KEYS)];
-        let mut h = self.hasher.build_hasher();
-        h.write(service.as_bytes());
-        for v in values {
-            match v {
-                None => h.write_u8(0),
-                Some(Value::Int(i)) => {
-                    h.write_u8(1);
-                    h.write_i64(*i);
-                }
-                Some(v) => {
-                    h.write_u8(2);
-                    h.write(v.as_str().unwrap_or_default().as_bytes());
-                    h.write_u8(0xff);
+        let hash = || {
+            let mut h = self.hasher.build_hasher();
+            h.write(service.as_bytes());
+            for v in values {
+                match v {
+                    None => h.write_u8(0),
+                    Some(Value::Int(i)) => {
+                        h.write_u8(1);
+                        h.write_i64(*i);
+                    }
+                    Some(v) => {
+                        h.write_u8(2);
+                        h.write(v.as_str().unwrap_or_default().as_bytes());
+                        h.write_u8(0xff);
+                    }
                 }
             }
-        }
-        let hash = h.finish();
+            h.finish()
+        };
         let present = || {
             keys.iter()
                 .zip(values)
@@ -238,8 +266,17 @@ impl Red {
             l.extend(present().map(|(k, v)| (k, label_value(v))));
             l.into_boxed_slice()
         };
+        if let Some(key) = tally::Key::of(which, &service, values)
+            && self
+                .tallies
+                .add(key, which, bounds(which), seconds, span.end_unix_ns, || {
+                    (hash(), labels())
+                })
+        {
+            return;
+        }
         if let Ok(mut store) = self.store.lock() {
-            store.record(which, hash, same, labels, seconds, span.end_unix_ns);
+            store.record(which, hash(), same, labels, seconds, span.end_unix_ns);
         }
     }
 
@@ -388,6 +425,40 @@ mod tests {
         text.lines()
             .find(|l| l.starts_with(prefix) && labels.iter().all(|want| l.contains(want)))
             .and_then(|l| l.rsplit(' ').next())
+    }
+
+    #[test]
+    fn tallied_and_direct_measurements_land_in_one_series() {
+        let mut r = red(DEFAULT_SERIES_LIMIT);
+        let route: Arc<str> = "/items/{id}".into();
+        for i in 0..9 {
+            let mut s = span(SpanKind::Server, CATALOG, 3, 200, &route);
+            if i % 3 != 0 {
+                // As the span builder makes it: the route a text many spans share.
+                s.attributes[2].1 = Value::Shared(route.clone());
+            }
+            r.record(&s);
+        }
+        // Two texts of one content at two addresses: two tallies, one series.
+        let mut s = span(SpanKind::Server, CATALOG, 3, 200, "/items/{id}");
+        s.attributes[2].1 = Value::Shared("/items/{id}".into());
+        r.record(&s);
+        let text = prometheus::render(&r.store());
+        let ok = ["http_route=\"/items/{id}\"", "le=\"0.005\""];
+        let bucket = "http_server_request_duration_seconds_bucket";
+        assert_eq!(line(&text, bucket, &ok), Some("10"), "{text}");
+        assert_eq!(
+            text.matches("http_server_request_duration_seconds_count")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn each_histogram_tallies_with_its_own_buckets() {
+        for (which, m) in metrics().iter().enumerate() {
+            assert_eq!(bounds(which), m.bounds, "{}", m.name);
+        }
     }
 
     #[test]

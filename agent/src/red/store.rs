@@ -48,7 +48,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &[f64]) -> Self {
+    pub(super) fn new(bounds: &[f64]) -> Self {
         Self {
             counts: vec![0; bounds.len() + 1].into(),
             sum: 0.0,
@@ -66,6 +66,26 @@ impl Histogram {
         self.count += 1;
         self.min = self.min.min(v);
         self.max = self.max.max(v);
+    }
+
+    /// Adds what `other` (of the same buckets) counted.
+    pub fn merge(&mut self, other: &Histogram) {
+        for (c, o) in self.counts.iter_mut().zip(&other.counts) {
+            *c += o;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
+    /// Back to no measurement.
+    pub fn clear(&mut self) {
+        self.counts.fill(0);
+        self.sum = 0.0;
+        self.count = 0;
+        self.min = f64::INFINITY;
+        self.max = f64::NEG_INFINITY;
     }
 }
 
@@ -131,7 +151,9 @@ impl<T> Table<T> {
     }
 
     /// The series with these labels (`same` compares a candidate's in full), created by
-    /// `labels` and `data` when new, or the overflow series when `limit` series exist.
+    /// `labels` and `data` when new (starting at `start_ns`), or the overflow series when
+    /// `limit` series exist; measured until `now_ns`.
+    #[allow(clippy::too_many_arguments)]
     pub fn series(
         &mut self,
         hash: u64,
@@ -139,6 +161,7 @@ impl<T> Table<T> {
         labels: impl FnOnce() -> Labels,
         data: impl FnOnce() -> T,
         limit: usize,
+        start_ns: u64,
         now_ns: u64,
     ) -> &mut T {
         use std::collections::hash_map::Entry;
@@ -150,18 +173,18 @@ impl<T> Table<T> {
                 let chain = chain.into_mut();
                 match chain.iter().position(|s| same(&s.labels)) {
                     Some(i) => &mut chain[i],
-                    None if full => overflow_series(&mut self.overflow, data, now_ns),
+                    None if full => overflow_series(&mut self.overflow, data, start_ns),
                     None => {
                         self.len += 1;
-                        chain.push(Series::new(labels(), data(), now_ns));
+                        chain.push(Series::new(labels(), data(), start_ns));
                         chain.last_mut().expect("just pushed")
                     }
                 }
             }
-            Entry::Vacant(_) if full => overflow_series(&mut self.overflow, data, now_ns),
+            Entry::Vacant(_) if full => overflow_series(&mut self.overflow, data, start_ns),
             Entry::Vacant(slot) => {
                 self.len += 1;
-                &mut slot.insert(vec![Series::new(labels(), data(), now_ns)])[0]
+                &mut slot.insert(vec![Series::new(labels(), data(), start_ns)])[0]
             }
         };
         series.updated_ns = series.updated_ns.max(now_ns);
@@ -254,8 +277,37 @@ impl Store {
                 || Histogram::new(bounds),
                 self.limit,
                 now_ns,
+                now_ns,
             )
             .record(bounds, seconds);
+    }
+
+    /// Adds `delta`, measured from `first_ns` to `last_ns`, to the series of metric `which`
+    /// (see `Table::series`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge(
+        &mut self,
+        which: usize,
+        hash: u64,
+        same: impl Fn(&[(&'static str, LabelValue)]) -> bool,
+        labels: impl FnOnce() -> Labels,
+        delta: &Histogram,
+        first_ns: u64,
+        last_ns: u64,
+    ) {
+        let m = &mut self.metrics[which];
+        let bounds = m.bounds;
+        m.table
+            .series(
+                hash,
+                same,
+                labels,
+                || Histogram::new(bounds),
+                self.limit,
+                first_ns,
+                last_ns,
+            )
+            .merge(delta);
     }
 
     /// The edge with these labels.
@@ -277,6 +329,7 @@ impl Store {
                 server: Histogram::new(EDGE_BOUNDS),
             },
             self.limit,
+            now_ns,
             now_ns,
         )
     }

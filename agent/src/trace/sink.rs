@@ -925,10 +925,16 @@ impl Sink for TraceSink {
 
     fn batch_done(&mut self) {
         self.out.send_due(&self.export_stats);
+        if let Some(red) = self.red.as_mut() {
+            red.hand_over();
+        }
     }
 
     fn flush(&mut self) {
         self.out.send(&self.export_stats);
+        if let Some(red) = self.red.as_mut() {
+            red.hand_over();
+        }
     }
 
     fn drain(&mut self) {

@@ -70,10 +70,11 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
         _ => "",
     };
     // `/package.Service/Method`; anything else is not a method name a span may carry.
+    // Shared: a service serves a few methods, and the name and the RED labels repeat it.
     let method = path
         .strip_prefix('/')
         .filter(|m| m.split('/').count() == 2 && !m.contains('?'))
-        .map(str::to_string);
+        .map(crate::trace::shared_text::text);
     // HTTP attributes a gRPC span does not carry (the path is the method; the route and URL
     // say nothing more, and the HTTP status is 200 for failed calls too).
     s.attributes.retain(|(k, _)| {
@@ -94,7 +95,7 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
     s.attributes
         .push(("rpc.system.name", Value::Static("grpc")));
     match &method {
-        Some(m) => s.attributes.push(("rpc.method", Value::Str(m.clone()))),
+        Some(m) => s.attributes.push(("rpc.method", Value::Shared(m.clone()))),
         None => s.attributes.push(("rpc.method", Value::Static("_OTHER"))),
     }
     let code = g.status;
@@ -102,7 +103,7 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
         s.attributes
             .push(("rpc.response.status_code", Value::Static(name)));
     }
-    s.name = method.map_or_else(|| "grpc".into(), Into::into);
+    s.name = method.unwrap_or_else(|| "grpc".into());
     let error = match (x.exchange.outcome, code) {
         (_, Some(0)) => None,
         (_, Some(c)) if kind == SpanKind::Client || SERVER_ERRORS.contains(&c) => {
