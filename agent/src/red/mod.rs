@@ -146,8 +146,9 @@ pub struct Red {
     /// Edges whose server side had not finished when the client's did: SERVER span -> the
     /// edge's hash and labels.
     awaiting_server: HashMap<[u8; 8], (u64, Labels)>,
-    /// Duration measurements not yet in `store`.
-    tallies: tally::Tallies,
+    /// Duration measurements and edges not yet in `store`.
+    tallies: tally::Tallies<tally::Key, store::Histogram>,
+    edge_tallies: tally::Tallies<[u64; 6], store::Edge>,
 }
 
 impl Red {
@@ -159,6 +160,7 @@ impl Red {
             processes,
             awaiting_server: HashMap::new(),
             tallies: tally::Tallies::new(),
+            edge_tallies: tally::Tallies::new(),
         }
     }
 
@@ -171,11 +173,14 @@ impl Red {
     /// Puts the measurements gathered since the last hand-over into the store, where its
     /// readers see them: after each batch of events.
     pub fn hand_over(&mut self) {
-        if self.tallies.is_empty() {
+        if self.tallies.is_empty() && self.edge_tallies.is_empty() {
             return;
         }
         if let Ok(mut store) = self.store.lock() {
-            self.tallies.hand_over(&mut store);
+            self.tallies
+                .hand_over(|t| tally::merge_histogram(&mut store, t));
+            self.edge_tallies
+                .hand_over(|t| tally::merge_edge(&mut store, t));
         }
     }
 
@@ -266,13 +271,13 @@ impl Red {
             l.extend(present().map(|(k, v)| (k, label_value(v))));
             l.into_boxed_slice()
         };
+        let bounds = bounds(which);
         if let Some(key) = tally::Key::of(which, &service, values)
-            && self
-                .tallies
-                .add(key, which, bounds(which), seconds, span.end_unix_ns, || {
-                    (hash(), labels())
-                })
+            && let Some(t) = self.tallies.at(key, span.end_unix_ns, || {
+                (which, hash(), labels(), store::Histogram::new(bounds))
+            })
         {
+            t.delta.record(bounds, seconds);
             return;
         }
         if let Ok(mut store) = self.store.lock() {
@@ -296,13 +301,15 @@ impl Red {
                 None,
             ),
         };
-        let mut h = self.hasher.build_hasher();
-        h.write(client_service.as_bytes());
-        h.write_u8(0xff);
-        h.write(server_name.as_bytes());
-        h.write_u8(0xff);
-        h.write(connection_type.as_bytes());
-        let hash = h.finish();
+        let hash = || {
+            let mut h = self.hasher.build_hasher();
+            h.write(client_service.as_bytes());
+            h.write_u8(0xff);
+            h.write(server_name.as_bytes());
+            h.write_u8(0xff);
+            h.write(connection_type.as_bytes());
+            h.finish()
+        };
         let want = [
             client_service.as_ref(),
             server_name.as_ref(),
@@ -319,6 +326,29 @@ impl Red {
             ])
         };
         let seconds = client.end_unix_ns.saturating_sub(client.start_unix_ns) as f64 / 1e9;
+        // Tallied when the server is a process here: its name is the cached service name, the
+        // same text span after span (an address is a text of the span's own).
+        if server_side.is_some()
+            && let Some(t) = self.edge_tallies.at(
+                tally::edge_key(&client_service, &server_name, connection_type),
+                now_ns,
+                || (0, hash(), labels(), store::Edge::new()),
+            )
+        {
+            t.delta.requests += 1;
+            t.delta.failed += u64::from(client.error.is_some());
+            t.delta.client.record(store::EDGE_BOUNDS, seconds);
+            match server_side {
+                Some((_, Some(s))) => t.delta.server.record(store::EDGE_BOUNDS, s),
+                Some((span, None)) => {
+                    let waiting = (t.hash, t.labels.clone());
+                    self.await_server(span, waiting);
+                }
+                None => {}
+            }
+            return;
+        }
+        let hash = hash();
         let Ok(mut store) = self.store.lock() else {
             return;
         };
@@ -330,13 +360,18 @@ impl Red {
             Some((_, Some(s))) => edge.server.record(store::EDGE_BOUNDS, s),
             Some((span, None)) => {
                 drop(store);
-                if self.awaiting_server.len() >= 100_000 {
-                    self.awaiting_server.clear();
-                }
-                self.awaiting_server.insert(span, (hash, labels()));
+                self.await_server(span, (hash, labels()));
             }
             None => {}
         }
+    }
+
+    /// The edge `waiting` (its hash and labels) waits for SERVER span `span` to finish.
+    fn await_server(&mut self, span: [u8; 8], waiting: (u64, Labels)) {
+        if self.awaiting_server.len() >= 100_000 {
+            self.awaiting_server.clear();
+        }
+        self.awaiting_server.insert(span, waiting);
     }
 
     /// A SERVER span finished; true when its caller's edge was waiting for its duration.

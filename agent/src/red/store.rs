@@ -113,6 +113,17 @@ pub struct Edge {
     pub server: Histogram,
 }
 
+impl Edge {
+    pub(super) fn new() -> Self {
+        Self {
+            requests: 0,
+            failed: 0,
+            client: Histogram::new(EDGE_BOUNDS),
+            server: Histogram::new(EDGE_BOUNDS),
+        }
+    }
+}
+
 pub struct Series<T> {
     pub labels: Labels,
     pub data: T,
@@ -318,20 +329,20 @@ impl Store {
         labels: impl FnOnce() -> Labels,
         now_ns: u64,
     ) -> &mut Edge {
-        self.edges.series(
-            hash,
-            same,
-            labels,
-            || Edge {
-                requests: 0,
-                failed: 0,
-                client: Histogram::new(EDGE_BOUNDS),
-                server: Histogram::new(EDGE_BOUNDS),
-            },
-            self.limit,
-            now_ns,
-            now_ns,
-        )
+        self.edge_between(hash, same, labels, now_ns, now_ns)
+    }
+
+    /// The edge with these labels, measured from `start_ns` (when new) to `now_ns`.
+    pub fn edge_between(
+        &mut self,
+        hash: u64,
+        same: impl Fn(&[(&'static str, LabelValue)]) -> bool,
+        labels: impl FnOnce() -> Labels,
+        start_ns: u64,
+        now_ns: u64,
+    ) -> &mut Edge {
+        self.edges
+            .series(hash, same, labels, Edge::new, self.limit, start_ns, now_ns)
     }
 
     /// Forgets every series idle since `before_ns`.

@@ -12,7 +12,7 @@
 use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
-use super::store::{Histogram, Labels, Store};
+use super::store::{Edge, Histogram, Labels, Store};
 use crate::trace::span::Value;
 
 /// Words of a key: the metric and the service name, then two per label value.
@@ -53,17 +53,60 @@ impl Key {
     }
 }
 
+/// An edge of the service graph by identity: the addresses and lengths of its client's and
+/// server's service names and of its connection type (see `Key`).
+pub fn edge_key(client: &Arc<str>, server: &Arc<str>, connection_type: &'static str) -> [u64; 6] {
+    [
+        client.as_ptr() as u64,
+        client.len() as u64,
+        server.as_ptr() as u64,
+        server.len() as u64,
+        connection_type.as_ptr() as u64,
+        connection_type.len() as u64,
+    ]
+}
+
+/// What a tally gathers: a histogram's measurements, an edge's requests.
+pub trait Delta {
+    fn is_empty(&self) -> bool;
+    fn clear(&mut self);
+}
+
+impl Delta for Histogram {
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn clear(&mut self) {
+        Histogram::clear(self)
+    }
+}
+
+impl Delta for Edge {
+    fn is_empty(&self) -> bool {
+        self.requests == 0 && self.server.count == 0
+    }
+
+    fn clear(&mut self) {
+        self.requests = 0;
+        self.failed = 0;
+        self.client.clear();
+        self.server.clear();
+    }
+}
+
 /// What one label set measured since the last hand-over.
-struct Tally {
-    which: usize,
+pub struct Tally<D> {
+    /// The metric (`Store::metrics` order).
+    pub which: usize,
     /// The store's hash of the label values (by content), computed once.
-    hash: u64,
-    labels: Labels,
-    delta: Histogram,
+    pub hash: u64,
+    pub labels: Labels,
+    pub delta: D,
     /// Span end times: of the first measurement since the hand-over (a new series starts
     /// there) and the latest.
-    first_ns: u64,
-    last_ns: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
     /// Hand-overs in a row without a measurement.
     idle: u8,
 }
@@ -74,12 +117,11 @@ const IDLE_HAND_OVERS: u8 = 16;
 /// Tallies kept at most: beyond, all are merged and let go (a burst of new label sets).
 const MAX_TALLIES: usize = 4096;
 
-#[derive(Default)]
-pub struct Tallies {
-    by_key: HashMap<Key, Tally>,
+pub struct Tallies<K, D> {
+    by_key: HashMap<K, Tally<D>>,
 }
 
-impl Tallies {
+impl<K: std::hash::Hash + Eq, D: Delta> Tallies<K, D> {
     pub fn new() -> Self {
         Self {
             by_key: HashMap::new(),
@@ -88,65 +130,54 @@ impl Tallies {
 
     /// Whether no measurement waits for a hand-over.
     pub fn is_empty(&self) -> bool {
-        self.by_key.values().all(|t| t.delta.count == 0)
+        self.by_key.values().all(|t| t.delta.is_empty())
     }
 
-    /// One measurement of metric `which` (`bounds`: its buckets) labelled `key`; `made`
-    /// gives the store's hash and the label set when the key has no tally yet.
-    pub fn add(
+    /// The tally of label set `key`, for a measurement at `now_ns`; `made` gives the metric,
+    /// the store's hash, the label set and an empty delta when the key has none yet. None
+    /// when `MAX_TALLIES` are kept: the caller measures into the store itself.
+    pub fn at(
         &mut self,
-        key: Key,
-        which: usize,
-        bounds: &[f64],
-        seconds: f64,
+        key: K,
         now_ns: u64,
-        made: impl FnOnce() -> (u64, Labels),
-    ) -> bool {
+        made: impl FnOnce() -> (usize, u64, Labels, D),
+    ) -> Option<&mut Tally<D>> {
+        use std::collections::hash_map::Entry;
         let full = self.by_key.len() >= MAX_TALLIES;
         let tally = match self.by_key.entry(key) {
-            std::collections::hash_map::Entry::Occupied(t) => t.into_mut(),
-            std::collections::hash_map::Entry::Vacant(_) if full => return false,
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                let (hash, labels) = made();
+            Entry::Occupied(t) => t.into_mut(),
+            Entry::Vacant(_) if full => return None,
+            Entry::Vacant(slot) => {
+                let (which, hash, labels, delta) = made();
                 slot.insert(Tally {
                     which,
                     hash,
                     labels,
-                    delta: Histogram::new(bounds),
+                    delta,
                     first_ns: now_ns,
                     last_ns: now_ns,
                     idle: 0,
                 })
             }
         };
-        if tally.delta.count == 0 {
+        if tally.delta.is_empty() {
             tally.first_ns = now_ns;
             tally.last_ns = now_ns;
         }
-        tally.delta.record(bounds, seconds);
         tally.last_ns = tally.last_ns.max(now_ns);
-        true
+        Some(tally)
     }
 
-    /// Merges every measurement into `store`; lets go of the tallies idle too long, or of all
-    /// when there are `MAX_TALLIES`.
-    pub fn hand_over(&mut self, store: &mut Store) {
+    /// Hands each tally with measurements to `merge` (into the store), then empties it; lets
+    /// go of the tallies idle too long, or of all when there are `MAX_TALLIES`.
+    pub fn hand_over(&mut self, mut merge: impl FnMut(&Tally<D>)) {
         for t in self.by_key.values_mut() {
-            if t.delta.count == 0 {
+            if t.delta.is_empty() {
                 t.idle = t.idle.saturating_add(1);
                 continue;
             }
             t.idle = 0;
-            let labels = &t.labels;
-            store.merge(
-                t.which,
-                t.hash,
-                |l| *l == **labels,
-                || labels.clone(),
-                &t.delta,
-                t.first_ns,
-                t.last_ns,
-            );
+            merge(t);
             t.delta.clear();
         }
         if self.by_key.len() >= MAX_TALLIES {
@@ -155,6 +186,36 @@ impl Tallies {
             self.by_key.retain(|_, t| t.idle < IDLE_HAND_OVERS);
         }
     }
+}
+
+/// Merges a duration tally into its series.
+pub fn merge_histogram(store: &mut Store, t: &Tally<Histogram>) {
+    let labels = &t.labels;
+    store.merge(
+        t.which,
+        t.hash,
+        |l| *l == **labels,
+        || labels.clone(),
+        &t.delta,
+        t.first_ns,
+        t.last_ns,
+    );
+}
+
+/// Merges an edge tally into its edge.
+pub fn merge_edge(store: &mut Store, t: &Tally<Edge>) {
+    let labels = &t.labels;
+    let edge = store.edge_between(
+        t.hash,
+        |l| *l == **labels,
+        || labels.clone(),
+        t.first_ns,
+        t.last_ns,
+    );
+    edge.requests += t.delta.requests;
+    edge.failed += t.delta.failed;
+    edge.client.merge(&t.delta.client);
+    edge.server.merge(&t.delta.server);
 }
 
 #[cfg(test)]
@@ -204,17 +265,34 @@ mod tests {
         assert_eq!(key(&service, &[Some(&Value::Str("500".into()))]), None);
     }
 
+    /// One duration measurement, as `Red::record` makes it.
+    fn add(
+        tallies: &mut Tallies<Key, Histogram>,
+        key: Key,
+        seconds: f64,
+        at: u64,
+        made: impl FnOnce() -> (u64, Labels),
+    ) {
+        let bounds = &crate::red::HTTP_BUCKETS;
+        let t = tallies
+            .at(key, at, || {
+                let (hash, labels) = made();
+                (0, hash, labels, Histogram::new(bounds))
+            })
+            .expect("room");
+        t.delta.record(bounds, seconds);
+    }
+
     #[test]
     fn a_hand_over_merges_counts_bounds_and_times_into_the_series() {
         let mut tallies = Tallies::new();
         let mut s = store();
-        let bounds = &crate::red::HTTP_BUCKETS;
         let service: Arc<str> = "svc".into();
         let route = Value::Shared("/a".into());
         let key = Key::of(0, &service, &[Some(&route)]).unwrap();
         let mut made = 0;
         for (seconds, at) in [(0.003, 50), (0.02, 40), (7.0, 60)] {
-            tallies.add(key, 0, bounds, seconds, at, || {
+            add(&mut tallies, key, seconds, at, || {
                 made += 1;
                 (9, labels("/a"))
             });
@@ -226,10 +304,10 @@ mod tests {
             0,
             "nothing before the hand-over"
         );
-        tallies.hand_over(&mut s);
+        tallies.hand_over(|t| merge_histogram(&mut s, t));
         assert!(tallies.is_empty());
-        tallies.add(key, 0, bounds, 0.004, 70, || unreachable!("kept"));
-        tallies.hand_over(&mut s);
+        add(&mut tallies, key, 0.004, 70, || unreachable!("kept"));
+        tallies.hand_over(|t| merge_histogram(&mut s, t));
         let series: Vec<_> = s.metrics[0].table.iter().collect();
         assert_eq!(series.len(), 1);
         let h = &series[0].data;
@@ -242,16 +320,52 @@ mod tests {
     }
 
     #[test]
+    fn an_edge_tally_adds_requests_failures_and_both_durations() {
+        let mut tallies: Tallies<[u64; 6], Edge> = Tallies::new();
+        let mut s = store();
+        let (client, server): (Arc<str>, Arc<str>) = ("front".into(), "back".into());
+        let key = edge_key(&client, &server, "");
+        assert_ne!(key, edge_key(&server, &client, ""));
+        assert_ne!(key, edge_key(&client, &server, "database"));
+        let bounds = crate::red::store::EDGE_BOUNDS;
+        for (at, failed) in [(5, false), (6, true)] {
+            let t = tallies
+                .at(key, at, || {
+                    let edge = Edge {
+                        requests: 0,
+                        failed: 0,
+                        client: Histogram::new(bounds),
+                        server: Histogram::new(bounds),
+                    };
+                    (0, 3, labels("e"), edge)
+                })
+                .unwrap();
+            t.delta.requests += 1;
+            t.delta.failed += u64::from(failed);
+            t.delta.client.record(bounds, 0.02);
+            t.delta.server.record(bounds, 0.01);
+        }
+        tallies.hand_over(|t| merge_edge(&mut s, t));
+        assert!(tallies.is_empty());
+        let edges: Vec<_> = s.edges.iter().collect();
+        assert_eq!(edges.len(), 1);
+        let e = &edges[0].data;
+        assert_eq!(
+            (e.requests, e.failed, e.client.count, e.server.count),
+            (2, 1, 2, 2)
+        );
+        assert_eq!((edges[0].start_ns, edges[0].updated_ns), (5, 6));
+    }
+
+    #[test]
     fn idle_tallies_are_let_go() {
         let mut tallies = Tallies::new();
         let mut s = store();
         let service: Arc<str> = "svc".into();
         let key = Key::of(0, &service, &[]).unwrap();
-        tallies.add(key, 0, &crate::red::HTTP_BUCKETS, 0.1, 1, || {
-            (1, labels("/"))
-        });
+        add(&mut tallies, key, 0.1, 1, || (1, labels("/")));
         for _ in 0..=IDLE_HAND_OVERS {
-            tallies.hand_over(&mut s);
+            tallies.hand_over(|t| merge_histogram(&mut s, t));
         }
         assert!(tallies.by_key.is_empty());
         assert_eq!(
