@@ -15,14 +15,34 @@ use std::sync::Arc;
 use super::store::{Edge, Histogram, Labels, Store};
 use crate::trace::span::Value;
 
-/// Words of a key: the metric and the service name, then two per label value.
-const WORDS: usize = 2 + 2 * super::MAX_KEYS;
+/// Words of a key: the metric, the service name, then one per label value.
+const WORDS: usize = 2 + super::MAX_KEYS;
 
-/// Tags in a value's second word, which for a text is its length (below 2^62).
+/// A text as one word: its address (below 2^48: user space on x86-64 and arm64) with its
+/// length (below 2^15) in the bits above; bit 63 clear. An integer from 0 to 2^62 has bit 63
+/// set and bit 62 clear; an absent value has both. None for anything else (the caller
+/// records into the store directly).
+fn text_word(text: &str) -> Option<u64> {
+    let (at, len) = (text.as_ptr() as u64, text.len() as u64);
+    (at < 1 << 48 && len < 1 << 15).then_some(at | len << 48)
+}
 const INT: u64 = 1 << 63;
-const ABSENT: u64 = 1 << 62;
+const ABSENT: u64 = 1 << 63 | 1 << 62;
 
-/// A label set by identity: the address and length of each text, an integer's value.
+fn value_word(value: Option<&Value>) -> Option<u64> {
+    match value {
+        None => Some(ABSENT),
+        Some(Value::Int(n)) => (0..1 << 62).contains(n).then_some(INT | *n as u64),
+        Some(Value::Static(s)) => text_word(s),
+        Some(Value::Shared(s)) => text_word(s),
+        // A text of the span's own (an error's description): its address says nothing once
+        // it is freed.
+        Some(Value::Str(_)) => None,
+    }
+}
+
+/// A label set by identity: the address and length of each text, an integer's value, a word
+/// each (80 bytes to hash and compare per measurement; two words per value were 144).
 ///
 /// Two keys equal only when their label sets are equal: a text's address names its content
 /// while the text lives, and the tally made for a key holds its label set, which holds every
@@ -32,22 +52,13 @@ const ABSENT: u64 = 1 << 62;
 pub struct Key([u64; WORDS]);
 
 impl Key {
-    /// None when a value is a text of the span's own (an error's description): its address
-    /// says nothing once it is freed.
+    /// None when a value has no identity to key by (see `value_word`).
     pub fn of(which: usize, service: &Arc<str>, values: &[Option<&Value>]) -> Option<Key> {
         let mut words = [0; WORDS];
-        words[0] = service.as_ptr() as u64;
-        words[1] = service.len() as u64 | (which as u64) << 56;
-        for (i, value) in values.iter().take(super::MAX_KEYS).enumerate() {
-            let (a, b) = match value {
-                None => (0, ABSENT),
-                Some(Value::Int(n)) => (*n as u64, INT),
-                Some(Value::Static(s)) => (s.as_ptr() as u64, s.len() as u64),
-                Some(Value::Shared(s)) => (s.as_ptr() as u64, s.len() as u64),
-                Some(Value::Str(_)) => return None,
-            };
-            words[2 + 2 * i] = a;
-            words[3 + 2 * i] = b;
+        words[0] = which as u64;
+        words[1] = text_word(service)?;
+        for (slot, value) in words[2..].iter_mut().zip(values) {
+            *slot = value_word(*value)?;
         }
         Some(Key(words))
     }
@@ -261,8 +272,16 @@ mod tests {
             base,
             Key::of(1, &service, &[Some(&get), Some(&route), None])
         );
-        // A span's own text has no identity to key by.
+        // A span's own text has no identity to key by, nor an integer out of the key's range.
         assert_eq!(key(&service, &[Some(&Value::Str("500".into()))]), None);
+        assert_eq!(key(&service, &[Some(&Value::Int(-1))]), None);
+        assert!(key(&service, &[Some(&Value::Int((1 << 62) - 1))]).is_some());
+        // A text's length is part of its word: a prefix at the same address is another key.
+        let long: &'static str = "GETX";
+        assert_ne!(
+            key(&service, &[Some(&Value::Static(long))]),
+            key(&service, &[Some(&Value::Static(&long[..3]))])
+        );
     }
 
     /// One duration measurement, as `Red::record` makes it.
