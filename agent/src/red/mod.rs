@@ -148,7 +148,7 @@ pub struct Red {
     awaiting_server: HashMap<[u8; 8], (u64, Labels)>,
     /// Duration measurements and edges not yet in `store`.
     tallies: tally::Tallies<tally::Key, store::Histogram>,
-    edge_tallies: tally::Tallies<[u64; 6], store::Edge>,
+    edge_tallies: tally::Tallies<[u64; 3], store::Edge>,
 }
 
 impl Red {
@@ -329,11 +329,10 @@ impl Red {
         // Tallied when the server is a process here: its name is the cached service name, the
         // same text span after span (an address is a text of the span's own).
         if server_side.is_some()
-            && let Some(t) = self.edge_tallies.at(
-                tally::edge_key(&client_service, &server_name, connection_type),
-                now_ns,
-                || (0, hash(), labels(), store::Edge::new()),
-            )
+            && let Some(key) = tally::edge_key(&client_service, &server_name, connection_type)
+            && let Some(t) = self
+                .edge_tallies
+                .at(key, now_ns, || (0, hash(), labels(), store::Edge::new()))
         {
             t.delta.requests += 1;
             t.delta.failed += u64::from(client.error.is_some());

@@ -122,6 +122,22 @@ impl Edge {
             server: Histogram::new(EDGE_BOUNDS),
         }
     }
+
+    /// Adds what `other` counted.
+    pub fn merge(&mut self, other: &Edge) {
+        self.requests += other.requests;
+        self.failed += other.failed;
+        self.client.merge(&other.client);
+        self.server.merge(&other.server);
+    }
+
+    /// Back to nothing counted.
+    pub fn clear(&mut self) {
+        self.requests = 0;
+        self.failed = 0;
+        self.client.clear();
+        self.server.clear();
+    }
 }
 
 pub struct Series<T> {
@@ -278,47 +294,33 @@ impl Store {
         seconds: f64,
         now_ns: u64,
     ) {
-        let m = &mut self.metrics[which];
-        let bounds = m.bounds;
-        m.table
-            .series(
-                hash,
-                same,
-                labels,
-                || Histogram::new(bounds),
-                self.limit,
-                now_ns,
-                now_ns,
-            )
+        let bounds = self.metrics[which].bounds;
+        self.histogram(which, hash, same, labels, now_ns, now_ns)
             .record(bounds, seconds);
     }
 
-    /// Adds `delta`, measured from `first_ns` to `last_ns`, to the series of metric `which`
-    /// (see `Table::series`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn merge(
+    /// The histogram of metric `which` with these labels, measured from `start_ns` (when new)
+    /// to `now_ns` (see `Table::series`).
+    pub fn histogram(
         &mut self,
         which: usize,
         hash: u64,
         same: impl Fn(&[(&'static str, LabelValue)]) -> bool,
         labels: impl FnOnce() -> Labels,
-        delta: &Histogram,
-        first_ns: u64,
-        last_ns: u64,
-    ) {
+        start_ns: u64,
+        now_ns: u64,
+    ) -> &mut Histogram {
         let m = &mut self.metrics[which];
         let bounds = m.bounds;
-        m.table
-            .series(
-                hash,
-                same,
-                labels,
-                || Histogram::new(bounds),
-                self.limit,
-                first_ns,
-                last_ns,
-            )
-            .merge(delta);
+        m.table.series(
+            hash,
+            same,
+            labels,
+            || Histogram::new(bounds),
+            self.limit,
+            start_ns,
+            now_ns,
+        )
     }
 
     /// The edge with these labels.

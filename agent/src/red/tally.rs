@@ -64,17 +64,18 @@ impl Key {
     }
 }
 
-/// An edge of the service graph by identity: the addresses and lengths of its client's and
-/// server's service names and of its connection type (see `Key`).
-pub fn edge_key(client: &Arc<str>, server: &Arc<str>, connection_type: &'static str) -> [u64; 6] {
-    [
-        client.as_ptr() as u64,
-        client.len() as u64,
-        server.as_ptr() as u64,
-        server.len() as u64,
-        connection_type.as_ptr() as u64,
-        connection_type.len() as u64,
-    ]
+/// An edge of the service graph by identity: its client's and server's service names and its
+/// connection type, a word each as in `Key`.
+pub fn edge_key(
+    client: &Arc<str>,
+    server: &Arc<str>,
+    connection_type: &'static str,
+) -> Option<[u64; 3]> {
+    Some([
+        text_word(client)?,
+        text_word(server)?,
+        text_word(connection_type)?,
+    ])
 }
 
 /// What a tally gathers: a histogram's measurements, an edge's requests.
@@ -99,10 +100,7 @@ impl Delta for Edge {
     }
 
     fn clear(&mut self) {
-        self.requests = 0;
-        self.failed = 0;
-        self.client.clear();
-        self.server.clear();
+        Edge::clear(self)
     }
 }
 
@@ -130,18 +128,21 @@ const MAX_TALLIES: usize = 4096;
 
 pub struct Tallies<K, D> {
     by_key: HashMap<K, Tally<D>>,
+    /// Tallies with measurements since the last hand-over.
+    measured: usize,
 }
 
 impl<K: std::hash::Hash + Eq, D: Delta> Tallies<K, D> {
     pub fn new() -> Self {
         Self {
             by_key: HashMap::new(),
+            measured: 0,
         }
     }
 
     /// Whether no measurement waits for a hand-over.
     pub fn is_empty(&self) -> bool {
-        self.by_key.values().all(|t| t.delta.is_empty())
+        self.measured == 0
     }
 
     /// The tally of label set `key`, for a measurement at `now_ns`; `made` gives the metric,
@@ -172,6 +173,7 @@ impl<K: std::hash::Hash + Eq, D: Delta> Tallies<K, D> {
             }
         };
         if tally.delta.is_empty() {
+            self.measured += 1;
             tally.first_ns = now_ns;
             tally.last_ns = now_ns;
         }
@@ -191,6 +193,7 @@ impl<K: std::hash::Hash + Eq, D: Delta> Tallies<K, D> {
             merge(t);
             t.delta.clear();
         }
+        self.measured = 0;
         if self.by_key.len() >= MAX_TALLIES {
             self.by_key.clear();
         } else {
@@ -202,31 +205,30 @@ impl<K: std::hash::Hash + Eq, D: Delta> Tallies<K, D> {
 /// Merges a duration tally into its series.
 pub fn merge_histogram(store: &mut Store, t: &Tally<Histogram>) {
     let labels = &t.labels;
-    store.merge(
-        t.which,
-        t.hash,
-        |l| *l == **labels,
-        || labels.clone(),
-        &t.delta,
-        t.first_ns,
-        t.last_ns,
-    );
+    store
+        .histogram(
+            t.which,
+            t.hash,
+            |l| *l == **labels,
+            || labels.clone(),
+            t.first_ns,
+            t.last_ns,
+        )
+        .merge(&t.delta);
 }
 
 /// Merges an edge tally into its edge.
 pub fn merge_edge(store: &mut Store, t: &Tally<Edge>) {
     let labels = &t.labels;
-    let edge = store.edge_between(
-        t.hash,
-        |l| *l == **labels,
-        || labels.clone(),
-        t.first_ns,
-        t.last_ns,
-    );
-    edge.requests += t.delta.requests;
-    edge.failed += t.delta.failed;
-    edge.client.merge(&t.delta.client);
-    edge.server.merge(&t.delta.server);
+    store
+        .edge_between(
+            t.hash,
+            |l| *l == **labels,
+            || labels.clone(),
+            t.first_ns,
+            t.last_ns,
+        )
+        .merge(&t.delta);
 }
 
 #[cfg(test)]
@@ -340,12 +342,12 @@ mod tests {
 
     #[test]
     fn an_edge_tally_adds_requests_failures_and_both_durations() {
-        let mut tallies: Tallies<[u64; 6], Edge> = Tallies::new();
+        let mut tallies: Tallies<[u64; 3], Edge> = Tallies::new();
         let mut s = store();
         let (client, server): (Arc<str>, Arc<str>) = ("front".into(), "back".into());
-        let key = edge_key(&client, &server, "");
-        assert_ne!(key, edge_key(&server, &client, ""));
-        assert_ne!(key, edge_key(&client, &server, "database"));
+        let key = edge_key(&client, &server, "").unwrap();
+        assert_ne!(Some(key), edge_key(&server, &client, ""));
+        assert_ne!(Some(key), edge_key(&client, &server, "database"));
         let bounds = crate::red::store::EDGE_BOUNDS;
         for (at, failed) in [(5, false), (6, true)] {
             let t = tallies
