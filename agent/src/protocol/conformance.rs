@@ -60,8 +60,9 @@ impl Harness for Http1 {
 
 fn describe_http(e: &exchange::Exchange) -> String {
     format!(
-        "{:?} {:?} {:?}",
-        e.request.start,
+        "{:?} {:?} {:?} {:?}",
+        e.request.method(),
+        e.request.target(),
         e.response.as_ref().and_then(Head::status),
         e.outcome
     )

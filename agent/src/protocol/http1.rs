@@ -15,15 +15,34 @@ use crate::conn::Segment;
 pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 96;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a text of a head (its request target, a method no RFC defines, a kept header's
+/// value) lies in the head's bytes (`Headers`): two offsets instead of a copy of the text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct At {
+    from: u32,
+    to: u32,
+}
+
+/// A request's method: the ones RFC 9110 and 5789 define as their constants, any other where it
+/// lies in the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Known(&'static str),
+    Other(At),
+}
+
+/// A head's first line. Its texts lie in the head's bytes: read them with `Head::method` and
+/// `Head::target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartLine {
-    /// `method` borrows a constant for the methods RFC 9110 and 5789 define (no allocation).
     Request {
-        method: Cow<'static, str>,
-        target: String,
+        method: Method,
+        target: At,
     },
     /// The reason phrase is not kept: nothing reads it.
-    Response { status: u16 },
+    Response {
+        status: u16,
+    },
 }
 
 /// The methods RFC 9110 and 5789 define (spans name any other `_OTHER`).
@@ -33,25 +52,93 @@ pub const KNOWN_METHODS: [&str; 9] = [
 
 /// A method as a `StartLine` keeps it: the standard ones as constants.
 pub fn method_name(m: &str) -> Cow<'static, str> {
-    match KNOWN_METHODS.iter().find(|k| **k == m) {
+    match known_method(m) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(m.to_string()),
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+fn known_method(m: &str) -> Option<&'static str> {
+    KNOWN_METHODS.iter().find(|k| **k == m).copied()
+}
+
+/// A message head: ~120 bytes that travel by value from the parser through the exchange to
+/// the span (each text an offset into the head's bytes, each kept header's name an index), so
+/// a request costs no allocation of its own and its moves are short.
+#[derive(Clone)]
 pub struct Head {
     pub start: StartLine,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
     /// Only the headers something reads (`KEPT`), under their lowercase names; values as bytes
-    /// (they need not be UTF-8). Everything else, credentials included, is never stored.
+    /// (they need not be UTF-8). Everything else, credentials included, is never stored. The
+    /// start line's texts lie in the same bytes.
     pub headers: Headers,
     /// The head was cut by a gap: headers after the cut are missing.
     pub truncated: bool,
 }
 
 impl Head {
+    /// A request head from decoded fields (tests', a salvaged head's): the texts copied
+    /// together into one buffer. Headers whose names are not in `NAMES` are not kept.
+    pub fn request<'a, H>(method: &str, target: &str, headers: H) -> Self
+    where
+        H: IntoIterator<Item = (&'static str, &'a [u8])>,
+        H::IntoIter: Clone,
+    {
+        Self::request_kept(
+            method,
+            target,
+            headers
+                .into_iter()
+                .filter_map(|(name, value)| Some((name_position(name)?, value))),
+        )
+    }
+
+    /// A request head from fields whose names are indices in `NAMES` (HTTP/2's decoded
+    /// fields): the texts copied together into one buffer of their exact size (one
+    /// allocation, which `Bytes` takes over as it is).
+    pub fn request_kept<'a>(
+        method: &str,
+        target: &str,
+        headers: impl Iterator<Item = (u8, &'a [u8])> + Clone,
+    ) -> Self {
+        let size =
+            target.len() + method.len() + headers.clone().map(|(_, v)| v.len()).sum::<usize>();
+        let mut text = Vec::with_capacity(size);
+        let target = push_text(&mut text, target.as_bytes());
+        let method = match known_method(method) {
+            Some(k) => Method::Known(k),
+            None => Method::Other(push_text(&mut text, method.as_bytes())),
+        };
+        let mut kept = smallvec::SmallVec::new();
+        for (name, value) in headers {
+            kept.push((name, push_text(&mut text, value)));
+        }
+        Self {
+            start: StartLine::Request { method, target },
+            minor_version: 1,
+            headers: Headers {
+                text: text.into(),
+                kept,
+            },
+            truncated: false,
+        }
+    }
+
+    /// A response head from decoded fields, as `request`.
+    pub fn response<'a>(
+        status: u16,
+        headers: impl IntoIterator<Item = (&'static str, &'a [u8])>,
+    ) -> Self {
+        Self {
+            start: StartLine::Response { status },
+            minor_version: 1,
+            headers: Headers::copied(Vec::new(), headers),
+            truncated: false,
+        }
+    }
+
     /// `name` in lowercase, as `KEPT` spells it (kept headers are stored under those names).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
@@ -86,10 +173,46 @@ impl Head {
         }
     }
 
+    /// A request's method as sent.
     pub fn method(&self) -> Option<&str> {
-        match &self.start {
-            StartLine::Request { method, .. } => Some(method.as_ref()),
+        match self.start {
+            StartLine::Request {
+                method: Method::Known(m),
+                ..
+            } => Some(m),
+            StartLine::Request {
+                method: Method::Other(at),
+                ..
+            } => Some(self.headers.str_at(at)),
             StartLine::Response { .. } => None,
+        }
+    }
+
+    /// A request's method if RFC 9110 or 5789 defines it.
+    pub fn known_method(&self) -> Option<&'static str> {
+        match self.start {
+            StartLine::Request {
+                method: Method::Known(m),
+                ..
+            } => Some(m),
+            _ => None,
+        }
+    }
+
+    /// A request's method as `method_name` keeps it (the reader asks it of the request a
+    /// response answers).
+    pub fn method_name(&self) -> Option<Cow<'static, str>> {
+        match self.known_method() {
+            Some(m) => Some(Cow::Borrowed(m)),
+            None => self.method().map(|m| Cow::Owned(m.to_string())),
+        }
+    }
+
+    /// A request's target as sent ("" for a response).
+    pub fn target(&self) -> &str {
+        match self.start {
+            StartLine::Request { target, .. } => self.headers.str_at(target),
+            StartLine::Response { .. } => "",
         }
     }
 
@@ -100,6 +223,47 @@ impl Head {
         } else {
             self.has_token("connection", "close")
         }
+    }
+}
+
+/// Heads are equal when what they say is: the same texts, wherever they lie.
+impl PartialEq for Head {
+    fn eq(&self, other: &Self) -> bool {
+        self.status() == other.status()
+            && self.method() == other.method()
+            && self.target() == other.target()
+            && self.minor_version == other.minor_version
+            && self.headers == other.headers
+            && self.truncated == other.truncated
+    }
+}
+
+impl Eq for Head {}
+
+/// The start line's texts and the kept headers, never the rest of the head's bytes.
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("Head");
+        match self.status() {
+            Some(status) => d.field("status", &status),
+            None => d
+                .field("method", &self.method().unwrap_or_default())
+                .field("target", &self.target()),
+        };
+        d.field("minor_version", &self.minor_version)
+            .field("headers", &self.headers)
+            .field("truncated", &self.truncated)
+            .finish()
+    }
+}
+
+/// Appends `bytes` to a head's text being built: where they now lie.
+fn push_text(text: &mut Vec<u8>, bytes: &[u8]) -> At {
+    let from = text.len() as u32;
+    text.extend_from_slice(bytes);
+    At {
+        from,
+        to: text.len() as u32,
     }
 }
 
@@ -123,16 +287,16 @@ pub enum HeadParse {
     Parsed(Head, usize),
 }
 
-/// A head's kept headers: their names, and where each value lies in one buffer. A parsed
-/// head's values lie in the payload it was parsed from, so the head holds one reference to it
-/// instead of one per header (each count is an atomic add in the pipeline and a subtract
-/// wherever the head is dropped, on a counter the ring reader's thread touches too). A request
-/// carries two to four kept headers (host, user agent, trace context), a response one or two
-/// (framing): they live inline.
+/// A head's bytes and its kept headers: each name's index in `NAMES` and where its value lies.
+/// A parsed head's texts lie in the payload it was parsed from, so the head holds one reference
+/// to it instead of a copy, or a count, per text (each count is an atomic add in the pipeline
+/// and a subtract wherever the head is dropped, on a counter the ring reader's thread touches
+/// too). A request carries two to four kept headers (host, user agent, trace context), a
+/// response one or two (framing): they live inline.
 #[derive(Clone, Default)]
 pub struct Headers {
     text: Bytes,
-    kept: smallvec::SmallVec<[(&'static str, u32, u32); 4]>,
+    kept: smallvec::SmallVec<[(u8, At); 4]>,
 }
 
 impl Headers {
@@ -141,14 +305,21 @@ impl Headers {
     }
 
     /// Headers whose values are copied together into one buffer (heads not parsed from a
-    /// payload: HTTP/2's decoded fields, tests).
+    /// payload: HTTP/2's decoded fields, tests). Names not in `NAMES` are not kept.
     pub fn from_values<'a>(values: impl IntoIterator<Item = (&'static str, &'a [u8])>) -> Self {
-        let mut text = Vec::new();
+        Self::copied(Vec::new(), values)
+    }
+
+    /// `values` copied after `text` (a start line's texts already there).
+    fn copied<'a>(
+        mut text: Vec<u8>,
+        values: impl IntoIterator<Item = (&'static str, &'a [u8])>,
+    ) -> Self {
         let mut kept = smallvec::SmallVec::new();
         for (name, value) in values {
-            let at = text.len() as u32;
-            text.extend_from_slice(value);
-            kept.push((name, at, text.len() as u32));
+            if let Some(index) = name_position(name) {
+                kept.push((index, push_text(&mut text, value)));
+            }
         }
         Self {
             text: text.into(),
@@ -160,7 +331,24 @@ impl Headers {
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
         self.kept
             .iter()
-            .map(|&(name, from, to)| (name, &self.text[from as usize..to as usize]))
+            .map(|&(name, at)| (NAMES[name as usize], self.at(at)))
+    }
+
+    fn at(&self, at: At) -> &[u8] {
+        &self.text[at.from as usize..at.to as usize]
+    }
+
+    /// A start line's text (UTF-8 by construction: httparse's `str`s, or copied from `str`s),
+    /// read a few times per request: an ASCII check is a few words where `from_utf8` walks a
+    /// short text byte by byte.
+    fn str_at(&self, at: At) -> &str {
+        let bytes = self.at(at);
+        if bytes.is_ascii() {
+            // SAFETY: ASCII is UTF-8.
+            unsafe { std::str::from_utf8_unchecked(bytes) }
+        } else {
+            std::str::from_utf8(bytes).unwrap_or_default()
+        }
     }
 }
 
@@ -201,29 +389,104 @@ pub const KEPT: [&str; 15] = [
     "uber-trace-id",
 ];
 
-/// The `KEPT` name `name` is, in any case.
-fn kept(name: &str) -> Option<&'static str> {
-    kept_name(name.as_bytes())
+/// The headers only HTTP/2 heads keep (gRPC's).
+pub const KEPT_H2: [&str; 3] = ["content-type", "grpc-status", "grpc-message"];
+
+/// Every name a head may keep: `KEPT`, then `KEPT_H2`. A kept header stores its name as an
+/// index here: one byte instead of a 16-byte `&str` per header, 48 bytes of every head.
+pub const NAMES: [&str; 18] = [
+    "host",
+    "user-agent",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "x-forwarded-for",
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "uber-trace-id",
+    "content-type",
+    "grpc-status",
+    "grpc-message",
+];
+
+/// `host`'s index in `NAMES` (HTTP/2 keeps `:authority` under it).
+pub const HOST: u8 = name_index("host");
+
+/// `name`'s index in `NAMES`, at compile time.
+const fn name_index(name: &str) -> u8 {
+    let mut i = 0;
+    while i < NAMES.len() {
+        let n = NAMES[i].as_bytes();
+        if n.len() == name.len() {
+            let mut j = 0;
+            while j < n.len() && n[j] == name.as_bytes()[j] {
+                j += 1;
+            }
+            if j == n.len() {
+                return i as u8;
+            }
+        }
+        i += 1;
+    }
+    panic!("not a kept header name")
 }
 
-/// The `KEPT` name `name` is, in any case. Names are compared only with the kept ones of the
-/// same length (most headers have a length no kept name has).
+/// `name`'s index in `NAMES`: through `kept_index`, which compares it with one or two names.
+fn name_position(name: &str) -> Option<u8> {
+    kept_index(name.as_bytes()).or_else(|| {
+        KEPT_H2
+            .iter()
+            .position(|k| *k == name)
+            .map(|i| (KEPT.len() + i) as u8)
+    })
+}
+
+/// The `KEPT` name `name` is, in any case.
+#[cfg(test)]
 pub(crate) fn kept_name(name: &[u8]) -> Option<&'static str> {
-    let candidates: &[&'static str] = match name.len() {
-        2 => &["b3"],
-        4 => &["host"],
-        10 => &["user-agent", "connection", "tracestate", "x-b3-flags"],
-        11 => &["traceparent", "x-b3-spanid"],
-        12 => &["x-b3-traceid", "x-b3-sampled"],
-        13 => &["uber-trace-id"],
-        14 => &["content-length"],
-        15 => &["x-forwarded-for"],
-        17 => &["transfer-encoding", "x-b3-parentspanid"],
+    kept_index(name).map(|i| NAMES[i as usize])
+}
+
+/// The index in `NAMES` of the `KEPT` name `name` is, in any case. Names are compared only
+/// with the kept ones of the same length (most headers have a length no kept name has).
+pub(crate) fn kept_index(name: &[u8]) -> Option<u8> {
+    let candidates: &[u8] = match name.len() {
+        2 => const { &[name_index("b3")] },
+        4 => const { &[name_index("host")] },
+        10 => {
+            const {
+                &[
+                    name_index("user-agent"),
+                    name_index("connection"),
+                    name_index("tracestate"),
+                    name_index("x-b3-flags"),
+                ]
+            }
+        }
+        11 => const { &[name_index("traceparent"), name_index("x-b3-spanid")] },
+        12 => const { &[name_index("x-b3-traceid"), name_index("x-b3-sampled")] },
+        13 => const { &[name_index("uber-trace-id")] },
+        14 => const { &[name_index("content-length")] },
+        15 => const { &[name_index("x-forwarded-for")] },
+        17 => {
+            const {
+                &[
+                    name_index("transfer-encoding"),
+                    name_index("x-b3-parentspanid"),
+                ]
+            }
+        }
         _ => return None,
     };
     candidates
         .iter()
-        .find(|k| same_name(name, k.as_bytes()))
+        .find(|&&k| same_name(name, NAMES[k as usize].as_bytes()))
         .copied()
 }
 
@@ -253,64 +516,102 @@ fn same_name(name: &[u8], kept: &[u8]) -> bool {
         && (len.is_multiple_of(8) || same(word(name, len - 8), word(kept, len - 8)))
 }
 
-/// The kept headers of a head parsed from `buf`. When `source` is `buf` as `Bytes`, the values
-/// stay where they lie: one reference to the parsed head's bytes instead of a copy, or a
-/// count, per header.
-fn headers_of(
+/// A start line as httparse read it.
+#[derive(Clone, Copy)]
+enum ParsedStart<'a> {
+    Request { method: &'a str, target: &'a str },
+    Response { status: u16 },
+}
+
+/// The head of `len` bytes at the start of `source` that httparse read as `start`, `minor` and
+/// `raw`. Its texts stay where they lie: one reference to the head's bytes instead of a copy,
+/// or a count, per text.
+fn parsed_head(
+    start: ParsedStart<'_>,
+    minor_version: u8,
     raw: &[httparse::Header<'_>],
-    buf: &[u8],
+    source: &Bytes,
     len: usize,
-    source: Option<&Bytes>,
-) -> Headers {
-    let kept = raw.iter().filter_map(|h| Some((kept(h.name)?, h.value)));
-    let Some(source) = source else {
-        return Headers::from_values(kept);
-    };
-    let head = buf.as_ptr() as usize..buf.as_ptr() as usize + len;
-    let mut headers = Headers::new();
-    for (name, value) in kept.clone() {
-        // httparse's values are slices of the head; an empty one may point anywhere.
-        let at = value.as_ptr() as usize;
-        if value.is_empty() {
-            headers.kept.push((name, 0, 0));
-        } else if head.contains(&at) && at + value.len() <= head.end {
-            let from = (at - head.start) as u32;
-            headers.kept.push((name, from, from + value.len() as u32));
-        } else {
-            return Headers::from_values(kept);
+) -> Head {
+    let bytes = &source[..len];
+    let kept = raw
+        .iter()
+        .filter_map(|h| Some((kept_index(h.name.as_bytes())?, h.value)));
+    let located = (|| {
+        let start = match start {
+            ParsedStart::Request { method, target } => StartLine::Request {
+                method: match known_method(method) {
+                    Some(k) => Method::Known(k),
+                    None => Method::Other(locate(bytes, method.as_bytes())?),
+                },
+                target: locate(bytes, target.as_bytes())?,
+            },
+            ParsedStart::Response { status } => StartLine::Response { status },
+        };
+        let mut headers = Headers::new();
+        for (name, value) in kept.clone() {
+            headers.kept.push((name, locate(bytes, value)?));
         }
+        if !(headers.kept.is_empty() && matches!(start, StartLine::Response { .. })) {
+            headers.text = source.slice(..len);
+        }
+        Some(Head {
+            start,
+            minor_version,
+            headers,
+            truncated: false,
+        })
+    })();
+    // httparse's texts are slices of the head; should one not be, copy them all.
+    located.unwrap_or_else(|| {
+        let named = kept.map(|(name, value)| (NAMES[name as usize], value));
+        let mut head = match start {
+            ParsedStart::Request { method, target } => Head::request(method, target, named),
+            ParsedStart::Response { status } => Head::response(status, named),
+        };
+        head.minor_version = minor_version;
+        head
+    })
+}
+
+/// Where `part` lies in `head`. An empty text may point anywhere: it lies at 0.
+fn locate(head: &[u8], part: &[u8]) -> Option<At> {
+    if part.is_empty() {
+        return Some(At::default());
     }
-    if !headers.kept.is_empty() {
-        headers.text = source.slice(..len);
-    }
-    headers
+    let from = (part.as_ptr() as usize).checked_sub(head.as_ptr() as usize)?;
+    let to = from + part.len();
+    (to <= head.len()).then_some(At {
+        from: from as u32,
+        to: to as u32,
+    })
 }
 
 /// Parses a request head at the start of `buf`.
 pub fn parse_request(buf: &[u8]) -> HeadParse {
-    request_head(buf, None)
+    request_head(&Bytes::copy_from_slice(buf))
 }
 
-/// Parses a request head at the start of `buf`; `source`, when given, is `buf` itself as
-/// `Bytes`, for header values to share.
-fn request_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
+/// Parses a request head at the start of `source`; the head's texts stay in it.
+fn request_head(source: &Bytes) -> HeadParse {
     // Uninitialised: an initialised array is a 3 KiB memset per head, a fifth of its cost.
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(buf, &mut headers) {
+    match req.parse_with_uninit_headers(source, &mut headers) {
         Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
-            Head {
-                start: StartLine::Request {
-                    method: method_name(req.method.unwrap_or_default()),
-                    target: req.path.unwrap_or_default().to_string(),
+            parsed_head(
+                ParsedStart::Request {
+                    method: req.method.unwrap_or_default(),
+                    target: req.path.unwrap_or_default(),
                 },
-                minor_version: req.version.unwrap_or(1),
-                headers: headers_of(req.headers, buf, len, source),
-                truncated: false,
-            },
+                req.version.unwrap_or(1),
+                req.headers,
+                source,
+                len,
+            ),
             len,
         ),
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+        Ok(httparse::Status::Partial) if source.len() > MAX_HEAD => {
             HeadParse::Invalid("head too large")
         }
         Ok(httparse::Status::Partial) => HeadParse::Incomplete,
@@ -320,29 +621,30 @@ fn request_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
 
 /// Parses a response head at the start of `buf`.
 pub fn parse_response(buf: &[u8]) -> HeadParse {
-    response_head(buf, None)
+    response_head(&Bytes::copy_from_slice(buf))
 }
 
-fn response_head(buf: &[u8], source: Option<&Bytes>) -> HeadParse {
+fn response_head(source: &Bytes) -> HeadParse {
     let mut headers = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     match httparse::ParserConfig::default().parse_response_with_uninit_headers(
         &mut resp,
-        buf,
+        source,
         &mut headers,
     ) {
         Ok(httparse::Status::Complete(len)) => HeadParse::Parsed(
-            Head {
-                start: StartLine::Response {
+            parsed_head(
+                ParsedStart::Response {
                     status: resp.code.unwrap_or_default(),
                 },
-                minor_version: resp.version.unwrap_or(1),
-                headers: headers_of(resp.headers, buf, len, source),
-                truncated: false,
-            },
+                resp.version.unwrap_or(1),
+                resp.headers,
+                source,
+                len,
+            ),
             len,
         ),
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+        Ok(httparse::Status::Partial) if source.len() > MAX_HEAD => {
             HeadParse::Invalid("head too large")
         }
         Ok(httparse::Status::Partial) => HeadParse::Incomplete,
@@ -751,9 +1053,9 @@ impl MessageReader {
 
     fn parse_head(&self, buf: &Bytes) -> HeadParse {
         if self.requests {
-            request_head(buf, Some(buf))
+            request_head(buf)
         } else {
-            response_head(buf, Some(buf))
+            response_head(buf)
         }
     }
 }

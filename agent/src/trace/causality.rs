@@ -37,7 +37,7 @@ use std::{
 use crate::{
     conn::ConnInfo,
     decode::{ContextSource, KernelContext},
-    protocol::http1::{Head, StartLine},
+    protocol::http1::Head,
     trace::{
         context::{Carried, extract},
         exchange::{Identity, RequestStart},
@@ -253,10 +253,7 @@ pub struct Linker {
 }
 
 fn target(head: &Head) -> &str {
-    match &head.start {
-        StartLine::Request { target, .. } => target,
-        StartLine::Response { .. } => "",
-    }
+    head.target()
 }
 
 fn path(target: &str) -> &str {

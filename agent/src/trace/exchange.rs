@@ -224,12 +224,7 @@ impl Session {
                 if !head.status().is_some_and(|s| (100..200).contains(&s)) {
                     index += 1;
                 }
-                pending.get(this).and_then(|p| match &p.request.start {
-                    crate::protocol::http1::StartLine::Request { method, .. } => {
-                        Some(method.clone())
-                    }
-                    _ => None,
-                })
+                pending.get(this).and_then(|p| p.request.method_name())
             };
             self.responses.feed(seg, &mut method, &mut items);
             for item in items.drain(..) {
@@ -355,10 +350,7 @@ mod tests {
     fn statuses(ex: &[Exchange]) -> Vec<(String, Option<u16>, Outcome, u64, u64)> {
         ex.iter()
             .map(|e| {
-                let target = match &e.request.start {
-                    crate::protocol::http1::StartLine::Request { target, .. } => target.clone(),
-                    _ => unreachable!(),
-                };
+                let target = e.request.target().to_string();
                 (
                     target,
                     e.response.as_ref().and_then(|r| r.status()),

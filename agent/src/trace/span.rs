@@ -9,7 +9,7 @@ use std::{borrow::Cow, net::SocketAddr, sync::Arc};
 use crate::{
     clock::WallClock,
     conn::ConnInfo,
-    protocol::http1::{Head, KNOWN_METHODS},
+    protocol::http1::Head,
     trace::{
         exchange::{Exchange, Outcome},
         shared_text,
@@ -305,23 +305,19 @@ pub fn build<'a>(
 ) -> SpanRecord {
     let req = &ex.request;
     let method = req.method().unwrap_or("_OTHER");
-    let target = match &req.start {
-        crate::protocol::http1::StartLine::Request { target, .. } => target.as_str(),
-        _ => "",
-    };
+    let target = req.target();
     // Byte scans: `str` patterns set up a searcher per call.
     let until = |s: &'a str, stop: u8| &s[..s.bytes().position(|b| b == stop).unwrap_or(s.len())];
     let (path, query) = match target.bytes().position(|b| b == b'?') {
         Some(i) => (&target[..i], Some(until(&target[i + 1..], b'#'))),
         None => (until(target, b'#'), None),
     };
-    let known = KNOWN_METHODS.contains(&method);
-    let verb = if known { method } else { "HTTP" };
-    let (route, name) = shared_text::route_and_name(verb, target);
+    let known = req.known_method();
+    let (route, name) = shared_text::route_and_name(known.unwrap_or("HTTP"), target);
 
     let mut a = attribute_list();
     let s = |v: &str| Value::Str(v.to_string());
-    match KNOWN_METHODS.iter().find(|m| **m == method) {
+    match known {
         Some(m) => a.push(("http.request.method", Value::Static(m))),
         None => {
             a.push(("http.request.method", Value::Static("_OTHER")));

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::{frame, hpack};
 use crate::{
     conn::Segment,
-    protocol::http1::{Head, StartLine},
+    protocol::http1::Head,
     trace::exchange::{Exchange, Identity, Outcome, RequestStart},
 };
 
@@ -27,14 +27,32 @@ const MAX_BLOCK: usize = 256 << 10;
 /// Bytes kept while looking for a frame boundary after a gap or when joined mid-stream.
 const MAX_RESYNC: usize = 64 << 10;
 
-/// The headers a span reads beyond HTTP/1's (`http1::KEPT`: trace context, user agent, ...),
-/// under their lowercase names. Everything else, credentials included, is decoded (the table
-/// needs it) and dropped.
-const KEPT_H2: [&str; 3] = ["content-type", "grpc-status", "grpc-message"];
+/// The headers a span reads: HTTP/1's (`http1::KEPT`: trace context, user agent, ...) and
+/// gRPC's (`http1::KEPT_H2`), under their lowercase names. Everything else, credentials
+/// included, is decoded (the table needs it) and dropped.
+fn kept(name: &[u8]) -> Option<u8> {
+    crate::protocol::http1::kept_index(name).or_else(|| {
+        crate::protocol::http1::KEPT_H2
+            .iter()
+            .position(|k| k.as_bytes() == name)
+            .map(|i| (crate::protocol::http1::KEPT.len() + i) as u8)
+    })
+}
 
-fn kept(name: &[u8]) -> Option<&'static str> {
-    crate::protocol::http1::kept_name(name)
-        .or_else(|| KEPT_H2.iter().find(|k| k.as_bytes() == name).copied())
+/// A kept field's name: a pseudo-header's, or a header's index in `http1::NAMES`.
+#[derive(Clone, Copy)]
+enum Name {
+    Pseudo(&'static str),
+    Header(u8),
+}
+
+impl Name {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pseudo(name) => name,
+            Self::Header(index) => crate::protocol::http1::NAMES[index as usize],
+        }
+    }
 }
 
 /// The pseudo-headers a span reads.
@@ -45,7 +63,7 @@ const PSEUDO: [&str; 5] = [":method", ":path", ":authority", ":scheme", ":status
 #[derive(Default)]
 struct Fields {
     text: Vec<u8>,
-    kept: Vec<(&'static str, u32, u32)>,
+    kept: Vec<(Name, u32, u32)>,
 }
 
 impl Fields {
@@ -57,9 +75,12 @@ impl Fields {
     /// Keeps the field if a span reads it.
     fn offer(&mut self, name: &[u8], value: &[u8]) {
         let name = if name.first() == Some(&b':') {
-            PSEUDO.iter().find(|p| p.as_bytes() == name).copied()
+            PSEUDO
+                .iter()
+                .find(|p| p.as_bytes() == name)
+                .map(|p| Name::Pseudo(p))
         } else {
-            kept(name)
+            kept(name).map(Name::Header)
         };
         if let Some(name) = name {
             let at = self.text.len() as u32;
@@ -71,7 +92,15 @@ impl Fields {
     fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
         self.kept
             .iter()
-            .map(|&(n, from, to)| (n, &self.text[from as usize..to as usize]))
+            .map(|&(n, from, to)| (n.as_str(), &self.text[from as usize..to as usize]))
+    }
+
+    /// The kept fields that are headers (not pseudo-headers), by their index in `http1::NAMES`.
+    fn headers(&self) -> impl Iterator<Item = (u8, &[u8])> + Clone {
+        self.kept.iter().filter_map(|&(n, from, to)| match n {
+            Name::Header(index) => Some((index, &self.text[from as usize..to as usize])),
+            Name::Pseudo(_) => None,
+        })
     }
 
     fn get(&self, name: &str) -> Option<&[u8]> {
@@ -181,41 +210,23 @@ pub struct Progress {
 }
 
 fn head_request(fields: &Fields) -> Head {
-    let headers = crate::protocol::http1::Headers::from_values(
+    let text = |name| fields.get(name).map(String::from_utf8_lossy);
+    Head::request_kept(
+        text(":method").as_deref().unwrap_or("_OTHER"),
+        text(":path").as_deref().unwrap_or_default(),
         fields
             .get(":authority")
-            .map(|a| ("host", a))
+            .map(|a| (crate::protocol::http1::HOST, a))
             .into_iter()
-            .chain(fields.iter().filter(|(k, _)| !k.starts_with(':'))),
-    );
-    Head {
-        start: StartLine::Request {
-            method: fields
-                .get(":method")
-                .map_or(std::borrow::Cow::Borrowed("_OTHER"), |m| {
-                    crate::protocol::http1::method_name(&String::from_utf8_lossy(m))
-                }),
-            target: fields
-                .get(":path")
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .unwrap_or_default(),
-        },
-        minor_version: 1,
-        headers,
-        truncated: false,
-    }
+            .chain(fields.headers()),
+    )
 }
 
 fn head_response(fields: &Fields) -> Option<Head> {
     let status = fields
         .get(":status")
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())?;
-    Some(Head {
-        start: StartLine::Response { status },
-        minor_version: 1,
-        headers: Default::default(),
-        truncated: false,
-    })
+    Some(Head::response(status, []))
 }
 
 impl Reader {

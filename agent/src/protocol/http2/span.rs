@@ -65,10 +65,7 @@ pub fn build(
 
 /// Turns the HTTP span of a gRPC call into an RPC span.
 fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
-    let path = match &x.exchange.request.start {
-        crate::protocol::http1::StartLine::Request { target, .. } => target.as_str(),
-        _ => "",
-    };
+    let path = x.exchange.request.target();
     // `/package.Service/Method`; anything else is not a method name a span may carry.
     // Shared: a service serves a few methods, and the name and the RED labels repeat it.
     let method = path
@@ -127,7 +124,7 @@ mod tests {
     use crate::{
         conn::ConnInfo,
         decode::{ConnKey, Role},
-        protocol::http1::{Head, StartLine},
+        protocol::http1::Head,
         trace::exchange::{Exchange, Identity, RequestStart},
     };
 
@@ -140,24 +137,15 @@ mod tests {
                     ts_ns: 0,
                     ordinal: 1,
                 },
-                request: Head {
-                    start: StartLine::Request {
-                        method: "POST".into(),
-                        target: path.into(),
-                    },
-                    minor_version: 1,
-                    headers: crate::protocol::http1::Headers::from_values([
+                request: Head::request(
+                    "POST",
+                    path,
+                    [
                         ("host", &b"orders:50051"[..]),
                         ("content-type", &b"application/grpc"[..]),
-                    ]),
-                    truncated: false,
-                },
-                response: Some(Head {
-                    start: StartLine::Response { status: 200 },
-                    minor_version: 1,
-                    headers: Default::default(),
-                    truncated: false,
-                }),
+                    ],
+                ),
+                response: Some(Head::response(200, [])),
                 start_ns: 0,
                 end_ns: 1000,
                 outcome,

@@ -27,10 +27,11 @@ fn rows(done: &[H2Exchange]) -> Vec<Row> {
     let mut r: Vec<Row> = done
         .iter()
         .map(|x| {
-            let (method, path) = match &x.exchange.request.start {
-                StartLine::Request { method, target } => (method.to_string(), target.clone()),
-                StartLine::Response { .. } => unreachable!(),
-            };
+            let request = &x.exchange.request;
+            let (method, path) = (
+                request.method().unwrap_or_default().to_string(),
+                request.target().to_string(),
+            );
             let g = x.grpc.clone().unwrap_or_default();
             (
                 x.stream_id,
