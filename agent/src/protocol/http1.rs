@@ -23,11 +23,12 @@ pub struct At {
     to: u32,
 }
 
-/// A request's method: the ones RFC 9110 and 5789 define as their constants, any other where it
-/// lies in the head.
+/// A request's method: the ones RFC 9110 and 5789 define by their index in `KNOWN_METHODS`
+/// (a byte: with it a head is 112 bytes, and a parsed head with its framing fits in the 128
+/// bytes a move copies inline instead of calling memcpy), any other where it lies in the head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
-    Known(&'static str),
+    Known(u8),
     Other(At),
 }
 
@@ -60,6 +61,14 @@ pub fn method_name(m: &str) -> Cow<'static, str> {
 
 fn known_method(m: &str) -> Option<&'static str> {
     KNOWN_METHODS.iter().find(|k| **k == m).copied()
+}
+
+/// `m` as a `Method` if RFC 9110 or 5789 defines it.
+fn known(m: &str) -> Option<Method> {
+    KNOWN_METHODS
+        .iter()
+        .position(|k| *k == m)
+        .map(|i| Method::Known(i as u8))
 }
 
 /// A message head: ~120 bytes that travel by value from the parser through the exchange to
@@ -107,8 +116,8 @@ impl Head {
             target.len() + method.len() + headers.clone().map(|(_, v)| v.len()).sum::<usize>();
         let mut text = Vec::with_capacity(size);
         let target = push_text(&mut text, target.as_bytes());
-        let method = match known_method(method) {
-            Some(k) => Method::Known(k),
+        let method = match known(method) {
+            Some(k) => k,
             None => Method::Other(push_text(&mut text, method.as_bytes())),
         };
         let mut kept = smallvec::SmallVec::new();
@@ -179,7 +188,7 @@ impl Head {
             StartLine::Request {
                 method: Method::Known(m),
                 ..
-            } => Some(m),
+            } => KNOWN_METHODS.get(m as usize).copied(),
             StartLine::Request {
                 method: Method::Other(at),
                 ..
@@ -194,7 +203,7 @@ impl Head {
             StartLine::Request {
                 method: Method::Known(m),
                 ..
-            } => Some(m),
+            } => KNOWN_METHODS.get(m as usize).copied(),
             _ => None,
         }
     }
@@ -540,8 +549,8 @@ fn parsed_head(
     let located = (|| {
         let start = match start {
             ParsedStart::Request { method, target } => StartLine::Request {
-                method: match known_method(method) {
-                    Some(k) => Method::Known(k),
+                method: match known(method) {
+                    Some(k) => k,
                     None => Method::Other(locate(bytes, method.as_bytes())?),
                 },
                 target: locate(bytes, target.as_bytes())?,
