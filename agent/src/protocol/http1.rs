@@ -53,14 +53,10 @@ pub const KNOWN_METHODS: [&str; 9] = [
 
 /// A method as a `StartLine` keeps it: the standard ones as constants.
 pub fn method_name(m: &str) -> Cow<'static, str> {
-    match known_method(m) {
+    match KNOWN_METHODS.iter().find(|k| **k == m) {
         Some(k) => Cow::Borrowed(k),
         None => Cow::Owned(m.to_string()),
     }
-}
-
-fn known_method(m: &str) -> Option<&'static str> {
-    KNOWN_METHODS.iter().find(|k| **k == m).copied()
 }
 
 /// `m` as a `Method` if RFC 9110 or 5789 defines it.
@@ -71,7 +67,7 @@ fn known(m: &str) -> Option<Method> {
         .map(|i| Method::Known(i as u8))
 }
 
-/// A message head: ~120 bytes that travel by value from the parser through the exchange to
+/// A message head: 112 bytes that travel by value from the parser through the exchange to
 /// the span (each text an offset into the head's bytes, each kept header's name an index), so
 /// a request costs no allocation of its own and its moves are short.
 #[derive(Clone)]
@@ -88,8 +84,8 @@ pub struct Head {
 }
 
 impl Head {
-    /// A request head from decoded fields (tests', a salvaged head's): the texts copied
-    /// together into one buffer. Headers whose names are not in `NAMES` are not kept.
+    /// A request head from its texts (tests', and a parsed head's should httparse not give them
+    /// as slices of the head): the texts copied together into one buffer. Headers whose names are not in `NAMES` are not kept.
     pub fn request<'a, H>(method: &str, target: &str, headers: H) -> Self
     where
         H: IntoIterator<Item = (&'static str, &'a [u8])>,
@@ -143,7 +139,7 @@ impl Head {
         Self {
             start: StartLine::Response { status },
             minor_version: 1,
-            headers: Headers::copied(Vec::new(), headers),
+            headers: Headers::copied(headers),
             truncated: false,
         }
     }
@@ -321,17 +317,10 @@ impl Headers {
         Self::default()
     }
 
-    /// Headers whose values are copied together into one buffer (heads not parsed from a
-    /// payload: HTTP/2's decoded fields, tests). Names not in `NAMES` are not kept.
-    pub fn from_values<'a>(values: impl IntoIterator<Item = (&'static str, &'a [u8])>) -> Self {
-        Self::copied(Vec::new(), values)
-    }
-
-    /// `values` copied after `text` (a start line's texts already there).
-    fn copied<'a>(
-        mut text: Vec<u8>,
-        values: impl IntoIterator<Item = (&'static str, &'a [u8])>,
-    ) -> Self {
+    /// Headers whose values are copied together into one buffer (a response head not parsed
+    /// from a payload). Names not in `NAMES` are not kept.
+    fn copied<'a>(values: impl IntoIterator<Item = (&'static str, &'a [u8])>) -> Self {
+        let mut text = Vec::new();
         let mut kept = smallvec::SmallVec::new();
         for (name, value) in values {
             if let Some(index) = name_position(name) {
