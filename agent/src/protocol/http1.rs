@@ -400,26 +400,19 @@ pub const KEPT_H2: [&str; 3] = ["content-type", "grpc-status", "grpc-message"];
 
 /// Every name a head may keep: `KEPT`, then `KEPT_H2`. A kept header stores its name as an
 /// index here: one byte instead of a 16-byte `&str` per header, 48 bytes of every head.
-pub const NAMES: [&str; 18] = [
-    "host",
-    "user-agent",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "x-forwarded-for",
-    "traceparent",
-    "tracestate",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-    "uber-trace-id",
-    "content-type",
-    "grpc-status",
-    "grpc-message",
-];
+pub const NAMES: [&str; KEPT.len() + KEPT_H2.len()] = {
+    let mut names = [""; KEPT.len() + KEPT_H2.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = if i < KEPT.len() {
+            KEPT[i]
+        } else {
+            KEPT_H2[i - KEPT.len()]
+        };
+        i += 1;
+    }
+    names
+};
 
 /// `host`'s index in `NAMES` (HTTP/2 keeps `:authority` under it).
 pub const HOST: u8 = name_index("host");

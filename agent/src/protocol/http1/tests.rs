@@ -483,12 +483,6 @@ fn content_length_reads_as_str_parse_does() {
 }
 
 #[test]
-fn names_are_http1s_kept_then_http2s() {
-    let both: Vec<&str> = KEPT.iter().chain(&KEPT_H2).copied().collect();
-    assert_eq!(NAMES.to_vec(), both);
-}
-
-#[test]
 fn a_parsed_heads_texts_read_back_from_where_they_lie() {
     let raw = b"PROPFIND /dav/a%20b?depth=1 HTTP/1.1\r\nHost: files\r\nX-Other: 1\r\n\r\n";
     let HeadParse::Parsed(head, len) = parse_request(raw) else {
