@@ -193,16 +193,14 @@ async fn run(
                         }
                     }
                     queue::Spans::Encoded(spans) => {
-                        let spans = Arc::new(spans);
-                        let mut from = 0;
-                        while from < spans.len() {
-                            let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
-                            let to = spans.len().min(from + room);
-                            batch.encoded.push(&spans, from..to);
-                            from = to;
-                            if batch.len() >= cfg.batch_size {
-                                flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for)
-                                    .await;
+                        for mut run in spans.into_runs() {
+                            while !run.is_empty() {
+                                let room = cfg.batch_size.saturating_sub(batch.len()).max(1);
+                                batch.encoded.push(run.split_to(room));
+                                if batch.len() >= cfg.batch_size {
+                                    flush(&mut batch, &processes, &stats, &mut out, cfg.retry_for)
+                                        .await;
+                                }
                             }
                         }
                     }

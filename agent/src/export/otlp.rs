@@ -140,11 +140,17 @@ impl OtlpOut {
         let n = spans.len() as u64;
         // Grouped by reference: moving each span into its group's vector cost a copy of every
         // span, and more as the vectors grew.
-        let groups = self.by_process(
-            processes,
-            spans.iter().map(|s| (s.pid, s)),
-            |_, s: &&SpanRecord| &s.comm,
-        );
+        let mut by_pid: BTreeMap<u32, Vec<&SpanRecord>> = BTreeMap::new();
+        for s in &spans {
+            by_pid.entry(s.pid).or_default().push(s);
+        }
+        let groups: Vec<(Resource, Vec<&SpanRecord>)> = by_pid
+            .into_values()
+            .map(|group| {
+                let process = super::lookup_pid(processes, group[0].pid, &group[0].comm);
+                (otlp_proto::resource(&process, &self.host_name), group)
+            })
+            .collect();
         // An eighth over the last batch's average, so a batch like it fits in one allocation.
         let hint = spans.len() * self.bytes_per_span * 9 / 8 + 4096;
         let body = otlp_proto::encode_request(&groups, hint);
@@ -154,8 +160,7 @@ impl OtlpOut {
         self.dispatch(body, n, retry_for, stats).await;
     }
 
-    /// `export` for spans the pipeline encoded (`EncodedBatch`): grouped by process in the
-    /// order they came, their bytes copied into the request.
+    /// `export` for spans the pipeline encoded (`EncodedBatch`), grouped by process there.
     pub async fn export_encoded(
         &mut self,
         spans: &otlp_proto::EncodedBatch,
@@ -163,34 +168,16 @@ impl OtlpOut {
         retry_for: Duration,
         stats: &Arc<ExportStats>,
     ) {
-        let n = spans.len();
-        let groups = self.by_process(processes, spans.iter(), |pid, _| spans.comm(pid));
-        // The spans' bytes, their keys and lengths, and a resource and scope per process.
-        let hint = spans.byte_len() + n * 4 + groups.len() * 1024 + 256;
-        let body = otlp_proto::encode_encoded_request(&groups, hint);
-        drop(groups);
-        self.dispatch(body, n as u64, retry_for, stats).await;
-    }
-
-    /// `items` grouped by process, in pid order, each group in the order given and with its
-    /// process's resource; `comm` names a group's process from the pid and its first item.
-    fn by_process<'a, T>(
-        &self,
-        processes: &crate::process::SharedProcesses,
-        items: impl Iterator<Item = (u32, T)>,
-        comm: impl Fn(u32, &T) -> &'a str,
-    ) -> Vec<(Resource, Vec<T>)> {
-        let mut by_pid: BTreeMap<u32, Vec<T>> = BTreeMap::new();
-        for (pid, item) in items {
-            by_pid.entry(pid).or_default().push(item);
-        }
-        by_pid
-            .into_iter()
-            .filter_map(|(pid, items)| {
-                let process = super::lookup_pid(processes, pid, comm(pid, items.first()?));
-                Some((otlp_proto::resource(&process, &self.host_name), items))
+        let resources: Vec<Resource> = spans
+            .processes()
+            .map(|(pid, comm)| {
+                otlp_proto::resource(&super::lookup_pid(processes, pid, comm), &self.host_name)
             })
-            .collect()
+            .collect();
+        let body = otlp_proto::encode_batch_request(spans, &resources);
+        drop(resources);
+        self.dispatch(body, spans.len() as u64, retry_for, stats)
+            .await;
     }
 
     /// Starts sending an encoded request of `n` spans.
@@ -336,7 +323,7 @@ impl Transport {
                         .header("content-encoding", "gzip")
                         .body(body.gzipped().map_err(|e| format!("gzip: {e}"))?)
                 } else {
-                    request.body(body.message())
+                    request.body(reqwest::Body::wrap(body.message()))
                 };
                 let failed = |detail: String| explain(Protocol::HttpProtobuf, url, &detail);
                 let response = request.send().await.map_err(|e| failed(chain(&e)))?;

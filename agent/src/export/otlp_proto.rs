@@ -6,7 +6,10 @@
 //! are those of opentelemetry/proto/trace/v1/trace.proto and common/v1/common.proto; the tests
 //! decode the output with the generated messages.
 
-use std::{borrow::Borrow, sync::Arc};
+use std::{borrow::Borrow, collections::BTreeMap, sync::Arc};
+
+use bytes::Bytes;
+use foldhash::HashMap;
 
 use super::{otlp_grpc::Body, otlp_span::span};
 use opentelemetry_proto::tonic::{
@@ -15,7 +18,7 @@ use opentelemetry_proto::tonic::{
 };
 use prost::{
     Message as _,
-    encoding::{WireType, encode_varint, encoded_len_varint},
+    encoding::{WireType, decode_varint, encode_varint, encoded_len_varint},
 };
 
 use crate::{process::ProcessInfo, trace::span::SpanRecord};
@@ -126,32 +129,6 @@ pub fn encode_request<S: Borrow<SpanRecord>>(
     groups: &[(Resource, Vec<S>)],
     size_hint: usize,
 ) -> Body {
-    request(groups, size_hint, |out, records| {
-        for record in records {
-            nested(out, field::SPANS, SPAN_LEN_GUESS, |out| {
-                span(out, record.borrow())
-            });
-        }
-    })
-}
-
-/// The same request from spans already encoded (`EncodedSpans`): each group's spans are its
-/// messages' bytes, copied in. Byte for byte what `encode_request` writes for the records.
-pub fn encode_encoded_request(groups: &[(Resource, Vec<&[u8]>)], size_hint: usize) -> Body {
-    request(groups, size_hint, |out, spans| {
-        for bytes in spans {
-            delimited(out, field::SPANS, bytes);
-        }
-    })
-}
-
-/// ResourceSpans { resource, ScopeSpans { scope, spans... } } per group; `spans` writes a
-/// group's Span fields.
-fn request<G>(
-    groups: &[(Resource, G)],
-    size_hint: usize,
-    mut spans: impl FnMut(&mut Vec<u8>, &G),
-) -> Body {
     let scope = scope().encode_to_vec();
     let mut out = Body::buffer(size_hint);
     for (resource, group) in groups {
@@ -161,118 +138,126 @@ fn request<G>(
             resource.encode_raw(out);
             nested(out, field::SCOPE_SPANS, GROUP_LEN_GUESS, |out| {
                 delimited(out, field::SCOPE, &scope);
-                spans(out, group);
+                for record in group {
+                    nested(out, field::SPANS, SPAN_LEN_GUESS, |out| {
+                        span(out, record.borrow())
+                    });
+                }
             });
         });
     }
     Body::finish(out)
 }
 
-/// Spans in their wire form, each with its process: what the pipeline hands the exporter when
+/// Spans in their wire form, grouped by process: what the pipeline hands the exporter when
 /// OTLP is the only output. A span is encoded on the pipeline's thread right after it is built,
 /// while its attributes are in that core's cache, and its record is freed there, where the
 /// next span reuses the memory. Encoded by the exporter instead, every record crossed cores
 /// twice (built on one, read and freed on the other): the next span's attribute list was
 /// written into lines the exporter's core held, and each shared text's reference count moved
 /// between the cores once per span.
+///
+/// Each process's spans are written back to back as the `spans` fields of its `ScopeSpans`
+/// (key, length, message), so a request sends them from where they were written: gathered into
+/// one buffer per request instead, every span was copied once more, on the exporter's core
+/// from lines the pipeline's core had written (14% of the exporter thread's time).
 #[derive(Debug, Default)]
 pub struct EncodedSpans {
-    /// Span messages back to back, each its fields without its own key and length.
+    /// Per process with spans here, in the order first seen.
+    groups: Vec<ProcessSpans>,
+    /// Where each process's group is in `groups`.
+    index: HashMap<u32, usize>,
+    /// The group written last: consecutive spans are often of one process.
+    last: usize,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct ProcessSpans {
+    pid: u32,
+    /// For the process's resource should it be gone from /proc by export time.
+    comm: Arc<str>,
     bytes: Vec<u8>,
-    /// Per span: its process and where its message ends in `bytes`.
-    spans: Vec<(u32, usize)>,
-    /// The command name of each process with spans here, for its resource should the process
-    /// be gone from /proc by export time.
-    comms: Vec<(u32, Arc<str>)>,
+    spans: usize,
 }
 
 impl EncodedSpans {
-    /// Room for `spans` spans of `bytes` bytes in all.
-    pub fn with_room(spans: usize, bytes: usize) -> Self {
+    /// Room for `bytes` bytes of spans for the first process (its group is usually most).
+    pub fn with_room(bytes: usize) -> Self {
         Self {
-            bytes: Vec::with_capacity(bytes),
-            spans: Vec::with_capacity(spans),
-            comms: Vec::new(),
+            groups: vec![ProcessSpans {
+                pid: 0,
+                comm: Arc::from(""),
+                bytes: Vec::with_capacity(bytes),
+                spans: 0,
+            }],
+            ..Self::default()
         }
     }
 
-    /// Room for as many spans and bytes as `like` holds.
+    /// Room for as many bytes per process as `like` holds, for the processes it holds spans of
+    /// (groups that stay empty are skipped by the exporter and not carried further).
     pub fn with_capacity_of(like: &EncodedSpans) -> Self {
-        Self {
-            bytes: Vec::with_capacity(like.bytes.capacity()),
-            spans: Vec::with_capacity(like.spans.capacity()),
-            comms: Vec::new(),
+        let mut next = Self::default();
+        for g in like.groups.iter().filter(|g| g.spans > 0) {
+            next.index.insert(g.pid, next.groups.len());
+            next.groups.push(ProcessSpans {
+                pid: g.pid,
+                comm: g.comm.clone(),
+                bytes: Vec::with_capacity(g.bytes.capacity()),
+                spans: 0,
+            });
         }
+        next
     }
 
     pub fn push(&mut self, s: &SpanRecord) {
-        span(&mut self.bytes, s);
-        self.spans.push((s.pid, self.bytes.len()));
-        self.note_comm(s.pid, &s.comm);
+        let g = self.group(s.pid, &s.comm);
+        nested(&mut g.bytes, field::SPANS, SPAN_LEN_GUESS, |out| {
+            span(out, s)
+        });
+        g.spans += 1;
+        self.len += 1;
     }
 
-    fn note_comm(&mut self, pid: u32, comm: &Arc<str>) {
-        // Consecutive spans are mostly of one process; a batch holds a few.
-        if self.comms.last().is_some_and(|(p, _)| *p == pid)
-            || self.comms.iter().any(|(p, _)| *p == pid)
-        {
-            return;
-        }
-        self.comms.push((pid, comm.clone()));
-    }
-
-    pub fn len(&self) -> usize {
-        self.spans.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
-    }
-
-    /// The process and the message bytes of span `i`.
-    pub fn get(&self, i: usize) -> (u32, &[u8]) {
-        let start = if i == 0 { 0 } else { self.spans[i - 1].1 };
-        let (pid, end) = self.spans[i];
-        (pid, &self.bytes[start..end])
-    }
-
-    /// The command name recorded with `pid`'s spans.
-    pub fn comm(&self, pid: u32) -> &str {
-        self.comms
-            .iter()
-            .find(|(p, _)| *p == pid)
-            .map_or("", |(_, c)| c)
-    }
-
-    /// Bytes of span messages held.
-    pub fn byte_len(&self) -> usize {
-        self.bytes.len()
-    }
-}
-
-/// The exporter's batch of encoded spans: ranges of the pipeline's hand-overs, kept where they
-/// arrived. Gathering them into one buffer copied every span once more on its way to the request.
-#[derive(Debug, Default)]
-pub struct EncodedBatch {
-    parts: Vec<(Arc<EncodedSpans>, std::ops::Range<usize>)>,
-    len: usize,
-    bytes: usize,
-}
-
-impl EncodedBatch {
-    /// Takes spans `range` of the hand-over `spans` (which another batch may share).
-    pub fn push(&mut self, spans: &Arc<EncodedSpans>, range: std::ops::Range<usize>) {
-        if range.is_empty() {
-            return;
-        }
-        let from = if range.start == 0 {
-            0
-        } else {
-            spans.spans[range.start - 1].1
+    /// `pid`'s group, made (or taken over, when empty) with the command name `comm`.
+    #[inline]
+    fn group(&mut self, pid: u32, comm: &Arc<str>) -> &mut ProcessSpans {
+        let at = match self.groups.get(self.last) {
+            Some(g) if g.pid == pid && g.spans > 0 => self.last,
+            _ => self.find_or_add(pid, comm),
         };
-        self.bytes += spans.spans[range.end - 1].1 - from;
-        self.len += range.len();
-        self.parts.push((spans.clone(), range));
+        self.last = at;
+        &mut self.groups[at]
+    }
+
+    #[cold]
+    fn find_or_add(&mut self, pid: u32, comm: &Arc<str>) -> usize {
+        if let Some(&at) = self.index.get(&pid) {
+            let g = &mut self.groups[at];
+            if g.spans == 0 {
+                g.comm = comm.clone();
+            }
+            return at;
+        }
+        // The room `with_room` made, not yet anyone's.
+        if let [only] = &mut self.groups[..]
+            && only.spans == 0
+            && self.index.is_empty()
+        {
+            only.pid = pid;
+            only.comm = comm.clone();
+            self.index.insert(pid, 0);
+            return 0;
+        }
+        self.index.insert(pid, self.groups.len());
+        self.groups.push(ProcessSpans {
+            pid,
+            comm: comm.clone(),
+            bytes: Vec::new(),
+            spans: 0,
+        });
+        self.groups.len() - 1
     }
 
     pub fn len(&self) -> usize {
@@ -283,32 +268,151 @@ impl EncodedBatch {
         self.len == 0
     }
 
-    /// Each span's process and message bytes, in the order taken.
-    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u8])> {
-        self.parts
-            .iter()
-            .flat_map(|(spans, range)| range.clone().map(|i| spans.get(i)))
-    }
-
-    /// The command name recorded with `pid`'s spans.
-    pub fn comm(&self, pid: u32) -> &str {
-        self.parts
-            .iter()
-            .map(|(spans, _)| spans.comm(pid))
-            .find(|c| !c.is_empty())
-            .unwrap_or("")
-    }
-
-    /// Bytes of span messages held.
+    /// Bytes of spans held.
     pub fn byte_len(&self) -> usize {
-        self.bytes
+        self.groups.iter().map(|g| g.bytes.len()).sum()
+    }
+
+    /// Each process's spans, handed to the exporter without a copy.
+    pub fn into_runs(self) -> impl Iterator<Item = SpanRun> {
+        self.groups
+            .into_iter()
+            .filter(|g| g.spans > 0)
+            .map(|g| SpanRun {
+                pid: g.pid,
+                comm: g.comm,
+                bytes: g.bytes.into(),
+                spans: g.spans,
+            })
+    }
+}
+
+/// Consecutive spans of one process, each as a `ScopeSpans.spans` field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SpanRun {
+    pub pid: u32,
+    pub comm: Arc<str>,
+    bytes: Bytes,
+    spans: usize,
+}
+
+impl SpanRun {
+    pub fn len(&self) -> usize {
+        self.spans
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans == 0
+    }
+
+    /// Takes the first `n` spans off (all of them if there are no more), by walking their
+    /// lengths: a run is cut only when the exporter's batch ends inside it.
+    pub fn split_to(&mut self, n: usize) -> SpanRun {
+        if n >= self.spans {
+            return std::mem::replace(
+                self,
+                SpanRun {
+                    pid: self.pid,
+                    comm: self.comm.clone(),
+                    bytes: Bytes::new(),
+                    spans: 0,
+                },
+            );
+        }
+        let mut at = 0;
+        for _ in 0..n {
+            let mut rest = &self.bytes[at + 1..];
+            let before = rest.len();
+            let len = decode_varint(&mut rest).expect("a span written by EncodedSpans::push");
+            at += 1 + (before - rest.len()) + len as usize;
+        }
+        self.spans -= n;
+        SpanRun {
+            pid: self.pid,
+            comm: self.comm.clone(),
+            bytes: self.bytes.split_to(at),
+            spans: n,
+        }
+    }
+}
+
+/// The exporter's batch of encoded spans: per process, in pid order, the runs of the
+/// hand-overs it took, sent from where the pipeline wrote them.
+#[derive(Debug, Default)]
+pub struct EncodedBatch {
+    groups: BTreeMap<u32, BatchGroup>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct BatchGroup {
+    comm: Arc<str>,
+    runs: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl EncodedBatch {
+    pub fn push(&mut self, run: SpanRun) {
+        if run.is_empty() {
+            return;
+        }
+        self.len += run.spans;
+        let g = self.groups.entry(run.pid).or_insert_with(|| BatchGroup {
+            comm: run.comm,
+            runs: Vec::new(),
+            bytes: 0,
+        });
+        g.bytes += run.bytes.len();
+        g.runs.push(run.bytes);
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Each process with spans here, in pid order, and the command name recorded with them.
+    pub fn processes(&self) -> impl Iterator<Item = (u32, &str)> {
+        self.groups.iter().map(|(pid, g)| (*pid, &*g.comm))
     }
 
     pub fn clear(&mut self) {
-        self.parts.clear();
+        self.groups.clear();
         self.len = 0;
-        self.bytes = 0;
     }
+}
+
+/// The request of `batch`, its processes' resources given in `processes()` order: the
+/// resource and scope of each group written here, the spans sent where they lie. Byte for byte
+/// what `encode_request` writes for the records.
+pub fn encode_batch_request(batch: &EncodedBatch, resources: &[Resource]) -> Body {
+    let scope = scope().encode_to_vec();
+    let scope_field = field_len(scope.len());
+    let mut heads = Body::buffer(resources.len() * 512);
+    let mut layout = Vec::with_capacity(resources.len());
+    for (resource, g) in resources.iter().zip(batch.groups.values()) {
+        let resource_len = resource.encoded_len();
+        let scope_spans_len = scope_field + g.bytes;
+        let resource_spans_len = field_len(resource_len) + field_len(scope_spans_len);
+        put_key(&mut heads, field::RESOURCE_SPANS, WireType::LengthDelimited);
+        put_varint(&mut heads, resource_spans_len as u64);
+        put_key(&mut heads, field::RESOURCE, WireType::LengthDelimited);
+        put_varint(&mut heads, resource_len as u64);
+        resource.encode_raw(&mut heads);
+        put_key(&mut heads, field::SCOPE_SPANS, WireType::LengthDelimited);
+        put_varint(&mut heads, scope_spans_len as u64);
+        delimited(&mut heads, field::SCOPE, &scope);
+        layout.push((heads.len(), &g.runs[..]));
+    }
+    Body::gather(heads, &layout)
+}
+
+/// Bytes of a length-delimited field of `len` bytes with a one-byte key.
+fn field_len(len: usize) -> usize {
+    1 + encoded_len_varint(len as u64) + len
 }
 
 #[cfg(test)]
@@ -355,7 +459,9 @@ mod tests {
             attributes: vec![("k8s.pod.name".into(), "users-0".into())],
             ..ProcessInfo::default()
         };
-        let bytes = encode_request(&[(resource(&process, "node-1"), vec![record()])], 0).message();
+        let bytes = encode_request(&[(resource(&process, "node-1"), vec![record()])], 0)
+            .message()
+            .to_bytes();
         let back = ExportTraceServiceRequest::decode(bytes).unwrap();
         let rs = &back.resource_spans[0];
         let res_attr = |k: &str| {
@@ -422,7 +528,9 @@ mod tests {
         r.parent_is_remote = false;
         r.error = None;
         r.trace_state = String::new();
-        let bytes = encode_request(&[(Resource::default(), vec![r])], 64).message();
+        let bytes = encode_request(&[(Resource::default(), vec![r])], 64)
+            .message()
+            .to_bytes();
         let back = ExportTraceServiceRequest::decode(bytes).unwrap();
         let s = &back.resource_spans[0].scope_spans[0].spans[0];
         assert!(s.parent_span_id.is_empty());
@@ -446,58 +554,87 @@ mod tests {
             r.error = (i % 5 == 0).then(|| "boom".into());
             records.push(r);
         }
-        // Gathered in two pipeline batches, then cut into the exporter's batch at other places.
-        let mut first = EncodedSpans::default();
+        // Gathered in two pipeline hand-overs, then cut into the exporter's batches at other
+        // places (inside a process's run, too).
+        let mut first = EncodedSpans::with_room(1 << 10);
         let mut second = EncodedSpans::default();
         for (i, r) in records.iter().enumerate() {
             if i < 50 { &mut first } else { &mut second }.push(r);
         }
-        let (first, second) = (Arc::new(first), Arc::new(second));
-        let mut batch = EncodedBatch::default();
-        batch.push(&first, 0..20);
-        batch.push(&first, 20..50);
-        batch.push(&second, 0..0);
-        batch.push(&second, 0..40);
-        assert_eq!(batch.len(), 90);
-        assert_eq!(batch.comm(9), "comm-9");
-        assert_eq!(
-            batch.byte_len(),
-            first.byte_len() + second.byte_len(),
-            "every byte counted once"
-        );
-        let spans: Vec<(u32, &[u8])> = batch.iter().collect();
-
-        let mut order: Vec<(u32, usize)> =
-            spans.iter().enumerate().map(|(i, s)| (s.0, i)).collect();
-        order.sort_unstable();
-        let mut from_bytes: Vec<(Resource, Vec<&[u8]>)> = Vec::new();
-        let mut from_records: Vec<(Resource, Vec<&SpanRecord>)> = Vec::new();
-        for group in order.chunk_by(|a, b| a.0 == b.0) {
-            let process = ProcessInfo {
-                pid: group[0].0,
-                ..ProcessInfo::default()
-            };
-            from_bytes.push((
-                resource(&process, "h"),
-                group.iter().map(|&(_, i)| spans[i].1).collect(),
-            ));
-            from_records.push((
-                resource(&process, "h"),
-                group.iter().map(|&(_, i)| &records[i]).collect(),
-            ));
+        assert_eq!((first.len(), second.len()), (50, 40));
+        let next = EncodedSpans::with_capacity_of(&first);
+        assert!(next.is_empty() && next.byte_len() == 0);
+        let mut batches = vec![EncodedBatch::default()];
+        for (run, cut) in first
+            .into_runs()
+            .chain(second.into_runs())
+            .zip([5, 100, 0, 7, 1, 30])
+        {
+            let mut run = run;
+            let whole = run.len();
+            let head = run.split_to(cut);
+            assert_eq!(head.len() + run.len(), whole);
+            batches.last_mut().unwrap().push(head);
+            batches.push(EncodedBatch::default());
+            batches.last_mut().unwrap().push(run);
         }
-        assert_eq!(from_bytes.len(), 3);
-        let encoded = encode_encoded_request(&from_bytes, 0).message();
-        assert_eq!(
-            encoded,
-            encode_request(&from_records, 0).message(),
-            "byte for byte"
-        );
-        let back = ExportTraceServiceRequest::decode(encoded).unwrap();
-        let spans = &back.resource_spans[0].scope_spans[0].spans;
-        let ids: Vec<u8> = spans.iter().map(|s| s.span_id[0]).collect();
-        let want: Vec<u8> = (0..90u8).filter(|i| i % 4 == 1).collect();
-        assert_eq!(ids, want, "pid 3's spans, in the order they were built");
+        assert_eq!(batches.iter().map(EncodedBatch::len).sum::<usize>(), 90);
+
+        let mut sent = Vec::new();
+        for batch in &batches {
+            let resources: Vec<Resource> = batch
+                .processes()
+                .map(|(pid, comm)| {
+                    assert_eq!(comm, format!("comm-{pid}"));
+                    resource(
+                        &ProcessInfo {
+                            pid,
+                            ..ProcessInfo::default()
+                        },
+                        "h",
+                    )
+                })
+                .collect();
+            let from_bytes = encode_batch_request(batch, &resources).message().to_bytes();
+            let back = ExportTraceServiceRequest::decode(from_bytes.clone()).unwrap();
+            // The records of the spans the request holds, grouped as the exporter groups them.
+            let groups: Vec<(Resource, Vec<&SpanRecord>)> = back
+                .resource_spans
+                .iter()
+                .zip(&resources)
+                .map(|(rs, res)| {
+                    let ids = rs.scope_spans[0].spans.iter().map(|s| s.span_id[0]);
+                    (res.clone(), ids.map(|id| &records[id as usize]).collect())
+                })
+                .collect();
+            assert_eq!(
+                from_bytes,
+                encode_request(&groups, 0).message().to_bytes(),
+                "byte for byte what the records make"
+            );
+            sent.extend(back.resource_spans);
+        }
+        for pid in [3, 7, 9] {
+            let res = resource(
+                &ProcessInfo {
+                    pid,
+                    ..ProcessInfo::default()
+                },
+                "h",
+            );
+            let ids: Vec<u8> = sent
+                .iter()
+                .filter(|rs| rs.resource.as_ref() == Some(&res))
+                .flat_map(|rs| rs.scope_spans[0].spans.iter().map(|s| s.span_id[0]))
+                .collect();
+            let want: Vec<u8> = (0..90u8)
+                .filter(|&i| records[i as usize].pid == pid)
+                .collect();
+            assert_eq!(
+                ids, want,
+                "pid {pid}'s spans, each once, in the order they were built"
+            );
+        }
     }
 
     #[test]
@@ -537,7 +674,7 @@ mod tests {
             };
             groups.push((resource(&process, "h"), spans));
         }
-        let bytes = encode_request(&groups, 1 << 20).message();
+        let bytes = encode_request(&groups, 1 << 20).message().to_bytes();
         let back = ExportTraceServiceRequest::decode(bytes.clone()).unwrap();
         // Canonical: prost writes the decoded request back byte for byte (minimal varints,
         // fields in number order).
