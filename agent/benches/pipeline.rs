@@ -272,6 +272,8 @@ fn through_sink(input: &[Vec<u8>], server_spans: bool, outputs: Outputs) -> usiz
     );
     if let Outputs::OtlpAndRed = outputs {
         sink.red(loupe::red::Red::new(processes, 10_000));
+        // The endpoint's own connections are left alone, as `loupe run` sets up.
+        sink.exclude(vec!["127.0.0.1:4317".parse().unwrap()]);
     }
     sink.databases(DbOptions {
         server_spans,

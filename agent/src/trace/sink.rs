@@ -170,6 +170,15 @@ fn silence(verdicts: &mut dyn Verdicts, detect: &DetectStats, key: ConnKey) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// What the connection table says about a connection an event is of.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    New,
+    Detecting,
+    Tls,
+    Parsing,
+}
+
 pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
     exclude.iter().any(|a| {
         let matches = |s: std::net::SocketAddr| {
@@ -341,6 +350,22 @@ impl TraceSink {
     ) {
         self.linker
             .client_end(conn.pid, started.tid, identity.span_id, end_ns);
+    }
+
+    /// Whether `conn` (not tracked) is left alone: the OTLP endpoint's traffic, decided once
+    /// per connection and told to the kernel.
+    fn left_alone(&mut self, conn: &ConnInfo) -> bool {
+        if self.excluded.contains(&conn.key) {
+            return true;
+        }
+        if self.exclude.is_empty() || !is_excluded(&self.exclude, conn) {
+            return false;
+        }
+        self.excluded.insert(conn.key);
+        // A collector on this node receives every span Loupe sends: without the verdict the
+        // kernel copied all of those bytes for this pipeline to drop.
+        silence(self.verdicts.as_mut(), &self.stats.detect, conn.key);
+        true
     }
 
     /// The first plaintext of a TLS connection: its ciphertext side has nothing more to say.
@@ -737,17 +762,18 @@ impl TraceSink {
 
 impl Sink for TraceSink {
     fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Segments) {
-        if self.excluded.contains(&conn.key) {
-            return;
-        }
-        if !self.exclude.is_empty()
-            && !self.conns.contains_key(&conn.key)
-            && is_excluded(&self.exclude, conn)
-        {
-            self.excluded.insert(conn.key);
-            // A collector on this node receives every span Loupe sends: without the verdict the
-            // kernel copied all of those bytes for this pipeline to drop.
-            silence(self.verdicts.as_mut(), &self.stats.detect, conn.key);
+        // One lookup decides the path (this runs for every event of every traced connection):
+        // the exclusions are looked at only for a connection not tracked yet, which an excluded
+        // one never is.
+        let seen = match self.conns.get(&conn.key).map(|t| &t.proto) {
+            None => Seen::New,
+            Some(Proto::Detecting(..)) => Seen::Detecting,
+            Some(Proto::Tls(_)) => Seen::Tls,
+            // Until the kernel takes the verdict, or for a side that cannot be told.
+            Some(Proto::Ignored) => return,
+            Some(_) => Seen::Parsing,
+        };
+        if seen == Seen::New && self.left_alone(conn) {
             return;
         }
         // Requests arrive on the server side and leave from the client side.
@@ -755,7 +781,7 @@ impl Sink for TraceSink {
             Role::Server => Direction::Recv,
             Role::Client => Direction::Send,
             Role::Unknown => {
-                if !self.conns.contains_key(&conn.key) {
+                if seen == Seen::New {
                     self.stats.unknown_role.fetch_add(1, Ordering::Relaxed);
                     self.conns.insert(
                         conn.key,
@@ -768,17 +794,14 @@ impl Sink for TraceSink {
                 return;
             }
         };
-        // One lookup decides the path (this runs for every event of every traced connection).
-        let detecting = match self.conns.get(&conn.key).map(|t| &t.proto) {
-            Some(Proto::Detecting(..)) => true,
-            Some(Proto::Tls(_)) => {
+        let detecting = match seen {
+            Seen::Parsing => false,
+            Seen::Detecting => true,
+            Seen::Tls => {
                 self.tls_watch(conn, &segments);
                 return;
             }
-            // Until the kernel takes the verdict, or for a side that cannot be told.
-            Some(Proto::Ignored) => return,
-            Some(_) => false,
-            None => {
+            Seen::New => {
                 // Look the process up now: a short-lived client may be gone by export time.
                 let other_agent = self
                     .processes
