@@ -172,6 +172,9 @@ pub struct EncodedSpans {
     len: usize,
 }
 
+/// A process's least room in a hand-over: a few spans.
+const MIN_ROOM: usize = 4096;
+
 #[derive(Debug)]
 struct ProcessSpans {
     pid: u32,
@@ -195,16 +198,18 @@ impl EncodedSpans {
         }
     }
 
-    /// Room for as many bytes per process as `like` holds, for the processes it holds spans of
-    /// (groups that stay empty are skipped by the exporter and not carried further).
+    /// Room for a quarter more bytes per process than `like` holds, for the processes it holds
+    /// spans of (groups that stay empty are skipped by the exporter and not carried further):
+    /// a steady load fits without growing, and a burst's room is not kept once it is over.
     pub fn with_capacity_of(like: &EncodedSpans) -> Self {
         let mut next = Self::default();
         for g in like.groups.iter().filter(|g| g.spans > 0) {
+            let room = (g.bytes.len() + g.bytes.len() / 4).max(MIN_ROOM);
             next.index.insert(g.pid, next.groups.len());
             next.groups.push(ProcessSpans {
                 pid: g.pid,
                 comm: g.comm.clone(),
-                bytes: Vec::with_capacity(g.bytes.capacity()),
+                bytes: Vec::with_capacity(room),
                 spans: 0,
             });
         }
@@ -321,10 +326,17 @@ impl SpanRun {
         }
         let mut at = 0;
         for _ in 0..n {
-            let mut rest = &self.bytes[at + 1..];
+            let mut rest = self.bytes.get(at + 1..).unwrap_or_default();
             let before = rest.len();
-            let len = decode_varint(&mut rest).expect("a span written by EncodedSpans::push");
+            // Never fails on what `EncodedSpans::push` wrote; should it, the batch takes the
+            // whole run rather than cut a span.
+            let Ok(len) = decode_varint(&mut rest) else {
+                return self.split_to(self.spans);
+            };
             at += 1 + (before - rest.len()) + len as usize;
+        }
+        if at > self.bytes.len() {
+            return self.split_to(self.spans);
         }
         self.spans -= n;
         SpanRun {
