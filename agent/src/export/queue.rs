@@ -66,8 +66,8 @@ pub fn span_queue(capacity: usize) -> (SpanOut, SpanIn) {
 pub fn encoding_span_queue(capacity: usize) -> (SpanOut, SpanIn) {
     // Room for a hand-over from the start, for the first process with spans: grown span by
     // span, the buffer was copied a dozen times over before reaching its size (each later
-    // hand-over starts with the room each process used in the one before, and a quarter
-    // more). Pages are touched only as spans are written.
+    // hand-over starts with the room each process had in the one before). Pages are touched
+    // only as spans are written.
     let spans = HAND_OVER_AT + crate::event_queue::BATCH;
     let room = EncodedSpans::with_room(spans * ROOM_PER_SPAN);
     queue(capacity, Spans::Encoded(room))

@@ -324,7 +324,13 @@ pub fn build<'a>(
             a.push(("http.request.method_original", s(method)));
         }
     }
-    a.push(("url.path", s(path)));
+    // A path without ids is its own route: the route's shared text serves for both.
+    let url_path = if *route == *path {
+        Value::Shared(route.clone())
+    } else {
+        s(path)
+    };
+    a.push(("url.path", url_path));
     if let Some(q) = query {
         a.push(("url.query", Value::Str(redact_query(q, redaction))));
     }
