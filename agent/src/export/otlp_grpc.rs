@@ -123,7 +123,8 @@ impl Pieces {
         }
     }
 
-    /// The pieces in one buffer (a copy unless there is one piece): tests, and small bodies.
+    /// The pieces in one buffer (a copy unless there is one piece).
+    #[cfg(test)]
     pub fn to_bytes(&self) -> Bytes {
         match self.pieces.as_slice() {
             [one] => one.clone(),
