@@ -170,6 +170,8 @@ pub struct EncodedSpans {
     /// The group written last: consecutive spans are often of one process.
     last: usize,
     len: usize,
+    /// Room for the first group made (`with_room`).
+    first_room: usize,
 }
 
 #[derive(Debug)]
@@ -185,12 +187,7 @@ impl EncodedSpans {
     /// Room for `bytes` bytes of spans for the first process (its group is usually most).
     pub fn with_room(bytes: usize) -> Self {
         Self {
-            groups: vec![ProcessSpans {
-                pid: 0,
-                comm: Arc::from(""),
-                bytes: Vec::with_capacity(bytes),
-                spans: 0,
-            }],
+            first_room: bytes,
             ..Self::default()
         }
     }
@@ -242,21 +239,11 @@ impl EncodedSpans {
             }
             return at;
         }
-        // The room `with_room` made, not yet anyone's.
-        if let [only] = &mut self.groups[..]
-            && only.spans == 0
-            && self.index.is_empty()
-        {
-            only.pid = pid;
-            only.comm = comm.clone();
-            self.index.insert(pid, 0);
-            return 0;
-        }
         self.index.insert(pid, self.groups.len());
         self.groups.push(ProcessSpans {
             pid,
             comm: comm.clone(),
-            bytes: Vec::new(),
+            bytes: Vec::with_capacity(std::mem::take(&mut self.first_room)),
             spans: 0,
         });
         self.groups.len() - 1
@@ -268,11 +255,6 @@ impl EncodedSpans {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Bytes of spans held.
-    pub fn byte_len(&self) -> usize {
-        self.groups.iter().map(|g| g.bytes.len()).sum()
     }
 
     /// Each process's spans, handed to the exporter without a copy.
@@ -572,7 +554,7 @@ mod tests {
         }
         assert_eq!((first.len(), second.len()), (50, 40));
         let next = EncodedSpans::with_capacity_of(&first);
-        assert!(next.is_empty() && next.byte_len() == 0);
+        assert!(next.is_empty());
         let mut batches = vec![EncodedBatch::default()];
         for (run, cut) in first
             .into_runs()

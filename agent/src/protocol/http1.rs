@@ -85,7 +85,8 @@ pub struct Head {
 
 impl Head {
     /// A request head from its texts (tests', and a parsed head's should httparse not give them
-    /// as slices of the head): the texts copied together into one buffer. Headers whose names are not in `NAMES` are not kept.
+    /// as slices of the head): the texts copied together into one buffer. Headers whose names
+    /// are not in `NAMES` are not kept.
     pub fn request<'a, H>(method: &str, target: &str, headers: H) -> Self
     where
         H: IntoIterator<Item = (&'static str, &'a [u8])>,
