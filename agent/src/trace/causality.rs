@@ -124,13 +124,30 @@ struct Handback {
     ended_ns: Option<u64>,
 }
 
-/// Who served a CLIENT span on this node (for the service graph).
+/// Who served a CLIENT span on this node (its times, the service graph).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Callee {
     pub pid: u32,
     pub server_span: [u8; 8],
-    /// The server side's duration, once it finished.
-    pub server_seconds: Option<f64>,
+    /// When the server side's request started (the kernel's clock, as `RequestStart::ts_ns`).
+    pub server_start_ns: u64,
+    /// The server side's span, once it finished.
+    pub server_done: Option<ServerDone>,
+}
+
+/// A finished SERVER span, as its caller's span and edge need it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerDone {
+    pub seconds: f64,
+    pub end_unix_ns: u64,
+}
+
+/// A SERVER span's CLIENT span on this node: still running, or ended (its end) before the
+/// server span did.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    Running([u8; 8]),
+    Ended(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -244,9 +261,9 @@ pub struct Linker {
     settled: Vec<[u8; 16]>,
     /// CLIENT span -> the local SERVER span that answered it; SERVER span -> its CLIENT span.
     callees: HashMap<[u8; 8], Callee>,
-    callers: HashMap<[u8; 8], [u8; 8]>,
-    /// Finished SERVER spans no caller has claimed yet -> (seconds, when).
-    finished_orphans: Finished,
+    callers: HashMap<[u8; 8], Caller>,
+    /// Finished SERVER spans no caller has claimed yet.
+    finished_orphans: Finished<ServerDone>,
     /// Trace id -> the `sampled` flag it arrived with (parent-based sampling).
     carried_flags: HashMap<[u8; 16], bool>,
     pub stats: std::sync::Arc<LinkStats>,
@@ -438,7 +455,7 @@ impl Linker {
             }
         };
         if let Some(caller) = caller_span {
-            self.paired(caller, conn.pid, identity.span_id);
+            self.paired(caller, conn.pid, identity.span_id, st.ts_ns);
         }
         self.in_flight
             .entry((conn.pid, st.tid))
@@ -624,7 +641,7 @@ impl Linker {
     /// (and what it is still handling) under the caller.
     fn adopt(&mut self, orphan: Orphan, trace_id: [u8; 16], parent: [u8; 8], now_ns: u64) {
         let (server_span, own_trace) = (orphan.span_id, orphan.trace_id);
-        self.paired(parent, orphan.pid, server_span);
+        self.paired(parent, orphan.pid, server_span, orphan.started_ns);
         if orphan.graph_only {
             return;
         }
@@ -663,9 +680,16 @@ impl Linker {
         }
     }
 
-    fn paired(&mut self, client_span: [u8; 8], pid: u32, server_span: [u8; 8]) {
-        if self.callees.len() >= MAX_PEERS {
-            // CLIENT spans that never finished (evicted connections) must not pile up.
+    fn paired(
+        &mut self,
+        client_span: [u8; 8],
+        pid: u32,
+        server_span: [u8; 8],
+        server_start_ns: u64,
+    ) {
+        if self.callees.len() >= MAX_PEERS || self.callers.len() >= MAX_PEERS {
+            // CLIENT spans that never finished (evicted connections) must not pile up, nor
+            // SERVER spans that never finished after their caller did.
             self.callees.clear();
             self.callers.clear();
         }
@@ -675,37 +699,56 @@ impl Linker {
             Callee {
                 pid,
                 server_span,
-                server_seconds: finished,
+                server_start_ns,
+                server_done: finished,
             },
         );
         if finished.is_none() {
-            self.callers.insert(server_span, client_span);
+            self.callers
+                .insert(server_span, Caller::Running(client_span));
         }
     }
 
-    /// A SERVER span finished: its duration, for its caller's edge of the service graph. One
-    /// without a caller yet (`orphan`: a local root) may still be adopted by a caller whose
-    /// event comes late, so its duration is kept until then.
+    /// A SERVER span finished. Its caller's span on this node, if that one ended first, ends
+    /// no earlier than it: on loopback the caller can read the response (and its event reach
+    /// the agent) before the callee's send tracepoint fires, which is after sendmsg returns, so
+    /// the callee's measured end is late. Otherwise what the caller's span needs of it is kept;
+    /// one without a caller yet (`orphan`: a local root) may still be adopted by a caller whose
+    /// event comes late, so it is kept until then.
     pub fn server_finished(
         &mut self,
-        span_id: [u8; 8],
-        seconds: f64,
+        span: &mut crate::trace::span::SpanRecord,
         orphan: bool,
         now_ns: impl FnOnce() -> u64,
     ) {
-        if let Some(client) = self.callers.remove(&span_id) {
-            if let Some(c) = self.callees.get_mut(&client) {
-                c.server_seconds = Some(seconds);
+        let caller = self.callers.remove(&span.span_id);
+        if let Some(Caller::Ended(client_end)) = caller {
+            span.end_unix_ns = span.end_unix_ns.min(client_end).max(span.start_unix_ns);
+            return;
+        }
+        let done = ServerDone {
+            seconds: span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9,
+            end_unix_ns: span.end_unix_ns,
+        };
+        match caller {
+            Some(Caller::Running(client)) => {
+                if let Some(c) = self.callees.get_mut(&client) {
+                    c.server_done = Some(done);
+                }
             }
-        } else if orphan {
-            self.finished_orphans.insert(span_id, seconds, now_ns());
+            _ if orphan => self.finished_orphans.insert(span.span_id, done, now_ns()),
+            _ => {}
         }
     }
 
-    /// Who answered this CLIENT span on this node, if anyone (asked once, when it finished).
-    pub fn take_callee(&mut self, client_span: [u8; 8]) -> Option<Callee> {
+    /// Who answered this CLIENT span on this node, if anyone (asked once, when it ended at
+    /// `end_unix_ns`).
+    pub fn take_callee(&mut self, client_span: [u8; 8], end_unix_ns: u64) -> Option<Callee> {
         let c = self.callees.remove(&client_span)?;
-        self.callers.remove(&c.server_span);
+        if c.server_done.is_none() {
+            self.callers
+                .insert(c.server_span, Caller::Ended(end_unix_ns));
+        }
         Some(c)
     }
 
@@ -1184,23 +1227,85 @@ mod tests {
             st(1, 0),
             None,
         );
-        l.server_finished(server.span_id, 0.002, true, || 5);
+        let mut span = finished_span(server.span_id, 1_000_000, 3_000_000);
+        l.server_finished(&mut span, true, || 5);
         let client = l.client_start(
             &conn(3, "127.0.0.1:5", "127.0.0.1:80", Role::Client),
             &h,
             st(7, 0),
             None,
         );
-        let callee = l.take_callee(client.span_id).expect("the edge's server");
+        let callee = l
+            .take_callee(client.span_id, 4_000_000)
+            .expect("the edge's server");
         assert_eq!(
-            (callee.pid, callee.server_span, callee.server_seconds),
-            (1, server.span_id, Some(0.002))
+            (callee.pid, callee.server_span, callee.server_start_ns),
+            (1, server.span_id, 1)
+        );
+        assert_eq!(
+            callee.server_done,
+            Some(ServerDone {
+                seconds: 0.002,
+                end_unix_ns: 3_000_000
+            })
         );
         // The callee keeps the header's parent.
         let mut fin = server.clone();
         l.finalize(&mut fin);
         assert_eq!(fin.parent_span_id, server.parent_span_id);
         assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 0);
+    }
+
+    fn finished_span(
+        span_id: [u8; 8],
+        start_unix_ns: u64,
+        end_unix_ns: u64,
+    ) -> crate::trace::span::SpanRecord {
+        crate::trace::span::SpanRecord {
+            trace_id: [1; 16],
+            span_id,
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+            name: "GET".into(),
+            kind: crate::trace::span::SpanKind::Server,
+            start_unix_ns,
+            end_unix_ns,
+            attributes: Vec::new(),
+            error: None,
+            status: None,
+            pid: 1,
+            comm: "svc".into(),
+        }
+    }
+
+    #[test]
+    fn a_callee_ends_no_later_than_a_caller_that_ended_first() {
+        let mut l = Linker::new(Box::new(Seq(0)));
+        let h = head("GET /a HTTP/1.1\r\n\r\n");
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let c = l.client_start(&up, &h, st(10, 0), None);
+        let s = l.server_start(&svc, &h, st(20, 0), None);
+        // The caller read the response before the callee's send returned.
+        let callee = l.take_callee(c.span_id, 500).expect("paired");
+        assert_eq!((callee.server_start_ns, callee.server_done), (1, None));
+        let mut span = finished_span(s.span_id, 100, 520);
+        l.server_finished(&mut span, false, || 0);
+        assert_eq!(span.end_unix_ns, 500);
+        // Once: a span id is not seen again.
+        let mut again = finished_span(s.span_id, 100, 520);
+        l.server_finished(&mut again, false, || 0);
+        assert_eq!(again.end_unix_ns, 520);
+        // The normal order keeps both as measured.
+        let c = l.client_start(&up, &h, st(10, 1), None);
+        let s = l.server_start(&svc, &h, st(20, 1), None);
+        let mut span = finished_span(s.span_id, 600, 700);
+        l.server_finished(&mut span, false, || 0);
+        assert_eq!(span.end_unix_ns, 700);
+        let callee = l.take_callee(c.span_id, 800).expect("paired");
+        assert_eq!(callee.server_done.map(|d| d.end_unix_ns), Some(700));
+        assert!(l.callers.is_empty() && l.callees.is_empty());
     }
 
     #[test]

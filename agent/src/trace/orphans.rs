@@ -132,14 +132,14 @@ impl<T: Started> Orphans<T> {
     }
 }
 
-/// Durations of finished orphans, for a caller that adopts one late (its edge of the service
-/// graph). Two generations of `wait_ns` each: a duration is kept at least that long, the older
-/// generation is dropped whole when the newer one is that old, so a finished orphan costs one
-/// insert and no expiry lookup (an expiry queue read back each entry, a cache miss per request
-/// at 10 000 entries).
-pub(super) struct Finished {
-    current: HashMap<[u8; 8], f64>,
-    previous: HashMap<[u8; 8], f64>,
+/// What finished orphans leave for a caller that adopts one late (its span's times, its edge of
+/// the service graph). Two generations of `wait_ns` each: an entry is kept at least that long,
+/// the older generation is dropped whole when the newer one is that old, so a finished orphan
+/// costs one insert and no expiry lookup (an expiry queue read back each entry, a cache miss per
+/// request at 10 000 entries).
+pub(super) struct Finished<V> {
+    current: HashMap<[u8; 8], V>,
+    previous: HashMap<[u8; 8], V>,
     /// When `current` started (the agent's clock).
     since_ns: u64,
     wait_ns: u64,
@@ -147,7 +147,7 @@ pub(super) struct Finished {
     max: usize,
 }
 
-impl Finished {
+impl<V> Finished<V> {
     pub fn new(wait_ns: u64, max: usize) -> Self {
         Self {
             current: HashMap::new(),
@@ -158,15 +158,15 @@ impl Finished {
         }
     }
 
-    pub fn insert(&mut self, span_id: [u8; 8], seconds: f64, now_ns: u64) {
+    pub fn insert(&mut self, span_id: [u8; 8], value: V, now_ns: u64) {
         self.age(now_ns);
         if self.current.len() >= self.max {
             self.turn(now_ns);
         }
-        self.current.insert(span_id, seconds);
+        self.current.insert(span_id, value);
     }
 
-    pub fn take(&mut self, span_id: &[u8; 8]) -> Option<f64> {
+    pub fn take(&mut self, span_id: &[u8; 8]) -> Option<V> {
         self.current
             .remove(span_id)
             .or_else(|| self.previous.remove(span_id))

@@ -23,7 +23,7 @@ use crate::{
         verdict::{NoVerdicts, Verdicts},
     },
     trace::{
-        causality::{Linker, RequestView},
+        causality::{Callee, Linker, RequestView},
         exchange::{Exchange, Identity, RequestStart, Session},
         span::{RandomIds, Redaction, SpanKind, SpanRecord, build},
     },
@@ -252,8 +252,9 @@ impl TraceSink {
         self.red = Some(red);
     }
 
-    /// RED metrics and the service graph count every span.
-    fn measure(&mut self, span: &SpanRecord, local_root: bool) {
+    /// RED metrics and the service graph count every span; `callee`: who answered a CLIENT
+    /// span on this node.
+    fn measure(&mut self, span: &SpanRecord, callee: Option<Callee>) {
         let Some(red) = self.red.as_mut() else {
             return;
         };
@@ -261,20 +262,15 @@ impl TraceSink {
         match span.kind {
             SpanKind::Server => {
                 let seconds = span.end_unix_ns.saturating_sub(span.start_unix_ns) as f64 / 1e9;
-                // The clock is read only when the span is kept for a caller yet to come: read
-                // for every server span it was 1.2% of the pipeline benchmark with RED on.
-                if !red.server_done(span.span_id, seconds) {
-                    self.linker.server_finished(
-                        span.span_id,
-                        seconds,
-                        local_root,
-                        crate::clock::monotonic_ns,
-                    );
-                }
+                red.server_done(span.span_id, seconds);
             }
             SpanKind::Client => {
-                let peer = match self.linker.take_callee(span.span_id) {
-                    Some(c) => crate::red::Peer::Process(c.pid, c.server_span, c.server_seconds),
+                let peer = match callee {
+                    Some(c) => crate::red::Peer::Process(
+                        c.pid,
+                        c.server_span,
+                        c.server_done.map(|d| d.seconds),
+                    ),
                     None => crate::red::Peer::Address(peer_name(span)),
                 };
                 red.edge(span, peer);
@@ -282,10 +278,36 @@ impl TraceSink {
         }
     }
 
+    /// Both sides of a call on this node are timed by one clock, each when its own syscall
+    /// returns: on loopback the callee can read the request before the caller's send returns
+    /// (and the caller read the response before the callee's does). A caller's span is made
+    /// to enclose its callee's, as the bytes did: the earlier start, the later end.
+    fn pair_times(&mut self, span: &mut SpanRecord, local_root: bool) -> Option<Callee> {
+        match span.kind {
+            SpanKind::Server => {
+                // The clock is read only when the span is kept for a caller yet to come: read
+                // for every server span it was 1.2% of the pipeline benchmark with RED on.
+                self.linker
+                    .server_finished(span, local_root, crate::clock::monotonic_ns);
+                None
+            }
+            SpanKind::Client => {
+                let callee = self.linker.take_callee(span.span_id, span.end_unix_ns)?;
+                let server_start = self.clock.to_unix_ns(callee.server_start_ns);
+                span.start_unix_ns = span.start_unix_ns.min(server_start);
+                if let Some(done) = callee.server_done {
+                    span.end_unix_ns = span.end_unix_ns.max(done.end_unix_ns);
+                }
+                Some(callee)
+            }
+        }
+    }
+
     /// Measured, then to sampling, or held while its trace is provisional. `local_root`: the
     /// span has no parent on this node.
-    fn send(&mut self, span: SpanRecord, local_root: bool) {
-        self.measure(&span, local_root);
+    fn send(&mut self, mut span: SpanRecord, local_root: bool) {
+        let callee = self.pair_times(&mut span, local_root);
+        self.measure(&span, callee);
         if self.linker.is_provisional(&span.trace_id) {
             if self.held_count < MAX_HELD_SPANS {
                 self.held_count += 1;
@@ -1167,6 +1189,64 @@ mod tests {
             dir,
             smallvec::smallvec![Segment::Data(bytes::Bytes::from_static(b))],
         );
+    }
+
+    fn http_conn(sk: u64, pid: u32, local: &str, remote: &str, role: Role) -> ConnInfo {
+        ConnInfo {
+            key: ConnKey { sk, generation: 1 },
+            pid,
+            comm: "svc".into(),
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            role,
+            protocol: crate::protocol::PROTO_HTTP1,
+            midstream: false,
+            tls: false,
+        }
+    }
+
+    /// One request between two traced processes on this node, each side's events at the given
+    /// times (request sent, request read, response sent, response read).
+    fn loopback_call(times: [u64; 4]) -> (SpanRecord, SpanRecord) {
+        let (mut sink, mut rx) = sink();
+        let client = http_conn(1, 10, "127.0.0.1:50000", "127.0.0.1:8080", Role::Client);
+        let server = http_conn(2, 20, "127.0.0.1:8080", "127.0.0.1:50000", Role::Server);
+        let request: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        let response: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let mut events = [
+            (times[0], &client, Direction::Send, request),
+            (times[1], &server, Direction::Recv, request),
+            (times[2], &server, Direction::Send, response),
+            (times[3], &client, Direction::Recv, response),
+        ];
+        // The agent reads events in the order the kernel queued them: by their times.
+        events.sort_by_key(|e| e.0);
+        for (ts, conn, dir, bytes) in events {
+            push(&mut sink, conn, dir, ts, bytes);
+        }
+        sink.batch_done();
+        let spans = rx.take_ready();
+        let pick = |kind| spans.iter().find(|s| s.kind == kind).cloned().unwrap();
+        assert_eq!(spans.len(), 2);
+        (pick(SpanKind::Client), pick(SpanKind::Server))
+    }
+
+    #[test]
+    fn a_callers_span_encloses_its_callees_on_one_node() {
+        // Times relative to the client's start (each sink has its own wall-clock offset).
+        let times = |c: &SpanRecord, s: &SpanRecord| {
+            let at = |t: u64| t - c.start_unix_ns;
+            [at(c.end_unix_ns), at(s.start_unix_ns), at(s.end_unix_ns)]
+        };
+        // As measured when the events come in the order of the bytes.
+        let (c, s) = loopback_call([1_000, 2_000, 8_000, 9_000]);
+        assert_eq!(s.parent_span_id, Some(c.span_id));
+        assert_eq!(times(&c, &s), [8_000, 1_000, 7_000]);
+        // Loopback: the callee read the request before the caller's send returned, and the
+        // caller read the response before the callee's did.
+        let (c, s) = loopback_call([2_500, 2_000, 9_500, 9_000]);
+        assert_eq!(s.parent_span_id, Some(c.span_id), "adopted");
+        assert_eq!(times(&c, &s), [7_000, 0, 7_000]);
     }
 
     #[test]
