@@ -170,13 +170,14 @@ fn silence(verdicts: &mut dyn Verdicts, detect: &DetectStats, key: ConnKey) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// What the connection table says about a connection an event is of.
+/// What the connection table says about a connection whose event was not parsed at once.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Seen {
     New,
     Detecting,
     Tls,
-    Parsing,
+    /// Until the kernel takes the verdict, or for a side that cannot be told.
+    Ignored,
 }
 
 pub fn is_excluded(exclude: &[std::net::SocketAddr], conn: &ConnInfo) -> bool {
@@ -625,6 +626,23 @@ impl TraceSink {
         }
     }
 
+    /// An event of a connection whose side cannot be told: the connection is left alone.
+    fn unknown_role(&mut self, conn: &ConnInfo) {
+        if self.conns.contains_key(&conn.key) || self.left_alone(conn) {
+            return;
+        }
+        self.stats.unknown_role.fetch_add(1, Ordering::Relaxed);
+        self.conns.insert(
+            conn.key,
+            Tracked {
+                proto: Proto::Ignored,
+                info: conn.clone(),
+            },
+        );
+    }
+
+    /// Parses the event if its connection is being parsed; otherwise gives its segments back,
+    /// with what the table says of the connection.
     fn parse(
         &mut self,
         conn: &ConnInfo,
@@ -632,7 +650,7 @@ impl TraceSink {
         dir: Direction,
         segments: Segments,
         requests_dir: Direction,
-    ) {
+    ) -> Result<(), (Segments, Seen)> {
         let Self {
             conns,
             linker,
@@ -642,7 +660,7 @@ impl TraceSink {
             ..
         } = self;
         let Some(tracked) = conns.get_mut(&conn.key) else {
-            return;
+            return Err((segments, Seen::New));
         };
         let kernel = ev.context;
         match &mut tracked.proto {
@@ -723,8 +741,11 @@ impl TraceSink {
                     self.emit_h2(done, conn);
                 }
             }
-            Proto::Detecting(..) | Proto::Tls(_) | Proto::Ignored => {}
+            Proto::Detecting(..) => return Err((segments, Seen::Detecting)),
+            Proto::Tls(_) => return Err((segments, Seen::Tls)),
+            Proto::Ignored => return Err((segments, Seen::Ignored)),
         }
+        Ok(())
     }
 
     fn account_h2(
@@ -784,46 +805,33 @@ impl TraceSink {
 
 impl Sink for TraceSink {
     fn data(&mut self, conn: &ConnInfo, ev: &DataEvent, dir: Direction, segments: Segments) {
-        // One lookup decides the path (this runs for every event of every traced connection):
-        // the exclusions are looked at only for a connection not tracked yet, which an excluded
-        // one never is.
-        let seen = match self.conns.get(&conn.key).map(|t| &t.proto) {
-            None => Seen::New,
-            Some(Proto::Detecting(..)) => Seen::Detecting,
-            Some(Proto::Tls(_)) => Seen::Tls,
-            // Until the kernel takes the verdict, or for a side that cannot be told.
-            Some(Proto::Ignored) => return,
-            Some(_) => Seen::Parsing,
-        };
-        if seen == Seen::New && self.left_alone(conn) {
-            return;
-        }
         // Requests arrive on the server side and leave from the client side.
         let requests_dir = match conn.role {
             Role::Server => Direction::Recv,
             Role::Client => Direction::Send,
             Role::Unknown => {
-                if seen == Seen::New {
-                    self.stats.unknown_role.fetch_add(1, Ordering::Relaxed);
-                    self.conns.insert(
-                        conn.key,
-                        Tracked {
-                            proto: Proto::Ignored,
-                            info: conn.clone(),
-                        },
-                    );
-                }
+                self.unknown_role(conn);
                 return;
             }
         };
-        let detecting = match seen {
-            Seen::Parsing => false,
-            Seen::Detecting => true,
+        // One lookup for what most events are (this runs for every event of every traced
+        // connection): those of a connection being parsed.
+        let Err((segments, seen)) = self.parse(conn, ev, dir, segments, requests_dir) else {
+            return;
+        };
+        match seen {
+            Seen::Ignored => return,
             Seen::Tls => {
                 self.tls_watch(conn, &segments);
                 return;
             }
+            Seen::Detecting => {}
             Seen::New => {
+                // The exclusions are looked at only for a connection not tracked yet, which
+                // an excluded one never is.
+                if self.left_alone(conn) {
+                    return;
+                }
                 // Look the process up now: a short-lived client may be gone by export time.
                 let other_agent = self
                     .processes
@@ -860,16 +868,12 @@ impl Sink for TraceSink {
                     self.tls_watch(conn, &segments);
                     return;
                 }
-                true
             }
-        };
-        if !detecting {
-            self.parse(conn, ev, dir, segments, requests_dir);
-            return;
         }
         if let Some(replay) = self.detect(conn, ev, dir, segments, requests_dir) {
             for h in replay {
-                self.parse(conn, &h.ev, h.dir, h.segments, requests_dir);
+                // A protocol without a parser here (`Proto::Ignored`): its replay is dropped.
+                let _ = self.parse(conn, &h.ev, h.dir, h.segments, requests_dir);
             }
         }
     }
