@@ -42,6 +42,11 @@ impl WallClock {
     pub fn to_unix_ns(&self, mono_ns: u64) -> u64 {
         (mono_ns as i128 + self.offset_ns).max(0) as u64
     }
+
+    /// The kernel's time of a converted timestamp (exact for one this clock converted).
+    pub fn to_monotonic_ns(&self, unix_ns: u64) -> u64 {
+        (unix_ns as i128 - self.offset_ns).max(0) as u64
+    }
 }
 
 impl Default for WallClock {

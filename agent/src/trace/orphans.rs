@@ -140,7 +140,8 @@ impl<T: Started> Orphans<T> {
 pub(super) struct Finished<V> {
     current: HashMap<[u8; 8], V>,
     previous: HashMap<[u8; 8], V>,
-    /// When `current` started (the agent's clock).
+    /// When `current` started: event time as spans finish, the agent's clock on the tick (the
+    /// same monotonic clock; events trail it by the agent's lag).
     since_ns: u64,
     wait_ns: u64,
     /// Entries per generation at most; a full one starts the next early.
