@@ -25,7 +25,8 @@
 //! Rule 2 races on loopback: the callee can read (and its event reach the agent) before the
 //! caller's send tracepoint fires, which is after sendmsg returns. A SERVER start that finds no
 //! peer waits briefly as an orphan; when the caller's CLIENT start arrives it adopts it, and the
-//! server span is re-parented before export (`adopted`).
+//! server span is re-parented before export (`adopted`). The same race skews the pair's times
+//! by microseconds; the caller's span is made to enclose its callee's (`TraceSink::pair_times`).
 
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{
@@ -709,10 +710,10 @@ impl Linker {
         }
     }
 
-    /// A SERVER span finished. Its caller's span on this node, if that one ended first, ends
-    /// no earlier than it: on loopback the caller can read the response (and its event reach
-    /// the agent) before the callee's send tracepoint fires, which is after sendmsg returns, so
-    /// the callee's measured end is late. Otherwise what the caller's span needs of it is kept;
+    /// A SERVER span finished. If its caller's span on this node ended first, this one ends no
+    /// later: on loopback the caller can read the response (and its event reach the agent)
+    /// before the callee's send tracepoint fires, which is after sendmsg returns, so the
+    /// callee's measured end is late. Otherwise what the caller's span needs of it is kept;
     /// one without a caller yet (`orphan`: a local root) may still be adopted by a caller whose
     /// event comes late, so it is kept until then, counted from `ended_ns` (event time: reading
     /// the clock for every such span was 1.2% of the pipeline benchmark).
