@@ -110,7 +110,7 @@ pub fn route_and_name(verb: &str, target: &str) -> (Arc<str>, Arc<str>) {
             ..
         } = t;
         scratch.clear();
-        crate::trace::route::template_into(path, scratch);
+        crate::trace::route::template_path_into(path, scratch);
         let route = shared(routes, scratch);
         scratch.clear();
         scratch.push_str(verb);

@@ -369,8 +369,13 @@ pub fn build<'a>(
                 None => (peer_ip.clone(), peer.port()),
             };
             a.push(("url.template", Value::Shared(route.clone())));
-            let query = query.map(|q| redact_query(q, redaction));
-            let full = url_full(scheme, &addr, port, path, query.as_deref());
+            // The query as `url.query` has it: redacting it again cost an allocation and a
+            // scan.
+            let query = a
+                .iter()
+                .find(|(k, _)| same_text(k, "url.query"))
+                .and_then(|(_, v)| v.as_str());
+            let full = url_full(scheme, &addr, port, path, query);
             a.push(("url.full", Value::Str(full)));
             a.push(("server.address", Value::Shared(addr)));
             a.push(("server.port", Value::Int(port.into())));
