@@ -4,13 +4,13 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agent_common::{
-    conn::{AF_INET, AF_INET6, ROLE_CLIENT, ROLE_SERVER},
+    conn::{AF_INET, AF_INET6, ConnTuple, ROLE_CLIENT, ROLE_SERVER},
     context::{CTX_KERNEL, CTX_LOCAL, CTX_OPTION},
     event::{
-        CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION, EXEC_ARGV_MAX,
-        EXEC_ENV_MAX, EXEC_EVENT_SIZE, EXEC_FILENAME_MAX, FLAG_MIDSTREAM, FLAG_NO_PAYLOAD,
-        FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE, KIND_DATA,
-        KIND_EXEC, KIND_FORK, KIND_HANDOFF, KIND_WAKE, MAX_PAYLOAD, WAKE_EVENT_SIZE,
+        self as wire, CLOSE_EVENT_SIZE, DATA_EVENT_SIZE, DIR_RECV, DIR_SEND, EVENT_VERSION,
+        EXEC_ARGV_MAX, EXEC_ENV_MAX, EXEC_EVENT_SIZE, EXEC_FILENAME_MAX, FLAG_MIDSTREAM,
+        FLAG_NO_PAYLOAD, FLAG_TLS, FLAG_TRUNCATED, FORK_EVENT_SIZE, HANDOFF_EVENT_SIZE, KIND_CLOSE,
+        KIND_DATA, KIND_EXEC, KIND_FORK, KIND_HANDOFF, KIND_WAKE, MAX_PAYLOAD, WAKE_EVENT_SIZE,
     },
 };
 use bytes::{Bytes, BytesMut};
@@ -372,14 +372,16 @@ fn header(f: &mut Fields<'_>) -> Result<Header, DecodeError> {
     })
 }
 
-/// `ConnTuple` -> (local, remote).
+/// `ConnTuple` -> (local, remote), from the record's fields.
 fn tuple(f: &mut Fields<'_>) -> Result<(SocketAddr, SocketAddr), DecodeError> {
-    let saddr: [u8; 16] = f.take();
-    let daddr: [u8; 16] = f.take();
-    let sport = f.u16();
-    let dport = f.u16();
-    let family = f.u16();
-    f.skip(2);
+    let bytes: [u8; size_of::<ConnTuple>()] = f.take();
+    // SAFETY: ConnTuple is repr(C) plain data (byte arrays and integers): any bytes are a value.
+    addresses(&unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnTuple>()) })
+}
+
+/// `ConnTuple` -> (local, remote).
+fn addresses(t: &ConnTuple) -> Result<(SocketAddr, SocketAddr), DecodeError> {
+    let family = t.family;
     let ip = |a: [u8; 16]| -> Result<IpAddr, DecodeError> {
         match family {
             AF_INET => Ok(IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))),
@@ -395,8 +397,8 @@ fn tuple(f: &mut Fields<'_>) -> Result<(SocketAddr, SocketAddr), DecodeError> {
         }
     };
     Ok((
-        SocketAddr::new(ip(saddr)?, sport),
-        SocketAddr::new(ip(daddr)?, dport),
+        SocketAddr::new(ip(t.saddr)?, t.sport),
+        SocketAddr::new(ip(t.daddr)?, t.dport),
     ))
 }
 
@@ -528,78 +530,82 @@ pub fn decode_with(buf: &[u8], arena: &mut PayloadArena) -> Result<Event, Decode
             child_tid: f.u32(),
         }));
     }
+    if kind == KIND_DATA {
+        return data(buf, &h, arena);
+    }
     let conn = ConnKey {
         sk: f.u64(),
         generation: f.u64(),
     };
     let (local, remote) = tuple(&mut f)?;
-    if kind == KIND_CLOSE {
-        let totals = [f.u64(), f.u64()];
-        let role = Role::from_wire(f.u8());
-        return Ok(Event::Close(CloseEvent {
-            ts_ns: h.ts_ns,
-            conn,
-            local,
-            remote,
-            role,
-            totals,
-        }));
-    }
-    let seq = f.u64();
-    let bytes = f.u32();
-    let captured = f.u32() as usize;
-    let comm_raw: [u8; 16] = f.take();
-    let direction = match f.u8() {
+    Ok(Event::Close(CloseEvent {
+        ts_ns: h.ts_ns,
+        conn,
+        local,
+        remote,
+        totals: [f.u64(), f.u64()],
+        role: Role::from_wire(f.u8()),
+    }))
+}
+
+/// A data record, read as the struct the programs wrote: one load of its 152 bytes instead of
+/// some thirty field reads, each checked against the record's end (half of decoding a record).
+/// The caller checked that the record holds the struct.
+fn data(buf: &[u8], h: &Header, arena: &mut PayloadArena) -> Result<Event, DecodeError> {
+    let Some(fixed) = buf.get(..DATA_EVENT_SIZE) else {
+        return Err(DecodeError::Short {
+            need: DATA_EVENT_SIZE,
+            got: buf.len(),
+        });
+    };
+    // SAFETY: `fixed` holds DATA_EVENT_SIZE bytes; wire::DataEvent is repr(C) plain data
+    // (integers and byte arrays), so any bytes are a value of it; the ring does not promise the
+    // struct's alignment to the slice, hence the unaligned read.
+    let e = unsafe { std::ptr::read_unaligned(fixed.as_ptr().cast::<wire::DataEvent>()) };
+    let (local, remote) = addresses(&e.tuple)?;
+    let direction = match e.direction {
         DIR_SEND => Direction::Send,
         DIR_RECV => Direction::Recv,
         other => return Err(DecodeError::Direction(other)),
     };
-    let role = Role::from_wire(f.u8());
-    let protocol = f.u8();
-    let syscall = f.u8();
-    let flags = f.u8();
-    let ctx_source = f.u8();
-    let _pad: [u8; 2] = f.take();
-    let ctx_trace: [u8; 16] = f.take();
-    let ctx_span: [u8; 8] = f.take();
-    let context = KernelContext::from_wire(ctx_source, ctx_trace, ctx_span);
-    let goroutine = f.u64();
-    if captured > bytes as usize || captured > MAX_PAYLOAD || need + captured != h.len {
+    let (bytes, captured) = (e.bytes, e.captured as usize);
+    if captured > bytes as usize || captured > MAX_PAYLOAD || DATA_EVENT_SIZE + captured != h.len {
         return Err(DecodeError::Payload {
             captured,
             bytes: bytes as usize,
         });
     }
-    let comm_len = comm_raw
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(comm_raw.len());
-    let conn = if flags & FLAG_TLS != 0 {
-        conn.plaintext()
-    } else {
-        conn
+    let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
+    let conn = ConnKey {
+        sk: e.sk,
+        generation: e.conn_gen,
     };
+    let flags = e.flags;
     Ok(Event::Data(DataEvent {
         ts_ns: h.ts_ns,
-        pid,
-        tid,
-        comm: Comm::new(comm_raw, comm_len),
-        conn,
+        pid: (h.pid_tgid >> 32) as u32,
+        tid: h.pid_tgid as u32,
+        comm: Comm::new(e.comm, comm_len),
+        conn: if flags & FLAG_TLS != 0 {
+            conn.plaintext()
+        } else {
+            conn
+        },
         local,
         remote,
         direction,
-        role,
-        protocol,
-        syscall,
-        seq,
+        role: Role::from_wire(e.role),
+        protocol: e.protocol,
+        syscall: e.syscall,
+        seq: e.seq,
         bytes,
-        payload: arena.copy(&buf[need..need + captured]),
+        payload: arena.copy(&buf[DATA_EVENT_SIZE..DATA_EVENT_SIZE + captured]),
         truncated: flags & FLAG_TRUNCATED != 0,
         no_payload: flags & FLAG_NO_PAYLOAD != 0,
         midstream: flags & FLAG_MIDSTREAM != 0,
         tls: flags & FLAG_TLS != 0,
-        goroutine,
-        context,
+        goroutine: e.goroutine,
+        context: KernelContext::from_wire(e.ctx_source, e.ctx.trace_id, e.ctx.span_id),
     }))
 }
 
