@@ -54,7 +54,9 @@ pub struct EventHeader {
 }
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 
-/// One send or receive on a TCP socket, followed by `captured` payload bytes.
+/// One send or receive on a TCP socket, followed by `captured` payload bytes. Integers and byte
+/// arrays only (no `bool`, no enum): the agent reads a record's bytes as this struct, which is
+/// sound only while every bit pattern is a value of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DataEvent {

@@ -533,6 +533,7 @@ pub fn decode_with(buf: &[u8], arena: &mut PayloadArena) -> Result<Event, Decode
     if kind == KIND_DATA {
         return data(buf, &h, arena);
     }
+    // What is left is a close record.
     let conn = ConnKey {
         sk: f.u64(),
         generation: f.u64(),
