@@ -20,10 +20,10 @@ pub const STATUS_IGNORED: u8 = 2;
 
 /// Addresses in network byte order; IPv4 uses the first 4 bytes of each array. Ports in host order.
 /// Aligned to 8 so that the kernel programs copy it with five 8-byte moves: at alignment 2 the
-/// BPF backend calls a byte-at-a-time memmove instead. Plain data, like `event::DataEvent`: the
-/// agent reads records' bytes as it.
+/// BPF backend calls a byte-at-a-time memmove instead.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(zerocopy::FromBytes))]
 pub struct ConnTuple {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],

@@ -13,6 +13,7 @@ pub const DEFAULT_EXID: u16 = 0x4c70;
 /// Aligned to 8 for the same reason as `conn::ConnTuple`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(zerocopy::FromBytes))]
 pub struct TcpContext {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],

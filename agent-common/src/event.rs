@@ -42,6 +42,7 @@ pub const FLAG_EXCLUDED: u8 = 1 << 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(zerocopy::FromBytes))]
 pub struct EventHeader {
     pub kind: u16,
     pub version: u16,
@@ -54,11 +55,11 @@ pub struct EventHeader {
 }
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 
-/// One send or receive on a TCP socket, followed by `captured` payload bytes. Integers and byte
-/// arrays only (no `bool`, no enum): the agent reads a record's bytes as this struct, which is
-/// sound only while every bit pattern is a value of it.
+/// One send or receive on a TCP socket, followed by `captured` payload bytes. The agent reads a
+/// record's bytes as this struct (`FromBytes`: every field accepts any bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(feature = "user", derive(zerocopy::FromBytes))]
 pub struct DataEvent {
     pub header: EventHeader,
     /// The kernel's `struct sock *`; with `conn_gen` it names one connection (the pointer alone is

@@ -14,6 +14,7 @@ use agent_common::{
     },
 };
 use bytes::{Bytes, BytesMut};
+use zerocopy::FromBytes as _;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -375,8 +376,9 @@ fn header(f: &mut Fields<'_>) -> Result<Header, DecodeError> {
 /// `ConnTuple` -> (local, remote), from the record's fields.
 fn tuple(f: &mut Fields<'_>) -> Result<(SocketAddr, SocketAddr), DecodeError> {
     let bytes: [u8; size_of::<ConnTuple>()] = f.take();
-    // SAFETY: ConnTuple is repr(C) plain data (byte arrays and integers): any bytes are a value.
-    addresses(&unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ConnTuple>()) })
+    // Sizes checked at compile time.
+    let tuple: ConnTuple = zerocopy::transmute!(bytes);
+    addresses(&tuple)
 }
 
 /// `ConnTuple` -> (local, remote).
@@ -553,16 +555,16 @@ pub fn decode_with(buf: &[u8], arena: &mut PayloadArena) -> Result<Event, Decode
 /// some thirty field reads, each checked against the record's end (half of decoding a record).
 /// The caller checked that the record holds the struct.
 fn data(buf: &[u8], h: &Header, arena: &mut PayloadArena) -> Result<Event, DecodeError> {
-    let Some(fixed) = buf.get(..DATA_EVENT_SIZE) else {
+    // A copy (the ring does not promise the struct's alignment to the slice); `FromBytes` is
+    // checked at compile time to accept any bytes.
+    let Ok(e) = buf.get(..DATA_EVENT_SIZE).map_or(Err(()), |b| {
+        wire::DataEvent::read_from_bytes(b).map_err(drop)
+    }) else {
         return Err(DecodeError::Short {
             need: DATA_EVENT_SIZE,
             got: buf.len(),
         });
     };
-    // SAFETY: `fixed` holds DATA_EVENT_SIZE bytes; wire::DataEvent is repr(C) plain data
-    // (integers and byte arrays), so any bytes are a value of it; the ring does not promise the
-    // struct's alignment to the slice, hence the unaligned read.
-    let e = unsafe { std::ptr::read_unaligned(fixed.as_ptr().cast::<wire::DataEvent>()) };
     let (local, remote) = addresses(&e.tuple)?;
     let direction = match e.direction {
         DIR_SEND => Direction::Send,
