@@ -26,7 +26,8 @@
 //! caller's send tracepoint fires, which is after sendmsg returns. A SERVER start that finds no
 //! peer waits briefly as an orphan; when the caller's CLIENT start arrives it adopts it, and the
 //! server span is re-parented before export (`adopted`). The same race skews the pair's times
-//! by microseconds; the caller's span is made to enclose its callee's (`TraceSink::pair_times`).
+//! (by microseconds, unless the later side was preempted before its tracepoint); the caller's
+//! span is made to enclose its callee's (`TraceSink::pair_times`).
 
 use foldhash::{HashMap, HashMapExt, HashSet};
 use std::{
