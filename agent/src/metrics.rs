@@ -539,6 +539,12 @@ impl Metrics {
             kernel[counters::EVENTS_EMITTED as usize],
             u.table.lock().map(|t| t.opened).unwrap_or_default()
         );
+        // Not a loss (no known protocol, or left out by --port/--netns), but the first thing to
+        // look at when connections that should be traced are not.
+        let ignored = kernel[counters::CONNS_IGNORED as usize];
+        if ignored > 0 {
+            let _ = write!(line, " conns_ignored={ignored}");
+        }
         let mut drops = Vec::new();
         for (i, v) in kernel.iter().enumerate() {
             if counters::is_drop(i as u32) && *v > 0 {

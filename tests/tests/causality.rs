@@ -241,6 +241,37 @@ const HOPS: [Hop; 11] = [
     ),
 ];
 
+/// Spans per (service, kind, first path segment), with an example of each: what a count
+/// mismatch is made of.
+fn census(spans: &[ReceivedSpan]) -> String {
+    let mut by: std::collections::BTreeMap<(String, i32, String), (usize, String)> =
+        std::collections::BTreeMap::new();
+    for s in spans {
+        let path = s.attr("url.path").unwrap_or("-");
+        let first = path
+            .trim_matches('/')
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let e = by
+            .entry((s.service().to_string(), s.kind, first))
+            .or_insert_with(|| {
+                (
+                    0,
+                    format!("{} {path} pid={:?}", s.name, s.resource.get("process.pid")),
+                )
+            });
+        e.0 += 1;
+    }
+    by.iter()
+        .map(|((svc, kind, first), (n, example))| {
+            format!("  {n:>5} {svc} kind={kind} /{first}  e.g. {example}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Correct-parent tallies per hop for requests with ids in `ids`.
 fn evaluate(
     spans: &[ReceivedSpan],
@@ -386,6 +417,8 @@ fn scenario(tcp_context: bool, warm_before_agent: bool) {
     }
     let receiver = Receiver::start();
     let ep = format!("http://{}", receiver.grpc);
+    // Read only when spans are missing: what the agent counted says where they went.
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut args = vec![
         "--cgroup",
         &cg.dir,
@@ -393,6 +426,8 @@ fn scenario(tcp_context: bool, warm_before_agent: bool) {
         &ep,
         "--otlp-protocol",
         "grpc",
+        "--metrics-addr",
+        &metrics,
     ];
     if tcp_context {
         args.push("--tcp-context");
@@ -428,6 +463,15 @@ fn scenario(tcp_context: bool, warm_before_agent: bool) {
 
     let expected = 12 * (SERIAL.0 * SERIAL.1 + PARALLEL.0 * PARALLEL.1 + 2);
     receiver.wait_for(Duration::from_secs(30), |s| s.len() >= expected);
+    let counted = if receiver.spans().len() == expected {
+        String::new()
+    } else {
+        loupe_tests::scrape(&metrics)
+            .lines()
+            .filter(|l| l.starts_with("loupe_") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     let (_, log) = agent.stop_raw();
     let spans = receiver.spans();
 
@@ -449,7 +493,8 @@ fn scenario(tcp_context: bool, warm_before_agent: bool) {
     assert_eq!(
         spans.len(),
         expected,
-        "12 spans per request, no more, no less\n{log}"
+        "12 spans per request, no more, no less; what arrived:\n{}\nthe agent's counts:\n{counted}\n{log}",
+        census(&spans)
     );
     assert_rates(&serial, 0.99, "concurrency 1");
     assert_rates(&parallel, 0.95, "concurrency 16");
