@@ -557,9 +557,7 @@ pub fn decode_with(buf: &[u8], arena: &mut PayloadArena) -> Result<Event, Decode
 fn data(buf: &[u8], h: &Header, arena: &mut PayloadArena) -> Result<Event, DecodeError> {
     // A copy (the ring does not promise the struct's alignment to the slice); `FromBytes` is
     // checked at compile time to accept any bytes.
-    let Ok(e) = buf.get(..DATA_EVENT_SIZE).map_or(Err(()), |b| {
-        wire::DataEvent::read_from_bytes(b).map_err(drop)
-    }) else {
+    let Ok((e, _)) = wire::DataEvent::read_from_prefix(buf) else {
         return Err(DecodeError::Short {
             need: DATA_EVENT_SIZE,
             got: buf.len(),

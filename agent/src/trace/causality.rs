@@ -335,6 +335,7 @@ impl Linker {
             trace_state: c.trace_state,
             carried: Some(c.span_id),
             local_parent: false,
+            awaits_caller: false,
             carried_sampled: Some(c.sampled),
         })
     }
@@ -353,6 +354,7 @@ impl Linker {
             trace_state: String::new(),
             carried: None,
             local_parent: false,
+            awaits_caller: false,
             carried_sampled: None,
         }
     }
@@ -374,6 +376,7 @@ impl Linker {
             trace_state: String::new(),
             carried,
             local_parent: local,
+            awaits_caller: false,
             carried_sampled: None,
         }
     }
@@ -426,11 +429,11 @@ impl Linker {
                 bump(&self.stats.by_peer);
                 self.child_of(caller.trace_id, caller.span_id, true, c.carried, true)
             }
-            (Some(c), peer) => {
+            (Some(mut c), peer) => {
                 bump(&self.stats.by_context);
                 if peer.is_none() {
                     // The caller's event may still come: it names the edge, not the parent.
-                    self.await_caller(conn, st, joined, &c, false, true);
+                    c.awaits_caller = self.await_caller(conn, st, joined, &c, false, true);
                 }
                 c
             }
@@ -440,7 +443,7 @@ impl Linker {
             }
             (None, None) => {
                 let option = kernel.filter(|k| k.source == ContextSource::Option);
-                let identity = match option {
+                let mut identity = match option {
                     Some(o) => {
                         bump(&self.stats.by_tcp_option);
                         self.child_of(o.trace_id, o.span_id, true, None, false)
@@ -452,7 +455,8 @@ impl Linker {
                 };
                 // A local caller's event may still come: it is the more precise parent. On a
                 // joined connection only the latest callee request waits (see client_request).
-                self.await_caller(conn, st, joined, &identity, option.is_none(), false);
+                identity.awaits_caller =
+                    self.await_caller(conn, st, joined, &identity, option.is_none(), false);
                 identity
             }
         };
@@ -558,9 +562,9 @@ impl Linker {
             // within JOINED_LATE_NS of each other. An earlier request of the callee's is a full
             // round trip older than this one.
             let late = |o: &Orphan| o.started_ns.abs_diff(st.ts_ns) <= JOINED_LATE_NS;
-            if let Some(orphan) = self
-                .orphans
-                .take_if(&Pair(conn.local, conn.remote), JOINED, late)
+            if let Some(orphan) =
+                self.orphans
+                    .take_if(&Pair(conn.local, conn.remote), JOINED, st.ts_ns, late)
             {
                 self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
                 return identity;
@@ -570,7 +574,7 @@ impl Linker {
             return identity;
         }
         let pair = Pair(conn.local, conn.remote);
-        if let Some(orphan) = self.orphans.take_if(&pair, st.ordinal, |_| true) {
+        if let Some(orphan) = self.orphans.take_if(&pair, st.ordinal, st.ts_ns, |_| true) {
             self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
         } else {
             let key = RequestKey(conn.local, conn.remote, st.ordinal);
@@ -611,7 +615,8 @@ impl Linker {
     }
 
     /// A SERVER request with no local caller yet: one may still show up (its event can reach
-    /// the agent after the callee's).
+    /// the agent after the callee's). Whether it waits (not when its connection's client side
+    /// showed no request for a while, nor when too many wait).
     fn await_caller(
         &mut self,
         conn: &ConnInfo,
@@ -620,23 +625,24 @@ impl Linker {
         identity: &Identity,
         root: bool,
         graph_only: bool,
-    ) {
-        if self.orphans.entries() < MAX_PEERS {
-            let ordinal = if joined { JOINED } else { st.ordinal };
-            self.orphans.insert(
-                Pair(conn.remote, conn.local),
-                ordinal,
-                Orphan {
-                    pid: conn.pid,
-                    span_id: identity.span_id,
-                    trace_id: identity.trace_id,
-                    started_ns: st.ts_ns,
-                    root,
-                    graph_only,
-                },
-                ORPHAN_EVENT_WAIT_NS,
-            );
+    ) -> bool {
+        if self.orphans.entries() >= MAX_PEERS {
+            return false;
         }
+        let ordinal = if joined { JOINED } else { st.ordinal };
+        self.orphans.insert(
+            Pair(conn.remote, conn.local),
+            ordinal,
+            Orphan {
+                pid: conn.pid,
+                span_id: identity.span_id,
+                trace_id: identity.trace_id,
+                started_ns: st.ts_ns,
+                root,
+                graph_only,
+            },
+            ORPHAN_EVENT_WAIT_NS,
+        )
     }
 
     /// The callee `server_span` started a trace of its own before its caller showed up: move it
@@ -1337,7 +1343,7 @@ mod tests {
     }
 
     #[test]
-    fn callees_without_a_caller_are_forgotten_by_event_time_as_more_come() {
+    fn callees_without_a_caller_are_forgotten_by_event_time_then_stop_waiting() {
         // A server traced without its clients (`--pid`): no caller ever claims these.
         let mut l = Linker::new(Box::new(crate::trace::span::RandomIds));
         let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
@@ -1347,20 +1353,31 @@ mod tests {
             ordinal,
         };
         let req = head("GET /x/1 HTTP/1.1\r\n\r\n");
-        for i in 0..1000 {
-            l.server_start(&svc, &req, at(i * 1_000_000, i), None);
-        }
-        // A second of requests, a millisecond apart: only the last 250 ms wait, without a tick.
+        let served: Vec<_> = (0..1000)
+            .map(|i| l.server_start(&svc, &req, at(i * 1_000_000, i), None))
+            .collect();
+        // A second of requests, a millisecond apart: at most the last 250 ms wait, without a
+        // tick; once requests have waited in vain for a while, the connection's stop waiting.
         assert_eq!(l.orphans.entries(), 250);
         assert_eq!(l.orphans.waiting(), 250);
-        // A caller within the wait is still matched to its callee.
+        assert!(served[..250].iter().all(|s| s.awaits_caller));
+        assert!(served[500..].iter().all(|s| !s.awaits_caller));
+        // A caller shows up: its own callee did not wait for it...
         let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
         l.client_start(&up, &req, at(999_000_000, 999), None);
+        assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 0);
+        // ... but from now on a callee whose caller's event comes late is matched to it.
+        let s = l.server_start(&svc, &req, at(1_000_000_000, 1000), None);
+        assert!(s.awaits_caller);
+        let c = l.client_start(&up, &req, at(1_000_000_010, 1000), None);
         assert_eq!(l.stats.by_peer_late.load(Ordering::Relaxed), 1);
-        assert_eq!(l.orphans.waiting(), 249);
-        // The tick's sweep drops the queue's entries whose orphan was taken.
-        l.expire(999_000_001);
-        assert_eq!(l.orphans.entries(), 249);
+        let mut s = s;
+        l.finalize(&mut s);
+        assert_eq!(s.parent_span_id, Some(c.span_id));
+        // The requests that waited in vain are gone with it; the tick's sweep drops the taken.
+        assert_eq!(l.orphans.entries(), 1);
+        l.expire(1_000_000_011);
+        assert_eq!(l.orphans.entries(), 0);
     }
 
     #[test]

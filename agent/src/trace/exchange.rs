@@ -36,6 +36,9 @@ pub struct Identity {
     /// The parent is a span of this node (a local caller, the request its thread handles):
     /// otherwise this span is a local root of its trace, where sampling decides.
     pub local_parent: bool,
+    /// A SERVER span waiting for a local caller whose event may come late
+    /// (`trace::orphans`): what it leaves when it finishes is kept for that caller.
+    pub awaits_caller: bool,
     /// The `sampled` flag the request carried with its context, if any.
     pub carried_sampled: Option<bool>,
 }
@@ -51,6 +54,7 @@ impl Identity {
             trace_state: String::new(),
             carried: None,
             local_parent: false,
+            awaits_caller: false,
             carried_sampled: None,
         }
     }
@@ -339,6 +343,7 @@ mod tests {
             trace_state: String::new(),
             carried: None,
             local_parent: false,
+            awaits_caller: false,
             carried_sampled: None,
         }
     }

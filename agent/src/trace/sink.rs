@@ -283,11 +283,11 @@ impl TraceSink {
     /// returns: on loopback the callee can read the request before the caller's send returns
     /// (and the caller read the response before the callee's does). A caller's span is made
     /// to enclose its callee's, as the bytes did: the earlier start, the later end.
-    fn pair_times(&mut self, span: &mut SpanRecord, local_root: bool) -> Option<Callee> {
+    fn pair_times(&mut self, span: &mut SpanRecord, orphan: bool) -> Option<Callee> {
         match span.kind {
             SpanKind::Server => {
                 let ended_ns = self.clock.to_monotonic_ns(span.end_unix_ns);
-                self.linker.server_finished(span, local_root, ended_ns);
+                self.linker.server_finished(span, orphan, ended_ns);
                 None
             }
             SpanKind::Client => {
@@ -302,10 +302,12 @@ impl TraceSink {
         }
     }
 
-    /// Measured, then to sampling, or held while its trace is provisional. `local_root`: the
-    /// span has no parent on this node.
-    fn send(&mut self, mut span: SpanRecord, local_root: bool) {
-        let callee = self.pair_times(&mut span, local_root);
+    /// Measured, then to sampling, or held while its trace is provisional, for an exchange
+    /// of `identity` (finalized).
+    fn send(&mut self, mut span: SpanRecord, identity: &Identity) {
+        let local_root = !identity.local_parent;
+        // A local root still waiting for a late caller (not adopted by one yet).
+        let callee = self.pair_times(&mut span, local_root && identity.awaits_caller);
         self.measure(&span, callee);
         if self.linker.is_provisional(&span.trace_id) {
             if self.held_count < MAX_HELD_SPANS {
@@ -462,7 +464,7 @@ impl TraceSink {
                 self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
             let span = build(ex, conn, kind, &self.clock, &self.redaction);
-            self.send(span, !ex.identity.local_parent);
+            self.send(span, &ex.identity);
         }
         done.clear();
     }
@@ -491,7 +493,7 @@ impl TraceSink {
                 self.client_ended(conn, &ex.started, &ex.identity, ex.end_ns);
             }
             let span = db::build(&ex, conn, kind, system, &self.clock);
-            self.send(span, !ex.identity.local_parent);
+            self.send(span, &ex.identity);
         }
     }
 
@@ -796,7 +798,7 @@ impl TraceSink {
                 );
             }
             let span = http2::span::build(&x, conn, kind, &self.clock, &self.redaction);
-            self.send(span, !x.exchange.identity.local_parent);
+            self.send(span, &x.exchange.identity);
         }
     }
 }

@@ -471,6 +471,7 @@ mod tests {
                 trace_state: String::new(),
                 carried: None,
                 local_parent: false,
+                awaits_caller: false,
                 carried_sampled: None,
             },
             started: crate::trace::exchange::RequestStart {
