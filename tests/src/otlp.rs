@@ -83,8 +83,10 @@ struct Store {
     points: Mutex<Vec<ReceivedPoint>>,
     histograms: Mutex<Vec<ReceivedHistogram>>,
     raw: Mutex<Vec<u8>>,
-    /// Count only (floods): keep no spans and no bytes.
+    /// Count only (floods): keep no spans and no bytes...
     count_only: bool,
+    /// ... but the spans whose `url.path` starts with this.
+    keep_path_prefix: Option<&'static str>,
     counted: std::sync::atomic::AtomicU64,
 }
 
@@ -120,9 +122,19 @@ impl Store {
                 .sum();
             self.counted
                 .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            return;
+            if self.keep_path_prefix.is_none() {
+                return;
+            }
+        } else {
+            self.raw.lock().unwrap().extend_from_slice(raw);
         }
-        self.raw.lock().unwrap().extend_from_slice(raw);
+        let kept = |s: &opentelemetry_proto::tonic::trace::v1::Span| match self.keep_path_prefix {
+            None => true,
+            Some(prefix) => s
+                .attributes
+                .iter()
+                .any(|kv| kv.key == "url.path" && value(&kv.value).starts_with(prefix)),
+        };
         let mut spans = self.spans.lock().unwrap();
         for rs in &req.resource_spans {
             let resource = rs
@@ -131,7 +143,7 @@ impl Store {
                 .map(|r| map(&r.attributes))
                 .unwrap_or_default();
             for ss in &rs.scope_spans {
-                for s in &ss.spans {
+                for s in ss.spans.iter().filter(|s| kept(s)) {
                     spans.push(ReceivedSpan {
                         resource: resource.clone(),
                         trace_id: hex(&s.trace_id),
@@ -303,6 +315,19 @@ impl Receiver {
         Self::start_with(
             Store {
                 count_only: true,
+                ..Store::default()
+            },
+            None,
+        )
+    }
+
+    /// A counting receiver that keeps the spans whose `url.path` starts with `prefix` (one
+    /// phase of a flood test, told apart by its paths).
+    pub fn start_counting_keeping(prefix: &'static str) -> Receiver {
+        Self::start_with(
+            Store {
+                count_only: true,
+                keep_path_prefix: Some(prefix),
                 ..Store::default()
             },
             None,
