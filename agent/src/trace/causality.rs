@@ -43,7 +43,7 @@ use crate::{
     trace::{
         context::{Carried, extract},
         exchange::{Identity, RequestStart},
-        orphans::{Finished, Orphans, Pair, Started},
+        orphans::{Claim, Finished, Orphans, Pair, Started},
         route::is_id_like,
         span::IdSource,
     },
@@ -562,30 +562,37 @@ impl Linker {
             // within JOINED_LATE_NS of each other. An earlier request of the callee's is a full
             // round trip older than this one.
             let late = |o: &Orphan| o.started_ns.abs_diff(st.ts_ns) <= JOINED_LATE_NS;
-            if let Some(orphan) =
-                self.orphans
-                    .take_if(&Pair(conn.local, conn.remote), JOINED, st.ts_ns, late)
-            {
-                self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
-                return identity;
+            let pair = Pair(conn.local, conn.remote);
+            match self.orphans.claim(&pair, JOINED, st.ts_ns, late) {
+                Claim::Taken(orphan) => {
+                    self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns)
+                }
+                Claim::Wait => {
+                    let key = RequestKey(conn.local, conn.remote, JOINED);
+                    self.await_callee(key, &identity, st.ts_ns);
+                }
+                Claim::CalleeAbsent => {}
             }
-            let key = RequestKey(conn.local, conn.remote, JOINED);
-            self.await_callee(key, &identity, st.ts_ns);
             return identity;
         }
         let pair = Pair(conn.local, conn.remote);
-        if let Some(orphan) = self.orphans.take_if(&pair, st.ordinal, st.ts_ns, |_| true) {
-            self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns);
-        } else {
-            let key = RequestKey(conn.local, conn.remote, st.ordinal);
-            self.await_callee(key, &identity, st.ts_ns);
+        match self.orphans.claim(&pair, st.ordinal, st.ts_ns, |_| true) {
+            Claim::Taken(orphan) => {
+                self.adopt(orphan, identity.trace_id, identity.span_id, st.ts_ns)
+            }
+            Claim::Wait => {
+                let key = RequestKey(conn.local, conn.remote, st.ordinal);
+                self.await_callee(key, &identity, st.ts_ns);
+            }
+            Claim::CalleeAbsent => {}
         }
         identity
     }
 
     /// A CLIENT exchange waits for its callee's SERVER start on this node. Those that waited
     /// PEER_WAIT_NS in event time are forgotten as new ones come; when MAX_PEERS wait, the
-    /// oldest makes room (counted).
+    /// oldest makes room (counted). Either way its connection learns that a request waited in
+    /// vain (`trace::orphans`: after a run of them its requests stop waiting).
     fn await_callee(&mut self, key: RequestKey, identity: &Identity, ts_ns: u64) {
         let live = |peers: &HashMap<RequestKey, (Identity, u64)>, k: &RequestKey, s: u64| {
             peers.get(k).is_some_and(|&(_, t)| t == s)
@@ -599,6 +606,7 @@ impl Linker {
             self.peer_order.pop_front();
             if is_live {
                 self.peers.remove(&k);
+                self.orphans.uncalled(Pair(k.0, k.1), started);
                 if !expired {
                     bump(&self.stats.peers_evicted);
                 }
@@ -611,12 +619,15 @@ impl Linker {
             self.peer_order.retain(|(k, s)| live(peers, k, *s));
         }
         self.peer_order.push_back((key, ts_ns));
-        self.peers.insert(key, (identity.clone(), ts_ns));
+        // A joined connection's requests share one key: the one replaced waited in vain.
+        if let Some((_, replaced)) = self.peers.insert(key, (identity.clone(), ts_ns)) {
+            self.orphans.uncalled(Pair(key.0, key.1), replaced);
+        }
     }
 
     /// A SERVER request with no local caller yet: one may still show up (its event can reach
     /// the agent after the callee's). Whether it waits (not when its connection's client side
-    /// showed no request for a while, nor when too many wait).
+    /// showed no request for a while, nor when too many wait: `trace::orphans`).
     fn await_caller(
         &mut self,
         conn: &ConnInfo,
@@ -626,9 +637,6 @@ impl Linker {
         root: bool,
         graph_only: bool,
     ) -> bool {
-        if self.orphans.entries() >= MAX_PEERS {
-            return false;
-        }
         let ordinal = if joined { JOINED } else { st.ordinal };
         self.orphans.insert(
             Pair(conn.remote, conn.local),
@@ -1378,6 +1386,38 @@ mod tests {
         assert_eq!(l.orphans.entries(), 1);
         l.expire(1_000_000_011);
         assert_eq!(l.orphans.entries(), 0);
+    }
+
+    #[test]
+    fn calls_to_a_service_not_traced_here_stop_waiting_until_its_side_shows() {
+        // A client traced without its server (on another node, or left out by `--pid`).
+        let mut l = Linker::new(Box::new(crate::trace::span::RandomIds));
+        let up = conn(1, "127.0.0.1:50001", "127.0.0.1:8000", Role::Client);
+        let svc = conn(2, "127.0.0.1:8000", "127.0.0.1:50001", Role::Server);
+        let req = head("GET /x/1 HTTP/1.1\r\n\r\n");
+        let at = |ts_ns: u64, ordinal: u64| RequestStart {
+            tid: 10,
+            ts_ns,
+            ordinal,
+        };
+        // Calls a wait apart: each one's wait has ended in vain when the next is made.
+        for i in 0..20 {
+            l.client_start(&up, &req, at(1 + i * PEER_WAIT_NS, i), None);
+        }
+        // Then a burst: none of it waits (only the last call that did still does: a wait ends
+        // by event time as later calls wait, and none does).
+        for i in 20..120 {
+            l.client_start(&up, &req, at(20 * PEER_WAIT_NS + i, i), None);
+        }
+        assert_eq!((l.peers.len(), l.peer_order.len()), (1, 1));
+        // The server side shows a request (its caller's event not seen: it waits as an orphan),
+        // and from then on the connection's calls wait for their callee again.
+        let t = 41 * PEER_WAIT_NS;
+        l.server_start(&svc, &req, at(t, 40), None);
+        let call = l.client_start(&up, &req, at(t + 1_000, 41), None);
+        assert_eq!(l.peers.len(), 1, "the new call waits, the old wait is over");
+        let served = l.server_start(&svc, &req, at(t + 2_000, 41), None);
+        assert_eq!(served.parent_span_id, Some(call.span_id));
     }
 
     #[test]

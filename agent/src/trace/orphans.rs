@@ -10,10 +10,14 @@
 //!
 //! A connection whose client end is not traced on this node (a client on another node, or a
 //! process left out by `--pid`) never has a caller: every one of its requests would wait in
-//! vain. After `UNCLAIMED_BEFORE_UNWATCHED` of its requests in a row waited their full time with
-//! no request from its client side in between, its requests stop waiting; the next request seen
-//! from its client side makes them wait again (−20% pipeline CPU with only nginx selected at
-//! 40k req/s).
+//! vain. After `ABSENT_AFTER` of its requests in a row waited their full time with no request
+//! from its client side in between, its requests stop waiting; the next request seen from its
+//! client side makes them wait again (−20% pipeline CPU with only nginx selected at 40k req/s).
+//! The same by the other side: a connection whose server end is not traced here (a service on
+//! another node, or not selected) never has a callee, and its CLIENT requests stop waiting for
+//! one (`causality::Linker::await_callee`, 30 s each) once `ABSENT_AFTER` in a row waited in
+//! vain, until its server side shows a request (−37% pipeline CPU with only the load generator
+//! traced at 40k req/s).
 
 use std::{collections::VecDeque, net::SocketAddr};
 
@@ -52,16 +56,20 @@ impl<T: Started> Entry<T> {
     }
 }
 
-/// One connection's waiting requests, oldest first.
+/// One connection's waiting requests, oldest first, and what its two sides showed lately.
 struct Queue<T> {
     entries: VecDeque<Entry<T>>,
-    /// Requests in a row that waited their full time untaken, of those that started after
-    /// the client side last showed a request (at `contact_ns`).
+    /// SERVER requests in a row that waited their full time untaken, of those that started
+    /// after the client side last showed a request (at `client_seen_ns`).
     unclaimed: u32,
-    contact_ns: u64,
-    /// An insert was refused (the queue is unwatched) since the last sweep: the connection is
-    /// alive, so its queue is kept even when empty.
-    refused: bool,
+    client_seen_ns: u64,
+    /// CLIENT requests in a row whose wait for a callee ended untaken, of those that started
+    /// after the server side last showed a request (at `server_seen_ns`).
+    uncalled: u32,
+    server_seen_ns: u64,
+    /// Used since the last sweep (a request refused or not waiting, a client's wait ended): a
+    /// queue without entries is kept while its connection is alive.
+    in_use: bool,
 }
 
 impl<T> Default for Queue<T> {
@@ -69,16 +77,33 @@ impl<T> Default for Queue<T> {
         Self {
             entries: VecDeque::new(),
             unclaimed: 0,
-            contact_ns: 0,
-            refused: false,
+            client_seen_ns: 0,
+            uncalled: 0,
+            server_seen_ns: 0,
+            in_use: false,
         }
     }
 }
 
 impl<T> Queue<T> {
-    fn unwatched(&self) -> bool {
-        self.unclaimed >= UNCLAIMED_BEFORE_UNWATCHED
+    fn caller_absent(&self) -> bool {
+        self.unclaimed >= ABSENT_AFTER
     }
+
+    fn callee_absent(&self) -> bool {
+        self.uncalled >= ABSENT_AFTER
+    }
+}
+
+/// What a CLIENT request finds on its connection.
+#[derive(Debug, PartialEq)]
+pub(super) enum Claim<T> {
+    /// Its callee, whose SERVER start came first.
+    Taken(T),
+    /// Nothing yet: it waits for its callee.
+    Wait,
+    /// Nothing, and no callee came for the connection's latest requests: it does not wait.
+    CalleeAbsent,
 }
 
 pub(super) struct Orphans<T> {
@@ -96,10 +121,15 @@ pub(super) struct Orphans<T> {
 /// entries over a second old.
 const SWEEP_EVERY: usize = 4096;
 
-/// Requests of one connection in a row that waited in vain before its requests stop waiting.
-/// A traced client shows a request on its side of the connection for each of its own, so a
-/// run this long means it is not traced; a retransmission or a reordering is a handful.
-const UNCLAIMED_BEFORE_UNWATCHED: u32 = 16;
+/// Requests of one connection in a row that waited in vain before its requests stop waiting
+/// (by either side). A traced peer shows a request on its side of the connection for each of
+/// the other's, so a run this long means it is not traced; a loss or a reordering is a
+/// handful.
+const ABSENT_AFTER: u32 = 16;
+/// Connections remembered at most (those with waiting requests or a side found absent).
+const MAX_QUEUES: usize = 100_000;
+/// Requests waiting at most, in all queues.
+const MAX_ENTRIES: usize = 100_000;
 
 impl<T: Started> Orphans<T> {
     pub fn new() -> Self {
@@ -110,15 +140,15 @@ impl<T: Started> Orphans<T> {
         }
     }
 
+    #[cfg(test)]
     pub fn entries(&self) -> usize {
         self.entries
     }
 
-    /// Request `ordinal` of `pair` waits for its caller; false when its connection is
-    /// unwatched (no caller came for its latest requests: see the module doc). Its connection's
-    /// entries that started `wait_ns` or more before it are forgotten first. A lower ordinal
-    /// than the newest waiting one is a new connection between the same two ends: the old
-    /// one's entries go.
+    /// SERVER request `ordinal` of `pair` waits for its caller; false when no caller came for
+    /// its connection's latest requests (see the module doc). Its connection's entries that
+    /// started `wait_ns` or more before it are forgotten first. A lower ordinal than the newest
+    /// waiting one is a new connection between the same two ends: the old one's entries go.
     pub fn insert(&mut self, pair: Pair, ordinal: u64, value: T, wait_ns: u64) -> bool {
         let started_ns = value.started_ns();
         self.since_sweep += 1;
@@ -126,14 +156,20 @@ impl<T: Started> Orphans<T> {
             self.since_sweep = 0;
             self.expire(started_ns, wait_ns);
         }
+        if self.by_pair.len() >= MAX_QUEUES && !self.by_pair.contains_key(&pair) {
+            return false;
+        }
         let queue = self.by_pair.entry(pair).or_default();
+        // The server side is traced: the connection's CLIENT requests wait (again).
+        queue.uncalled = 0;
+        queue.server_seen_ns = queue.server_seen_ns.max(started_ns);
         let before = queue.entries.len();
         if queue.entries.back().is_some_and(|e| e.ordinal > ordinal) {
             queue.entries.clear();
             queue.unclaimed = 0;
         }
-        if queue.unwatched() {
-            queue.refused = true;
+        if queue.caller_absent() || self.entries >= MAX_ENTRIES {
+            queue.in_use = true;
             self.entries = self.entries + queue.entries.len() - before;
             return false;
         }
@@ -144,7 +180,7 @@ impl<T: Started> Orphans<T> {
             queue.unclaimed += u32::from(front.value.as_ref().is_some_and(|v| {
                 // One that started before the client side's last request cannot say the
                 // client side is not traced.
-                v.started_ns() > queue.contact_ns
+                v.started_ns() > queue.client_seen_ns
             }));
             queue.entries.pop_front();
         }
@@ -156,41 +192,64 @@ impl<T: Started> Orphans<T> {
         true
     }
 
-    /// The newest waiting request `ordinal` of `pair` if `pick` accepts it, taken; the client
-    /// side of `pair` made a request at `now_ns`.
-    pub fn take_if(
+    /// What CLIENT request `ordinal` of `pair`, made at `now_ns`, finds: the newest waiting
+    /// SERVER request `ordinal` if `pick` accepts it (taken), or whether to wait for one.
+    pub fn claim(
         &mut self,
         pair: &Pair,
         ordinal: u64,
         now_ns: u64,
         pick: impl FnOnce(&T) -> bool,
-    ) -> Option<T> {
-        let queue = self.by_pair.get_mut(pair)?;
-        // The client side is traced: its connection's requests wait (again).
+    ) -> Claim<T> {
+        let Some(queue) = self.by_pair.get_mut(pair) else {
+            return Claim::Wait;
+        };
+        // The client side is traced: the connection's SERVER requests wait (again).
         queue.unclaimed = 0;
-        queue.contact_ns = queue.contact_ns.max(now_ns);
+        queue.client_seen_ns = queue.client_seen_ns.max(now_ns);
         // Ordinals grow along a queue (see `insert`): the newest with this one is the last
         // entry not above it.
         let at = queue
             .entries
             .partition_point(|e| e.ordinal <= ordinal)
-            .checked_sub(1)?;
-        let entry = &mut queue.entries[at];
-        if entry.ordinal != ordinal || !entry.value.as_ref().is_some_and(pick) {
-            return None;
+            .checked_sub(1);
+        if let Some(entry) = at.map(|at| &mut queue.entries[at])
+            && entry.ordinal == ordinal
+            && entry.value.as_ref().is_some_and(pick)
+            && let Some(value) = entry.value.take()
+        {
+            return Claim::Taken(value);
         }
-        entry.value.take()
+        if queue.callee_absent() {
+            queue.in_use = true;
+            return Claim::CalleeAbsent;
+        }
+        Claim::Wait
+    }
+
+    /// A CLIENT request of `pair` that started at `started_ns` waited for its callee in vain.
+    pub fn uncalled(&mut self, pair: Pair, started_ns: u64) {
+        if self.by_pair.len() >= MAX_QUEUES && !self.by_pair.contains_key(&pair) {
+            return;
+        }
+        let queue = self.by_pair.entry(pair).or_default();
+        // One that started before the server side's last request cannot say the server side
+        // is not traced.
+        if started_ns > queue.server_seen_ns {
+            queue.uncalled += 1;
+        }
+        queue.in_use = true;
     }
 
     /// Forgets entries that started `max_age_ns` or more before `now_ns`, and empty queues but
-    /// those of unwatched connections still in use (forgetting one would have its next requests
-    /// wait in vain again).
+    /// those used since the last sweep (forgetting a side found absent would have the
+    /// connection's next requests wait in vain again).
     pub fn expire(&mut self, now_ns: u64, max_age_ns: u64) {
         let mut entries = 0;
         self.by_pair.retain(|_, queue| {
             queue.entries.retain(|e| e.waiting(now_ns, max_age_ns));
             entries += queue.entries.len();
-            let in_use = std::mem::take(&mut queue.refused);
+            let in_use = std::mem::take(&mut queue.in_use);
             !queue.entries.is_empty() || in_use
         });
         self.entries = entries;
@@ -292,6 +351,22 @@ mod tests {
 
     const WAIT: u64 = 250;
 
+    impl<T: Started> Orphans<T> {
+        /// `claim`, for what it took.
+        fn take_if(
+            &mut self,
+            pair: &Pair,
+            ordinal: u64,
+            now_ns: u64,
+            pick: impl FnOnce(&T) -> bool,
+        ) -> Option<T> {
+            match self.claim(pair, ordinal, now_ns, pick) {
+                Claim::Taken(v) => Some(v),
+                Claim::Wait | Claim::CalleeAbsent => None,
+            }
+        }
+    }
+
     #[test]
     fn a_late_caller_takes_its_own_request_once() {
         let mut o = Orphans::new();
@@ -379,7 +454,7 @@ mod tests {
 
     /// Requests of `pair` a wait apart from `from` on, each finding the one before it waited in
     /// vain, until one is refused; how many waited.
-    fn until_unwatched(o: &mut Orphans<W>, pair: Pair, from: u64) -> u64 {
+    fn until_caller_absent(o: &mut Orphans<W>, pair: Pair, from: u64) -> u64 {
         let mut n = from;
         while o.insert(pair, n, W((n + 1) * WAIT, n as u32), WAIT) {
             n += 1;
@@ -393,8 +468,8 @@ mod tests {
         let mut o = Orphans::new();
         // The first request waits in vain only once the next one comes a wait later.
         assert_eq!(
-            until_unwatched(&mut o, pair(1), 0),
-            u64::from(UNCLAIMED_BEFORE_UNWATCHED) + 1
+            until_caller_absent(&mut o, pair(1), 0),
+            u64::from(ABSENT_AFTER) + 1
         );
         assert!(!o.insert(pair(1), 50, W(50 * WAIT, 50), WAIT), "stays so");
         assert!(o.insert(pair(2), 0, W(50 * WAIT, 1), WAIT), "by connection");
@@ -409,8 +484,8 @@ mod tests {
         // Requests that started before that contact do not count as waiting in vain: a
         // client side seen once needs as many again to be taken for untraced.
         assert_eq!(
-            until_unwatched(&mut o, pair(1), 53),
-            u64::from(UNCLAIMED_BEFORE_UNWATCHED) + 1
+            until_caller_absent(&mut o, pair(1), 53),
+            u64::from(ABSENT_AFTER) + 1
         );
     }
 
@@ -430,10 +505,10 @@ mod tests {
     }
 
     #[test]
-    fn an_unwatched_connection_is_remembered_while_in_use_and_forgotten_when_silent() {
+    fn a_side_found_absent_is_remembered_while_in_use_and_forgotten_when_silent() {
         let mut o = Orphans::new();
-        let n = until_unwatched(&mut o, pair(1), 0);
-        // The sweep forgets every entry; the connection, refusing requests, stays unwatched.
+        let n = until_caller_absent(&mut o, pair(1), 0);
+        // The sweep forgets every entry; the connection, refusing requests, keeps its state.
         o.expire(1_000 * WAIT, WAIT);
         assert_eq!(o.entries(), 0);
         assert!(!o.insert(pair(1), n + 1, W(1_000 * WAIT, 0), WAIT));
@@ -442,6 +517,59 @@ mod tests {
         o.expire(1_002 * WAIT, WAIT);
         assert!(o.by_pair.is_empty());
         assert!(o.insert(pair(1), n + 2, W(1_003 * WAIT, 0), WAIT));
+    }
+
+    #[test]
+    fn a_connection_whose_server_side_shows_nothing_stops_waiting_for_callees_until_it_does() {
+        let mut o: Orphans<W> = Orphans::new();
+        // CLIENT requests a wait apart, each one's wait ending untaken.
+        for n in 0..u64::from(ABSENT_AFTER) {
+            assert_eq!(o.claim(&pair(1), n, (n + 1) * WAIT, |_| true), Claim::Wait);
+            o.uncalled(pair(1), (n + 1) * WAIT);
+        }
+        assert_eq!(
+            o.claim(&pair(1), 99, 99 * WAIT, |_| true),
+            Claim::CalleeAbsent
+        );
+        assert_eq!(
+            o.claim(&pair(2), 0, 99 * WAIT, |_| true),
+            Claim::Wait,
+            "by connection"
+        );
+        // The sweep keeps the connection while it is in use.
+        o.expire(100 * WAIT, WAIT);
+        assert_eq!(
+            o.claim(&pair(1), 100, 100 * WAIT, |_| true),
+            Claim::CalleeAbsent
+        );
+        // Its server side shows a request (which waits for its caller)...
+        assert!(o.insert(pair(1), 101, W(101 * WAIT, 101), WAIT));
+        // ... and its CLIENT requests wait again, the late one taking it.
+        assert_eq!(
+            o.claim(&pair(1), 101, 101 * WAIT + 1, |_| true),
+            Claim::Taken(W(101 * WAIT, 101))
+        );
+        assert_eq!(o.claim(&pair(1), 102, 102 * WAIT, |_| true), Claim::Wait);
+        // Waits that started before the server side's request do not count as in vain.
+        for n in 0..u64::from(ABSENT_AFTER) {
+            o.uncalled(pair(1), n);
+        }
+        assert_eq!(o.claim(&pair(1), 103, 103 * WAIT, |_| true), Claim::Wait);
+    }
+
+    #[test]
+    fn the_connections_remembered_are_bounded() {
+        let mut o: Orphans<W> = Orphans::new();
+        let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        for i in 0..MAX_QUEUES as u32 + 10 {
+            let [_, a, b, c] = i.to_be_bytes();
+            let client = SocketAddr::from(([10, a, b, c], 1));
+            o.uncalled(Pair(client, server), 1);
+            assert!(
+                o.insert(Pair(server, client), 0, W(1, 0), WAIT) || o.by_pair.len() >= MAX_QUEUES
+            );
+        }
+        assert_eq!(o.by_pair.len(), MAX_QUEUES);
     }
 
     #[test]
