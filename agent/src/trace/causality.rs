@@ -1365,7 +1365,8 @@ mod tests {
             .map(|i| l.server_start(&svc, &req, at(i * 1_000_000, i), None))
             .collect();
         // A second of requests, a millisecond apart: at most the last 250 ms wait, without a
-        // tick; once requests have waited in vain for a while, the connection's stop waiting.
+        // tick; once requests have waited in vain for a while, the connection's requests stop
+        // waiting.
         assert_eq!(l.orphans.entries(), 250);
         assert_eq!(l.orphans.waiting(), 250);
         assert!(served[..250].iter().all(|s| s.awaits_caller));
