@@ -12,7 +12,7 @@
 //! process left out by `--pid`) never has a caller: every one of its requests would wait in
 //! vain. After `ABSENT_AFTER` of its requests in a row waited their full time with no request
 //! from its client side in between, its requests stop waiting; the next request seen from its
-//! client side makes them wait again (−20% pipeline CPU with only nginx selected at 40k req/s).
+//! client side makes them wait again (−18% pipeline CPU with only nginx selected at 40k req/s).
 //! The same by the other side: a connection whose server end is not traced here (a service on
 //! another node, or not selected) never has a callee, and its CLIENT requests stop waiting for
 //! one (`causality::Linker::await_callee`, 30 s each) once `ABSENT_AFTER` in a row waited in
