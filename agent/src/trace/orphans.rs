@@ -492,17 +492,11 @@ mod tests {
     }
 
     #[test]
-    fn only_requests_that_waited_their_full_time_count_as_waiting_in_vain() {
+    fn requests_still_within_their_wait_do_not_count_as_waiting_in_vain() {
         let mut o = Orphans::new();
-        // Many requests within one wait: none has waited its time yet.
+        // Many requests within one wait: none has waited its time yet, whatever their number.
         for n in 0..1000 {
             assert!(o.insert(pair(1), n, W(1 + n * WAIT / 1000, n as u32), WAIT));
-        }
-        // Taken ones do not count either.
-        let mut o = Orphans::new();
-        for n in 0..100 {
-            assert!(o.insert(pair(1), n, W(n * WAIT, n as u32), WAIT));
-            assert!(o.take_if(&pair(1), n, 0, |_| true).is_some());
         }
     }
 
