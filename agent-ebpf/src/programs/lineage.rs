@@ -12,8 +12,12 @@ use aya_ebpf::{
 };
 
 use crate::{
-    helpers::{exec::emit_exec, filter::process_selected, record::field},
-    maps::{EXE_FILTER, LOUPE_CONFIG, PID_FILTER},
+    helpers::{
+        exec::emit_exec,
+        filter::{pid_selected, pid_slot, process_selected},
+        record::field,
+    },
+    maps::{EXE_FILTER, LOUPE_CONFIG},
 };
 
 /// task_newtask record (tracefs format file, unchanged since 4.x): `pid_t pid` at 8,
@@ -29,17 +33,17 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: map lookups and updates of plain keys.
-    unsafe {
-        if PID_FILTER.get(parent).is_none() {
-            return 0;
-        }
-        // A new thread belongs to its process, already selected.
-        if field::<u64>(&ctx, NEWTASK_CLONE_FLAGS) & CLONE_THREAD != 0 {
-            return 0;
-        }
-        let child = field::<i32>(&ctx, NEWTASK_PID) as u32;
-        let _ = PID_FILTER.insert(child, PID_DESCENDANT, 0);
+    if !pid_selected(parent) {
+        return 0;
+    }
+    // A new thread belongs to its process, already selected.
+    if field::<u64>(&ctx, NEWTASK_CLONE_FLAGS) & CLONE_THREAD != 0 {
+        return 0;
+    }
+    let child = field::<i32>(&ctx, NEWTASK_PID) as u32;
+    if let Some(slot) = pid_slot(child) {
+        // SAFETY: a pointer into a map entry; a byte store touches no other pid's byte.
+        unsafe { *slot = PID_DESCENDANT };
     }
     0
 }
@@ -52,11 +56,12 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
         // After exec the task's name is the new executable's (first 15 bytes).
         if let Ok(comm) = bpf_get_current_comm() {
             let tgid = (pid_tgid >> 32) as u32;
-            // SAFETY: map lookups and updates of plain keys.
-            unsafe {
-                if EXE_FILTER.get(comm).is_some() {
-                    let _ = PID_FILTER.insert(tgid, PID_DESCENDANT, 0);
-                }
+            // SAFETY: map lookup of a plain key.
+            if unsafe { EXE_FILTER.get(comm) }.is_some()
+                && let Some(slot) = pid_slot(tgid)
+            {
+                // SAFETY: as in task_newtask.
+                unsafe { *slot = PID_DESCENDANT };
             }
         }
     }
@@ -78,11 +83,13 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     if tgid != tid {
         return 0;
     }
-    // SAFETY: map lookups and updates of plain keys.
-    unsafe {
-        // The pids the user gave stay: they name what to trace, not a lineage.
-        if PID_FILTER.get(tgid) == Some(&PID_DESCENDANT) {
-            let _ = PID_FILTER.remove(tgid);
+    // The pids the user gave stay: they name what to trace, not a lineage.
+    if let Some(slot) = pid_slot(tgid) {
+        // SAFETY: as in task_newtask.
+        unsafe {
+            if *slot == PID_DESCENDANT {
+                *slot = 0;
+            }
         }
     }
     0

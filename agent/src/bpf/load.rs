@@ -13,7 +13,7 @@ use agent_common::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, RawTracePoint, SockOps, TracePoint},
 };
 
@@ -385,9 +385,16 @@ impl Probe {
         if opts.max_connections > 0 {
             loader.map_max_entries(maps::CONNS, opts.max_connections);
         }
+        if opts.processes.is_some() {
+            loader.map_max_entries(maps::PID_FILTER, PID_FILTER_ENTRIES);
+        }
         let mut ebpf = loader.load(OBJECT).context(
             "loading the kernel programs failed: Loupe needs root (or CAP_BPF + CAP_PERFMON) and Linux 5.8+ with BTF (README, Requirements)",
         )?;
+        // Before anything is attached: the kernel's own updates of the pid selection (a selected
+        // process's new child) then never meet a write of the same entry from here, and no
+        // program runs with a selection half filled.
+        fill_filters(&mut ebpf, opts)?;
 
         let mut attached = 0;
         let path_hooks = match path {
@@ -451,7 +458,6 @@ impl Probe {
                 }
             }
         }
-        fill_filters(&mut ebpf, opts)?;
         Ok(Self {
             ebpf: std::sync::Arc::new(std::sync::Mutex::new(ebpf)),
             tls_ready,
@@ -504,14 +510,36 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
         .with_context(|| format!("kernel object has no map {name}"))
 }
 
+/// Every pid a 64-bit kernel can hand out (PID_MAX_LIMIT: /proc/sys/kernel/pid_max may be raised
+/// to it while the agent runs), one byte each, eight to an entry: 4 MiB, only with a pid
+/// selection.
+const PID_FILTER_ENTRIES: u32 = (4 << 20) / 8;
+
+/// The `PID_FILTER` entries that hold `pids`: eight pids' bytes to an entry (the kernel side's
+/// `filter::pid_slot`). A pid past the map's end cannot exist and is left out.
+fn pid_filter_entries(
+    roots: &[u32],
+    descendants: &[u32],
+) -> std::collections::BTreeMap<u32, [u8; 8]> {
+    let mut entries = std::collections::BTreeMap::new();
+    // Descendants first: a pid both named and found below another is the user's.
+    let marked = descendants
+        .iter()
+        .map(|&pid| (pid, PID_DESCENDANT))
+        .chain(roots.iter().map(|&pid| (pid, PID_SELECTED)));
+    for (pid, mark) in marked {
+        if pid / 8 < PID_FILTER_ENTRIES {
+            entries.entry(pid / 8).or_insert([0u8; 8])[(pid % 8) as usize] = mark;
+        }
+    }
+    entries
+}
+
 fn fill_filters(ebpf: &mut Ebpf, opts: &LoadOptions) -> anyhow::Result<()> {
     if let Some(sel) = &opts.processes {
-        let mut pids: HashMap<_, u32, u8> = HashMap::try_from(map_mut(ebpf, maps::PID_FILTER)?)?;
-        for pid in &sel.roots {
-            pids.insert(pid, PID_SELECTED, 0)?;
-        }
-        for pid in &sel.descendants {
-            pids.insert(pid, PID_DESCENDANT, 0)?;
+        let mut pids: Array<_, [u8; 8]> = Array::try_from(map_mut(ebpf, maps::PID_FILTER)?)?;
+        for (index, bytes) in pid_filter_entries(&sel.roots, &sel.descendants) {
+            pids.set(index, bytes, 0)?;
         }
         let mut names: HashMap<_, [u8; 16], u8> =
             HashMap::try_from(map_mut(ebpf, maps::EXE_FILTER)?)?;
@@ -729,4 +757,25 @@ fn effective_capabilities() -> u64 {
                 .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_filter_entries_pack_eight_pids_to_an_entry_and_the_users_pids_win() {
+        let entries = pid_filter_entries(&[1, 9, 17], &[2, 9, 15, 4 << 20]);
+        assert_eq!(
+            entries.into_iter().collect::<Vec<_>>(),
+            vec![
+                // pids 0..8: 1 named, 2 a descendant
+                (0, [0, PID_SELECTED, PID_DESCENDANT, 0, 0, 0, 0, 0]),
+                // pids 8..16: 9 both named and a descendant, 15 a descendant
+                (1, [0, PID_SELECTED, 0, 0, 0, 0, 0, PID_DESCENDANT]),
+                (2, [0, PID_SELECTED, 0, 0, 0, 0, 0, 0]),
+                // 4 << 20 is past PID_MAX_LIMIT: no entry
+            ]
+        );
+    }
 }
