@@ -89,6 +89,7 @@ fn run(
     stats: &Userspace,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
+    crate::scheduling::ADAPTIVE.batch();
     let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
     let fill = Fill::new(ring.as_fd().as_raw_fd());
     if fill.is_none() {

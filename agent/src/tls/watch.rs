@@ -73,6 +73,7 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids, probes: b
     let thread = std::thread::Builder::new()
         .name("loupe-tls".into())
         .spawn(move || {
+            crate::scheduling::ADAPTIVE.batch();
             let mut last_full = Instant::now();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(NEW_PROCESS_POLL);
