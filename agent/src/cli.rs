@@ -179,8 +179,8 @@ pub struct CommonArgs {
     pub capture_path: CapturePath,
     /// The agent's CPU scheduling: adaptive (the threads that parse and export run at
     /// SCHED_IDLE while they keep up, normal while events wait, the ring reader at SCHED_BATCH;
-    /// needs CAP_SYS_NICE, else normal); normal; or idle (always SCHED_IDLE: on a saturated node the agent falls behind
-    /// and its drops are counted).
+    /// needs CAP_SYS_NICE, else normal); normal; or idle (always SCHED_IDLE: on a saturated
+    /// node the agent falls behind and its drops are counted).
     #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Adaptive, global = true)]
     pub cpu_scheduling: CpuScheduling,
     /// Log format on stderr: text, or json (one object per line, for log pipelines).
