@@ -463,6 +463,11 @@ impl Metrics {
                     "CLIENT calls forgotten early to make room for newer ones (100 000 waiting for a callee on this node): such a callee starting later would miss its parent.",
                     get(&l.peers_evicted),
                 ),
+                (
+                    "loupe_link_callers_unawaited_total",
+                    "SERVER requests that could not wait for a late caller (100 000 waiting, or as many connections remembered): such a caller on this node seen later would miss its callee.",
+                    get(&l.callers_unawaited),
+                ),
             ]);
         }
         if let Some(e) = &self.export {

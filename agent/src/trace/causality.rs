@@ -43,7 +43,7 @@ use crate::{
     trace::{
         context::{Carried, extract},
         exchange::{Identity, RequestStart},
-        orphans::{Claim, Finished, Orphans, Pair, Started},
+        orphans::{Claim, Finished, Orphans, Pair, Started, Wait},
         route::is_id_like,
         span::IdSource,
     },
@@ -105,6 +105,10 @@ pub struct LinkStats {
     /// CLIENT exchanges forgotten before PEER_WAIT_NS to make room for newer ones (MAX_PEERS
     /// waiting: a callee of theirs on this node starting later would miss its parent).
     pub peers_evicted: AtomicU64,
+    /// SERVER exchanges that could not wait for a late caller (`orphans`' bounds: 100 000
+    /// waiting, or as many connections remembered): a caller of theirs on this node seen later
+    /// would miss them.
+    pub callers_unawaited: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -638,7 +642,7 @@ impl Linker {
         graph_only: bool,
     ) -> bool {
         let ordinal = if joined { JOINED } else { st.ordinal };
-        self.orphans.insert(
+        let wait = self.orphans.wait(
             Pair(conn.remote, conn.local),
             ordinal,
             Orphan {
@@ -650,7 +654,15 @@ impl Linker {
                 graph_only,
             },
             ORPHAN_EVENT_WAIT_NS,
-        )
+        );
+        match wait {
+            Wait::Waits => true,
+            Wait::CallerAbsent => false,
+            Wait::Full => {
+                bump(&self.stats.callers_unawaited);
+                false
+            }
+        }
     }
 
     /// The callee `server_span` started a trace of its own before its caller showed up: move it

@@ -95,6 +95,17 @@ impl<T> Queue<T> {
     }
 }
 
+/// Whether a SERVER request waits for a late caller.
+#[derive(Debug, PartialEq)]
+pub(super) enum Wait {
+    Waits,
+    /// No caller came for the connection's latest requests: by design, not counted.
+    CallerAbsent,
+    /// MAX_ENTRIES wait, or MAX_QUEUES connections are remembered: a late caller would miss
+    /// it (counted by the linker).
+    Full,
+}
+
 /// What a CLIENT request finds on its connection.
 #[derive(Debug, PartialEq)]
 pub(super) enum Claim<T> {
@@ -145,11 +156,12 @@ impl<T: Started> Orphans<T> {
         self.entries
     }
 
-    /// SERVER request `ordinal` of `pair` waits for its caller; false when no caller came for
-    /// its connection's latest requests (see the module doc). Its connection's entries that
-    /// started `wait_ns` or more before it are forgotten first. A lower ordinal than the newest
-    /// waiting one is a new connection between the same two ends: the old one's entries go.
-    pub fn insert(&mut self, pair: Pair, ordinal: u64, value: T, wait_ns: u64) -> bool {
+    /// SERVER request `ordinal` of `pair` waits for its caller, unless no caller came for its
+    /// connection's latest requests (see the module doc) or the bounds are reached. Its
+    /// connection's entries that started `wait_ns` or more before it are forgotten first. A
+    /// lower ordinal than the newest waiting one is a new connection between the same two
+    /// ends: the old one's entries go.
+    pub fn wait(&mut self, pair: Pair, ordinal: u64, value: T, wait_ns: u64) -> Wait {
         let started_ns = value.started_ns();
         self.since_sweep += 1;
         if self.since_sweep >= SWEEP_EVERY.max(self.entries) {
@@ -157,7 +169,7 @@ impl<T: Started> Orphans<T> {
             self.expire(started_ns, wait_ns);
         }
         if self.by_pair.len() >= MAX_QUEUES && !self.by_pair.contains_key(&pair) {
-            return false;
+            return Wait::Full;
         }
         let queue = self.by_pair.entry(pair).or_default();
         // The server side is traced: the connection's CLIENT requests wait (again).
@@ -168,10 +180,17 @@ impl<T: Started> Orphans<T> {
             queue.entries.clear();
             queue.unclaimed = 0;
         }
-        if queue.caller_absent() || self.entries >= MAX_ENTRIES {
+        let refused = if queue.caller_absent() {
+            Some(Wait::CallerAbsent)
+        } else if self.entries >= MAX_ENTRIES {
+            Some(Wait::Full)
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
             queue.in_use = true;
             self.entries = self.entries + queue.entries.len() - before;
-            return false;
+            return refused;
         }
         while let Some(front) = queue.entries.front() {
             if front.waiting(started_ns, wait_ns) {
@@ -191,7 +210,7 @@ impl<T: Started> Orphans<T> {
             value: Some(value),
         });
         self.entries = self.entries + queue.entries.len() - before;
-        true
+        Wait::Waits
     }
 
     /// What CLIENT request `ordinal` of `pair`, made at `now_ns`, finds: the newest waiting
@@ -354,6 +373,11 @@ mod tests {
     const WAIT: u64 = 250;
 
     impl<T: Started> Orphans<T> {
+        /// `wait`, for whether it waits.
+        fn insert(&mut self, pair: Pair, ordinal: u64, value: T, wait_ns: u64) -> bool {
+            self.wait(pair, ordinal, value, wait_ns) == Wait::Waits
+        }
+
         /// `claim`, for what it took.
         fn take_if(
             &mut self,
@@ -557,15 +581,34 @@ mod tests {
     fn the_connections_remembered_are_bounded() {
         let mut o: Orphans<W> = Orphans::new();
         let server: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let mut full = 0;
         for i in 0..MAX_QUEUES as u32 + 10 {
             let [_, a, b, c] = i.to_be_bytes();
             let client = SocketAddr::from(([10, a, b, c], 1));
             o.uncalled(Pair(client, server), 1);
-            assert!(
-                o.insert(Pair(server, client), 0, W(1, 0), WAIT) || o.by_pair.len() >= MAX_QUEUES
-            );
+            match o.wait(Pair(server, client), 0, W(1, 0), WAIT) {
+                Wait::Waits => {}
+                Wait::Full => {
+                    assert!(o.by_pair.len() >= MAX_QUEUES);
+                    full += 1;
+                }
+                Wait::CallerAbsent => panic!("no request waited in vain"),
+            }
         }
         assert_eq!(o.by_pair.len(), MAX_QUEUES);
+        // Two queues per client (one per side): about the second half found the map full.
+        assert!(full > MAX_QUEUES / 4, "{full} refused");
+    }
+
+    #[test]
+    fn the_requests_waiting_are_bounded() {
+        let mut o: Orphans<W> = Orphans::new();
+        // One connection, requests within one wait: none expires, so they pile up to the bound.
+        for n in 0..MAX_ENTRIES as u64 {
+            assert_eq!(o.wait(pair(1), n, W(1, n as u32), u64::MAX), Wait::Waits);
+        }
+        assert_eq!(o.wait(pair(1), 1 << 40, W(1, 0), u64::MAX), Wait::Full);
+        assert_eq!(o.entries(), MAX_ENTRIES);
     }
 
     #[test]
