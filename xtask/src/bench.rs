@@ -924,6 +924,8 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         .map(|(l, c)| c.sys_seconds * 1e6 / (2 * l.requests.max(1)) as f64)
         .collect();
     let per_event = timed.1.kernel_ns as f64 / timed.1.events.max(1) as f64;
+    // Memory, spans and drops count every round the agent ran, the timed one included.
+    costs.push(timed);
     let rss = costs.iter().map(|(_, c)| c.rss_mib).fold(0.0, f64::max);
     let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
     let ops: u64 = costs.iter().map(|(l, _)| l.requests).sum();
@@ -1105,9 +1107,11 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
         .iter()
         .map(|c| c.iter().map(|(l, _)| *l).collect())
         .collect();
+    // The timed round runs at the same rate: its drops count here too.
     let rate_drops: Vec<u64> = fixed
         .iter()
-        .map(|c| c.iter().map(|(_, a)| a.drops).sum())
+        .zip(&timed)
+        .map(|(c, t)| c.iter().map(|(_, a)| a.drops).sum::<u64>() + t.1.drops)
         .collect();
     // Agent costs over both phases.
     let costs: PerSetup = saturated
@@ -1116,6 +1120,18 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
         .map(|(mut s, f)| {
             s.extend(f);
             s
+        })
+        .collect();
+    // Memory, spans and drops count every round the agent ran, the timed one included; CPU
+    // comes from the untimed rounds only.
+    let accounted: PerSetup = costs
+        .iter()
+        .zip(&timed)
+        .map(|(c, t)| {
+            c.iter()
+                .cloned()
+                .chain(std::iter::once(t.clone()))
+                .collect()
         })
         .collect();
     let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
@@ -1219,7 +1235,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
     t.row(
         "agent RSS (MiB, max)",
         std::iter::once(String::new())
-            .chain(costs.iter().map(|c| {
+            .chain(accounted.iter().map(|c| {
                 format!(
                     "{:.1}",
                     c.iter().map(|(_, a)| a.rss_mib).fold(0.0, f64::max)
@@ -1231,7 +1247,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
     t.row(
         "spans exported / requests x sides",
         std::iter::once(String::new())
-            .chain(setups.iter().zip(&costs).map(|(s, c)| {
+            .chain(setups.iter().zip(&accounted).map(|(s, c)| {
                 let spans: u64 = c.iter().map(|(_, a)| a.spans_exported).sum();
                 let requests: u64 = c.iter().map(|(l, _)| l.requests).sum();
                 format!("{spans}/{}", requests * s.2)
@@ -1250,7 +1266,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
         "drops, every counter (sum over rounds)",
         std::iter::once(String::new())
             .chain(
-                costs
+                accounted
                     .iter()
                     .map(|c| c.iter().map(|(_, a)| a.drops).sum::<u64>().to_string()),
             )
@@ -1264,7 +1280,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
              only its ciphertext is seen; \"all traced\" counts one side per request)\n",
         );
     }
-    for (s, c) in setups.iter().zip(&costs) {
+    for (s, c) in setups.iter().zip(&accounted) {
         let mut reasons: Vec<(String, u64)> = Vec::new();
         for (_, a) in c {
             for (n, v) in &a.drop_reasons {
