@@ -1466,6 +1466,26 @@ mod tests {
     }
 
     #[test]
+    fn served_requests_past_the_orphan_bounds_are_counted() {
+        // A server whose callers are all remote: every request waits for a local caller, one
+        // connection each, until the orphans' bounds; the requests refused there are counted.
+        let mut l = Linker::new(Box::new(crate::trace::span::RandomIds));
+        let req = head("GET /api/1 HTTP/1.1\r\n\r\n");
+        let at = |ts_ns: u64| RequestStart {
+            tid: 10,
+            ts_ns,
+            ordinal: 0,
+        };
+        let served = 100_000 + 10;
+        for i in 0..served {
+            let remote = format!("10.{}.{}.{}:40000", i >> 16, (i >> 8) & 255, i & 255);
+            let c = conn(2, "10.9.9.9:8000", &remote, Role::Server);
+            l.server_start(&c, &req, at(i * 1_000), None);
+        }
+        assert_eq!(l.stats.callers_unawaited.load(Ordering::Relaxed), 10);
+    }
+
+    #[test]
     fn a_forwarded_header_does_not_flatten_the_tree() {
         let mut l = Linker::new(Box::new(Seq(0)));
         let tp = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
