@@ -48,7 +48,9 @@ pub struct KernelOffsets {
     /// task_struct.pid: the thread a sched_waking raw tracepoint wakes (its one argument is
     /// the woken task).
     pub task_pid: u16,
-    pub _pad: [u16; 1],
+    /// sock_common.skc_state: the sock path leaves alone I/O on a socket whose connection has
+    /// already closed (its end was reported; see `counters::AFTER_CLOSE`).
+    pub skc_state: u16,
 }
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
 

@@ -31,8 +31,13 @@ pub const OPTION_NO_SPACE: u32 = 13;
 pub const TLS_UNBOUND: u32 = 14;
 /// Not a drop: plaintext events from TLS uprobes.
 pub const TLS_PLAINTEXT: u32 = 15;
+/// Not a drop: reads of bytes still queued on a socket whose connection a reset had already
+/// closed (a client that gave up with requests in flight). The connection's end was reported at
+/// the reset, no reply can follow, and tracking the socket again would revive it as a new
+/// connection that never closes.
+pub const AFTER_CLOSE: u32 = 16;
 
-pub const NUM_COUNTERS: u32 = 16;
+pub const NUM_COUNTERS: u32 = 17;
 
 /// Names for display, indexed by counter.
 pub const NAMES: [&str; NUM_COUNTERS as usize] = [
@@ -52,6 +57,7 @@ pub const NAMES: [&str; NUM_COUNTERS as usize] = [
     "option_no_space",
     "tls_unbound",
     "tls_plaintext",
+    "after_close",
 ];
 
 /// Which counters are losses (as opposed to volume).

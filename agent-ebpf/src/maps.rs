@@ -43,7 +43,7 @@ pub static LOUPE_CONFIG: Global<LoupeConfig> = Global::new(LoupeConfig {
         socket_sk: 0,
         sk_protocol: 0,
         task_pid: 0,
-        _pad: [0; 1],
+        skc_state: 0,
     },
     tcp_context: 0,
     comm_every_event: 0,

@@ -400,7 +400,15 @@ async fn capture_command(common: &CommonArgs, args: &CaptureArgs) -> anyhow::Res
             format,
             !show_secrets,
         );
-        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
+        pipeline::run(
+            events,
+            limits,
+            procfs::ProcRoles::default(),
+            &mut sink,
+            stats,
+            go_pids,
+        )
+        .await;
     })?;
     shutdown.wait().await;
     reader.stop().await?;
@@ -522,7 +530,15 @@ async fn run_command(
     };
     let stats = metrics.user.clone();
     let consumer = spawn_pipeline(async move {
-        pipeline::run(events, limits, procfs::ProcRoles, &mut sink, stats, go_pids).await;
+        pipeline::run(
+            events,
+            limits,
+            procfs::ProcRoles::default(),
+            &mut sink,
+            stats,
+            go_pids,
+        )
+        .await;
         // Dropping the sink closes the export queue: the exporter flushes and ends.
         drop(sink);
     })?;

@@ -3,8 +3,10 @@
 //! process's network namespace.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
 };
 
 use crate::{conn::RoleResolver, decode::Role};
@@ -88,13 +90,105 @@ pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
     }
 }
 
-/// Reads /proc/PID/net/tcp{,6} per lookup: only connections seen mid-stream (open before the
-/// agent started) need it, so it is rare. A process already gone (a short-lived client whose
-/// pooled connection predates the agent) is resolved against the listeners of the agent's own
-/// network namespace: right for every process on the host network, and when two ephemeral ports
-/// meet, as on loopback, nothing else can tell the client from the server. Also names the
-/// process of a connection whose first event (the one that carries the comm) was not seen.
-pub struct ProcRoles;
+/// How long one read of a network namespace's listening sockets answers for it. Reading them
+/// is a walk of the host's whole TCP hash table (/proc/PID/net/tcp and tcp6 are filtered views
+/// of it: ~3 ms per file on a 24 GiB host with a dozen sockets, more with many), on the
+/// pipeline's thread. A read per connection cost 6-7 ms per connection met mid-stream: seconds
+/// for an agent starting on a node with thousands of pooled connections. Listeners outlive the
+/// connections they accept, so a second-old view still names the server side of any connection
+/// it could; one opened since falls to the ephemeral-port rule at worst.
+const LISTENERS_FRESH: Duration = Duration::from_secs(1);
+
+/// What one read of a namespace gave.
+struct Namespace {
+    read_at: Instant,
+    listeners: HashSet<SocketAddr>,
+    ephemeral: (u16, u16),
+}
+
+/// Resolves roles from /proc/PID/net/tcp{,6}: only connections seen mid-stream (open before the
+/// agent started, or evicted) need it. The listeners are kept per network namespace for
+/// `LISTENERS_FRESH`. A process already gone (a short-lived client whose pooled connection
+/// predates the agent) is resolved against the listeners of the agent's own network namespace:
+/// right for every process on the host network, and when two ephemeral ports meet, as on
+/// loopback, nothing else can tell the client from the server. Also names the process of a
+/// connection whose first event (the one that carries the comm) was not seen.
+pub struct ProcRoles {
+    namespaces: HashMap<u64, Namespace>,
+    fresh: Duration,
+    /// Namespaces read so far (a view of the cost, for tests).
+    reads: u64,
+}
+
+impl Default for ProcRoles {
+    fn default() -> Self {
+        Self {
+            namespaces: HashMap::new(),
+            fresh: LISTENERS_FRESH,
+            reads: 0,
+        }
+    }
+}
+
+/// The network namespace's inode (/proc/PID/ns/net), which names it host-wide.
+fn netns(proc_dir: &str) -> Option<u64> {
+    std::fs::metadata(format!("{proc_dir}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Where a view of a namespace that has no name is kept: read again on every lookup.
+const UNNAMED: u64 = u64::MAX;
+
+impl ProcRoles {
+    /// The key of an up-to-date view of the listeners and ephemeral range of the namespace
+    /// `proc_dir` (/proc/PID or /proc/self) lives in: the kept one while fresh, else read anew.
+    /// None when the process is gone (its /proc/PID/net cannot be read).
+    fn view(&mut self, proc_dir: &str, now: Instant) -> Option<u64> {
+        let fresh = self.fresh;
+        let stale = move |n: &Namespace| now.saturating_duration_since(n.read_at) >= fresh;
+        let named = netns(proc_dir);
+        if let Some(key) = named
+            && self.namespaces.get(&key).is_some_and(|n| !stale(n))
+        {
+            return Some(key);
+        }
+        let mut listeners = HashSet::new();
+        let mut read = false;
+        for file in ["tcp", "tcp6"] {
+            if let Ok(text) = std::fs::read_to_string(format!("{proc_dir}/net/{file}")) {
+                listeners.extend(parse_listeners(&text));
+                read = true;
+            }
+        }
+        if !read {
+            return None;
+        }
+        self.reads += 1;
+        let ephemeral = std::fs::read_to_string(format!(
+            "{proc_dir}/root/proc/sys/net/ipv4/ip_local_port_range"
+        ))
+        .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
+        .ok()
+        .and_then(|t| parse_port_range(&t))
+        .unwrap_or(DEFAULT_EPHEMERAL);
+        // Namespaces come and go with pods: stale views go when a view is added.
+        self.namespaces.retain(|_, n| !stale(n));
+        let key = named.unwrap_or(UNNAMED);
+        self.namespaces.insert(
+            key,
+            Namespace {
+                read_at: now,
+                listeners,
+                ephemeral,
+            },
+        );
+        Some(key)
+    }
+}
+
+/// Linux's default ip_local_port_range.
+const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
 
 impl RoleResolver for ProcRoles {
     fn comm(&mut self, pid: u32) -> Option<String> {
@@ -103,29 +197,14 @@ impl RoleResolver for ProcRoles {
     }
 
     fn resolve(&mut self, pid: u32, local: SocketAddr, remote: SocketAddr) -> Role {
-        let mut listeners = HashSet::new();
-        let mut read = false;
-        for file in ["tcp", "tcp6"] {
-            if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
-                listeners.extend(parse_listeners(&text));
-                read = true;
-            }
+        let now = Instant::now();
+        let key = self
+            .view(&format!("/proc/{pid}"), now)
+            .or_else(|| self.view("/proc/self", now));
+        match key.and_then(|k| self.namespaces.get(&k)) {
+            Some(ns) => role_of(&ns.listeners, ns.ephemeral, local, remote),
+            None => role_of(&HashSet::new(), DEFAULT_EPHEMERAL, local, remote),
         }
-        if !read {
-            for file in ["tcp", "tcp6"] {
-                if let Ok(text) = std::fs::read_to_string(format!("/proc/self/net/{file}")) {
-                    listeners.extend(parse_listeners(&text));
-                }
-            }
-        }
-        let ephemeral = std::fs::read_to_string(format!(
-            "/proc/{pid}/root/proc/sys/net/ipv4/ip_local_port_range"
-        ))
-        .or_else(|_| std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range"))
-        .ok()
-        .and_then(|t| parse_port_range(&t))
-        .unwrap_or((32768, 60999));
-        role_of(&listeners, ephemeral, local, remote)
     }
 }
 
@@ -151,8 +230,52 @@ mod tests {
         let client: SocketAddr = "127.0.0.1:54112".parse().unwrap();
         // Above any pid_max: no /proc entry.
         let gone = 4_194_304 + 7;
-        assert_eq!(ProcRoles.resolve(gone, server, client), Role::Server);
-        assert_eq!(ProcRoles.resolve(gone, client, server), Role::Client);
+        assert_eq!(
+            ProcRoles::default().resolve(gone, server, client),
+            Role::Server
+        );
+        assert_eq!(
+            ProcRoles::default().resolve(gone, client, server),
+            Role::Client
+        );
+    }
+
+    /// Connections met mid-stream come in bursts (an agent starting on a node of pooled
+    /// connections, a client resetting many at once): one read of the namespace serves them.
+    #[test]
+    fn a_namespace_is_read_once_while_its_view_is_fresh() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap();
+        let client: SocketAddr = "127.0.0.1:54113".parse().unwrap();
+        let me = std::process::id();
+        let mut roles = ProcRoles::default();
+        for _ in 0..50 {
+            assert_eq!(roles.resolve(me, server, client), Role::Server);
+            assert_eq!(roles.resolve(me, client, server), Role::Client);
+        }
+        assert_eq!(roles.reads, 1);
+    }
+
+    /// A listener opened after the view was read is seen once the view is stale.
+    #[test]
+    fn a_stale_view_is_read_again() {
+        let me = std::process::id();
+        let mut roles = ProcRoles {
+            fresh: Duration::ZERO,
+            ..ProcRoles::default()
+        };
+        let peer: SocketAddr = "127.0.0.1:54114".parse().unwrap();
+        // Both ports ephemeral and no listener yet: nothing tells the ends apart.
+        let later = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let local = later.local_addr().unwrap();
+        drop(later);
+        assert_eq!(roles.resolve(me, local, peer), Role::Unknown);
+        let listener = std::net::TcpListener::bind(local).unwrap();
+        assert_eq!(roles.resolve(me, local, peer), Role::Server);
+        assert_eq!(roles.reads, 2);
+        // Only the newest view of a namespace is kept.
+        assert_eq!(roles.namespaces.len(), 1);
+        drop(listener);
     }
 
     #[test]

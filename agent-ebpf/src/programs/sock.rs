@@ -18,7 +18,7 @@ use agent_common::{
     syscall::ActiveCall,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TracePointContext},
 };
@@ -113,9 +113,25 @@ fn on_sock_io(ctx: &RawTracePointContext, direction: u8) -> Result<(), ()> {
         Some(conn) => conn,
         // UDP, unix and other sockets end here, on their protocol.
         None if !is_tcp(&cfg, sk) => return Ok(()),
+        None if closed(&cfg, sk) => {
+            count(counters::AFTER_CLOSE);
+            return Ok(());
+        }
         None => track_midstream(&cfg, sk)?,
     };
     capture(&cfg, pid_tgid, sk, conn, direction, ret as u32, None)
+}
+
+/// Whether an unknown socket's connection has already closed: a read of bytes that were still
+/// queued when a reset closed it (its entry went with the close). Tracked again, it would come
+/// back as a connection joined mid-stream that never closes, and the agent would look its role
+/// up in /proc (a walk of the host's whole TCP table, some 3 ms per file). The sock path only:
+/// the syscall path's exit programs are at the verifier's budget.
+#[inline(always)]
+fn closed(cfg: &LoupeConfig, sk: u64) -> bool {
+    // SAFETY: fault-tolerant kernel read at an offset taken from BTF.
+    let state = unsafe { bpf_probe_read_kernel((sk + cfg.offsets.skc_state as u64) as *const u8) };
+    state.is_ok_and(|s| s as i32 == TCP_CLOSE)
 }
 
 /// Everything after the socket and the byte count are known, shared by the sock tracepoints

@@ -272,6 +272,7 @@ impl Btf {
             skc_v6_daddr: sock_common("skc_v6_daddr")?,
             skc_v6_rcv_saddr: sock_common("skc_v6_rcv_saddr")?,
             skc_net: sock_common("skc_net")?,
+            skc_state: sock_common("skc_state")?,
             net_ns_inum: self.small_offset("net", &["ns", "inum"])?,
             // A socket met first on I/O is captured only if it is TCP (both capture paths).
             sk_protocol: self.small_offset("sock", &["sk_protocol"])?,
