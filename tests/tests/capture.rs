@@ -322,6 +322,70 @@ fn opened_before_the_agent(path: Path) {
     assert_eq!(c.stream(sl, sr, "send"), b"reply");
 }
 
+/// A client that resets its connection with a request unread (a timeout, a killed pod): the
+/// server still reads the queued bytes after the reset closed the socket. Those reads must not
+/// bring the connection back as a new one joined mid-stream (it would never close, and its role
+/// would be looked up in /proc); they are counted instead. The sock path only (see
+/// agent-ebpf programs/sock.rs `closed`).
+#[test]
+fn bytes_read_after_a_reset_are_counted_not_captured_as_a_new_connection() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    let (mut client, mut server) = pair(false);
+    // Taken now: a reset socket has no peer address.
+    let (sl, sr) = addrs(&server);
+    transfer(&mut client, &mut server, b"first request, read in time");
+    client
+        .write_all(b"second request, QUEUED-AT-RESET")
+        .unwrap();
+    // SO_LINGER 0: close() sends a reset instead of a FIN.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0);
+    drop(client);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut queued = [0u8; 64];
+    let n = server.read(&mut queued).unwrap();
+    assert_eq!(&queued[..n], b"second request, QUEUED-AT-RESET");
+
+    let metrics = loupe_tests::scrape(&addr);
+    let c = agent.stop();
+    assert_eq!(c.stream(sl, sr, "recv"), b"first request, read in time");
+    // A revived socket has lost its local port to the close: look at every read.
+    let revived: Vec<_> = c
+        .data
+        .iter()
+        .filter(|e| e.direction == "recv" && contains(&e.payload(), b"QUEUED-AT-RESET"))
+        .collect();
+    assert!(
+        revived.is_empty(),
+        "the read after the reset revived the connection: {revived:?}"
+    );
+    let after_close = metric(&metrics, "loupe_kernel_events_total{reason=\"after_close\"");
+    assert_eq!(after_close, Some(1), "{metrics}");
+}
+
 #[test]
 fn the_agents_own_traffic_is_never_captured() {
     if !privileged() {
