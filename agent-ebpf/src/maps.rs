@@ -62,6 +62,12 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(65536, 0);
 
+/// tgid -> 1 for a process whose first connection has woken the reader (`event::send_data`):
+/// later connections of the process do not. Cleared at the process's exec and exit, so a reused
+/// pid or a new program wakes it again; LRU, so a full map costs an extra wakeup, nothing else.
+#[map]
+pub static WOKEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
 /// pid_tgid -> the sendmmsg/recvmmsg call in flight on that thread (every other socket syscall
 /// is read from the saved registers, helpers/regs.rs). Written at sys_enter, read by the sock
 /// tracepoints inside the syscall, marked spent at sys_exit. An entry stays while its thread is

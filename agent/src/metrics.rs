@@ -83,11 +83,16 @@ impl Metrics {
         }
         let u = &self.user;
         let t = *u.table.lock().unwrap_or_else(|e| e.into_inner());
-        let rows: [(&'static str, &'static str, u64); 14] = [
+        let rows: [(&'static str, &'static str, u64); 15] = [
             (
                 "loupe_events_read_total",
                 "Records read from the ring buffer.",
                 u.events_read.load(Ordering::Relaxed),
+            ),
+            (
+                "loupe_ring_wakeups_total",
+                "Times the kernel woke the ring reader (a process's first connection; otherwise it drains on a timer).",
+                u.ring_wakeups.load(Ordering::Relaxed),
             ),
             (
                 "loupe_decode_errors_total",

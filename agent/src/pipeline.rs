@@ -21,6 +21,8 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Userspace {
     pub events_read: AtomicU64,
+    /// Drains the kernel asked for (a process's first connection), beside the timed ones.
+    pub ring_wakeups: AtomicU64,
     pub decode_errors: AtomicU64,
     pub channel_full: AtomicU64,
     /// Events read and not yet handled by the pipeline, as the reader last saw (a gauge).

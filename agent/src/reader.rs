@@ -4,7 +4,7 @@
 //!
 //! The kernel programs never wake the reader (a wakeup per record was the largest cost of the
 //! send path, agent-ebpf/src/helpers/emit.rs): the reader looks every 10 ms, and at once when a
-//! program does ask for a wakeup (a connection's first event). Under light traffic it lets the
+//! program does ask for a wakeup (a process's first connection). Under light traffic it lets the
 //! records gather for up to 40 ms (`HOLD_MS`) before a drain: each drain wakes the pipeline,
 //! whose first events after a pause in another process's shadow run with cold caches, and
 //! that, not the events, was most of the agent's CPU at a few thousand requests a second.
@@ -113,6 +113,7 @@ fn run(
         let wait_ms = next_wait_ms(drained, now_ns.saturating_sub(previous_ns));
         previous_ns = now_ns;
         let mut woken = wakeups.wait(wait_ms)?;
+        Userspace::add(&stats.ring_wakeups, u64::from(woken));
         // Light traffic: the records gather while they are few and young.
         if let Some(fill) = &fill
             && wait_ms == DRAIN_INTERVAL_MS
@@ -126,6 +127,7 @@ fn run(
                 )
             {
                 woken = wakeups.wait(DRAIN_INTERVAL_MS)?;
+                Userspace::add(&stats.ring_wakeups, u64::from(woken));
             }
         }
     }
@@ -357,7 +359,7 @@ mod tests {
         assert_eq!(next_wait_ms(320, 2 * MS), BUSY_DRAIN_INTERVAL_MS);
         // 40k events/s, seen over a short wait: back to the full interval.
         assert_eq!(next_wait_ms(80, 2 * MS), DRAIN_INTERVAL_MS);
-        // A kernel wakeup right after a drain (a connection's first event) is not a rate.
+        // A kernel wakeup right after a drain (a process's first connection) is not a rate.
         assert_eq!(next_wait_ms(1, 0), DRAIN_INTERVAL_MS);
         assert_eq!(next_wait_ms(40, 50_000), DRAIN_INTERVAL_MS);
         assert_eq!(next_wait_ms(u64::MAX, u64::MAX), BUSY_DRAIN_INTERVAL_MS);

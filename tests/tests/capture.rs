@@ -386,6 +386,49 @@ fn bytes_read_after_a_reset_are_counted_not_captured_as_a_new_connection() {
     assert_eq!(after_close, Some(1), "{metrics}");
 }
 
+/// A process's first connection wakes the ring reader at once (the agent reads a new process's
+/// /proc before a short-lived client is gone); its later ones wait for the timed drain. A
+/// process opening a connection per request (no keep-alive) woke the reader, and the pipeline
+/// after it, per request.
+#[test]
+fn only_a_processs_first_connection_wakes_the_reader() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut ends = Vec::new();
+    for i in 0..40 {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        transfer(&mut client, &mut server, format!("request {i}").as_bytes());
+        ends.push(addrs(&server));
+        // Apart enough that a reader woken per connection drains each on its own.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let metrics = loupe_tests::scrape(&addr);
+    let c = agent.stop();
+    for (i, (local, remote)) in ends.into_iter().enumerate() {
+        assert_eq!(
+            c.stream(local, remote, "recv"),
+            format!("request {i}").as_bytes()
+        );
+    }
+    let wakeups = metric(&metrics, "loupe_ring_wakeups_total").unwrap();
+    // One for this process's first connection; a signal may add one.
+    assert!(
+        wakeups <= 2,
+        "{wakeups} wakeups for 80 connections of one process"
+    );
+}
+
 #[test]
 fn the_agents_own_traffic_is_never_captured() {
     if !privileged() {

@@ -17,7 +17,7 @@ use crate::{
         filter::{pid_selected, pid_slot, process_selected},
         record::field,
     },
-    maps::{EXE_FILTER, LOUPE_CONFIG},
+    maps::{EXE_FILTER, LOUPE_CONFIG, WOKEN},
 };
 
 /// task_newtask record (tracefs format file, unchanged since 4.x): `pid_t pid` at 8,
@@ -52,6 +52,8 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     let cfg = LOUPE_CONFIG.load();
     let pid_tgid = bpf_get_current_pid_tgid();
+    // A new program: its first connection wakes the reader again (helpers/event.rs).
+    let _ = WOKEN.remove((pid_tgid >> 32) as u32);
     if cfg.filter & FILTER_PID != 0 {
         // After exec the task's name is the new executable's (first 15 bytes).
         if let Ok(comm) = bpf_get_current_comm() {
@@ -73,14 +75,16 @@ pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
-    let cfg = LOUPE_CONFIG.load();
-    if cfg.filter & FILTER_PID == 0 {
-        return 0;
-    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // Only the process's last word counts: its main thread's exit.
     if tgid != tid {
+        return 0;
+    }
+    // Its pid, once reused, names a new process (helpers/event.rs).
+    let _ = WOKEN.remove(tgid);
+    let cfg = LOUPE_CONFIG.load();
+    if cfg.filter & FILTER_PID == 0 {
         return 0;
     }
     // The pids the user gave stay: they name what to trace, not a lineage.

@@ -247,7 +247,7 @@ const COMMON: &[Hook] = &[
         "sched_process_exit",
         "sched",
         false,
-        "forgetting exited descendants of --pid/--exe processes (a reused pid may be traced)",
+        "forgetting exited descendants of --pid/--exe processes (a reused pid may be traced), and exited processes' first connections (a reused pid's first events may wait for the next drain)",
     ),
 ];
 
