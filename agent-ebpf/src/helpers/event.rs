@@ -26,9 +26,9 @@ pub struct Transfer {
     pub captured: u32,
     pub flags: u8,
     pub syscall: u8,
-    /// The connection's first event: wakes the reader at once if it is the process's first
+    /// Wake the reader at once: the first event of a process's first connection
     /// (`first_of_process`).
-    pub first: bool,
+    pub wake: bool,
     /// Name the thread (`DataEvent::comm`): the connection's first event, or every event with
     /// `config::LoupeConfig::comm_every_event`; the agent keeps the comm per connection, and the
     /// helper was ~7% of the sock tracepoints' time.
@@ -84,20 +84,18 @@ pub fn send_data(
     event.ctx_source = ctx_source;
     event.ctx = ctx;
     event.goroutine = t.goroutine;
-    emit_data(
-        scratch,
-        t.captured,
-        t.first && first_of_process((pid_tgid >> 32) as u32),
-    );
+    emit_data(scratch, t.captured, t.wake);
 }
 
 /// Whether the process has not woken the reader yet. The wakeup is there so the agent reads a
 /// new process's /proc before a short-lived client (curl) is gone; a process that opens a
 /// connection per request (no keep-alive) woke the reader, and the pipeline after it, per
 /// request: nginx and oha at 5k req/s without keep-alive, 3.5k wakeups a second of each, the
-/// agent at 20 us per request against 4.7 with keep-alive.
+/// agent at 20 us per request against 4.7 with keep-alive. Called for a connection's first
+/// event only; not on the syscall path, whose exit programs it took over the verifier's budget
+/// (there every connection's first event still wakes the reader).
 #[inline(always)]
-fn first_of_process(tgid: u32) -> bool {
+pub fn first_of_process(tgid: u32) -> bool {
     // SAFETY: map lookup of a plain key.
     if unsafe { WOKEN.get(tgid) }.is_some() {
         return false;

@@ -16,7 +16,7 @@ use crate::{
     helpers::{
         context::request_context,
         count::count,
-        event::{Transfer, send_data},
+        event::{Transfer, first_of_process, send_data},
         payload::read_into,
         regs::syscall_goroutine,
     },
@@ -286,7 +286,7 @@ pub fn emit_plaintext(
         captured,
         flags,
         syscall: SYS_NONE,
-        first,
+        wake: first && first_of_process((pid_tgid >> 32) as u32),
         comm: first || cfg.comm_every_event != 0,
         // In a uprobe, the registers saved at the probe's trap: the caller's goroutine for Go.
         goroutine: syscall_goroutine(),

@@ -30,7 +30,7 @@ use crate::{
         copy::{copy_words, zero_words},
         count::count,
         emit::emit,
-        event::{Transfer, send_data},
+        event::{Transfer, first_of_process, send_data},
         fd::is_tcp,
         filter::process_selected,
         payload::{copy_from_call, copy_saved},
@@ -249,7 +249,9 @@ pub fn capture(
         captured: copied.captured,
         flags,
         syscall: copied.syscall,
-        first,
+        // Per connection on the syscall path: the per-process check took its exit programs over
+        // the verifier's budget (`saved` is a constant in each of them, so the check is gone).
+        wake: first && (saved.is_some() || first_of_process((pid_tgid >> 32) as u32)),
         // A constant on the syscall path, for the same reason as the TLS lookup above.
         comm: saved.is_some() || first || cfg.comm_every_event != 0,
         goroutine: goroutine.unwrap_or_else(syscall_goroutine),
