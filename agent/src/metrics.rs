@@ -91,7 +91,7 @@ impl Metrics {
             ),
             (
                 "loupe_ring_wakeups_total",
-                "Times the kernel woke the ring reader (a process's first connection; otherwise it drains on a timer).",
+                "Times the kernel woke the ring reader (a process's first connection, every connection's on the syscall capture path; otherwise it drains on a timer).",
                 u.ring_wakeups.load(Ordering::Relaxed),
             ),
             (

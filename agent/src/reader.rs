@@ -4,10 +4,11 @@
 //!
 //! The kernel programs never wake the reader (a wakeup per record was the largest cost of the
 //! send path, agent-ebpf/src/helpers/emit.rs): the reader looks every 10 ms, and at once when a
-//! program does ask for a wakeup (a process's first connection). Under light traffic it lets the
-//! records gather for up to 40 ms (`HOLD_MS`) before a drain: each drain wakes the pipeline,
-//! whose first events after a pause in another process's shadow run with cold caches, and
-//! that, not the events, was most of the agent's CPU at a few thousand requests a second.
+//! program does ask for a wakeup (a process's first connection; on the syscall capture path,
+//! every connection's first event). Under light traffic it lets the records gather for up to
+//! 40 ms (`HOLD_MS`) before a drain: each drain wakes the pipeline, whose first events after a
+//! pause in another process's shadow run with cold caches, and that, not the events, was most
+//! of the agent's CPU at a few thousand requests a second.
 //!
 //! Why not a tokio task: the ring is the one stage whose lateness loses data (a full ring drops
 //! in the kernel), and on the runtime's two workers a drain could wait behind a long poll of the
@@ -91,7 +92,9 @@ fn run(
 ) -> anyhow::Result<()> {
     crate::scheduling::ADAPTIVE.batch();
     let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
-    let fill = Fill::new(ring.as_fd().as_raw_fd());
+    let ring_bytes = ring_size(ring.as_fd().as_raw_fd());
+    let poll_ms = poll_interval_ms(ring_bytes);
+    let fill = Fill::new(ring.as_fd().as_raw_fd(), ring_bytes);
     if fill.is_none() {
         tracing::debug!("the ring's fill level cannot be read: it is drained every 10 ms");
     }
@@ -112,7 +115,7 @@ fn run(
         let now_ns = crate::clock::monotonic_ns();
         let wait_ms = next_wait_ms(drained, now_ns.saturating_sub(previous_ns));
         previous_ns = now_ns;
-        let mut woken = wakeups.wait(wait_ms)?;
+        let mut woken = wakeups.wait(wait_ms.min(poll_ms))?;
         Userspace::add(&stats.ring_wakeups, u64::from(woken));
         // Light traffic: the records gather while they are few and young.
         if let Some(fill) = &fill
@@ -124,19 +127,43 @@ fn run(
                     fill.waiting(),
                     fill.hold_bytes,
                     crate::clock::monotonic_ns().saturating_sub(now_ns),
+                    poll_ms,
                 )
             {
-                woken = wakeups.wait(DRAIN_INTERVAL_MS)?;
+                woken = wakeups.wait(poll_ms)?;
                 Userspace::add(&stats.ring_wakeups, u64::from(woken));
             }
         }
     }
 }
 
-/// Whether a held drain waits one more interval: fewer than `hold_bytes` wait in the ring and
-/// another interval keeps the oldest record within `HOLD_MS` (`held_ns` since the last drain).
-fn keep_holding(waiting: usize, hold_bytes: usize, held_ns: u64) -> bool {
-    waiting < hold_bytes && held_ns + DRAIN_INTERVAL_MS as u64 * 1_000_000 <= HOLD_MS * 1_000_000
+/// Whether a held drain waits one more interval of `step_ms`: fewer than `hold_bytes` wait in
+/// the ring and another interval keeps the oldest record within `HOLD_MS` (`held_ns` since the
+/// last drain).
+fn keep_holding(waiting: usize, hold_bytes: usize, held_ns: u64, step_ms: i32) -> bool {
+    waiting < hold_bytes && held_ns + step_ms as u64 * 1_000_000 <= HOLD_MS * 1_000_000
+}
+
+/// How often the reader looks at a ring of `ring_bytes`: every 10 ms for the default 8 MiB,
+/// proportionally more often for a smaller one (down to every millisecond), so that a ring of any
+/// size holds the same time's worth of records. The kernel wakes the reader only for a
+/// process's first connection, and a burst of new connections into a 64 KiB ring (a test's
+/// `--ring-buffer-bytes`) overflowed between 10 ms looks.
+fn poll_interval_ms(ring_bytes: usize) -> i32 {
+    let scaled = ring_bytes as u64 * DRAIN_INTERVAL_MS as u64 / (8 << 20);
+    scaled.clamp(1, DRAIN_INTERVAL_MS as u64) as i32
+}
+
+/// The ring's size from its fdinfo (`max_entries`), or the default 8 MiB.
+fn ring_size(ring: std::os::fd::RawFd) -> usize {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{ring}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("max_entries:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        })
+        .unwrap_or(8 << 20)
 }
 
 /// The ring's two position pages, mapped read-only beside aya's own mapping: how many bytes
@@ -151,7 +178,7 @@ struct Fill {
 unsafe impl Send for Fill {}
 
 impl Fill {
-    fn new(ring: std::os::fd::RawFd) -> Option<Self> {
+    fn new(ring: std::os::fd::RawFd, ring_bytes: usize) -> Option<Self> {
         // SAFETY: plain sysconf.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
         // The consumer position is the first word of page 0, the producer's of page 1; the
@@ -170,14 +197,6 @@ impl Fill {
         if map == libc::MAP_FAILED {
             return None;
         }
-        let ring_bytes = std::fs::read_to_string(format!("/proc/self/fdinfo/{ring}"))
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("max_entries:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-            })
-            .unwrap_or(8 << 20);
         Some(Self {
             map,
             page,
@@ -339,13 +358,25 @@ mod tests {
     fn a_held_drain_goes_once_enough_bytes_wait_or_the_oldest_would_be_too_old() {
         const MS: u64 = 1_000_000;
         // Few bytes, young: one more interval.
-        assert!(keep_holding(0, HOLD_BYTES, 0));
-        assert!(keep_holding(HOLD_BYTES - 1, HOLD_BYTES, 29 * MS));
+        assert!(keep_holding(0, HOLD_BYTES, 0, 10));
+        assert!(keep_holding(HOLD_BYTES - 1, HOLD_BYTES, 29 * MS, 10));
         // Enough bytes: now.
-        assert!(!keep_holding(HOLD_BYTES, HOLD_BYTES, 0));
+        assert!(!keep_holding(HOLD_BYTES, HOLD_BYTES, 0, 10));
         // Another 10 ms would pass HOLD_MS: now.
-        assert!(keep_holding(1, HOLD_BYTES, (HOLD_MS - 10) * MS));
-        assert!(!keep_holding(1, HOLD_BYTES, (HOLD_MS - 10) * MS + 1));
+        assert!(keep_holding(1, HOLD_BYTES, (HOLD_MS - 10) * MS, 10));
+        assert!(!keep_holding(1, HOLD_BYTES, (HOLD_MS - 10) * MS + 1, 10));
+        // Looking every millisecond, it holds until the last one.
+        assert!(keep_holding(1, HOLD_BYTES, (HOLD_MS - 1) * MS, 1));
+        assert!(!keep_holding(1, HOLD_BYTES, (HOLD_MS - 1) * MS + 1, 1));
+    }
+
+    #[test]
+    fn a_smaller_ring_is_looked_at_more_often() {
+        assert_eq!(poll_interval_ms(8 << 20), 10);
+        assert_eq!(poll_interval_ms(64 << 20), 10);
+        assert_eq!(poll_interval_ms(4 << 20), 5);
+        assert_eq!(poll_interval_ms(1 << 20), 1);
+        assert_eq!(poll_interval_ms(64 << 10), 1);
     }
 
     #[test]

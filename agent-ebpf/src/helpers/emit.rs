@@ -3,7 +3,8 @@
 //! Records do not wake the reader: waking it per record cost about 2 µs in sock_send_length
 //! (measured with kernel.bpf_stats_enabled) plus an eventfd read in the agent per record. The
 //! agent drains on a 10 ms timer instead; an 8 MiB ring drained every 10 ms absorbs 800 MB/s.
-//! The one exception is a process's first connection's first event (see `emit_data`).
+//! The one exception is a process's first connection's first event (every connection's on the
+//! syscall path; see `emit_data`).
 //! (A wakeup only above a fill threshold, via bpf_ringbuf_query, made this toolchain emit BTF
 //! line info the kernel rejects: "Invalid line_info ... prev_offset".)
 
