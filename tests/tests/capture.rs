@@ -332,17 +332,14 @@ fn bytes_read_after_a_reset_are_counted_not_captured_as_a_new_connection() {
     if !privileged() {
         return;
     }
-    let me = std::process::id().to_string();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    // The connection is open and in use before the agent starts, as a pooled one is.
     let (mut client, mut server) = pair(false);
     // Taken now: a reset socket has no peer address.
     let (sl, sr) = addrs(&server);
+    transfer(&mut client, &mut server, b"before the agent");
+    let me = std::process::id().to_string();
+    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
+    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
     transfer(&mut client, &mut server, b"first request, read in time");
     client
         .write_all(b"second request, QUEUED-AT-RESET")
@@ -396,12 +393,7 @@ fn only_a_processs_first_connection_wakes_the_reader() {
         return;
     }
     let me = std::process::id().to_string();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
     let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut ends = Vec::new();
@@ -434,11 +426,7 @@ fn the_agents_own_traffic_is_never_captured() {
     if !privileged() {
         return;
     }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = loupe_tests::free_port();
     let addr = format!("127.0.0.1:{port}");
     let agent = Agent::start(&["--all-protocols", "--metrics-addr", &addr]);
     let agent_pid = agent.pid();
@@ -579,12 +567,7 @@ fn without_all_protocols_only_http_connections_are_captured() {
         return;
     }
     let me = std::process::id().to_string();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
     let agent = Agent::start(&["--pid", &me, "--metrics-addr", &addr]);
     let (mut client, mut server) = pair(false);
     transfer(&mut client, &mut server, b"\x00\x01binary-protocol-MARKER");

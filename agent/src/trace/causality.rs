@@ -1476,7 +1476,9 @@ mod tests {
             ts_ns,
             ordinal: 0,
         };
-        let served = 100_000 + 10;
+        // One request per connection: whichever of the orphans' bounds comes first.
+        let bound = crate::trace::orphans::MAX_QUEUES.min(crate::trace::orphans::MAX_ENTRIES);
+        let served = bound as u64 + 10;
         for i in 0..served {
             let remote = format!("10.{}.{}.{}:40000", i >> 16, (i >> 8) & 255, i & 255);
             let c = conn(2, "10.9.9.9:8000", &remote, Role::Server);

@@ -138,9 +138,9 @@ const SWEEP_EVERY: usize = 4096;
 /// handful.
 const ABSENT_AFTER: u32 = 16;
 /// Connections remembered at most (those with waiting requests or a side found absent).
-const MAX_QUEUES: usize = 100_000;
+pub(super) const MAX_QUEUES: usize = 100_000;
 /// Requests waiting at most, in all queues.
-const MAX_ENTRIES: usize = 100_000;
+pub(super) const MAX_ENTRIES: usize = 100_000;
 
 impl<T: Started> Orphans<T> {
     pub fn new() -> Self {
