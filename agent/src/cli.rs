@@ -178,7 +178,8 @@ pub struct CommonArgs {
     #[arg(long, env = "LOUPE_CAPTURE_PATH", value_enum, default_value_t = CapturePath::Auto, global = true)]
     pub capture_path: CapturePath,
     /// The agent's CPU scheduling: adaptive (the threads that parse and export run at
-    /// SCHED_IDLE while they keep up, normal while events wait, the ring reader at SCHED_BATCH;
+    /// SCHED_IDLE while they keep up, normal while events wait, the ring reader with them (at
+    /// SCHED_BATCH when raised) and raised by a watchdog when half the ring waits;
     /// needs CAP_SYS_NICE, else normal); normal; or idle (always SCHED_IDLE: on a saturated
     /// node the agent falls behind and its drops are counted).
     #[arg(long, env = "LOUPE_CPU_SCHEDULING", value_enum, default_value_t = CpuScheduling::Adaptive, global = true)]

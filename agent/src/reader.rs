@@ -13,7 +13,9 @@
 //! Why not a tokio task: the ring is the one stage whose lateness loses data (a full ring drops
 //! in the kernel), and on the runtime's two workers a drain could wait behind a long poll of the
 //! pipeline or the exporter: a 64 KiB ring filled during such a wait after a flood. A thread
-//! that only drains is never behind anything but the scheduler.
+//! that only drains is never behind anything but the scheduler. With `--cpu-scheduling
+//! adaptive` (the default) it runs at SCHED_IDLE while the agent keeps up, and a watchdog thread
+//! (`watch`) raises it when the ring fills (scheduling.rs says why).
 
 use std::{
     os::fd::{AsFd, AsRawFd, FromRawFd},
@@ -28,6 +30,7 @@ use crate::{
     decode::{PayloadArena, decode_with},
     event_queue::{BATCH, EventSender},
     pipeline::Userspace,
+    scheduling::ADAPTIVE,
 };
 use aya::maps::{MapData, RingBuf};
 
@@ -55,6 +58,7 @@ const HOLD_BYTES: usize = 128 << 10;
 pub struct Reader {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<anyhow::Result<()>>,
+    watchdog: Option<JoinHandle<()>>,
 }
 
 impl Reader {
@@ -64,23 +68,88 @@ impl Reader {
         stats: Arc<Userspace>,
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        // The reader may run idle only while something that is never starved watches the ring.
+        let watchdog = if ADAPTIVE.enabled() {
+            let fd = ring.as_fd().as_raw_fd();
+            let ring_bytes = ring_size(fd);
+            Fill::new(fd, ring_bytes)
+                .map(|fill| {
+                    let flag = stop.clone();
+                    std::thread::Builder::new()
+                        .name("loupe-ring-watch".into())
+                        .spawn(move || watch(&fill, ring_bytes, &flag))
+                })
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("starting the ring-buffer watchdog thread: {e}"))?
+        } else {
+            None
+        };
+        let watched = watchdog.is_some();
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("loupe-ring".into())
-            .spawn(move || run(ring, &tx, &stats, &flag))
+            .spawn(move || {
+                // Leaves the adaptive group however the thread ends, so a reused tid is never
+                // re-prioritised.
+                struct Member;
+                impl Drop for Member {
+                    fn drop(&mut self) {
+                        ADAPTIVE.leave();
+                    }
+                }
+                let _member = watched.then(|| {
+                    ADAPTIVE.join_batch();
+                    Member
+                });
+                if !watched {
+                    ADAPTIVE.batch();
+                }
+                run(ring, &tx, &stats, &flag)
+            })
             .map_err(|e| anyhow::anyhow!("starting the ring-buffer reader thread: {e}"))?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread,
+            watchdog,
+        })
     }
 
     /// Drains what the kernel wrote before the call (it still belongs to the run) and waits for
     /// the thread, at most one poll interval.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::Release);
-        let thread = self.thread;
-        tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for the ring-buffer reader: {e}"))?
-            .map_err(|_| anyhow::anyhow!("the ring-buffer reader panicked"))?
+        let (thread, watchdog) = (self.thread, self.watchdog);
+        tokio::task::spawn_blocking(move || {
+            if let Some(w) = watchdog {
+                let _ = w.join();
+            }
+            thread.join()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("waiting for the ring-buffer reader: {e}"))?
+        .map_err(|_| anyhow::anyhow!("the ring-buffer reader panicked"))?
+    }
+}
+
+/// The share of the ring waiting at which the watchdog raises the agent's threads: well above
+/// what an idle reader leaves while the agent keeps up (nginx at half its saturation, every
+/// process traced: up to a quarter of the default ring, ~30 ms of records, when both cores were
+/// busy for that long), and one look's worth of records (`poll_interval_ms`, ~1/7 of the
+/// ring's time at saturation) short of full even then.
+const RAISE_AT_RING_FRACTION: usize = 2;
+
+/// The ring's watchdog: SCHED_BATCH (never starved, never preempting), one look per poll
+/// interval at how much of the ring waits; half raises the reader and the pipeline
+/// (`ADAPTIVE.pressure`) and keeps them raised for a calm second more.
+fn watch(fill: &Fill, ring_bytes: usize, stop: &AtomicBool) {
+    ADAPTIVE.batch();
+    let every = std::time::Duration::from_millis(poll_interval_ms(ring_bytes) as u64);
+    let raise_at = ring_bytes / RAISE_AT_RING_FRACTION;
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(every);
+        if fill.waiting() >= raise_at {
+            ADAPTIVE.pressure();
+        }
     }
 }
 
@@ -90,7 +159,6 @@ fn run(
     stats: &Userspace,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
-    crate::scheduling::ADAPTIVE.batch();
     let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
     let ring_bytes = ring_size(ring.as_fd().as_raw_fd());
     let poll_ms = poll_interval_ms(ring_bytes);
@@ -107,7 +175,7 @@ fn run(
         stats
             .events_waiting
             .store(waiting as u64, Ordering::Relaxed);
-        crate::scheduling::ADAPTIVE.observe(waiting, crate::clock::monotonic_ns());
+        ADAPTIVE.observe(waiting, crate::clock::monotonic_ns());
         let drained = drain(&mut ring, tx, stats, &mut arena);
         if stopping {
             return Ok(());

@@ -93,9 +93,11 @@ export LOUPE_TEST_SLOWDOWN
 # The byte-exact capture of every syscall family (read/write, readv/writev, send/recv, sendto/
 # recvfrom, sendmsg/recvmsg, sendmmsg/recvmmsg), on the path the agent picks itself and forced
 # onto the syscall path; UDP, unix sockets, pipes and files ignored; a connection opened before
-# the agent.
+# the agent; where the sock tracepoints are (6.12 here), a read after a reset and a process's
+# later connections (the two tests say so and stop on the syscall path).
 suite capture "$CAPTURE_TEST" captures_every_syscall_family the_syscall_path \
-    a_connection_opened_before_the_agent udp_and_unix_sockets_are_ignored
+    a_connection_opened_before_the_agent udp_and_unix_sockets_are_ignored \
+    bytes_read_after_a_reset only_a_processs_first_connection
 # nginx sendfile() responses on a keep-alive connection, and spans on the terminal: on the path
 # the agent picks itself where the kernel has no sock tracepoints, forced where it has.
 if [ -e /sys/kernel/tracing/events/sock/sock_send_length ]; then
