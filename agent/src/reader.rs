@@ -106,7 +106,11 @@ impl Reader {
                 }
                 run(ring, &tx, &stats, &flag)
             })
-            .map_err(|e| anyhow::anyhow!("starting the ring-buffer reader thread: {e}"))?;
+            .map_err(|e| {
+                // The watchdog, if it started, ends with the reader it would have watched.
+                stop.store(true, Ordering::Release);
+                anyhow::anyhow!("starting the ring-buffer reader thread: {e}")
+            })?;
         Ok(Self {
             stop,
             thread,
@@ -117,6 +121,9 @@ impl Reader {
     /// Drains what the kernel wrote before the call (it still belongs to the run) and waits for
     /// the thread, at most one poll interval.
     pub async fn stop(self) -> anyhow::Result<()> {
+        // The last drain and what follows it must not wait at idle priority on a busy host;
+        // the watchdog stops looking now.
+        ADAPTIVE.pressure();
         self.stop.store(true, Ordering::Release);
         let (thread, watchdog) = (self.thread, self.watchdog);
         tokio::task::spawn_blocking(move || {

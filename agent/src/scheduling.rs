@@ -1,29 +1,29 @@
 //! The agent's CPU priority when it adapts (`--cpu-scheduling adaptive`).
 //!
-//! At SCHED_IDLE a thread runs only on CPU time nothing else wants: a traced service's woken
-//! thread preempts the agent at once instead of waiting up to a scheduler slice behind it, which
-//! is most of what the agent adds to a service's tail latency. But on a saturated node an idle
-//! agent gets almost no CPU, falls behind and drops. So the threads that parse and export run
-//! idle while the agent keeps up, and normal while a backlog builds: the ring reader, before each
-//! drain (every 10 ms at most), looks at how many events of the earlier drains still wait for the
-//! pipeline. `HIGH` that lasts `BACKLOG_NS` (or `HIGH_AT_ONCE` at all) raises the pipeline's
-//! threads; they go back to idle after `CALM_NS` without more than `LOW` waiting. The export queue after the pipeline counts too: an
-//! exporter at idle priority behind a saturated node fills it while the events keep flowing, so
-//! a span offered to a queue three quarters full raises the threads as well (`pressure`).
+//! At SCHED_IDLE a thread runs only on CPU time nothing else wants: a traced service's woken thread
+//! preempts the agent at once instead of waiting up to a scheduler slice behind it, which is most
+//! of what the agent adds to a service's tail latency. But on a saturated node an idle agent gets
+//! almost no CPU, falls behind and drops. So the threads that parse and export run idle while the
+//! agent keeps up, and normal while a backlog builds: the ring reader, before each drain (every 10
+//! ms at most), looks at how many events of the earlier drains still wait for the pipeline. `HIGH`
+//! that lasts `BACKLOG_NS` (or `HIGH_AT_ONCE` at all) raises the pipeline's threads; they go back
+//! to idle after `CALM_NS` without more than `LOW` waiting. The export queue after the pipeline
+//! counts too: an exporter at idle priority behind a saturated node fills it while the events keep
+//! flowing, so a span offered to a queue three quarters full raises the threads as well
+//! (`pressure`).
 //!
-//! The ring reader adapts with them (`join_batch`), to SCHED_BATCH rather than normal when
-//! raised. Its lateness is the one that loses data in the kernel, so a watchdog thread at
-//! SCHED_BATCH (reader.rs) looks at the ring's fill level and raises everything (`pressure`)
-//! when half the ring waits: an idle reader on a saturated node gets almost no CPU, and
-//! the watchdog is what is never starved. A batch thread's wakeup does not preempt the thread
-//! running on its core; it waits for that thread's slice (a millisecond or two, against the
-//! ring's ~70 ms of room at saturation). The reader was SCHED_BATCH throughout before: nginx at
-//! half its saturation with every process traced, oha's p99 0.27 ms without the agent, 0.55-0.61
-//! with a batch reader, 0.41-0.46 with an idle one (three alternating rounds); each drain at
-//! batch priority kept a woken nginx or oha waiting behind it. The TLS watcher stays at SCHED_BATCH (`batch`). Leaving
-//! SCHED_IDLE needs CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0): without it the agent
-//! says so at start and runs normal throughout, so a backlog can never be stuck at idle
-//! priority.
+//! The ring reader adapts with them (`join_batch`), to SCHED_BATCH rather than normal when raised.
+//! Its lateness is the one that loses data in the kernel, so a watchdog thread at SCHED_BATCH
+//! (reader.rs) looks at the ring's fill level and raises everything (`pressure`) when half the ring
+//! waits: an idle reader on a saturated node gets almost no CPU, and the watchdog is what is never
+//! starved. A batch thread's wakeup does not preempt the thread running on its core; it waits for
+//! that thread's slice (a millisecond or two, against the ring's ~70 ms of room at saturation). The
+//! reader was SCHED_BATCH throughout before: nginx at half its saturation with every process
+//! traced, oha's p99 0.27 ms without the agent, 0.55-0.61 with a batch reader, 0.41-0.46 with an
+//! idle one (three alternating rounds); each drain at batch priority kept a woken nginx or oha
+//! waiting behind it. The TLS watcher stays at SCHED_BATCH (`batch`). Leaving SCHED_IDLE needs
+//! CAP_SYS_NICE (or an RLIMIT_NICE that allows nice 0): without it the agent says so at start and
+//! runs normal throughout, so a backlog can never be stuck at idle priority.
 
 use std::sync::{
     Mutex,
