@@ -68,21 +68,27 @@ impl Reader {
         stats: Arc<Userspace>,
     ) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let fd = ring.as_fd().as_raw_fd();
+        let ring_bytes = ring_size(fd);
+        // One mapping of the ring's positions, for the reader's holds and the watchdog's looks.
+        let fill = Fill::new(fd, ring_bytes).map(Arc::new);
+        if fill.is_none() {
+            tracing::debug!("the ring's fill level cannot be read: it is drained every 10 ms");
+        }
         // The reader may run idle only while something that is never starved watches the ring.
-        let watchdog = if ADAPTIVE.enabled() {
-            let fd = ring.as_fd().as_raw_fd();
-            let ring_bytes = ring_size(fd);
-            Fill::new(fd, ring_bytes)
-                .map(|fill| {
-                    let flag = stop.clone();
+        let watchdog = match &fill {
+            Some(fill) if ADAPTIVE.enabled() => {
+                let (fill, flag) = (fill.clone(), stop.clone());
+                Some(
                     std::thread::Builder::new()
                         .name("loupe-ring-watch".into())
                         .spawn(move || watch(&fill, ring_bytes, &flag))
-                })
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("starting the ring-buffer watchdog thread: {e}"))?
-        } else {
-            None
+                        .map_err(|e| {
+                            anyhow::anyhow!("starting the ring-buffer watchdog thread: {e}")
+                        })?,
+                )
+            }
+            _ => None,
         };
         let watched = watchdog.is_some();
         let flag = stop.clone();
@@ -104,7 +110,7 @@ impl Reader {
                 if !watched {
                     ADAPTIVE.batch();
                 }
-                run(ring, &tx, &stats, &flag)
+                run(ring, ring_bytes, fill.as_deref(), &tx, &stats, &flag)
             })
             .map_err(|e| {
                 // The watchdog, if it started, ends with the reader it would have watched.
@@ -162,17 +168,14 @@ fn watch(fill: &Fill, ring_bytes: usize, stop: &AtomicBool) {
 
 fn run(
     mut ring: RingBuf<MapData>,
+    ring_bytes: usize,
+    fill: Option<&Fill>,
     tx: &EventSender,
     stats: &Userspace,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let wakeups = Wakeups::new(ring.as_fd().as_raw_fd())?;
-    let ring_bytes = ring_size(ring.as_fd().as_raw_fd());
     let poll_ms = poll_interval_ms(ring_bytes);
-    let fill = Fill::new(ring.as_fd().as_raw_fd(), ring_bytes);
-    if fill.is_none() {
-        tracing::debug!("the ring's fill level cannot be read: it is drained every 10 ms");
-    }
     let mut arena = PayloadArena::default();
     let mut previous_ns = crate::clock::monotonic_ns();
     loop {
@@ -193,7 +196,7 @@ fn run(
         let mut woken = wakeups.wait(wait_ms.min(poll_ms))?;
         Userspace::add(&stats.ring_wakeups, u64::from(woken));
         // Light traffic: the records gather while they are few and young.
-        if let Some(fill) = &fill
+        if let Some(fill) = fill
             && wait_ms == DRAIN_INTERVAL_MS
         {
             while !woken
@@ -251,6 +254,8 @@ struct Fill {
 
 // SAFETY: a read-only mapping, read with atomic loads only, unmapped once on drop.
 unsafe impl Send for Fill {}
+// SAFETY: as above: shared by the reader and the watchdog, which only load from it.
+unsafe impl Sync for Fill {}
 
 impl Fill {
     fn new(ring: std::os::fd::RawFd, ring_bytes: usize) -> Option<Self> {

@@ -138,6 +138,14 @@ fn start(path: Path, args: &[&str]) -> Agent {
     agent
 }
 
+/// The agent capturing every protocol of this test process only, and its metrics address.
+fn this_process_with_metrics() -> (Agent, String) {
+    let me = std::process::id().to_string();
+    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
+    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    (agent, addr)
+}
+
 /// Whether the agent captures on the sock tracepoints (6.3+); what only that path does is not
 /// asked of the syscall path on older kernels (the matrix runs these tests there too).
 fn on_the_sock_path(agent: &Agent) -> bool {
@@ -347,9 +355,7 @@ fn bytes_read_after_a_reset_are_counted_not_captured_as_a_new_connection() {
     // Taken now: a reset socket has no peer address.
     let (sl, sr) = addrs(&server);
     transfer(&mut client, &mut server, b"before the agent");
-    let me = std::process::id().to_string();
-    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
-    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    let (agent, addr) = this_process_with_metrics();
     if !on_the_sock_path(&agent) {
         return;
     }
@@ -405,9 +411,7 @@ fn only_a_processs_first_connection_wakes_the_reader() {
     if !privileged() {
         return;
     }
-    let me = std::process::id().to_string();
-    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
-    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    let (agent, addr) = this_process_with_metrics();
     if !on_the_sock_path(&agent) {
         return;
     }
@@ -447,9 +451,10 @@ fn an_idle_reader_on_a_busy_host_is_raised_before_the_ring_fills() {
     if !privileged() {
         return;
     }
-    let me = std::process::id().to_string();
-    let addr = format!("127.0.0.1:{}", loupe_tests::free_port());
-    let agent = Agent::start(&["--all-protocols", "--pid", &me, "--metrics-addr", &addr]);
+    // The connection is open before the agent, as a service's is.
+    let (mut client, mut server) = pair(false);
+    transfer(&mut client, &mut server, b"before the agent");
+    let (agent, addr) = this_process_with_metrics();
     // The agent starts at normal priority and goes idle after a calm second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while metric(&loupe_tests::scrape(&addr), "loupe_cpu_scheduling_idle ") != Some(1) {
@@ -460,10 +465,8 @@ fn an_idle_reader_on_a_busy_host_is_raised_before_the_ring_fills() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let raised_before = metric(
-        &loupe_tests::scrape(&addr),
-        "loupe_cpu_scheduling_raised_total ",
-    );
+    let raised = |text: &str| metric(text, "loupe_cpu_scheduling_raised_total ").unwrap();
+    let raised_before = raised(&loupe_tests::scrape(&addr));
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -477,7 +480,6 @@ fn an_idle_reader_on_a_busy_host_is_raised_before_the_ring_fills() {
             })
         })
         .collect();
-    let (mut client, mut server) = pair(false);
     let receiver = std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0usize;
@@ -515,10 +517,10 @@ fn an_idle_reader_on_a_busy_host_is_raised_before_the_ring_fills() {
         "loupe_kernel_events_total{reason=\"ringbuf_full\"",
     );
     assert_eq!(full, Some(0), "records lost in a full ring: {metrics}");
-    let raised = metric(&metrics, "loupe_cpu_scheduling_raised_total ");
+    let raised_after = raised(&metrics);
     assert!(
-        raised > raised_before,
-        "the reader was never raised ({raised_before:?} -> {raised:?}): the test did not starve it"
+        raised_after > raised_before,
+        "the reader was never raised ({raised_before} -> {raised_after}): the test did not starve it"
     );
 }
 
