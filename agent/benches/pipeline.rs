@@ -127,124 +127,39 @@ fn redis_records() -> Vec<Vec<u8>> {
     out
 }
 
-/// An HPACK integer with an N-bit prefix, the first byte's high bits set to `flags`.
-fn hpack_int(out: &mut Vec<u8>, flags: u8, prefix: u8, mut value: usize) {
-    let max = (1usize << prefix) - 1;
-    if value < max {
-        out.push(flags | value as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    value -= max;
-    while value >= 128 {
-        out.push(0x80 | (value & 0x7f) as u8);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn hpack_str(out: &mut Vec<u8>, s: &str) {
-    hpack_int(out, 0, 7, s.len());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// A header field for the dynamic table: `name` a static index, or 0 and the name spelled out.
-fn hpack_insert(out: &mut Vec<u8>, name: usize, spelled: &str, value: &str) {
-    hpack_int(out, 0x40, 6, name);
-    if name == 0 {
-        hpack_str(out, spelled);
-    }
-    hpack_str(out, value);
-}
-
-fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-    out.extend_from_slice(&[kind, flags]);
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-}
-
-/// gRPC unary calls on HTTP/2 connections as a grpcio server sees them under h2load: the first
-/// call's headers go into the dynamic tables, every later one is indexed (as real encoders do);
-/// a call is three events: the request (HEADERS + DATA), the response head and message, the
-/// trailers (grpcio writes those two separately).
+/// The bench's gRPC workload as recorded from the real peers (`cargo xtask record grpc-h2load`:
+/// h2load's unary calls, ten at a time on one connection, to the grpcio server of
+/// tests/apps/grpc_service.py, 200 in all), as the server's side sees it: each recorded read
+/// one event, replayed on `GRPC_CONNS` connections in turn. Real encoders' bytes, not
+/// hand-made blocks: h2load sends `:path` as an unindexed Huffman literal in every request, and
+/// grpcio spells out `grpc-message` in every trailer.
 fn grpc_records() -> Vec<Vec<u8>> {
-    const HEADERS: u8 = 1;
-    const DATA: u8 = 0;
-    const SETTINGS: u8 = 4;
-    const END_STREAM: u8 = 1;
-    const END_HEADERS: u8 = 4;
-    let mut out = Vec::new();
-    let mut seq = vec![[0u64; 2]; CONNS as usize];
-    let mut ts = 1_000;
-    let mut push = |out: &mut Vec<Vec<u8>>, sk: u64, dir: u8, bytes: Vec<u8>, ts: u64| {
-        let side = &mut seq[sk as usize][usize::from(dir == DIR_SEND)];
-        out.push(record_as(sk, dir, *side, &bytes, ts, 2));
-        *side += bytes.len() as u64;
-    };
-    for sk in 0..CONNS {
-        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        h2_frame(&mut hello, SETTINGS, 0, 0, &[]);
-        push(&mut out, sk, DIR_RECV, hello, ts);
-        let mut settings = Vec::new();
-        h2_frame(&mut settings, SETTINGS, 0, 0, &[]);
-        h2_frame(&mut settings, SETTINGS, 1, 0, &[]);
-        push(&mut out, sk, DIR_SEND, settings, ts);
+    let raw = include_bytes!("../src/protocol/http2/testdata/grpc-h2load.bin");
+    let mut reads = Vec::new();
+    let mut at = 0;
+    while at + 5 <= raw.len() {
+        let len = u32::from_le_bytes(raw[at + 1..at + 5].try_into().unwrap()) as usize;
+        let dir = if raw[at] == b'C' { DIR_RECV } else { DIR_SEND };
+        reads.push((dir, &raw[at + 5..at + 5 + len]));
+        at += 5 + len;
     }
-    for x in 0..EXCHANGES {
-        for sk in 0..CONNS {
-            let stream = 2 * x as u32 + 1;
-            let mut block = Vec::new();
-            if x == 0 {
-                block.extend_from_slice(&[0x83, 0x86]);
-                hpack_insert(&mut block, 4, "", "/shop.v1.Orders/Ping");
-                hpack_insert(&mut block, 1, "", "127.0.0.1:18090");
-                hpack_insert(&mut block, 0, "te", "trailers");
-                hpack_insert(&mut block, 31, "", "application/grpc");
-                hpack_insert(&mut block, 58, "", "h2load nghttp2/1.52.0");
-            } else {
-                block.extend_from_slice(&[0x83, 0x86, 0x80 | 66, 0x80 | 65, 0x80 | 64]);
-                block.extend_from_slice(&[0x80 | 63, 0x80 | 62]);
-            }
-            let mut request = Vec::new();
-            h2_frame(&mut request, HEADERS, END_HEADERS, stream, &block);
-            h2_frame(&mut request, DATA, END_STREAM, stream, b"\0\0\0\0\x04ping");
-            push(&mut out, sk, DIR_RECV, request, ts);
-
-            let mut head = Vec::new();
-            let mut trailers = Vec::new();
-            if x == 0 {
-                head.push(0x88);
-                hpack_insert(&mut head, 31, "", "application/grpc");
-                hpack_insert(
-                    &mut head,
-                    0,
-                    "grpc-accept-encoding",
-                    "identity,deflate,gzip",
-                );
-                hpack_insert(&mut trailers, 0, "grpc-status", "0");
-            } else {
-                head.extend_from_slice(&[0x88, 0x80 | 64, 0x80 | 63]);
-                trailers.push(0x80 | 62);
-            }
-            let mut response = Vec::new();
-            h2_frame(&mut response, HEADERS, END_HEADERS, stream, &head);
-            h2_frame(&mut response, DATA, 0, stream, b"\0\0\0\0\x04pong");
-            push(&mut out, sk, DIR_SEND, response, ts + 40_000);
-            let mut end = Vec::new();
-            h2_frame(
-                &mut end,
-                HEADERS,
-                END_HEADERS | END_STREAM,
-                stream,
-                &trailers,
-            );
-            push(&mut out, sk, DIR_SEND, end, ts + 50_000);
+    let mut out = Vec::new();
+    let mut seq = vec![[0u64; 2]; GRPC_CONNS as usize];
+    let mut ts = 1_000;
+    for (dir, bytes) in reads {
+        for sk in 0..GRPC_CONNS {
+            let side = &mut seq[sk as usize][usize::from(dir == DIR_SEND)];
+            out.push(record_as(sk, dir, *side, bytes, ts, 2));
+            *side += bytes.len() as u64;
             ts += 1_000;
         }
     }
     out
 }
+
+/// Connections of the gRPC case (h2load's in the bench) and calls recorded on each.
+const GRPC_CONNS: u64 = 16;
+const GRPC_CALLS: u64 = 200;
 
 /// What the sink's spans go to.
 #[derive(Clone, Copy)]
@@ -323,7 +238,7 @@ fn sink(c: &mut Criterion) {
     group.bench_function("grpc_otlp_red", |b| {
         b.iter(|| {
             let spans = through_sink(&grpc, false, Outputs::OtlpAndRed);
-            assert_eq!(spans, (CONNS * EXCHANGES) as usize, "a span per call");
+            assert_eq!(spans, (GRPC_CONNS * GRPC_CALLS) as usize, "a span per call");
             std::hint::black_box(spans)
         })
     });

@@ -225,6 +225,7 @@ fn start_capture(
         tls.clone(),
         go_pids.clone(),
         probe.tls_ready,
+        probe.pool_wakeups,
     ));
     metrics.tls = Some(tls.clone());
     let (tx, events) = loupe::event_queue::channel(loupe::event_queue::CAPACITY);

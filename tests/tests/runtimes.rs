@@ -12,6 +12,9 @@
 //! agent can match nothing between a request and the calls it makes, while the test knows the
 //! true tree. Services and their pools are warmed up before the agent starts. Per hop: correct,
 //! orphan, wrong, at concurrency 1 and 16.
+//!
+//! And the hook the Java hop needs (`sched:sched_waking`, which runs on every wakeup of the
+//! host) is attached only while a JVM runs.
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
@@ -389,4 +392,79 @@ fn whole_traces_through_go_java_asyncio_and_node_on_a_node_already_running() {
             "concurrency 1: wrong parents\n{text}"
         );
     }
+}
+
+/// The processes of the host that have a JVM mapped (as the agent's process watcher finds them).
+fn jvms() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                .is_ok_and(|maps| maps.contains("/libjvm.so"))
+        })
+        .collect()
+}
+
+/// How many raw tracepoint links of the kernel are on `sched_waking` (bpftool, which
+/// tests/setup.sh installs).
+fn pool_wakeup_links() -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool (tests/setup.sh installs it)");
+    assert!(out.status.success(), "bpftool link show failed");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    links.as_array().map_or(0, |l| {
+        l.iter().filter(|l| l["tp_name"] == "sched_waking").count()
+    })
+}
+
+fn wait_until(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_pool_wakeup_hook_is_attached_only_while_a_jvm_runs() {
+    if !privileged() {
+        return;
+    }
+    let me = std::process::id().to_string();
+    let agent = Agent::start(&["--pid", &me]);
+    // Another JVM on the host (not one of the tests': they run one at a time) keeps the hook
+    // attached, rightly; what needs none to be running is then not asked.
+    let alone = jvms().is_empty();
+    if alone {
+        assert_eq!(pool_wakeup_links(), 0, "attached without a JVM on the host");
+    } else {
+        eprintln!("another JVM runs on this host: the hook's absence without one is not checked");
+    }
+    let dir = std::env::temp_dir().join(format!("loupe-jvm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("Idle.java");
+    std::fs::write(
+        &source,
+        "public class Idle { public static void main(String[] a) throws Exception { Thread.sleep(120000); } }\n",
+    )
+    .unwrap();
+    let mut java = Command::new("java").arg(&source).spawn().expect("java");
+    let slow = u64::from(loupe_tests::slowdown());
+    wait_until("not attached while a JVM runs", 30 * slow, || {
+        pool_wakeup_links() == 1
+    });
+    let _ = java.kill();
+    let _ = java.wait();
+    if alone && jvms().is_empty() {
+        wait_until("still attached after the JVM exited", 15 * slow, || {
+            pool_wakeup_links() == 0
+        });
+    }
+    let (_, log) = agent.stop_raw();
+    assert!(!log.contains("sched_waking could not be"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,7 +14,9 @@ use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, RawTracePoint, SockOps, TracePoint},
+    programs::{
+        CgroupAttachMode, RawTracePoint, SockOps, TracePoint, raw_trace_point::RawTracePointLinkId,
+    },
 };
 
 use super::{btf::Btf, tracefs};
@@ -73,6 +75,9 @@ struct Hook {
     /// Attached as a raw tracepoint: the program gets the tracepoint's arguments, and the
     /// kernel builds no trace record for it.
     raw: bool,
+    /// Loaded at start (a verifier rejection shows then) and attached later, only while a
+    /// process needs it (`PoolWakeups`).
+    on_demand: bool,
 }
 
 const fn hook(
@@ -88,6 +93,7 @@ const fn hook(
         required,
         loss,
         raw: false,
+        on_demand: false,
     }
 }
 
@@ -114,6 +120,7 @@ const fn hook_at(
         required,
         loss,
         raw: false,
+        on_demand: false,
     }
 }
 
@@ -224,6 +231,7 @@ const COMMON: &[Hook] = &[
     ),
     Hook {
         raw: true,
+        on_demand: true,
         ..hook(
             "sched_waking",
             "sched",
@@ -317,6 +325,8 @@ pub struct Probe {
     /// What is missing, in words for the log.
     pub degraded: Vec<String>,
     pub attached: usize,
+    /// Whether `sched_waking` loaded, to be attached while a JVM runs (`PoolWakeups`).
+    pub pool_wakeups: bool,
     /// The capture path in use, in words for the log.
     pub capture: String,
 }
@@ -397,12 +407,14 @@ impl Probe {
         fill_filters(&mut ebpf, opts)?;
 
         let mut attached = 0;
+        let mut pool_wakeups = false;
         let path_hooks = match path {
             CapturePath::Syscalls => SYSCALL_PATH,
             _ => SOCK_PATH,
         };
         for hook in path_hooks.iter().chain(COMMON) {
             match attach(&mut ebpf, &tracefs, hook) {
+                Ok(()) if hook.on_demand => pool_wakeups = true,
                 Ok(()) => attached += 1,
                 Err(err) if hook.required => {
                     return Err(err.context(format!(
@@ -463,6 +475,7 @@ impl Probe {
             tls_ready,
             degraded,
             attached,
+            pool_wakeups,
             capture,
         })
     }
@@ -604,7 +617,9 @@ fn attach(ebpf: &mut Ebpf, tracefs: &Path, hook: &Hook) -> anyhow::Result<()> {
         program
             .load()
             .with_context(|| format!("the verifier rejected {}", hook.program))?;
-        program.attach(hook.tracepoint)?;
+        if !hook.on_demand {
+            program.attach(hook.tracepoint)?;
+        }
         return Ok(());
     }
     let program: &mut TracePoint = ebpf
@@ -619,6 +634,59 @@ fn attach(ebpf: &mut Ebpf, tracefs: &Path, hook: &Hook) -> anyhow::Result<()> {
     }
     program.attach(hook.category, hook.tracepoint)?;
     Ok(())
+}
+
+/// `sched_waking`, attached only while a JVM runs on the node. It fires on every wakeup of the
+/// host (a Python gRPC server's GIL handoffs make a dozen per call) and has work only for the
+/// futex wakes of JVM processes (`POOL_PIDS`): on a node without one, not attaching it spares
+/// every wakeup the tracepoint's call into the program. The process watcher, which fills
+/// `POOL_PIDS`, attaches it when the first JVM appears and detaches it when the last one is gone.
+pub struct PoolWakeups {
+    /// The program loaded (its tracepoint exists and the verifier took it).
+    available: bool,
+    link: Option<RawTracePointLinkId>,
+}
+
+impl PoolWakeups {
+    pub fn new(available: bool) -> Self {
+        Self {
+            available,
+            link: None,
+        }
+    }
+
+    /// Attached while `needed`, detached otherwise. A failure is logged once and the program
+    /// left alone from then on (JVM pool handback is then unavailable, as on a kernel without
+    /// the tracepoint).
+    pub fn follow(&mut self, ebpf: &mut Ebpf, needed: bool) {
+        if !self.available || needed == self.link.is_some() {
+            return;
+        }
+        let program: Result<&mut RawTracePoint, _> = match ebpf.program_mut("sched_waking") {
+            Some(p) => p.try_into(),
+            None => return,
+        };
+        let result = program.map_err(anyhow::Error::from).and_then(|p| {
+            match self.link.take() {
+                Some(link) => p.detach(link)?,
+                None => self.link = Some(p.attach("sched_waking")?),
+            }
+            Ok(())
+        });
+        match result {
+            Ok(()) => tracing::debug!(
+                "sched:sched_waking {} (JVM thread pools)",
+                if needed { "attached" } else { "detached" }
+            ),
+            Err(err) => {
+                self.available = false;
+                tracing::warn!(
+                    "sched:sched_waking could not be {}: {err:#}; calls a Java thread pool makes for a request another thread handles start traces of their own",
+                    if needed { "attached" } else { "detached" }
+                );
+            }
+        }
+    }
 }
 
 /// The raw tracepoint that picks a request's ids before its first segment leaves, and the

@@ -21,6 +21,8 @@ use aya::{
     programs::{UProbe, uprobe::UProbeScope},
 };
 
+use crate::bpf::load::PoolWakeups;
+
 use super::{
     TlsStats,
     discover::{self, Candidate, FileId},
@@ -50,8 +52,15 @@ impl Drop for TlsWatch {
 /// processes are on), then watches in the background. `go` learns which processes are Go
 /// programs (their events are keyed by goroutine).
 /// `probes`: the uprobe programs are loaded (TLS on and accepted by the verifier); without
-/// them the watcher still finds Go programs and JVMs.
-pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids, probes: bool) -> TlsWatch {
+/// them the watcher still finds Go programs and JVMs. `pool_wakeups`: `sched_waking` loaded,
+/// to be attached while a JVM runs.
+pub fn start(
+    ebpf: Arc<Mutex<Ebpf>>,
+    stats: Arc<TlsStats>,
+    go: GoPids,
+    probes: bool,
+    pool_wakeups: bool,
+) -> TlsWatch {
     let mut attacher = Attacher {
         ebpf,
         stats,
@@ -59,6 +68,7 @@ pub fn start(ebpf: Arc<Mutex<Ebpf>>, stats: Arc<TlsStats>, go: GoPids, probes: b
         go_files: std::collections::HashSet::new(),
         go,
         jvms: std::collections::HashSet::new(),
+        pool_wakeups: PoolWakeups::new(pool_wakeups),
         probes,
         own_pid: std::process::id(),
     };
@@ -160,6 +170,8 @@ struct Attacher {
     go: GoPids,
     /// Processes running a JVM, as put in the kernel's POOL_PIDS.
     jvms: std::collections::HashSet<u32>,
+    /// The program that reports their futex wakes, attached while there is one.
+    pool_wakeups: PoolWakeups,
     probes: bool,
     own_pid: u32,
 }
@@ -207,6 +219,7 @@ impl Attacher {
         {
             let _ = count.set(0, self.jvms.len() as u32, 0);
         }
+        self.pool_wakeups.follow(&mut ebpf, !self.jvms.is_empty());
     }
 
     fn forget_jvms(&mut self, alive: impl Fn(&u32) -> bool) {

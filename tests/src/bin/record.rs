@@ -2,6 +2,9 @@
 //! tests/apps/record_clients.py runs an everyday client library through a proxy in front of a
 //! real PostgreSQL, MariaDB or Redis; every connection's bytes, in the order and chunks they
 //! were read, are written to `agent/src/protocol/<protocol>/testdata/<scenario>[-<n>].bin`.
+//! `grpc-h2load` records the bench's gRPC workload (h2load's unary calls to the grpcio server of
+//! tests/apps/grpc_service.py) for the criterion pipeline benchmark; it needs h2load
+//! (`nghttp2-client`, which `cargo xtask bench` installs).
 //!
 //! File format (read by agent/src/protocol/fixture.rs): records of one byte direction (`C`
 //! client to server, `S` server to client), a little-endian u32 length, the bytes.
@@ -167,4 +170,56 @@ fn main() {
             write_fixture(&dir.join(file), records);
         }
     }
+    if only.as_deref().is_none_or(|o| "grpc-h2load".contains(o)) {
+        record_grpc(&cg, &root);
+    }
+}
+
+/// One h2load connection of ten concurrent unary calls at a time to the grpcio server, as the
+/// bench loads it: h2load's own header encoding (a Huffman `:path` it does not index) and the
+/// server's (its trailers), which hand-written blocks would not have.
+fn record_grpc(cg: &TestCgroup, root: &Path) {
+    if std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("record: grpc-h2load needs h2load (apt-get install nghttp2-client); skipped");
+        return;
+    }
+    let port = loupe_tests::free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let cmd = cg.command(
+        &venv_bin("python"),
+        &[
+            tests_dir().join("apps/grpc_service.py").to_str().unwrap(),
+            &port.to_string(),
+            "http://127.0.0.1:9",
+        ],
+    );
+    let _server = loupe_tests::Server::start(cmd, addr);
+    let dir = databases::TempDir::new("record-grpc");
+    let body = dir.0.join("ping.grpc");
+    std::fs::write(&body, b"\0\0\0\0\x04ping").unwrap();
+    let proxy = Proxy::start(port);
+    let out = std::process::Command::new("h2load")
+        .args(["-n", "200", "-c", "1", "-m", "10"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("-d")
+        .arg(&body)
+        .arg(format!(
+            "http://127.0.0.1:{}/shop.v1.Orders/Ping",
+            proxy.port
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("200 succeeded"),
+        "h2load's calls did not all succeed: {text}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let conns = proxy.finish();
+    assert_eq!(conns.len(), 1, "one h2load connection");
+    write_fixture(&root.join("http2/testdata/grpc-h2load.bin"), &conns[0]);
 }

@@ -141,7 +141,51 @@ pub struct Decoder {
     /// Where a literal that does not enter the table is decoded, reused block after block.
     name_buf: Vec<u8>,
     value_buf: Vec<u8>,
+    /// Huffman strings of such literals, as last sent and decoded.
+    repeats: Repeats,
     pub stats: DecodeStats,
+}
+
+/// The last Huffman strings decoded from literals that do not enter the table, raw and decoded.
+/// An encoder that does not index a field sends the very same bytes in every block (h2load's
+/// `:path` on each request, never indexed by nghttp2): a comparison of the raw bytes replaces
+/// the Huffman decoding, which was the larger part of decoding such a block.
+#[derive(Default)]
+struct Repeats {
+    entries: [(Vec<u8>, Vec<u8>); REPEATS],
+    next: usize,
+}
+
+/// Two: a block seldom carries more than one or two unindexed Huffman strings.
+const REPEATS: usize = 2;
+
+/// Longer strings are decoded every time: a value that long seldom repeats.
+const REPEAT_MAX: usize = 64;
+
+impl Repeats {
+    /// A string literal (RFC 7541 5.2) into `out`, through the remembered decodings.
+    fn string(&mut self, block: &mut &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        let huffman = block.first().ok_or(Error::Truncated)? & 0x80 != 0;
+        let (raw, rest) = split_string(block)?;
+        if !huffman || raw.len() > REPEAT_MAX {
+            *block = rest;
+            return decode_string(raw, huffman, out);
+        }
+        *block = rest;
+        if let Some((_, decoded)) = self.entries.iter().find(|(r, _)| r.as_slice() == raw) {
+            out.clear();
+            out.extend_from_slice(decoded);
+            return Ok(());
+        }
+        decode_string(raw, true, out)?;
+        let (r, d) = &mut self.entries[self.next];
+        r.clear();
+        r.extend_from_slice(raw);
+        d.clear();
+        d.extend_from_slice(out);
+        self.next = (self.next + 1) % REPEATS;
+        Ok(())
+    }
 }
 
 impl Decoder {
@@ -156,6 +200,7 @@ impl Decoder {
             settings_max: DEFAULT_TABLE_SIZE,
             name_buf: Vec::new(),
             value_buf: Vec::new(),
+            repeats: Repeats::default(),
             stats: DecodeStats::default(),
         }
     }
@@ -237,11 +282,20 @@ impl Decoder {
                 continue;
             } else {
                 // Literal without indexing (0000) or never indexed (0001): decoded into the
-                // reused buffers, gone once visited.
+                // reused buffers, gone once visited. A never-indexed field is one the encoder
+                // marks sensitive: its strings are not remembered as repeats.
+                let remember = first & 0x10 == 0;
                 let index = integer(&mut block, 4)?;
+                let mut literal = |block: &mut &[u8], out: &mut Vec<u8>| {
+                    if remember {
+                        self.repeats.string(block, out)
+                    } else {
+                        string(block, out)
+                    }
+                };
                 if index == 0 {
-                    string(&mut block, &mut self.name_buf)?;
-                    string(&mut block, &mut self.value_buf)?;
+                    literal(&mut block, &mut self.name_buf)?;
+                    literal(&mut block, &mut self.value_buf)?;
                     visit(Some(&self.name_buf), Some(&self.value_buf));
                 } else {
                     let name = match resolve(&self.known, self.unknown_tail, index)? {
@@ -251,7 +305,7 @@ impl Decoder {
                             None
                         }
                     };
-                    string(&mut block, &mut self.value_buf)?;
+                    literal(&mut block, &mut self.value_buf)?;
                     visit(name, Some(&self.value_buf));
                 }
             }
@@ -366,12 +420,23 @@ fn resolve(
 /// A string literal (RFC 7541 5.2) into `out` (cleared first), Huffman-decoded when flagged.
 fn string(block: &mut &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
     let huffman = block.first().ok_or(Error::Truncated)? & 0x80 != 0;
-    let len = integer(block, 7)?;
-    if block.len() < len {
+    let (raw, rest) = split_string(block)?;
+    *block = rest;
+    decode_string(raw, huffman, out)
+}
+
+/// A string literal's raw bytes and what follows them (`block` is left as it was).
+fn split_string<'a>(block: &&'a [u8]) -> Result<(&'a [u8], &'a [u8]), Error> {
+    let mut at: &'a [u8] = block;
+    let len = integer(&mut at, 7)?;
+    if at.len() < len {
         return Err(Error::Truncated);
     }
-    let (raw, rest) = block.split_at(len);
-    *block = rest;
+    Ok(at.split_at(len))
+}
+
+/// `raw` into `out` (cleared first), Huffman-decoded if `huffman`.
+fn decode_string(raw: &[u8], huffman: bool, out: &mut Vec<u8>) -> Result<(), Error> {
     out.clear();
     if !huffman {
         out.extend_from_slice(raw);

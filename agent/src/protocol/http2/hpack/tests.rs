@@ -153,3 +153,100 @@ fn malformed_blocks_are_errors_not_panics() {
         let _ = Decoder::new(x & 1 == 0).decode(&block);
     }
 }
+
+/// A literal without indexing (name by static index, or spelled out when `name` is 0) whose
+/// value is Huffman-coded, prefixed `0000`, or `0001` (never indexed) if `never`.
+fn unindexed(name: u8, spelled: &str, value: &str, never: bool) -> Vec<u8> {
+    let flags = if never { 0x10 } else { 0 };
+    // The name's index with a 4-bit prefix (RFC 7541 5.1); below 15 + 128 here.
+    let mut out = if name < 15 {
+        vec![flags | name]
+    } else {
+        vec![flags | 0x0f, name - 15]
+    };
+    if name == 0 {
+        out.push(spelled.len() as u8);
+        out.extend_from_slice(spelled.as_bytes());
+    }
+    let mut coded = Vec::new();
+    httlib_huffman::encode(value.as_bytes(), &mut coded).unwrap();
+    out.push(0x80 | coded.len() as u8);
+    out.extend_from_slice(&coded);
+    out
+}
+
+fn pairs(d: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
+    d.decode(block)
+        .unwrap()
+        .into_iter()
+        .map(|f| {
+            let text = |b: Option<Vec<u8>>| String::from_utf8(b.unwrap()).unwrap();
+            (text(f.name), text(f.value))
+        })
+        .collect()
+}
+
+#[test]
+fn unindexed_strings_sent_again_decode_as_themselves() {
+    let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
+    // h2load's request block as recorded (grpc-h2load.bin): `:path`, a Huffman literal without
+    // indexing, in every block.
+    let recorded = [
+        0x04, 0x8f, 0x61, 0x13, 0x9e, 0xb5, 0xfb, 0x85, 0x7d, 0x56, 0x48, 0x5b, 0x10, 0xc6, 0xb3,
+        0x55, 0x37, 0x86,
+    ];
+    let mut d = Decoder::new(false);
+    for _ in 0..3 {
+        assert_eq!(
+            pairs(&mut d, &recorded),
+            [
+                pair(":path", "/shop.v1.Orders/Ping"),
+                pair(":scheme", "http")
+            ]
+        );
+    }
+    // More strings than are remembered, in turn and under other names: each is itself.
+    let values = [
+        "/a.B/C",
+        "/a.B/D",
+        "/shop.v1.Orders/Ping",
+        "x-long-value-0123456789",
+    ];
+    for round in 0..3 {
+        for (i, v) in values.iter().enumerate() {
+            let block = if (i + round) % 2 == 0 {
+                unindexed(4, "", v, false)
+            } else {
+                unindexed(0, "x-route", v, false)
+            };
+            let name = if (i + round) % 2 == 0 {
+                ":path"
+            } else {
+                "x-route"
+            };
+            assert_eq!(pairs(&mut d, &block), [pair(name, v)], "round {round}");
+        }
+    }
+    // A string longer than is remembered, twice.
+    let long = "/".to_string() + &"segment/".repeat(12);
+    for _ in 0..2 {
+        assert_eq!(
+            pairs(&mut d, &unindexed(4, "", &long, false)),
+            [pair(":path", &long)]
+        );
+    }
+    // Never-indexed fields are the encoder's sensitive ones: decoded, never remembered.
+    let mut d = Decoder::new(false);
+    for _ in 0..2 {
+        assert_eq!(
+            pairs(&mut d, &unindexed(23, "", "Bearer s3cr3t", true)),
+            [pair("authorization", "Bearer s3cr3t")]
+        );
+    }
+    assert!(
+        d.repeats
+            .entries
+            .iter()
+            .all(|(r, v)| r.is_empty() && v.is_empty())
+    );
+}

@@ -227,3 +227,38 @@ fn gaps_inside_bodies_cost_nothing_and_gaps_in_frames_resync() {
         assert!(s.open_streams() <= MAX_STREAMS);
     }
 }
+
+/// The bench's gRPC workload as recorded (`cargo xtask record grpc-h2load`): h2load's ten
+/// concurrent unary calls at a time to the grpcio server, 200 in all, with h2load's unindexed
+/// Huffman `:path` in every request and grpcio's spelled-out `grpc-message` in every trailer.
+#[test]
+fn h2loads_calls_to_grpcio_pair_every_stream() {
+    let writes: Vec<(usize, Vec<u8>)> = crate::protocol::fixture::named("http2", "grpc-h2load.bin")
+        .into_iter()
+        .map(|(client, bytes)| (if client { REQUESTS } else { RESPONSES }, bytes))
+        .collect();
+    for split in [7, 10_000] {
+        let mut s = Session::new(false);
+        let done = feed(&mut s, &writes, split);
+        let rows = rows(&done);
+        assert_eq!(rows.len(), 200, "split {split}");
+        for (i, row) in rows.iter().enumerate() {
+            let want: Row = (
+                2 * i as u32 + 1,
+                "POST".into(),
+                "/shop.v1.Orders/Ping".into(),
+                Some(200),
+                Some(0),
+                1,
+                1,
+                Outcome::Complete,
+            );
+            assert_eq!(row, &want, "split {split}");
+        }
+        assert_eq!(s.open_streams(), 0);
+        assert_eq!(
+            s.stats.hpack_errors + s.stats.resyncs + s.stats.unknown_fields,
+            0
+        );
+    }
+}
