@@ -167,11 +167,10 @@ impl Repeats {
     fn string(&mut self, block: &mut &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
         let huffman = block.first().ok_or(Error::Truncated)? & 0x80 != 0;
         let (raw, rest) = split_string(block)?;
+        *block = rest;
         if !huffman || raw.len() > REPEAT_MAX {
-            *block = rest;
             return decode_string(raw, huffman, out);
         }
-        *block = rest;
         if let Some((_, decoded)) = self.entries.iter().find(|(r, _)| r.as_slice() == raw) {
             out.clear();
             out.extend_from_slice(decoded);
