@@ -419,7 +419,7 @@ pub const NAMES: [&str; KEPT.len() + KEPT_H2.len()] = {
 pub const HOST: u8 = name_index("host");
 
 /// `name`'s index in `NAMES`, at compile time.
-const fn name_index(name: &str) -> u8 {
+pub(crate) const fn name_index(name: &str) -> u8 {
     let mut i = 0;
     while i < NAMES.len() {
         let n = NAMES[i].as_bytes();

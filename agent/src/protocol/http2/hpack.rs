@@ -112,7 +112,34 @@ struct Entry {
     value: Vec<u8>,
     /// RFC size; with an unknown name it is a lower bound.
     size: usize,
+    /// The name's class (`Classes`), told once at insert: the fields a span reads are found
+    /// by a byte beside the entry, not by comparing the name's bytes in every block.
+    class: u8,
 }
+
+/// What the decoder's user calls each field name: `classify` gives a byte, 0 for the names
+/// it ignores. Told once per static entry, once per dynamic entry (at insert) and for each
+/// literal name; a field sent by index is then a lookup with no name comparison.
+pub struct Classes {
+    classify: fn(&[u8]) -> u8,
+    statics: [u8; 61],
+}
+
+impl Classes {
+    pub fn new(classify: fn(&[u8]) -> u8) -> Self {
+        Self {
+            classify,
+            statics: std::array::from_fn(|i| classify(STATIC[i].0.as_bytes())),
+        }
+    }
+}
+
+/// The decoder's classes when its user names none (tests): every name is 0.
+#[cfg(test)]
+static NO_CLASSES: Classes = Classes {
+    classify: |_| 0,
+    statics: [0; 61],
+};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DecodeStats {
@@ -120,9 +147,10 @@ pub struct DecodeStats {
     pub unknown_refs: u64,
 }
 
-/// What `Decoder::decode_with` hands each field to: its name and value, either `None` where
-/// it is unknown (an entry from before attach).
-pub type Visit<'a> = dyn FnMut(Option<&[u8]>, Option<&[u8]>) + 'a;
+/// What `Decoder::decode_with` hands each field to: its name's class (0 when the name is
+/// unknown), its name and value, either `None` where it is unknown (an entry from before
+/// attach).
+pub type Visit<'a> = dyn FnMut(u8, Option<&[u8]>, Option<&[u8]>) + 'a;
 
 pub struct Decoder {
     /// Entries inserted since attach, newest first (index 62 is `known[0]`).
@@ -143,6 +171,7 @@ pub struct Decoder {
     value_buf: Vec<u8>,
     /// Huffman strings of such literals, as last sent and decoded.
     repeats: Repeats,
+    classes: &'static Classes,
     pub stats: DecodeStats,
 }
 
@@ -189,7 +218,13 @@ impl Repeats {
 
 impl Decoder {
     /// `midstream`: the connection started before the agent saw it.
+    #[cfg(test)]
     pub fn new(midstream: bool) -> Self {
+        Self::classifying(midstream, &NO_CLASSES)
+    }
+
+    /// A decoder that hands each field its name's class in `classes`.
+    pub fn classifying(midstream: bool, classes: &'static Classes) -> Self {
         Self {
             known: VecDeque::new(),
             known_size: 0,
@@ -200,6 +235,7 @@ impl Decoder {
             name_buf: Vec::new(),
             value_buf: Vec::new(),
             repeats: Repeats::default(),
+            classes,
             stats: DecodeStats::default(),
         }
     }
@@ -227,7 +263,7 @@ impl Decoder {
     #[cfg(test)]
     pub fn decode(&mut self, block: &[u8]) -> Result<Vec<Field>, Error> {
         let mut fields = Vec::new();
-        self.decode_with(block, &mut |name, value| {
+        self.decode_with(block, &mut |_, name, value| {
             fields.push(Field {
                 name: name.map(<[u8]>::to_vec),
                 value: value.map(<[u8]>::to_vec),
@@ -247,27 +283,30 @@ impl Decoder {
             if first & 0x80 != 0 {
                 // Indexed field.
                 let index = integer(&mut block, 7)?;
-                match resolve(&self.known, self.unknown_tail, index)? {
-                    Some((name, value)) => visit(name, Some(value)),
+                match resolve(&self.known, self.classes, self.unknown_tail, index)? {
+                    Some((class, name, value)) => visit(class, name, Some(value)),
                     None => {
                         self.stats.unknown_refs += 1;
-                        visit(None, None);
+                        visit(0, None, None);
                     }
                 }
             } else if first & 0xc0 == 0x40 {
                 // Literal with incremental indexing: the table keeps its own copy.
                 let index = integer(&mut block, 6)?;
-                let name = if index == 0 {
+                let (class, name) = if index == 0 {
                     let mut name = Vec::new();
                     string(&mut block, &mut name)?;
-                    Some(name)
+                    ((self.classes.classify)(&name), Some(name))
                 } else {
-                    self.name_of(index)?.map(<[u8]>::to_vec)
+                    match self.name_of(index)? {
+                        Some((class, name)) => (class, Some(name.to_vec())),
+                        None => (0, None),
+                    }
                 };
                 let mut value = Vec::new();
                 string(&mut block, &mut value)?;
-                visit(name.as_deref(), Some(&value));
-                self.insert(name, value);
+                visit(class, name.as_deref(), Some(&value));
+                self.insert(class, name, value);
             } else if first & 0xe0 == 0x20 {
                 // Dynamic table size update: only before the first field.
                 if !at_start {
@@ -295,17 +334,19 @@ impl Decoder {
                 if index == 0 {
                     literal(&mut block, &mut self.name_buf)?;
                     literal(&mut block, &mut self.value_buf)?;
-                    visit(Some(&self.name_buf), Some(&self.value_buf));
+                    let class = (self.classes.classify)(&self.name_buf);
+                    visit(class, Some(&self.name_buf), Some(&self.value_buf));
                 } else {
-                    let name = match resolve(&self.known, self.unknown_tail, index)? {
-                        Some((name, _)) => name,
-                        None => {
-                            self.stats.unknown_refs += 1;
-                            None
-                        }
-                    };
+                    let (class, name) =
+                        match resolve(&self.known, self.classes, self.unknown_tail, index)? {
+                            Some((class, name, _)) => (class, name),
+                            None => {
+                                self.stats.unknown_refs += 1;
+                                (0, None)
+                            }
+                        };
                     literal(&mut block, &mut self.value_buf)?;
-                    visit(name, Some(&self.value_buf));
+                    visit(class, name, Some(&self.value_buf));
                 }
             }
             at_start = false;
@@ -315,9 +356,10 @@ impl Decoder {
 
     /// The name at `index`, `None` if unknown (an entry from before attach, counted, or one
     /// inserted under such a name).
-    fn name_of(&mut self, index: usize) -> Result<Option<&[u8]>, Error> {
-        match resolve(&self.known, self.unknown_tail, index)? {
-            Some((name, _)) => Ok(name),
+    fn name_of(&mut self, index: usize) -> Result<Option<(u8, &[u8])>, Error> {
+        match resolve(&self.known, self.classes, self.unknown_tail, index)? {
+            Some((class, Some(name), _)) => Ok(Some((class, name))),
+            Some((_, None, _)) => Ok(None),
             None => {
                 self.stats.unknown_refs += 1;
                 Ok(None)
@@ -325,7 +367,7 @@ impl Decoder {
         }
     }
 
-    fn insert(&mut self, name: Option<Vec<u8>>, value: Vec<u8>) {
+    fn insert(&mut self, class: u8, name: Option<Vec<u8>>, value: Vec<u8>) {
         let size = name.as_ref().map_or(0, Vec::len) + value.len() + ENTRY_OVERHEAD;
         if size > self.max_size {
             // RFC 7541 4.4: an entry larger than the table empties it.
@@ -337,7 +379,12 @@ impl Decoder {
         }
         self.known_size += size;
         self.unnamed += usize::from(name.is_none());
-        self.known.push_front(Entry { name, value, size });
+        self.known.push_front(Entry {
+            name,
+            value,
+            size,
+            class,
+        });
     }
 
     fn evict_oldest(&mut self) {
@@ -392,24 +439,29 @@ fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, Error> {
     }
 }
 
-/// A table entry's name (`None` if unknown) and value.
-type Resolved<'a> = (Option<&'a [u8]>, &'a [u8]);
+/// A table entry's name's class (0 if the name is unknown), name (`None` if unknown) and value.
+type Resolved<'a> = (u8, Option<&'a [u8]>, &'a [u8]);
 
-/// The entry at `index`: its name (`None` if it is unknown) and value; `None` for an entry
-/// from before attach.
-fn resolve(
-    known: &VecDeque<Entry>,
+/// The entry at `index`: its name's class, its name (`None` if it is unknown) and value;
+/// `None` for an entry from before attach.
+fn resolve<'a>(
+    known: &'a VecDeque<Entry>,
+    classes: &Classes,
     unknown_tail: bool,
     index: usize,
-) -> Result<Option<Resolved<'_>>, Error> {
+) -> Result<Option<Resolved<'a>>, Error> {
     match index {
         0 => Err(Error::BadIndex(0)),
         1..=61 => {
             let (n, v) = STATIC[index - 1];
-            Ok(Some((Some(n.as_bytes()), v.as_bytes())))
+            Ok(Some((
+                classes.statics[index - 1],
+                Some(n.as_bytes()),
+                v.as_bytes(),
+            )))
         }
         _ => match known.get(index - 62) {
-            Some(e) => Ok(Some((e.name.as_deref(), &e.value))),
+            Some(e) => Ok(Some((e.class, e.name.as_deref(), &e.value))),
             None if unknown_tail => Ok(None),
             None => Err(Error::BadIndex(index)),
         },

@@ -7,6 +7,7 @@
 //! copied. Pure: timestamps come in with the segments.
 
 use foldhash::{HashMap, HashMapExt};
+use std::sync::LazyLock;
 
 #[cfg(test)]
 use bytes::Bytes;
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use super::{frame, hpack};
 use crate::{
     conn::Segment,
-    protocol::http1::Head,
+    protocol::http1::{self, Head},
     trace::exchange::{Exchange, Identity, Outcome, RequestStart},
 };
 
@@ -31,39 +32,72 @@ const MAX_RESYNC: usize = 64 << 10;
 /// gRPC's (`http1::KEPT_H2`), under their lowercase names. Everything else, credentials
 /// included, is decoded (the table needs it) and dropped.
 fn kept(name: &[u8]) -> Option<u8> {
-    crate::protocol::http1::kept_index(name).or_else(|| {
-        crate::protocol::http1::KEPT_H2
+    http1::kept_index(name).or_else(|| {
+        http1::KEPT_H2
             .iter()
             .position(|k| k.as_bytes() == name)
-            .map(|i| (crate::protocol::http1::KEPT.len() + i) as u8)
+            .map(|i| (http1::KEPT.len() + i) as u8)
     })
-}
-
-/// A kept field's name: a pseudo-header's, or a header's index in `http1::NAMES`.
-#[derive(Clone, Copy)]
-enum Name {
-    Pseudo(&'static str),
-    Header(u8),
-}
-
-impl Name {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Pseudo(name) => name,
-            Self::Header(index) => crate::protocol::http1::NAMES[index as usize],
-        }
-    }
 }
 
 /// The pseudo-headers a span reads.
 const PSEUDO: [&str; 5] = [":method", ":path", ":authority", ":scheme", ":status"];
 
-/// The fields of one header block a span reads, their values copied together into one
-/// buffer; both reused block after block.
+/// A field name's class for the HPACK decoder: 0 for a name no span reads, 1 + its index in
+/// `PSEUDO` for a pseudo-header, `HEADER` + its index in `http1::NAMES` for a kept header.
+/// The decoder tells each table entry's class once, so a field sent by index (most fields
+/// on a busy connection) is kept or dropped without its name being compared.
+fn class(name: &[u8]) -> u8 {
+    if name.first() == Some(&b':') {
+        PSEUDO
+            .iter()
+            .position(|p| p.as_bytes() == name)
+            .map_or(0, |i| 1 + i as u8)
+    } else {
+        kept(name).map_or(0, |i| HEADER + i)
+    }
+}
+
+static CLASSES: LazyLock<hpack::Classes> = LazyLock::new(|| hpack::Classes::new(class));
+
+/// The class of the pseudo-header `name`, at compile time.
+const fn pseudo(name: &str) -> u8 {
+    let mut i = 0;
+    while i < PSEUDO.len() {
+        if PSEUDO[i].len() == name.len() {
+            let (p, n) = (PSEUDO[i].as_bytes(), name.as_bytes());
+            let mut j = 0;
+            while j < n.len() && p[j] == n[j] {
+                j += 1;
+            }
+            if j == n.len() {
+                return 1 + i as u8;
+            }
+        }
+        i += 1;
+    }
+    panic!("not a kept pseudo-header")
+}
+
+const METHOD: u8 = pseudo(":method");
+const PATH: u8 = pseudo(":path");
+const AUTHORITY: u8 = pseudo(":authority");
+const STATUS: u8 = pseudo(":status");
+/// The first header class.
+const HEADER: u8 = 1 + PSEUDO.len() as u8;
+const GRPC_STATUS: u8 = HEADER + http1::name_index("grpc-status");
+const GRPC_MESSAGE: u8 = HEADER + http1::name_index("grpc-message");
+
+fn decoder(midstream: bool) -> hpack::Decoder {
+    hpack::Decoder::classifying(midstream, &CLASSES)
+}
+
+/// The fields of one header block a span reads (by class), their values copied together into
+/// one buffer; both reused block after block.
 #[derive(Default)]
 struct Fields {
     text: Vec<u8>,
-    kept: Vec<(Name, u32, u32)>,
+    kept: Vec<(u8, u32, u32)>,
 }
 
 impl Fields {
@@ -72,39 +106,28 @@ impl Fields {
         self.kept.clear();
     }
 
-    /// Keeps the field if a span reads it.
-    fn offer(&mut self, name: &[u8], value: &[u8]) {
-        let name = if name.first() == Some(&b':') {
-            PSEUDO
-                .iter()
-                .find(|p| p.as_bytes() == name)
-                .map(|p| Name::Pseudo(p))
-        } else {
-            kept(name).map(Name::Header)
-        };
-        if let Some(name) = name {
-            let at = self.text.len() as u32;
-            self.text.extend_from_slice(value);
-            self.kept.push((name, at, self.text.len() as u32));
-        }
+    /// Keeps the field of a class a span reads.
+    fn offer(&mut self, class: u8, value: &[u8]) {
+        let at = self.text.len() as u32;
+        self.text.extend_from_slice(value);
+        self.kept.push((class, at, self.text.len() as u32));
     }
 
-    fn iter(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
+    fn iter(&self) -> impl Iterator<Item = (u8, &[u8])> + Clone {
         self.kept
             .iter()
-            .map(|&(n, from, to)| (n.as_str(), &self.text[from as usize..to as usize]))
+            .map(|&(c, from, to)| (c, &self.text[from as usize..to as usize]))
     }
 
     /// The kept fields that are headers (not pseudo-headers), by their index in `http1::NAMES`.
     fn headers(&self) -> impl Iterator<Item = (u8, &[u8])> + Clone {
-        self.kept.iter().filter_map(|&(n, from, to)| match n {
-            Name::Header(index) => Some((index, &self.text[from as usize..to as usize])),
-            Name::Pseudo(_) => None,
-        })
+        self.iter()
+            .filter(|&(c, _)| c >= HEADER)
+            .map(|(c, v)| (c - HEADER, v))
     }
 
-    fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    fn get(&self, class: u8) -> Option<&[u8]> {
+        self.iter().find(|&(c, _)| c == class).map(|(_, v)| v)
     }
 }
 
@@ -210,13 +233,13 @@ pub struct Progress {
 }
 
 fn head_request(fields: &Fields) -> Head {
-    let text = |name| fields.get(name).map(String::from_utf8_lossy);
+    let text = |class| fields.get(class).map(String::from_utf8_lossy);
     Head::request_kept(
-        text(":method").as_deref().unwrap_or("_OTHER"),
-        text(":path").as_deref().unwrap_or_default(),
+        text(METHOD).as_deref().unwrap_or("_OTHER"),
+        text(PATH).as_deref().unwrap_or_default(),
         fields
-            .get(":authority")
-            .map(|a| (crate::protocol::http1::HOST, a))
+            .get(AUTHORITY)
+            .map(|a| (http1::HOST, a))
             .into_iter()
             .chain(fields.headers()),
     )
@@ -224,7 +247,7 @@ fn head_request(fields: &Fields) -> Head {
 
 fn head_response(fields: &Fields) -> Option<Head> {
     let status = fields
-        .get(":status")
+        .get(STATUS)
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())?;
     Some(Head::response(status, []))
 }
@@ -258,10 +281,7 @@ impl Session {
                     State::Frame
                 }),
             ],
-            decoders: [
-                hpack::Decoder::new(midstream),
-                hpack::Decoder::new(midstream),
-            ],
+            decoders: [decoder(midstream), decoder(midstream)],
             streams: HashMap::new(),
             goaway: None,
             fields: Fields::default(),
@@ -336,7 +356,7 @@ impl Session {
         r.state = State::Resync;
         r.buf.clear();
         r.block = None;
-        self.decoders[dir] = hpack::Decoder::new(true);
+        self.decoders[dir] = decoder(true);
     }
 
     /// Reads the frames of `data` (the direction's next bytes); returns how many bytes it is
@@ -401,7 +421,7 @@ impl Session {
                         r.state = State::Resync;
                         r.block = None;
                         at += 1;
-                        self.decoders[dir] = hpack::Decoder::new(true);
+                        self.decoders[dir] = decoder(true);
                         continue;
                     }
                     at += frame::HEADER_LEN;
@@ -423,7 +443,7 @@ impl Session {
                             if h.len as usize > MAX_BLOCK {
                                 // Not decoded: its direction's table is unknown from here.
                                 self.stats.hpack_errors += 1;
-                                self.decoders[dir] = hpack::Decoder::new(true);
+                                self.decoders[dir] = decoder(true);
                                 self.readers[dir].block = None;
                                 self.readers[dir].state = State::Skip(u64::from(h.len));
                             } else {
@@ -519,12 +539,12 @@ impl Session {
             frame::CONTINUATION => {
                 let Some((stream, kind, flags, mut block)) = self.readers[dir].block.take() else {
                     // A continuation of a block whose start was missed.
-                    self.decoders[dir] = hpack::Decoder::new(true);
+                    self.decoders[dir] = decoder(true);
                     return;
                 };
                 if stream != h.stream || block.len() + payload.len() > MAX_BLOCK {
                     self.stats.hpack_errors += 1;
-                    self.decoders[dir] = hpack::Decoder::new(true);
+                    self.decoders[dir] = decoder(true);
                     return;
                 }
                 block.extend_from_slice(payload);
@@ -591,13 +611,14 @@ impl Session {
         fields.clear();
         let stats = &mut self.stats;
         let decoded =
-            self.decoders[dir].decode_with(block, &mut |name, value| match (name, value) {
-                (Some(n), Some(v)) => fields.offer(n, v),
+            self.decoders[dir].decode_with(block, &mut |class, name, value| match (name, value) {
+                (Some(_), Some(v)) if class != 0 => fields.offer(class, v),
+                (Some(_), Some(_)) => {}
                 _ => stats.unknown_fields += 1,
             });
         if decoded.is_err() {
             self.stats.hpack_errors += 1;
-            self.decoders[dir] = hpack::Decoder::new(true);
+            self.decoders[dir] = decoder(true);
         } else if kind == frame::PUSH_PROMISE {
             // A promised request's headers keep the table right; no span comes of them.
         } else {
@@ -674,14 +695,14 @@ impl Session {
                 }
             }
             if let Some(g) = s.grpc.as_mut() {
-                for (k, v) in fields.iter() {
-                    match k {
-                        "grpc-status" => {
+                for (class, v) in fields.iter() {
+                    match class {
+                        GRPC_STATUS => {
                             g.status = std::str::from_utf8(v)
                                 .ok()
                                 .and_then(|v| v.trim().parse().ok());
                         }
-                        "grpc-message" => {
+                        GRPC_MESSAGE => {
                             g.message = Some(String::from_utf8_lossy(v).into_owned());
                         }
                         _ => {}

@@ -250,3 +250,39 @@ fn unindexed_strings_sent_again_decode_as_themselves() {
             .all(|(r, v)| r.is_empty() && v.is_empty())
     );
 }
+
+/// A class that differs between most names, never 0 (the class of an unknown name).
+fn name_class(name: &[u8]) -> u8 {
+    name.iter()
+        .fold(7u8, |a, &b| a.wrapping_mul(31).wrapping_add(b))
+        .max(1)
+}
+
+static HASHED: std::sync::LazyLock<Classes> = std::sync::LazyLock::new(|| Classes::new(name_class));
+
+/// Each field comes with its name's class however the name was sent (a static index, a
+/// dynamic one, a literal entering the table or not, a name taken by index for a new entry),
+/// also on connections joined late, where a field whose name is unknown gets class 0.
+#[test]
+fn every_field_comes_with_its_names_class() {
+    let (blocks, _) = fixtures();
+    for joined_after in [0, 1, 40] {
+        let mut d = Decoder::classifying(joined_after > 0, &HASHED);
+        let (mut named, mut unnamed) = (0, 0);
+        for block in &blocks[joined_after..] {
+            d.decode_with(block, &mut |class, name, _| match name {
+                Some(n) => {
+                    assert_eq!(class, name_class(n), "{}", String::from_utf8_lossy(n));
+                    named += 1;
+                }
+                None => {
+                    assert_eq!(class, 0);
+                    unnamed += 1;
+                }
+            })
+            .unwrap();
+        }
+        assert!(named > 500, "{named}");
+        assert_eq!(unnamed > 0, joined_after > 0, "{unnamed}");
+    }
+}
