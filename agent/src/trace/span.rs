@@ -296,12 +296,136 @@ fn url_full(scheme: &str, host: &str, port: u16, path: &str, query: Option<&str>
 }
 
 /// Builds the span of `ex`, handled by the process of `conn` on the `kind` side.
-pub fn build<'a>(
+pub fn build(
+    ex: &Exchange,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+    redaction: &Redaction,
+) -> SpanRecord {
+    http(ex, conn, kind, clock, redaction, false)
+}
+
+/// Builds the span of `ex`, an HTTP/2 stream that is not a gRPC call.
+pub fn build_h2(
+    ex: &Exchange,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+    redaction: &Redaction,
+) -> SpanRecord {
+    http(ex, conn, kind, clock, redaction, true)
+}
+
+/// The span of a gRPC call `ex` named `name`, with where the call went and came from; none
+/// of HTTP's method, URL, route and status attributes (the path is the method, and the HTTP
+/// status is 200 for failed calls too): the caller adds the RPC's, the error and the status.
+pub fn rpc_base(
+    ex: &Exchange,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+    name: Arc<str>,
+) -> SpanRecord {
+    let req = &ex.request;
+    let mut a = attribute_list();
+    a.push(("network.protocol.version", Value::Static("2")));
+    let peer_ip = shared_text::ip(conn.remote.ip());
+    let (addr, port) = server_address(req, conn, kind, &peer_ip);
+    a.push(("server.address", Value::Shared(addr)));
+    a.push(("server.port", Value::Int(port.into())));
+    if kind == SpanKind::Server {
+        a.push(("client.address", client_address(req, &peer_ip)));
+    }
+    peer_and_agent(&mut a, req, conn, peer_ip);
+    record(ex, conn, kind, clock, name, a, None, None)
+}
+
+/// `server.address` and `server.port`: the request's `Host` (`:authority`) if it has one,
+/// else the server's end of the connection.
+#[inline]
+fn server_address(
+    req: &Head,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    peer_ip: &Arc<str>,
+) -> (Arc<str>, u16) {
+    let server = match kind {
+        SpanKind::Server => conn.local,
+        SpanKind::Client => conn.remote,
+    };
+    match host_and_port(req) {
+        Some((h, p)) => (shared_text::text(h), p.unwrap_or(server.port())),
+        None if kind == SpanKind::Server => (shared_text::ip(server.ip()), server.port()),
+        None => (peer_ip.clone(), server.port()),
+    }
+}
+
+/// `client.address`: the first `X-Forwarded-For` address, else the connection's peer.
+#[inline]
+fn client_address(req: &Head, peer_ip: &Arc<str>) -> Value {
+    req.header_str("x-forwarded-for")
+        .map(|v| v[..v.bytes().position(|b| b == b',').unwrap_or(v.len())].trim())
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || Value::Shared(peer_ip.clone()),
+            |v| Value::Str(v.to_string()),
+        )
+}
+
+/// The peer's address and port, and the client's `User-Agent`.
+#[inline]
+fn peer_and_agent(
+    a: &mut Vec<(&'static str, Value)>,
+    req: &Head,
+    conn: &ConnInfo,
+    peer_ip: Arc<str>,
+) {
+    a.push(("network.peer.address", Value::Shared(peer_ip)));
+    a.push(("network.peer.port", Value::Int(conn.remote.port().into())));
+    if let Some(ua) = req.header("user-agent").and_then(shared_text::header_text) {
+        a.push(("user_agent.original", Value::Shared(ua)));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn record(
+    ex: &Exchange,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+    name: Arc<str>,
+    attributes: Vec<(&'static str, Value)>,
+    error: Option<String>,
+    status: Option<Cow<'static, str>>,
+) -> SpanRecord {
+    let id = &ex.identity;
+    SpanRecord {
+        trace_id: id.trace_id,
+        span_id: id.span_id,
+        parent_span_id: id.parent_span_id,
+        parent_is_remote: id.parent_is_remote,
+        trace_state: id.trace_state.clone(),
+        name,
+        kind,
+        start_unix_ns: clock.to_unix_ns(ex.start_ns),
+        end_unix_ns: clock.to_unix_ns(ex.end_ns.max(ex.start_ns)),
+        attributes,
+        error,
+        status,
+        pid: conn.pid,
+        comm: conn.comm.clone(),
+    }
+}
+
+fn http<'a>(
     ex: &'a Exchange,
     conn: &ConnInfo,
     kind: SpanKind,
     clock: &WallClock,
     redaction: &Redaction,
+    h2: bool,
 ) -> SpanRecord {
     let req = &ex.request;
     let method = req.method().unwrap_or("_OTHER");
@@ -338,37 +462,22 @@ pub fn build<'a>(
     a.push(("url.scheme", Value::Static(scheme)));
     // No `network.protocol.name`: the conventions ask for it only when it is not `http` (as
     // the OpenTelemetry instrumentations do); it was some 35 of a span's ~450 bytes on the wire.
-    a.push((
-        "network.protocol.version",
-        Value::Static(if req.minor_version == 0 { "1.0" } else { "1.1" }),
-    ));
-    let peer = conn.remote;
-    let peer_ip = shared_text::ip(peer.ip());
-    let host = host_and_port(req);
+    let version = match (h2, req.minor_version) {
+        (true, _) => "2",
+        (false, 0) => "1.0",
+        (false, _) => "1.1",
+    };
+    a.push(("network.protocol.version", Value::Static(version)));
+    let peer_ip = shared_text::ip(conn.remote.ip());
+    let (addr, port) = server_address(req, conn, kind, &peer_ip);
     match kind {
         SpanKind::Server => {
             a.push(("http.route", Value::Shared(route.clone())));
-            let (addr, port) = match host {
-                Some((h, p)) => (shared_text::text(h), p.unwrap_or(conn.local.port())),
-                None => (shared_text::ip(conn.local.ip()), conn.local.port()),
-            };
             a.push(("server.address", Value::Shared(addr)));
             a.push(("server.port", Value::Int(port.into())));
-            let client = req
-                .header_str("x-forwarded-for")
-                .map(|v| until(v, b',').trim())
-                .filter(|v| !v.is_empty())
-                .map_or_else(
-                    || Value::Shared(peer_ip.clone()),
-                    |v| Value::Str(v.to_string()),
-                );
-            a.push(("client.address", client));
+            a.push(("client.address", client_address(req, &peer_ip)));
         }
         SpanKind::Client => {
-            let (addr, port) = match host {
-                Some((h, p)) => (shared_text::text(h), p.unwrap_or(peer.port())),
-                None => (peer_ip.clone(), peer.port()),
-            };
             a.push(("url.template", Value::Shared(route.clone())));
             // The query as `url.query` has it: redacting it again cost an allocation and a
             // scan.
@@ -382,11 +491,7 @@ pub fn build<'a>(
             a.push(("server.port", Value::Int(port.into())));
         }
     }
-    a.push(("network.peer.address", Value::Shared(peer_ip)));
-    a.push(("network.peer.port", Value::Int(peer.port().into())));
-    if let Some(ua) = req.header("user-agent").and_then(shared_text::header_text) {
-        a.push(("user_agent.original", Value::Shared(ua)));
-    }
+    peer_and_agent(&mut a, req, conn, peer_ip);
     let status = ex.response.as_ref().and_then(Head::status);
     if let Some(code) = status {
         a.push(("http.response.status_code", Value::Int(code.into())));
@@ -406,23 +511,8 @@ pub fn build<'a>(
         a.push(("error.type", Value::Str(e.clone())));
     }
 
-    let id = &ex.identity;
-    SpanRecord {
-        trace_id: id.trace_id,
-        span_id: id.span_id,
-        parent_span_id: id.parent_span_id,
-        parent_is_remote: id.parent_is_remote,
-        trace_state: id.trace_state.clone(),
-        name,
-        kind,
-        start_unix_ns: clock.to_unix_ns(ex.start_ns),
-        end_unix_ns: clock.to_unix_ns(ex.end_ns.max(ex.start_ns)),
-        attributes: a,
-        error,
-        status: status.map(status_text),
-        pid: conn.pid,
-        comm: conn.comm.clone(),
-    }
+    let status = status.map(status_text);
+    record(ex, conn, kind, clock, name, a, error, status)
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! ERROR by the convention's rules for each side. Plain HTTP/2 requests are HTTP spans, as
 //! HTTP/1's, with `network.protocol.version` = 2.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use super::session::{Grpc, H2Exchange};
 use crate::{
@@ -51,20 +51,21 @@ pub fn build(
     clock: &WallClock,
     redaction: &Redaction,
 ) -> SpanRecord {
-    let mut s = span::build(&x.exchange, conn, kind, clock, redaction);
-    for (k, v) in s.attributes.iter_mut() {
-        if *k == "network.protocol.version" {
-            *v = Value::Static("2");
-        }
+    match &x.grpc {
+        Some(g) => grpc(x, g, conn, kind, clock),
+        None => span::build_h2(&x.exchange, conn, kind, clock, redaction),
     }
-    if let Some(g) = &x.grpc {
-        grpc(&mut s, x, g, kind);
-    }
-    s
 }
 
-/// Turns the HTTP span of a gRPC call into an RPC span.
-fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
+/// A gRPC call's span: RPC attributes where an HTTP span has its method, URL, route and
+/// status.
+fn grpc(
+    x: &H2Exchange,
+    g: &Grpc,
+    conn: &ConnInfo,
+    kind: SpanKind,
+    clock: &WallClock,
+) -> SpanRecord {
     let path = x.exchange.request.target();
     // `/package.Service/Method`; anything else is not a method name a span may carry.
     // Shared: a service serves a few methods, and the name and the RED labels repeat it.
@@ -72,27 +73,12 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
         .strip_prefix('/')
         .filter(|m| m.split('/').count() == 2 && !m.contains('?'))
         .map(crate::trace::shared_text::text);
-    // HTTP attributes a gRPC span does not carry (the path is the method; the route and URL
-    // say nothing more, and the HTTP status is 200 for failed calls too).
-    s.attributes.retain(|(k, _)| {
-        !matches!(
-            *k,
-            "http.request.method"
-                | "http.request.method_original"
-                | "url.path"
-                | "url.query"
-                | "url.scheme"
-                | "url.full"
-                | "url.template"
-                | "http.route"
-                | "http.response.status_code"
-                | "error.type"
-        )
-    });
+    let name = method.clone().unwrap_or_else(|| GRPC.with(Arc::clone));
+    let mut s = span::rpc_base(&x.exchange, conn, kind, clock, name);
     s.attributes
         .push(("rpc.system.name", Value::Static("grpc")));
-    match &method {
-        Some(m) => s.attributes.push(("rpc.method", Value::Shared(m.clone()))),
+    match method {
+        Some(m) => s.attributes.push(("rpc.method", Value::Shared(m))),
         None => s.attributes.push(("rpc.method", Value::Static("_OTHER"))),
     }
     let code = g.status;
@@ -100,7 +86,6 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
         s.attributes
             .push(("rpc.response.status_code", Value::Static(name)));
     }
-    s.name = method.unwrap_or_else(|| "grpc".into());
     let error = match (x.exchange.outcome, code) {
         (_, Some(0)) => None,
         (_, Some(c)) if kind == SpanKind::Client || SERVER_ERRORS.contains(&c) => {
@@ -116,6 +101,12 @@ fn grpc(s: &mut SpanRecord, x: &H2Exchange, g: &Grpc, kind: SpanKind) {
     }
     s.error = error;
     s.status = code.map(|c| code_name(c).map_or_else(|| c.to_string().into(), Cow::Borrowed));
+    s
+}
+
+thread_local! {
+    /// The name of a call whose path is not a method's.
+    static GRPC: Arc<str> = Arc::from("grpc");
 }
 
 #[cfg(test)]
@@ -201,6 +192,26 @@ mod tests {
         assert_eq!(attr(&ok, "server.address"), Some("orders"));
         assert_eq!(attr(&ok, "url.path"), None);
         assert_eq!(ok.error, None);
+        // Where the call went and came from, as an HTTP span has it; nothing of HTTP's method,
+        // URL, route or status.
+        let keys = |s: &SpanRecord| s.attributes.iter().map(|(k, _)| *k).collect::<Vec<_>>();
+        let mut want = vec![
+            "network.protocol.version",
+            "server.address",
+            "server.port",
+            "network.peer.address",
+            "network.peer.port",
+            "rpc.system.name",
+            "rpc.method",
+            "rpc.response.status_code",
+        ];
+        assert_eq!(keys(&ok), want);
+        let x = exchange("/shop.v1.Orders/Get", Some(0), Outcome::Complete);
+        want.insert(3, "client.address");
+        assert_eq!(
+            keys(&build(&x, &conn(), SpanKind::Server, &clock, &r)),
+            want
+        );
 
         // NOT_FOUND is the caller's error, not the server's.
         let x = exchange("/shop.v1.Orders/Get", Some(5), Outcome::Complete);
