@@ -41,7 +41,7 @@ fn kept(name: &[u8]) -> Option<u8> {
 }
 
 /// The pseudo-headers a span reads.
-const PSEUDO: [&str; 5] = [":method", ":path", ":authority", ":scheme", ":status"];
+const PSEUDO: [&str; 4] = [":method", ":path", ":authority", ":status"];
 
 /// A field name's class for the HPACK decoder: 0 for a name no span reads, 1 + its index in
 /// `PSEUDO` for a pseudo-header, `HEADER` + its index in `http1::NAMES` for a kept header.
