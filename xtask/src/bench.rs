@@ -19,7 +19,7 @@ pub struct Options {
     pub agent_args: Vec<String>,
     /// Workload names to run; empty runs all and the criterion benchmarks.
     pub only: Vec<String>,
-    /// Another build of the agent whose columns the HTTP tables add, in the same alternating
+    /// Another build of the agent whose columns every table adds, in the same alternating
     /// rounds: two builds compared on the host as it is at that moment, not on two days.
     pub baseline: Option<PathBuf>,
 }
@@ -873,179 +873,230 @@ fn grpc(root: &Path, dir: &Path) -> anyhow::Result<DbWorkload> {
 /// Database workloads: client and server on this node, every process traced (the client's
 /// calls are the CLIENT spans; the server side feeds metrics only).
 fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::Result<String> {
+    // Every process traced (client and server: two sides per operation); with `--baseline`, the
+    // other build in the same alternating rounds.
+    let mut setups: Vec<(&str, &Path)> = vec![("with", bin)];
+    if let Some(base) = &opts.baseline {
+        setups.push(("baseline", base));
+    }
+    let setups = &setups;
     step(&format!("{}: warm-up", w.name));
     (w.load)(2, opts.connections, None)?;
-    let (mut off, mut on, mut costs) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..opts.rounds {
-        step(&format!(
-            "{}: round {} of {}",
-            w.name,
-            round + 1,
-            opts.rounds
-        ));
-        let on_first = round % 2 == 1;
-        for with in [on_first, !on_first] {
-            if with {
-                let (l, c) = with_agent(bin, otlp, &[], &opts.agent_args, Timing::Off, || {
-                    (w.load)(opts.seconds, opts.connections, None)
-                })?;
-                on.push(l.rps);
-                costs.push((l, c));
-            } else {
-                off.push((w.load)(opts.seconds, opts.connections, None)?.rps);
-            }
+    let with = |rate: Option<f64>, timing: Timing| {
+        move |i: usize| {
+            with_agent(setups[i].1, otlp, &[], &opts.agent_args, timing, || {
+                busy_during(|| (w.load)(opts.seconds, opts.connections, rate))
+            })
         }
-    }
-    step(&format!("{}: kernel-program time", w.name));
-    let timed = with_agent(
-        bin,
-        otlp,
-        &[],
-        &opts.agent_args,
-        Timing::KernelPrograms,
-        || (w.load)(opts.seconds, opts.connections, None),
-    )?;
-    let per_k: Vec<f64> = costs
-        .iter()
-        .map(|(l, c)| (c.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9))
-        .collect();
-    let absolute: Vec<f64> = costs
-        .iter()
-        .map(|(_, c)| c.cpu_seconds / opts.seconds as f64 * 1000.0)
-        .collect();
-    let per_op = timed.1.kernel_ns as f64 / timed.0.requests.max(1) as f64;
-    // Client and server are both traced: two sides per operation.
-    let user_us: Vec<f64> = costs
-        .iter()
-        .map(|(l, c)| c.user_seconds * 1e6 / (2 * l.requests.max(1)) as f64)
-        .collect();
-    let sys_us: Vec<f64> = costs
-        .iter()
-        .map(|(l, c)| c.sys_seconds * 1e6 / (2 * l.requests.max(1)) as f64)
-        .collect();
-    let per_event = timed.1.kernel_ns as f64 / timed.1.events.max(1) as f64;
-    // Memory, spans and drops count every round the agent ran, the timed one included.
-    costs.push(timed);
-    let rss = costs.iter().map(|(_, c)| c.rss_mib).fold(0.0, f64::max);
-    let spans: u64 = costs.iter().map(|(_, c)| c.spans_exported).sum();
-    let ops: u64 = costs.iter().map(|(l, _)| l.requests).sum();
-    let drops: u64 = costs.iter().map(|(_, c)| c.drops).sum();
-    let mut reasons: Vec<String> = Vec::new();
-    for (_, c) in &costs {
-        for (n, v) in &c.drop_reasons {
-            reasons.push(format!("{n}={v}"));
-        }
-    }
-    let (off, on) = (median(off), median(on));
-    let latency = if w.holds_rate {
-        fixed_rate_rows(bin, otlp, w, opts, (off * 0.5).max(50.0))?
-    } else {
-        format!(
-            "{:<50} {:>12}\n",
-            "latency at a fixed rate", "(the load generator cannot hold one)"
-        )
     };
-    Ok(format!(
-        "\n{}\n{:<50} {:>12} {:>12}\n{:<50} {:>12.0} {:>12.0}   ratio {:.3}\n{latency}\
-         {:<50} {:>12.1}\n{:<50} {:>12.1}\n{:<50} {:>12.2}   target <= 1.5\n{:<50} {:>12.2}\n\
-         {:<50} {:>12.0}\n{:<50} {:>12.0}   target <= 400\n{:<50} {:>12.1}   target <= 64\n\
-         {:<50} {:>12}\n{:<50} {:>12}\n{:<50} {}\n",
+    let (off, costs) = alternate(
+        &format!("{}: saturation", w.name),
+        opts,
+        setups.len(),
+        false,
+        || (w.load)(opts.seconds, opts.connections, None),
+        with(None, Timing::Off),
+    )?;
+    step(&format!("{}: kernel-program time", w.name));
+    let timed: Vec<(Load, AgentCost)> = (0..setups.len())
+        .map(with(None, Timing::KernelPrograms))
+        .collect::<anyhow::Result<_>>()?;
+    let off = median(off.iter().map(|l| l.rps).collect());
+    let mut t = Table::new(
         w.name,
-        "",
-        "without",
-        "with",
+        std::iter::once("without".to_string())
+            .chain(setups.iter().map(|s| s.0.to_string()))
+            .collect(),
+    );
+    let per = |f: &dyn Fn(&Load, &AgentCost) -> f64, digits: usize| -> Vec<String> {
+        std::iter::once(String::new())
+            .chain(costs.iter().map(|c| {
+                format!(
+                    "{:.digits$}",
+                    median(c.iter().map(|(l, a)| f(l, a)).collect())
+                )
+            }))
+            .collect()
+    };
+    let rps = |c: &Vec<(Load, AgentCost)>| median(c.iter().map(|(l, _)| l.rps).collect());
+    t.row(
         "operations per second at saturation",
-        off,
-        on,
-        on / off,
+        std::iter::once(format!("{off:.0}"))
+            .chain(costs.iter().map(|c| format!("{:.0}", rps(c))))
+            .collect(),
+        "",
+    );
+    t.row(
+        "  ratio",
+        std::iter::once(String::new())
+            .chain(costs.iter().map(|c| format!("{:.3}", rps(c) / off)))
+            .collect(),
+        ">= 0.80",
+    );
+    // Memory, spans and drops count every round the agent ran, the timed one included.
+    let accounted: PerSetup = costs
+        .iter()
+        .zip(&timed)
+        .map(|(c, t)| c.iter().cloned().chain([t.clone()]).collect())
+        .collect();
+    let mut rate_drops = vec![0; setups.len()];
+    if w.holds_rate {
+        let rate = (off * 0.5).max(50.0);
+        let (lat_off, fixed) = alternate(
+            &format!("{}: fixed rate {rate:.0}/s", w.name),
+            opts,
+            setups.len(),
+            true,
+            || busy_during(|| (w.load)(opts.seconds, opts.connections, Some(rate))),
+            with(Some(rate), Timing::Off),
+        )?;
+        let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+        let lat_on: Vec<Vec<Load>> = fixed
+            .iter()
+            .map(|c| c.iter().map(|(l, _)| *l).collect())
+            .collect();
+        t.row(
+            &format!("host CPU busy at {rate:.0} ops/s (% of all cores)"),
+            std::iter::once(format!("{:.1}", lat(&lat_off, |l| l.host_busy_pct)))
+                .chain(
+                    lat_on
+                        .iter()
+                        .map(|v| format!("{:.1}", lat(v, |l| l.host_busy_pct))),
+                )
+                .collect(),
+            "",
+        );
+        for (label, f, target) in [
+            ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64, ""),
+            ("p99", |l: &Load| l.p99_ms, "<= +5%"),
+            ("p99.9", |l: &Load| l.p999_ms, ""),
+        ] {
+            let base = lat(&lat_off, f);
+            t.row(
+                &format!("{label} latency at {rate:.0} ops/s (ms)"),
+                std::iter::once(format!("{base:.3}"))
+                    .chain(lat_on.iter().map(|v| {
+                        let x = lat(v, f);
+                        format!("{x:.3} {:+.0}%", 100.0 * (x / base - 1.0))
+                    }))
+                    .collect(),
+                target,
+            );
+        }
+        rate_drops = fixed
+            .iter()
+            .map(|c| c.iter().map(|(_, a)| a.drops).sum())
+            .collect();
+    } else {
+        t.row(
+            "latency at a fixed rate",
+            std::iter::once("(the load generator cannot hold one)".to_string()).collect(),
+            "",
+        );
+    }
+    t.row(
         "agent CPU (millicores per 1k ops/s, median)",
-        median(per_k),
+        per(
+            &|l, a| (a.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9),
+            1,
+        ),
+        "",
+    );
+    t.row(
         "agent CPU (millicores, median)",
-        median(absolute),
+        per(&|_, a| a.cpu_seconds / opts.seconds as f64 * 1000.0, 1),
+        "",
+    );
+    t.row(
         "agent user-space CPU per traced side (us, median)",
-        median(user_us),
+        per(
+            &|l, a| a.user_seconds * 1e6 / (2 * l.requests.max(1)) as f64,
+            2,
+        ),
+        "<= 1.5",
+    );
+    t.row(
         "agent kernel CPU per traced side (us, median)",
-        median(sys_us),
+        per(
+            &|l, a| a.sys_seconds * 1e6 / (2 * l.requests.max(1)) as f64,
+            2,
+        ),
+        "",
+    );
+    let own_round = |f: &dyn Fn(&Load, &AgentCost) -> f64| -> Vec<String> {
+        std::iter::once(String::new())
+            .chain(timed.iter().map(|(l, a)| format!("{:.0}", f(l, a))))
+            .collect()
+    };
+    t.row(
         "kernel-program time per operation (ns, own round)",
-        per_op,
+        own_round(&|l, a| a.kernel_ns as f64 / l.requests.max(1) as f64),
+        "",
+    );
+    t.row(
         "kernel-program time per event (ns, own round)",
-        per_event,
+        own_round(&|_, a| a.kernel_ns as f64 / a.events.max(1) as f64),
+        "<= 400",
+    );
+    t.row(
         "agent RSS (MiB, max)",
-        rss,
+        std::iter::once(String::new())
+            .chain(accounted.iter().map(|c| {
+                format!(
+                    "{:.1}",
+                    c.iter().map(|(_, a)| a.rss_mib).fold(0.0, f64::max)
+                )
+            }))
+            .collect(),
+        "<= 64",
+    );
+    t.row(
         "spans exported / operations",
-        format!("{spans}/{ops}"),
+        std::iter::once(String::new())
+            .chain(accounted.iter().map(|c| {
+                let spans: u64 = c.iter().map(|(_, a)| a.spans_exported).sum();
+                let ops: u64 = c.iter().map(|(l, _)| l.requests).sum();
+                format!("{spans}/{ops}")
+            }))
+            .collect(),
+        "",
+    );
+    if w.holds_rate {
+        t.row(
+            "drops at the fixed rate (sum over rounds)",
+            std::iter::once(String::new())
+                .chain(rate_drops.iter().map(u64::to_string))
+                .collect(),
+            "0",
+        );
+    }
+    t.row(
         "drops, every counter (sum over rounds)",
-        drops,
-        "drops by reason (per round)",
-        if reasons.is_empty() {
+        std::iter::once(String::new())
+            .chain(
+                accounted
+                    .iter()
+                    .map(|c| c.iter().map(|(_, a)| a.drops).sum::<u64>().to_string()),
+            )
+            .collect(),
+        "",
+    );
+    let mut out = t.render();
+    for (s, c) in setups.iter().zip(&accounted) {
+        let reasons: Vec<String> = c
+            .iter()
+            .flat_map(|(_, a)| a.drop_reasons.iter().map(|(n, v)| format!("{n}={v}")))
+            .collect();
+        let reasons = if reasons.is_empty() {
             "none".to_string()
         } else {
             reasons.join(", ")
-        },
-    ))
-}
-
-/// Latency at `rate` (half of saturation without the agent) without and with the agent, in
-/// alternating rounds, as rows of the database table; and the drops at that rate.
-fn fixed_rate_rows(
-    bin: &Path,
-    otlp: &str,
-    w: &DbWorkload,
-    opts: &Options,
-    rate: f64,
-) -> anyhow::Result<String> {
-    let (mut off, mut on, mut drops) = (Vec::new(), Vec::new(), 0u64);
-    for round in 0..opts.rounds {
-        step(&format!(
-            "{}: fixed rate {rate:.0}/s, round {} of {}",
-            w.name,
-            round + 1,
-            opts.rounds
-        ));
-        let on_first = round % 2 == 1;
-        for with in [on_first, !on_first] {
-            if with {
-                let (l, c) = with_agent(bin, otlp, &[], &opts.agent_args, Timing::Off, || {
-                    busy_during(|| (w.load)(opts.seconds, opts.connections, Some(rate)))
-                })?;
-                on.push(l);
-                drops += c.drops;
-            } else {
-                off.push(busy_during(|| {
-                    (w.load)(opts.seconds, opts.connections, Some(rate))
-                })?);
-            }
-        }
-    }
-    let mut out = String::new();
-    type Row = (&'static str, fn(&Load) -> f64, &'static str);
-    let rows: [Row; 3] = [
-        ("p50", |l| l.p50_ms, ""),
-        ("p99", |l| l.p99_ms, "   target <= +5%"),
-        ("p99.9", |l| l.p999_ms, ""),
-    ];
-    out.push_str(&format!(
-        "{:<50} {:>12.1} {:>12.1}\n",
-        format!("host CPU busy at {rate:.0} ops/s (% of all cores)"),
-        median(off.iter().map(|l| l.host_busy_pct).collect()),
-        median(on.iter().map(|l| l.host_busy_pct).collect()),
-    ));
-    for (name, f, target) in rows {
-        let (a, b) = (
-            median(off.iter().map(f).collect()),
-            median(on.iter().map(f).collect()),
-        );
+        };
         out.push_str(&format!(
-            "{:<50} {a:>12.3} {b:>12.3}   {:+.0}%{target}\n",
-            format!("{name} latency at {rate:.0} ops/s (ms)"),
-            (b / a - 1.0) * 100.0
+            "drops by reason, {} (per round): {reasons}\n",
+            s.0
         ));
     }
-    out.push_str(&format!(
-        "{:<50} {:>12} {drops:>12}   target 0\n",
-        format!("drops at {rate:.0} ops/s (sum over rounds)"),
-        ""
-    ));
     Ok(out)
 }
 
@@ -1457,7 +1508,7 @@ pub fn bench(root: &Path, opts: &Options) -> anyhow::Result<()> {
         bin.display(),
         opts.baseline
             .as_ref()
-            .map(|b| format!(" (HTTP columns \"baseline\": {})", b.display()))
+            .map(|b| format!(" (columns \"baseline\": {})", b.display()))
             .unwrap_or_default(),
         if opts.agent_args.is_empty() {
             "defaults".to_string()

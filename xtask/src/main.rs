@@ -94,7 +94,7 @@ enum Task {
         /// redis, grpc. Default: all, then the criterion benchmarks.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Another build of the agent (an earlier commit's) whose columns the HTTP tables add,
+        /// Another build of the agent (an earlier commit's) whose columns every table adds,
         /// in the same alternating rounds.
         #[arg(long, value_name = "AGENT")]
         baseline: Option<PathBuf>,

@@ -132,6 +132,46 @@ impl Head {
         }
     }
 
+    /// A request head over a copy of `text` (HTTP/2's kept fields as the session gathered
+    /// them), each part located by its offsets there: one allocation and one copy, and no
+    /// text converted. `None` when the method is missing or the method or target is not
+    /// UTF-8: `request_kept` then makes them readable.
+    pub fn request_in(
+        text: &[u8],
+        method: Option<(u32, u32)>,
+        target: Option<(u32, u32)>,
+        headers: impl Iterator<Item = (u8, (u32, u32))>,
+    ) -> Option<Self> {
+        let part = |(from, to): (u32, u32)| text.get(from as usize..to as usize);
+        let method_at = method?;
+        let method_text = std::str::from_utf8(part(method_at)?).ok()?;
+        let target = match target {
+            Some(t) => {
+                std::str::from_utf8(part(t)?).ok()?;
+                At { from: t.0, to: t.1 }
+            }
+            None => At::default(),
+        };
+        let method = known(method_text).unwrap_or(Method::Other(At {
+            from: method_at.0,
+            to: method_at.1,
+        }));
+        let mut kept = smallvec::SmallVec::new();
+        for (name, (from, to)) in headers {
+            part((from, to))?;
+            kept.push((name, At { from, to }));
+        }
+        Some(Self {
+            start: StartLine::Request { method, target },
+            minor_version: 1,
+            headers: Headers {
+                text: Bytes::copy_from_slice(text),
+                kept,
+            },
+            truncated: false,
+        })
+    }
+
     /// A response head from decoded fields, as `request`.
     pub fn response<'a>(
         status: u16,

@@ -131,6 +131,8 @@ pub struct TraceSink {
     red: Option<crate::red::Red>,
     /// The HTTP/1 exchanges a response completed, reused between events.
     done_http: Vec<Exchange>,
+    /// The HTTP/2 streams an event completed, reused the same way.
+    done_h2: Vec<http2::session::H2Exchange>,
     /// What is exported of what was measured.
     pub sampler: crate::trace::sampling::Sampler,
     /// pid -> the TLS library it uses (`tls_library`).
@@ -238,6 +240,7 @@ impl TraceSink {
             held_count: 0,
             red: None,
             done_http: Vec::new(),
+            done_h2: Vec::new(),
             tls_libraries: HashMap::new(),
             sampler: crate::trace::sampling::Sampler::new(
                 crate::trace::sampling::HeadSampler {
@@ -734,12 +737,14 @@ impl TraceSink {
                     };
                     Self::assign_identity(linker, kernel_spans, conn, view, st, kernel)
                 };
-                let done = session.on_bytes(side, ev.ts_ns, ev.tid, segments, &mut assign);
+                let mut done = std::mem::take(&mut self.done_h2);
+                session.read_into(side, ev.ts_ns, ev.tid, segments, &mut assign, &mut done);
                 let after = session.stats;
                 self.account_h2(before, after);
                 if !done.is_empty() {
-                    self.emit_h2(done, conn);
+                    self.emit_h2(&mut done, conn);
                 }
+                self.done_h2 = done;
             }
             Proto::Detecting(..) => return Err((segments, Seen::Detecting)),
             Proto::Tls(_) => return Err((segments, Seen::Tls)),
@@ -777,11 +782,11 @@ impl TraceSink {
         );
     }
 
-    fn emit_h2(&mut self, done: Vec<http2::session::H2Exchange>, conn: &ConnInfo) {
+    fn emit_h2(&mut self, done: &mut Vec<http2::session::H2Exchange>, conn: &ConnInfo) {
         let kind = Self::kind(conn);
         add(&self.stats.l7.exchanges, PROTO_HTTP2, done.len() as u64);
         add(&self.stats.l7.spans, PROTO_HTTP2, done.len() as u64);
-        for mut x in done {
+        for mut x in done.drain(..) {
             self.linker.finalize(&mut x.exchange.identity);
             if kind == SpanKind::Server {
                 self.linker.server_end(
@@ -900,8 +905,8 @@ impl Sink for TraceSink {
                 self.emit_db(done, &info, proto, system);
             }
             Proto::Http2(mut session) => {
-                let done = session.close(ts);
-                self.emit_h2(done, &info);
+                let mut done = session.close(ts);
+                self.emit_h2(&mut done, &info);
             }
             Proto::Detecting(..) | Proto::Tls(_) | Proto::Ignored => {}
         }
@@ -955,9 +960,9 @@ impl Sink for TraceSink {
                 Proto::Detecting(..) | Proto::Tls(_) | Proto::Ignored => {}
             }
         }
-        for (done, info) in expired_h2 {
+        for (mut done, info) in expired_h2 {
             add(&self.stats.l7.timeouts, PROTO_HTTP2, done.len() as u64);
-            self.emit_h2(done, &info);
+            self.emit_h2(&mut done, &info);
         }
         for (mut done, info) in expired {
             self.stats

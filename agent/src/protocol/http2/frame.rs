@@ -54,10 +54,13 @@ impl Header {
     /// one, the reserved bit clear. Unknown types are legal on the wire but are not taken as
     /// evidence when joining mid-stream.
     pub fn plausible(b: &[u8]) -> bool {
-        let Some(h) = Self::parse(b) else {
-            return false;
-        };
-        if b[5] & 0x80 != 0 || h.len > PLAUSIBLE_MAX_LEN {
+        Self::parse(b).is_some_and(|h| h.fits(b[5] & 0x80 != 0))
+    }
+
+    /// `plausible` for this header, parsed already; `reserved`: its stream's reserved bit.
+    fn fits(self, reserved: bool) -> bool {
+        let h = self;
+        if reserved || h.len > PLAUSIBLE_MAX_LEN {
             return false;
         }
         let (flags, on_stream, fixed_len): (u8, Option<bool>, Option<u32>) = match h.kind {
@@ -87,7 +90,7 @@ impl Header {
             return false;
         }
         match h.kind {
-            SETTINGS => h.len % 6 == 0 && (h.flags & ACK == 0 || h.len == 0),
+            SETTINGS => h.len.is_multiple_of(6) && (h.flags & ACK == 0 || h.len == 0),
             GOAWAY => h.len >= 8,
             _ => true,
         }
@@ -95,13 +98,14 @@ impl Header {
 }
 
 impl Header {
-    /// Whether a reader in sync may take this header as the next frame: a known type must be
-    /// plausible; an unknown (extension) type, which receivers skip, must be small.
-    pub fn sane(b: &[u8]) -> bool {
-        match Self::parse(b) {
-            Some(h) if h.kind <= CONTINUATION => Self::plausible(b),
-            Some(h) => h.len <= 16_384,
-            None => false,
+    /// Whether a reader in sync may take this header, parsed from `b`, as the next frame: a
+    /// known type must be plausible; an unknown (extension) type, which receivers skip, must be
+    /// small. Takes the parsed header: every frame of a connection comes through here.
+    pub fn sane(self, b: &[u8]) -> bool {
+        if self.kind <= CONTINUATION {
+            self.fits(b.get(5).is_some_and(|s| s & 0x80 != 0))
+        } else {
+            self.len <= 16_384
         }
     }
 }

@@ -262,3 +262,84 @@ fn h2loads_calls_to_grpcio_pair_every_stream() {
         );
     }
 }
+
+/// A HEADERS frame ending its block and stream, its fields literals without indexing.
+fn headers_frame(stream: u32, fields: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in fields {
+        block.push(0x00);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value);
+    }
+    let mut frame = (block.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[0x01, 0x05]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend(block);
+    frame
+}
+
+#[test]
+fn request_heads_read_their_texts_where_they_lie_and_mend_what_is_not_utf8() {
+    let mut requests = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let request = |stream, method: Option<&'static [u8]>, path: &'static [u8]| {
+        let mut fields: Vec<(&str, &[u8])> = Vec::new();
+        if let Some(m) = method {
+            fields.push((":method", m));
+        }
+        fields.extend([
+            (":scheme", &b"http"[..]),
+            (":path", path),
+            ("authorization", b"Bearer secret"),
+            (":authority", b"shop.example:8443"),
+            ("user-agent", b"grpc-go/1.60"),
+        ]);
+        headers_frame(stream, &fields)
+    };
+    requests.extend(request(1, Some(b"GET"), b"/orders?id=7"));
+    requests.extend(request(3, Some(b"PURGE"), b"/caf\xe9"));
+    requests.extend(request(5, None, b"/x"));
+    let mut responses = Vec::new();
+    for stream in [1, 3, 5] {
+        responses.extend(headers_frame(stream, &[(":status", b"200")]));
+    }
+    let writes = [(REQUESTS, requests), (RESPONSES, responses)];
+    let mut done = feed(&mut Session::new(false), &writes, 1 << 16);
+    done.sort_by_key(|x| x.stream_id);
+    let heads: Vec<_> = done
+        .iter()
+        .map(|x| {
+            let r = &x.exchange.request;
+            (
+                r.method().unwrap_or_default().to_string(),
+                r.target().to_string(),
+                r.header_str("host").map(String::from),
+                r.header_str("user-agent").map(String::from),
+                r.header("authorization").is_some(),
+            )
+        })
+        .collect();
+    let host = Some("shop.example:8443".to_string());
+    let agent = Some("grpc-go/1.60".to_string());
+    assert_eq!(
+        heads,
+        [
+            (
+                "GET".into(),
+                "/orders?id=7".into(),
+                host.clone(),
+                agent.clone(),
+                false
+            ),
+            (
+                "PURGE".into(),
+                "/caf\u{fffd}".into(),
+                host.clone(),
+                agent.clone(),
+                false
+            ),
+            ("_OTHER".into(), "/x".into(), host, agent, false),
+        ]
+    );
+}
