@@ -950,39 +950,11 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
             || busy_during(|| (w.load)(opts.seconds, opts.connections, Some(rate))),
             with(Some(rate), Timing::Off),
         )?;
-        let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
         let lat_on: Vec<Vec<Load>> = fixed
             .iter()
             .map(|c| c.iter().map(|(l, _)| *l).collect())
             .collect();
-        t.row(
-            &format!("host CPU busy at {rate:.0} ops/s (% of all cores)"),
-            std::iter::once(format!("{:.1}", lat(&lat_off, |l| l.host_busy_pct)))
-                .chain(
-                    lat_on
-                        .iter()
-                        .map(|v| format!("{:.1}", lat(v, |l| l.host_busy_pct))),
-                )
-                .collect(),
-            "",
-        );
-        for (label, f, target) in [
-            ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64, ""),
-            ("p99", |l: &Load| l.p99_ms, "<= +5%"),
-            ("p99.9", |l: &Load| l.p999_ms, ""),
-        ] {
-            let base = lat(&lat_off, f);
-            t.row(
-                &format!("{label} latency at {rate:.0} ops/s (ms)"),
-                std::iter::once(format!("{base:.3}"))
-                    .chain(lat_on.iter().map(|v| {
-                        let x = lat(v, f);
-                        format!("{x:.3} {:+.0}%", 100.0 * (x / base - 1.0))
-                    }))
-                    .collect(),
-                target,
-            );
-        }
+        latency_rows(&mut t, rate, "ops/s", &lat_off, &lat_on);
         rate_drops = fixed
             .iter()
             .map(|c| c.iter().map(|(_, a)| a.drops).sum())
@@ -1023,33 +995,8 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         ),
         "",
     );
-    let own_round = |f: &dyn Fn(&Load, &AgentCost) -> f64| -> Vec<String> {
-        std::iter::once(String::new())
-            .chain(timed.iter().map(|(l, a)| format!("{:.0}", f(l, a))))
-            .collect()
-    };
-    t.row(
-        "kernel-program time per operation (ns, own round)",
-        own_round(&|l, a| a.kernel_ns as f64 / l.requests.max(1) as f64),
-        "",
-    );
-    t.row(
-        "kernel-program time per event (ns, own round)",
-        own_round(&|_, a| a.kernel_ns as f64 / a.events.max(1) as f64),
-        "<= 400",
-    );
-    t.row(
-        "agent RSS (MiB, max)",
-        std::iter::once(String::new())
-            .chain(accounted.iter().map(|c| {
-                format!(
-                    "{:.1}",
-                    c.iter().map(|(_, a)| a.rss_mib).fold(0.0, f64::max)
-                )
-            }))
-            .collect(),
-        "<= 64",
-    );
+    kernel_program_rows(&mut t, &timed, "operation", "own round");
+    rss_row(&mut t, &accounted);
     t.row(
         "spans exported / operations",
         std::iter::once(String::new())
@@ -1070,33 +1017,9 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
             "0",
         );
     }
-    t.row(
-        "drops, every counter (sum over rounds)",
-        std::iter::once(String::new())
-            .chain(
-                accounted
-                    .iter()
-                    .map(|c| c.iter().map(|(_, a)| a.drops).sum::<u64>().to_string()),
-            )
-            .collect(),
-        "",
-    );
+    drops_row(&mut t, &accounted);
     let mut out = t.render();
-    for (s, c) in setups.iter().zip(&accounted) {
-        let reasons: Vec<String> = c
-            .iter()
-            .flat_map(|(_, a)| a.drop_reasons.iter().map(|(n, v)| format!("{n}={v}")))
-            .collect();
-        let reasons = if reasons.is_empty() {
-            "none".to_string()
-        } else {
-            reasons.join(", ")
-        };
-        out.push_str(&format!(
-            "drops by reason, {} (per round): {reasons}\n",
-            s.0
-        ));
-    }
+    out.push_str(&drop_reason_lines(setups.iter().map(|s| s.0), &accounted));
     Ok(out)
 }
 
@@ -1185,7 +1108,6 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
                 .collect()
         })
         .collect();
-    let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
     let mut t = Table::new(
         w.name,
         std::iter::once("without".to_string())
@@ -1220,34 +1142,7 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
             .collect(),
         ">= 0.90 selected, >= 0.80 all",
     );
-    t.row(
-        &format!("host CPU busy at {rate:.0} req/s (% of all cores)"),
-        std::iter::once(format!("{:.1}", lat(&lat_off, |l| l.host_busy_pct)))
-            .chain(
-                lat_on
-                    .iter()
-                    .map(|v| format!("{:.1}", lat(v, |l| l.host_busy_pct))),
-            )
-            .collect(),
-        "",
-    );
-    for (label, f, target) in [
-        ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64, ""),
-        ("p99", |l: &Load| l.p99_ms, "<= +5%"),
-        ("p99.9", |l: &Load| l.p999_ms, ""),
-    ] {
-        let base = lat(&lat_off, f);
-        t.row(
-            &format!("{label} latency at {rate:.0} req/s (ms)"),
-            std::iter::once(format!("{base:.3}"))
-                .chain(lat_on.iter().map(|v| {
-                    let x = lat(v, f);
-                    format!("{x:.3} {:+.0}%", 100.0 * (x / base - 1.0))
-                }))
-                .collect(),
-            target,
-        );
-    }
+    latency_rows(&mut t, rate, "req/s", &lat_off, &lat_on);
     t.row(
         "agent user-space CPU per traced side (us)",
         per(&|l, a, sides| a.user_seconds * 1e6 / (sides * l.requests.max(1)) as f64),
@@ -1263,38 +1158,18 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
         per(&|l, a, _| (a.cpu_seconds / opts.seconds as f64 * 1000.0) / (l.rps / 1000.0).max(1e-9)),
         "",
     );
-    let own_round = |f: &dyn Fn(&Load, &AgentCost) -> f64| -> Vec<String> {
-        std::iter::once(String::new())
-            .chain(timed.iter().map(|(l, a)| format!("{:.0}", f(l, a))))
-            .collect()
-    };
-    t.row(
-        &format!("kernel-program time per request (ns, own round at {rate:.0}/s)"),
-        own_round(&|l, a| a.kernel_ns as f64 / l.requests.max(1) as f64),
-        "",
-    );
-    t.row(
-        &format!("kernel-program time per event (ns, own round at {rate:.0}/s)"),
-        own_round(&|_, a| a.kernel_ns as f64 / a.events.max(1) as f64),
-        "<= 400",
+    kernel_program_rows(
+        &mut t,
+        &timed,
+        "request",
+        &format!("own round at {rate:.0}/s"),
     );
     t.row(
         "events per second",
         per(&|_, a, _| a.events as f64 / opts.seconds as f64),
         "",
     );
-    t.row(
-        "agent RSS (MiB, max)",
-        std::iter::once(String::new())
-            .chain(accounted.iter().map(|c| {
-                format!(
-                    "{:.1}",
-                    c.iter().map(|(_, a)| a.rss_mib).fold(0.0, f64::max)
-                )
-            }))
-            .collect(),
-        "<= 64",
-    );
+    rss_row(&mut t, &accounted);
     t.row(
         "spans exported / requests x sides",
         std::iter::once(String::new())
@@ -1313,6 +1188,89 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
             .collect(),
         "0",
     );
+    drops_row(&mut t, &accounted);
+    let mut out = t.render();
+    if !w.client_spans {
+        out.push_str(
+            "(the load generator's side has no spans: oha's TLS is rustls, linked into it, so \
+             only its ciphertext is seen; \"all traced\" counts one side per request)\n",
+        );
+    }
+    out.push_str(&drop_reason_lines(setups.iter().map(|s| s.0), &accounted));
+    Ok(out)
+}
+
+/// The host's CPU busy and p50 / p99 / p99.9 at the fixed `rate` (in `unit`), without the agent
+/// and in each column.
+fn latency_rows(t: &mut Table, rate: f64, unit: &str, off: &[Load], on: &[Vec<Load>]) {
+    let lat = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+    t.row(
+        &format!("host CPU busy at {rate:.0} {unit} (% of all cores)"),
+        std::iter::once(format!("{:.1}", lat(off, |l| l.host_busy_pct)))
+            .chain(
+                on.iter()
+                    .map(|v| format!("{:.1}", lat(v, |l| l.host_busy_pct))),
+            )
+            .collect(),
+        "",
+    );
+    for (label, f, target) in [
+        ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64, ""),
+        ("p99", |l: &Load| l.p99_ms, "<= +5%"),
+        ("p99.9", |l: &Load| l.p999_ms, ""),
+    ] {
+        let base = lat(off, f);
+        t.row(
+            &format!("{label} latency at {rate:.0} {unit} (ms)"),
+            std::iter::once(format!("{base:.3}"))
+                .chain(on.iter().map(|v| {
+                    let x = lat(v, f);
+                    format!("{x:.3} {:+.0}%", 100.0 * (x / base - 1.0))
+                }))
+                .collect(),
+            target,
+        );
+    }
+}
+
+/// Kernel-program time per operation (`op`: what the table calls one) and per event, from each
+/// column's round of its own with the programs timed (`round` says at what rate).
+fn kernel_program_rows(t: &mut Table, timed: &[(Load, AgentCost)], op: &str, round: &str) {
+    let own_round = |f: &dyn Fn(&Load, &AgentCost) -> f64| -> Vec<String> {
+        std::iter::once(String::new())
+            .chain(timed.iter().map(|(l, a)| format!("{:.0}", f(l, a))))
+            .collect()
+    };
+    t.row(
+        &format!("kernel-program time per {op} (ns, {round})"),
+        own_round(&|l, a| a.kernel_ns as f64 / l.requests.max(1) as f64),
+        "",
+    );
+    t.row(
+        &format!("kernel-program time per event (ns, {round})"),
+        own_round(&|_, a| a.kernel_ns as f64 / a.events.max(1) as f64),
+        "<= 400",
+    );
+}
+
+/// Each column's largest RSS over every round its agent ran.
+fn rss_row(t: &mut Table, accounted: &PerSetup) {
+    t.row(
+        "agent RSS (MiB, max)",
+        std::iter::once(String::new())
+            .chain(accounted.iter().map(|c| {
+                format!(
+                    "{:.1}",
+                    c.iter().map(|(_, a)| a.rss_mib).fold(0.0, f64::max)
+                )
+            }))
+            .collect(),
+        "<= 64",
+    );
+}
+
+/// Each column's drops, every counter, summed over every round its agent ran.
+fn drops_row(t: &mut Table, accounted: &PerSetup) {
     t.row(
         "drops, every counter (sum over rounds)",
         std::iter::once(String::new())
@@ -1324,14 +1282,12 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
             .collect(),
         "",
     );
-    let mut out = t.render();
-    if !w.client_spans {
-        out.push_str(
-            "(the load generator's side has no spans: oha's TLS is rustls, linked into it, so \
-             only its ciphertext is seen; \"all traced\" counts one side per request)\n",
-        );
-    }
-    for (s, c) in setups.iter().zip(&accounted) {
+}
+
+/// A line per column: its drop counters by name, summed over its rounds.
+fn drop_reason_lines<'a>(names: impl Iterator<Item = &'a str>, accounted: &PerSetup) -> String {
+    let mut out = String::new();
+    for (name, c) in names.zip(accounted) {
         let mut reasons: Vec<(String, u64)> = Vec::new();
         for (_, a) in c {
             for (n, v) in &a.drop_reasons {
@@ -1350,9 +1306,9 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        out.push_str(&format!("drops by reason, {}: {reasons}\n", s.0));
+        out.push_str(&format!("drops by reason, {name}: {reasons}\n"));
     }
-    Ok(out)
+    out
 }
 
 /// Per setup, each round's load and what the agent cost meanwhile.
