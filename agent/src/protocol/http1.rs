@@ -462,19 +462,25 @@ pub const HOST: u8 = name_index("host");
 pub(crate) const fn name_index(name: &str) -> u8 {
     let mut i = 0;
     while i < NAMES.len() {
-        let n = NAMES[i].as_bytes();
-        if n.len() == name.len() {
-            let mut j = 0;
-            while j < n.len() && n[j] == name.as_bytes()[j] {
-                j += 1;
-            }
-            if j == n.len() {
-                return i as u8;
-            }
+        if same_text(NAMES[i], name) {
+            return i as u8;
         }
         i += 1;
     }
     panic!("not a kept header name")
+}
+
+/// `a == b`, at compile time (`str`'s `==` is not `const`).
+pub(crate) const fn same_text(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut j = 0;
+    while j < a.len() && a[j] == b[j] {
+        j += 1;
+    }
+    j == a.len()
 }
 
 /// `name`'s index in `NAMES`: through `kept_index`, which compares it with one or two names.

@@ -361,11 +361,16 @@ fn server_address(
     }
 }
 
+/// `s` up to its first `stop` byte. A byte scan: `str` patterns set up a searcher per call.
+fn until(s: &str, stop: u8) -> &str {
+    &s[..s.bytes().position(|b| b == stop).unwrap_or(s.len())]
+}
+
 /// `client.address`: the first `X-Forwarded-For` address, else the connection's peer.
 #[inline]
 fn client_address(req: &Head, peer_ip: &Arc<str>) -> Value {
     req.header_str("x-forwarded-for")
-        .map(|v| v[..v.bytes().position(|b| b == b',').unwrap_or(v.len())].trim())
+        .map(|v| until(v, b',').trim())
         .filter(|v| !v.is_empty())
         .map_or_else(
             || Value::Shared(peer_ip.clone()),
@@ -419,8 +424,8 @@ fn record(
     }
 }
 
-fn http<'a>(
-    ex: &'a Exchange,
+fn http(
+    ex: &Exchange,
     conn: &ConnInfo,
     kind: SpanKind,
     clock: &WallClock,
@@ -430,8 +435,6 @@ fn http<'a>(
     let req = &ex.request;
     let method = req.method().unwrap_or("_OTHER");
     let target = req.target();
-    // Byte scans: `str` patterns set up a searcher per call.
-    let until = |s: &'a str, stop: u8| &s[..s.bytes().position(|b| b == stop).unwrap_or(s.len())];
     let (path, query) = match target.bytes().position(|b| b == b'?') {
         Some(i) => (&target[..i], Some(until(&target[i + 1..], b'#'))),
         None => (until(target, b'#'), None),

@@ -64,15 +64,8 @@ static CLASSES: LazyLock<hpack::Classes> = LazyLock::new(|| hpack::Classes::new(
 const fn pseudo(name: &str) -> u8 {
     let mut i = 0;
     while i < PSEUDO.len() {
-        if PSEUDO[i].len() == name.len() {
-            let (p, n) = (PSEUDO[i].as_bytes(), name.as_bytes());
-            let mut j = 0;
-            while j < n.len() && p[j] == n[j] {
-                j += 1;
-            }
-            if j == n.len() {
-                return 1 + i as u8;
-            }
+        if http1::same_text(PSEUDO[i], name) {
+            return 1 + i as u8;
         }
         i += 1;
     }
@@ -113,21 +106,14 @@ impl Fields {
         self.kept.push((class, at, self.text.len() as u32));
     }
 
-    fn iter(&self) -> impl Iterator<Item = (u8, &[u8])> + Clone {
+    fn iter(&self) -> impl Iterator<Item = (u8, &[u8])> {
         self.kept
             .iter()
-            .map(|&(c, from, to)| (c, &self.text[from as usize..to as usize]))
+            .map(|&(c, from, to)| (c, self.text((from, to))))
     }
 
-    /// The kept fields that are headers (not pseudo-headers), by their index in `http1::NAMES`.
-    fn headers(&self) -> impl Iterator<Item = (u8, &[u8])> + Clone {
-        self.iter()
-            .filter(|&(c, _)| c >= HEADER)
-            .map(|(c, v)| (c - HEADER, v))
-    }
-
-    fn get(&self, class: u8) -> Option<&[u8]> {
-        self.iter().find(|&(c, _)| c == class).map(|(_, v)| v)
+    fn text(&self, (from, to): (u32, u32)) -> &[u8] {
+        &self.text[from as usize..to as usize]
     }
 
     /// Where the field of `class` lies in `text`.
@@ -138,12 +124,21 @@ impl Fields {
             .map(|&(_, from, to)| (from, to))
     }
 
-    /// The kept headers by their index in `http1::NAMES`, and where each lies in `text`.
-    fn header_ranges(&self) -> impl Iterator<Item = (u8, (u32, u32))> + '_ {
+    fn get(&self, class: u8) -> Option<&[u8]> {
+        self.range(class).map(|r| self.text(r))
+    }
+
+    /// The kept headers (not pseudo-headers) by their index in `http1::NAMES`, and where each
+    /// lies in `text`.
+    fn header_ranges(&self) -> impl Iterator<Item = (u8, (u32, u32))> + Clone + '_ {
         self.kept
             .iter()
             .filter(|&&(c, _, _)| c >= HEADER)
             .map(|&(c, from, to)| (c - HEADER, (from, to)))
+    }
+
+    fn headers(&self) -> impl Iterator<Item = (u8, &[u8])> + Clone {
+        self.header_ranges().map(|(i, r)| (i, self.text(r)))
     }
 }
 
@@ -325,8 +320,8 @@ impl Session {
         self.streams.len()
     }
 
-    /// Bytes of direction `dir` (REQUESTS or RESPONSES), moved at `ts_ns` by thread `tid`.
-    /// `assign` gives each new request stream its identity when its headers are decoded.
+    /// `read_into`, the completed streams returned (tests, the conformance harness).
+    #[cfg(test)]
     pub fn on_bytes(
         &mut self,
         dir: usize,
@@ -340,9 +335,11 @@ impl Session {
         done
     }
 
-    /// `on_bytes`, the streams it completes appended to `done`: the pipeline hands in one
-    /// vector for every connection (a new one per read cost an allocation and its growth for
-    /// every call that completed, ~3% of a gRPC call's instructions).
+    /// Bytes of direction `dir` (REQUESTS or RESPONSES), moved at `ts_ns` by thread `tid`.
+    /// `assign` gives each new request stream its identity when its headers are decoded. The
+    /// streams they complete are appended to `done`: the pipeline hands in one vector for every
+    /// connection (a new one per read cost an allocation and its growth for every call that
+    /// completed, ~3% of a gRPC call's instructions).
     pub fn read_into(
         &mut self,
         dir: usize,
