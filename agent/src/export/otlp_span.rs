@@ -118,14 +118,61 @@ impl Room<'_> {
         self.bytes(&v.to_le_bytes());
     }
 
-    /// One KeyValue attribute.
+    /// Four bytes at once.
+    #[inline(always)]
+    fn word(&mut self, w: [u8; 4]) {
+        self.out[self.at..self.at + 4].write_copy_of_slice(&w);
+        self.at += 4;
+    }
+
+    /// One KeyValue attribute. Nearly every one is short (a key of 10 to 25 bytes, a value
+    /// under 100): each of its lengths is then one byte, and the four bytes before the key and
+    /// those before the value are each written as one word (byte by byte, with every length
+    /// worked out through the varint helpers, attributes were half of a span's encoding).
     #[inline(always)]
     fn attribute(&mut self, key: &str, value: &Value) {
-        let any_len = match value {
-            // An int64 is its two's complement as a varint.
-            Value::Int(i) => 1 + encoded_len_varint(*i as u64),
-            v => delimited_len(field::STRING_VALUE, value_str(v).len()),
-        };
+        let k = key.len();
+        match value {
+            Value::Int(i) if k <= SHORT_KEY && (0..1 << 21).contains(i) => {
+                // AnyValue: key and a varint of 1 to 3 bytes.
+                let any_len = 1 + encoded_len_varint(*i as u64);
+                self.word(short_prefix(k, any_len));
+                self.bytes(key.as_bytes());
+                self.byte(byte_key(field::VALUE, LEN));
+                self.byte(any_len as u8);
+                self.byte(byte_key(field::INT_VALUE, VARINT));
+                self.varint(*i as u64);
+            }
+            Value::Int(i) => {
+                self.attribute_at_length(key, value, 1 + encoded_len_varint(*i as u64))
+            }
+            v => {
+                let text = value_str(v).as_bytes();
+                let t = text.len();
+                if k + t > SHORT_TEXTS {
+                    return self.attribute_at_length(
+                        key,
+                        value,
+                        delimited_len(field::STRING_VALUE, t),
+                    );
+                }
+                let any_len = 2 + t;
+                self.word(short_prefix(k, any_len));
+                self.bytes(key.as_bytes());
+                self.word([
+                    byte_key(field::VALUE, LEN),
+                    any_len as u8,
+                    byte_key(field::STRING_VALUE, LEN),
+                    t as u8,
+                ]);
+                self.bytes(text);
+            }
+        }
+    }
+
+    /// One KeyValue attribute whose AnyValue is `any_len` bytes, lengths of any size.
+    #[inline(never)]
+    fn attribute_at_length(&mut self, key: &str, value: &Value, any_len: usize) {
         let kv_len = delimited_len(field::KEY, key.len()) + delimited_len(field::VALUE, any_len);
         self.key(field::ATTRIBUTES, LEN);
         self.varint(kv_len as u64);
@@ -137,6 +184,30 @@ impl Room<'_> {
             v => self.delimited(field::STRING_VALUE, value_str(v).as_bytes()),
         }
     }
+}
+
+/// A KeyValue's length is one byte (under 128) when its key and its AnyValue's `any_len` bytes
+/// come to at most 123 with their keys and lengths (4): a key of up to `SHORT_KEY` bytes with an
+/// integer (AnyValue at most 4 bytes), or a key and a text of up to `SHORT_TEXTS` bytes together
+/// (AnyValue 2 more than the text).
+const SHORT_KEY: usize = 119;
+const SHORT_TEXTS: usize = 121;
+
+/// A field's key when it is one byte (field numbers up to 15).
+const fn byte_key(tag: u32, wire_type: WireType) -> u8 {
+    (tag << 3 | wire_type as u32) as u8
+}
+
+/// The Span field's key, the KeyValue's length, the key's field key and its length, for a key
+/// of `k` bytes and an AnyValue of `any_len`, all short.
+#[inline(always)]
+fn short_prefix(k: usize, any_len: usize) -> [u8; 4] {
+    [
+        byte_key(field::ATTRIBUTES, LEN),
+        (2 + k + 2 + any_len) as u8,
+        byte_key(field::KEY, LEN),
+        k as u8,
+    ]
 }
 
 /// `src` into `dst` (of the same length). A span's texts are mostly short (keys of 10 to 25
@@ -252,6 +323,80 @@ fn span_kind(s: &SpanRecord) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attributes_decode_exactly_on_both_sides_of_every_short_form() {
+        use opentelemetry_proto::tonic::{common::v1::any_value, trace::v1::Span};
+        use prost::Message as _;
+
+        // Keys are static; leak one per length (a test's few hundred bytes).
+        let key = |n: usize| -> &'static str { Box::leak("k".repeat(n).into_boxed_str()) };
+        let mut attributes = Vec::new();
+        // Texts whose key and value together sit around `SHORT_TEXTS`, and long ones. (Keys
+        // are never empty: proto3 would leave an empty one out, and so would prost.)
+        for (k, t) in [
+            (1, 0),
+            (1, 1),
+            (60, 61),
+            (60, 62),
+            (120, 1),
+            (121, 0),
+            (122, 0),
+        ] {
+            attributes.push((key(k), Value::Str("v".repeat(t))));
+        }
+        for t in [115, 116, 117, 130, 200, 20_000] {
+            attributes.push((key(5), Value::Str("v".repeat(t))));
+        }
+        // Integers of every varint length, negatives, and keys around `SHORT_KEY`.
+        for i in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            (1 << 21) - 1,
+            1 << 21,
+            -1,
+            i64::MIN,
+        ] {
+            attributes.push((key(12), Value::Int(i)));
+        }
+        for k in [118, 119, 120, 127, 128, 300] {
+            attributes.push((key(k), Value::Int((1 << 21) - 1)));
+        }
+        let record = SpanRecord {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            parent_span_id: None,
+            parent_is_remote: false,
+            trace_state: String::new(),
+            name: "n".into(),
+            kind: SpanKind::Server,
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            attributes,
+            error: None,
+            status: None,
+            pid: 1,
+            comm: "c".into(),
+        };
+        let mut bytes = vec![0xee];
+        span(&mut bytes, &record);
+        let back = Span::decode(&bytes[1..]).unwrap();
+        // Canonical: prost writes the decoded span back byte for byte.
+        assert_eq!(back.encode_to_vec(), &bytes[1..]);
+        assert_eq!(back.attributes.len(), record.attributes.len());
+        for (got, (k, v)) in back.attributes.iter().zip(&record.attributes) {
+            assert_eq!(got.key, *k);
+            let want = match v {
+                Value::Int(i) => any_value::Value::IntValue(*i),
+                v => any_value::Value::StringValue(value_str(v).to_string()),
+            };
+            assert_eq!(got.value.as_ref().and_then(|a| a.value.clone()), Some(want));
+        }
+    }
 
     #[test]
     fn short_copies_are_exact_at_every_length() {

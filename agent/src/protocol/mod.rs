@@ -15,6 +15,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod sql;
+pub mod text;
 pub mod tls;
 pub mod verdict;
 

@@ -160,7 +160,7 @@ pub fn header_text(value: &[u8]) -> Option<Arc<str>> {
     {
         return Some(found);
     }
-    Some(text(std::str::from_utf8(value).ok()?))
+    Some(text(crate::protocol::text::utf8(value)?))
 }
 
 /// `parts` joined into one text, shared (a span name: a verb and a route).

@@ -15,7 +15,10 @@ use bytes::Bytes;
 use super::{frame, hpack};
 use crate::{
     conn::Segment,
-    protocol::http1::{self, Head},
+    protocol::{
+        http1::{self, Head},
+        text,
+    },
     trace::exchange::{Exchange, Identity, Outcome, RequestStart},
 };
 
@@ -267,7 +270,7 @@ fn head_request(fields: &Fields) -> Head {
 fn head_response(fields: &Fields) -> Option<Head> {
     let status = fields
         .get(STATUS)
-        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())?;
+        .and_then(|v| text::utf8(v)?.parse().ok())?;
     Some(Head::response(status, []))
 }
 
@@ -734,9 +737,7 @@ impl Session {
                 for (class, v) in fields.iter() {
                     match class {
                         GRPC_STATUS => {
-                            g.status = std::str::from_utf8(v)
-                                .ok()
-                                .and_then(|v| v.trim().parse().ok());
+                            g.status = text::utf8(v).and_then(|v| text::trim(v).parse().ok());
                         }
                         GRPC_MESSAGE => {
                             g.message = Some(String::from_utf8_lossy(v).into_owned());

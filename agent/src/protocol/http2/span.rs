@@ -71,7 +71,7 @@ fn grpc(
     // Shared: a service serves a few methods, and the name and the RED labels repeat it.
     let method = path
         .strip_prefix('/')
-        .filter(|m| m.split('/').count() == 2 && !m.contains('?'))
+        .filter(|m| is_method(m))
         .map(crate::trace::shared_text::text);
     let name = method.clone().unwrap_or_else(|| GRPC.with(Arc::clone));
     let mut s = span::rpc_base(&x.exchange, conn, kind, clock, name);
@@ -102,6 +102,17 @@ fn grpc(
     s.error = error;
     s.status = code.map(|c| code_name(c).map_or_else(|| c.to_string().into(), Cow::Borrowed));
     s
+}
+
+/// `Service/Method`: exactly one `/` and no query. One pass over the bytes: splitting and
+/// searching by `char` set up a searcher per call (2% of a call's instructions).
+fn is_method(m: &str) -> bool {
+    let (mut slashes, mut query) = (0u32, false);
+    for b in m.bytes() {
+        slashes += u32::from(b == b'/');
+        query |= b == b'?';
+    }
+    slashes == 1 && !query
 }
 
 thread_local! {
