@@ -4,15 +4,15 @@
 //! `trace::causality` (carried context, same-node peer, same thread); this module fills in the
 //! rest.
 
-use std::{borrow::Cow, net::SocketAddr, sync::Arc};
+use std::{borrow::Cow, cell::RefCell, net::SocketAddr, sync::Arc};
 
 use crate::{
     clock::WallClock,
     conn::ConnInfo,
-    protocol::http1::Head,
+    protocol::{http1::Head, text},
     trace::{
         exchange::{Exchange, Outcome},
-        shared_text,
+        shared_text::{self, Recent},
     },
 };
 
@@ -197,12 +197,12 @@ impl IdSource for RandomIds {
     }
 }
 
-fn host_and_port(head: &Head) -> Option<(&str, Option<u16>)> {
-    let host = head.header_str("host")?;
+/// A `Host` (`:authority`) value's host and port: `[v6]:port`, `name:port`, `name`.
+fn host_and_port(raw: &[u8]) -> Option<(&str, Option<u16>)> {
+    let host = text::trim(text::utf8(raw)?);
     if host.is_empty() {
         return None;
     }
-    // [v6]:port, name:port, name
     if let Some(rest) = host.strip_prefix('[') {
         let (addr, tail) = rest.split_once(']')?;
         return Some((addr, tail.strip_prefix(':').and_then(|p| p.parse().ok())));
@@ -214,6 +214,23 @@ fn host_and_port(head: &Head) -> Option<(&str, Option<u16>)> {
         },
         None => Some((host, None)),
     }
+}
+
+thread_local! {
+    /// The last `Host` value and the shared host and port it gave.
+    static HOSTS: RefCell<Recent<(Arc<str>, Option<u16>)>> = const { RefCell::new(Recent::new()) };
+    /// The last `User-Agent` value and its shared text.
+    static AGENTS: RefCell<Recent<Arc<str>>> = const { RefCell::new(Recent::new()) };
+}
+
+/// The request's host (shared) and port, if it names one.
+fn shared_host(req: &Head) -> Option<(Arc<str>, Option<u16>)> {
+    let raw = req.header("host")?;
+    HOSTS.with_borrow_mut(|hosts| {
+        hosts.get(raw, |raw| {
+            host_and_port(raw).map(|(h, p)| (shared_text::text(h), p))
+        })
+    })
 }
 
 /// An HTTP status code as text: the common ones without an allocation.
@@ -354,8 +371,8 @@ fn server_address(
         SpanKind::Server => conn.local,
         SpanKind::Client => conn.remote,
     };
-    match host_and_port(req) {
-        Some((h, p)) => (shared_text::text(h), p.unwrap_or(server.port())),
+    match shared_host(req) {
+        Some((h, p)) => (h, p.unwrap_or(server.port())),
         None if kind == SpanKind::Server => (shared_text::ip(server.ip()), server.port()),
         None => (peer_ip.clone(), server.port()),
     }
@@ -388,7 +405,10 @@ fn peer_and_agent(
 ) {
     a.push(("network.peer.address", Value::Shared(peer_ip)));
     a.push(("network.peer.port", Value::Int(conn.remote.port().into())));
-    if let Some(ua) = req.header("user-agent").and_then(shared_text::header_text) {
+    let agent = req
+        .header("user-agent")
+        .and_then(|raw| AGENTS.with_borrow_mut(|agents| agents.get(raw, shared_text::header_text)));
+    if let Some(ua) = agent {
         a.push(("user_agent.original", Value::Shared(ua)));
     }
 }
