@@ -1009,12 +1009,10 @@ fn db_report(bin: &Path, otlp: &str, w: &DbWorkload, opts: &Options) -> anyhow::
         "",
     );
     if w.holds_rate {
-        t.row(
+        fixed_rate_drops_row(
+            &mut t,
             "drops at the fixed rate (sum over rounds)",
-            std::iter::once(String::new())
-                .chain(rate_drops.iter().map(u64::to_string))
-                .collect(),
-            "0",
+            &rate_drops,
         );
     }
     drops_row(&mut t, &accounted);
@@ -1181,12 +1179,10 @@ fn http_report(bin: &Path, otlp: &str, w: &Workload, opts: &Options) -> anyhow::
             .collect(),
         "",
     );
-    t.row(
+    fixed_rate_drops_row(
+        &mut t,
         &format!("drops at the fixed rate ({rate:.0}/s)"),
-        std::iter::once(String::new())
-            .chain(rate_drops.iter().map(u64::to_string))
-            .collect(),
-        "0",
+        &rate_drops,
     );
     drops_row(&mut t, &accounted);
     let mut out = t.render();
@@ -1266,6 +1262,17 @@ fn rss_row(t: &mut Table, accounted: &PerSetup) {
             }))
             .collect(),
         "<= 64",
+    );
+}
+
+/// Each column's drops at the fixed rate (the target is none below capacity).
+fn fixed_rate_drops_row(t: &mut Table, label: &str, drops: &[u64]) {
+    t.row(
+        label,
+        std::iter::once(String::new())
+            .chain(drops.iter().map(u64::to_string))
+            .collect(),
+        "0",
     );
 }
 

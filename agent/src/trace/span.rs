@@ -387,7 +387,7 @@ fn until(s: &str, stop: u8) -> &str {
 #[inline]
 fn client_address(req: &Head, peer_ip: &Arc<str>) -> Value {
     req.header_str("x-forwarded-for")
-        .map(|v| until(v, b',').trim())
+        .map(|v| text::trim(until(v, b',')))
         .filter(|v| !v.is_empty())
         .map_or_else(
             || Value::Shared(peer_ip.clone()),
