@@ -477,7 +477,7 @@ pub(crate) const fn same_text(a: &str, b: &str) -> bool {
     j == a.len()
 }
 
-/// `name`'s index in `NAMES`: through `kept_index`, which compares it with one or two names.
+/// `name`'s index in `NAMES`: through `kept_index`, which compares it with one name at most.
 #[inline(always)]
 fn name_position(name: &str) -> Option<u8> {
     kept_index(name.as_bytes()).or_else(|| {
@@ -494,42 +494,45 @@ pub(crate) fn kept_name(name: &[u8]) -> Option<&'static str> {
     kept_index(name).map(|i| NAMES[i as usize])
 }
 
-/// The index in `NAMES` of the `KEPT` name `name` is, in any case. Names are compared only
-/// with the kept ones of the same length (most headers have a length no kept name has).
+/// The index in `NAMES` of the `KEPT` name `name` is, in any case. `name` is compared with
+/// one kept name at most: the one of its length, or where a length has several, the one whose
+/// letter at a position where they all differ it has (`b | 0x20` maps exactly a letter's two
+/// cases, and nothing else, onto the lowercase letter). Comparing with every kept name of the
+/// length was ~55 instructions per header, 3.5% of an HTTP/1 exchange.
 #[inline]
 pub(crate) fn kept_index(name: &[u8]) -> Option<u8> {
-    let candidates: &[u8] = match name.len() {
-        2 => const { &[name_index("b3")] },
-        4 => const { &[name_index("host")] },
-        10 => {
-            const {
-                &[
-                    name_index("user-agent"),
-                    name_index("connection"),
-                    name_index("tracestate"),
-                    name_index("x-b3-flags"),
-                ]
-            }
-        }
-        11 => const { &[name_index("traceparent"), name_index("x-b3-spanid")] },
-        12 => const { &[name_index("x-b3-traceid"), name_index("x-b3-sampled")] },
-        13 => const { &[name_index("uber-trace-id")] },
-        14 => const { &[name_index("content-length")] },
-        15 => const { &[name_index("x-forwarded-for")] },
-        17 => {
-            const {
-                &[
-                    name_index("transfer-encoding"),
-                    name_index("x-b3-parentspanid"),
-                ]
-            }
-        }
+    let lower = |at: usize| name[at] | 0x20;
+    let candidate = match name.len() {
+        2 => const { name_index("b3") },
+        4 => const { name_index("host") },
+        10 => match lower(0) {
+            b'u' => const { name_index("user-agent") },
+            b'c' => const { name_index("connection") },
+            b't' => const { name_index("tracestate") },
+            b'x' => const { name_index("x-b3-flags") },
+            _ => return None,
+        },
+        11 => match lower(0) {
+            b't' => const { name_index("traceparent") },
+            b'x' => const { name_index("x-b3-spanid") },
+            _ => return None,
+        },
+        12 => match lower(5) {
+            b't' => const { name_index("x-b3-traceid") },
+            b's' => const { name_index("x-b3-sampled") },
+            _ => return None,
+        },
+        13 => const { name_index("uber-trace-id") },
+        14 => const { name_index("content-length") },
+        15 => const { name_index("x-forwarded-for") },
+        17 => match lower(0) {
+            b't' => const { name_index("transfer-encoding") },
+            b'x' => const { name_index("x-b3-parentspanid") },
+            _ => return None,
+        },
         _ => return None,
     };
-    candidates
-        .iter()
-        .find(|&&k| same_name(name, NAMES[k as usize].as_bytes()))
-        .copied()
+    same_name(name, NAMES[candidate as usize].as_bytes()).then_some(candidate)
 }
 
 /// Whether `name` is `kept` (a `KEPT` name, of the same length) in any case, eight bytes at a
